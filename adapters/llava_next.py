@@ -1,0 +1,174 @@
+"""LLaVA-NeXT (`transformers.LlavaNextForConditionalGeneration`, transformers 5.x).
+
+The model packs each image as: base tile, then the unpadded crop canvas with one newline per
+row, and fills the prompt's `<image>` placeholders with those vectors in (batch, position)
+order. tokendrop runs the vision pass itself, keeps a subset of each packed sequence, removes
+the matching placeholders from `input_ids`, and hands the kept vectors to the model as
+`mm_encoder_outputs` (the precomputed-features input of 5.x), so the LLM only ever sees the
+short prompt and `generate` keeps its own mask and position bookkeeping consistent.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+from tokendrop.layout import NEWLINE, EncodedImage, ImageLayout
+from tokendrop.scoring import capture_cls_scores
+
+SUPPORTED_TRANSFORMERS = (Version("5.0"), Version("6.0"))
+IGNORE_INDEX = -100  # labels of padding added by compaction
+
+
+class LlavaNextAdapter:
+    model_class = "LlavaNextForConditionalGeneration"
+
+    @classmethod
+    def supports(cls, model) -> bool:
+        return getattr(getattr(model, "config", None), "model_type", None) == "llava_next" and hasattr(model, "model")
+
+    def __init__(self, model):
+        low, high = SUPPORTED_TRANSFORMERS
+        if not low <= Version(transformers.__version__) < high:
+            raise ValueError(
+                f"tokendrop's LLaVA-NeXT adapter needs transformers >={low},<{high}; "
+                f"found {transformers.__version__}. Install a supported one: pip install 'transformers>=5.23,<6'"
+            )
+        config = model.config
+        if type(model).__name__ != self.model_class:
+            raise ValueError(
+                f"patch the generating model ({self.model_class}), not its {type(model).__name__} submodule"
+            )
+        if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+            raise ValueError(
+                "tokendrop supports LLaVA-NeXT with vision_feature_select_strategy='default' and a single "
+                f"vision_feature_layer; this model has {config.vision_feature_select_strategy!r} and "
+                f"{config.vision_feature_layer!r}"
+            )
+        self.model = model
+        self.vlm = model.model
+        self.vision_layers = [m for m in self.vlm.vision_tower.modules() if isinstance(m, CLIPEncoderLayer)]
+        if not self.vision_layers:
+            raise ValueError(
+                f"tokendrop scores tokens by CLS attention of a CLIP vision tower; this model's tower is a "
+                f"{type(self.vlm.vision_tower).__name__}"
+            )
+        self.n_vision_layers = len(self.vision_layers)
+        # vision_feature_layer indexes hidden states (0 = embeddings); as a layer index the same
+        # negative value names the same layer, a positive one is one less.
+        hidden = config.vision_feature_layer
+        self.feature_layer = hidden if hidden < 0 else hidden - 1
+        self.side = config.vision_config.image_size // config.vision_config.patch_size
+        self.image_token_id = config.image_token_id
+        self._layouts: dict[tuple[int, int], ImageLayout] = {}
+
+    # --- geometry ---------------------------------------------------------------------
+
+    def layout(self, image_size) -> ImageLayout:
+        """The layout of an image of (height, width), from the model's own packing of an
+        index tensor, so that it agrees with the model by construction."""
+        key = tuple(int(v) for v in image_size)
+        if key not in self._layouts:
+            config = self.model.config
+            grid = get_anyres_image_grid_shape(list(key), config.image_grid_pinpoints, config.vision_config.image_size)
+            tile = self.side * self.side
+            n_partitions = 1 + grid[0] * grid[1]
+            source = torch.arange(n_partitions * tile, dtype=torch.float64).view(n_partitions, tile, 1)
+            packed, _ = self.vlm.pack_image_features(
+                [source], torch.tensor([key]), "default", image_newline=torch.tensor([float(NEWLINE)], dtype=torch.float64)
+            )
+            self._layouts[key] = ImageLayout(self.side, tuple(grid), packed[0][:, 0].round().long())
+        return self._layouts[key]
+
+    # --- vision pass ------------------------------------------------------------------
+
+    def encode(self, pixel_values, image_sizes, signals: dict[int, str], **vision_kwargs) -> list[EncodedImage]:
+        """Run the vision tower and projector once, capturing the CLS scores `signals` asks for."""
+        attention = {layer % self.n_vision_layers: self.vision_layers[layer].self_attn for layer in signals}
+        kinds = {layer % self.n_vision_layers: kind for layer, kind in signals.items()}
+        with capture_cls_scores(attention, kinds) as captured:
+            packed = self.vlm.get_image_features(
+                pixel_values=pixel_values, image_sizes=image_sizes, return_dict=True, **vision_kwargs
+            ).pooler_output
+        layouts = [self.layout(size) for size in image_sizes.tolist()]
+        splits = [layout.n_partitions for layout in layouts]
+        per_layer = {
+            layer: torch.cat(scores).cpu().split(splits) for layer, scores in captured.items()
+        }
+        return [
+            EncodedImage(
+                layout=layout,
+                packed=features,
+                cls={layer: scores[i].view(-1, layout.tile) for layer, scores in per_layer.items()},
+                n_layers=self.n_vision_layers,
+            )
+            for i, (layout, features) in enumerate(zip(layouts, packed))
+        ]
+
+    # --- the LLM's side ---------------------------------------------------------------
+
+    def compact(self, input_ids, attention_mask, labels, keep_masks: list[torch.Tensor], pad_side: str, pad_token_id: int):
+        """Drop the placeholders of dropped tokens from every row and re-pad the batch.
+
+        `keep_masks[i]` covers image i's packed sequence; images are numbered in (row,
+        position) order, as the model fills placeholders. Existing padding stays where it is;
+        rows that became shorter get extra padding on `pad_side` (masked out, label -100).
+        """
+        is_image = input_ids == self.image_token_id
+        per_row = is_image.sum(1).tolist()
+        lengths = [int(m.numel()) for m in keep_masks]
+        check_placeholders(per_row, lengths)
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        if keep_masks:
+            keep[is_image] = torch.cat(keep_masks).to(input_ids.device)
+        new_len = int(keep.sum(1).max())
+        needs_mask = attention_mask is not None or bool((keep.sum(1) != new_len).any())
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        columns = {"input_ids": (input_ids, pad_token_id), "attention_mask": (attention_mask, 0)}
+        if labels is not None:
+            columns["labels"] = (labels, IGNORE_INDEX)
+        out = {}
+        for name, (tensor, fill) in columns.items():
+            rows = []
+            for row, row_keep in zip(tensor, keep):
+                kept = row[row_keep]
+                pad = kept.new_full((new_len - kept.numel(),), fill)
+                rows.append(torch.cat([pad, kept] if pad_side == "left" else [kept, pad]))
+            out[name] = torch.stack(rows)
+        if not needs_mask:
+            out["attention_mask"] = None
+        return out
+
+    def llm_inputs(self, kept_features: list[torch.Tensor]) -> dict:
+        """Keyword arguments that feed the kept vectors to `forward`/`generate`."""
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=kept_features)}}
+
+
+def check_placeholders(per_row: list[int], image_lengths: list[int]) -> None:
+    """Each row's `<image>` placeholders must be exactly the packed lengths of whole images,
+    in order. (The model itself checks only the batch total, which can silently move
+    features between rows.)"""
+    images = iter(image_lengths)
+    for row, count in enumerate(per_row):
+        need = 0
+        while need < count:
+            length = next(images, None)
+            if length is None:
+                break
+            need += length
+        if need != count:
+            raise ValueError(
+                f"row {row} of input_ids has {count} image placeholder tokens, which does not match its "
+                f"images' feature counts (images need {image_lengths} in order). Build the inputs with the "
+                "model's own processor (LlavaNextProcessor with num_additional_image_tokens=1 and "
+                "vision_feature_select_strategy='default') and one image per <image> in the text"
+            )
+    if next(images, None) is not None:
+        raise ValueError(
+            f"more images ({len(image_lengths)}) than <image> placeholders in the prompts; pass one image per <image>"
+        )

@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks, sweeps, datasets and metrics (installed as tokendrop.eval)."""

@@ -1,0 +1,13 @@
+"""tokendrop: fewer visual tokens for Hugging Face LLaVA-NeXT models, in one line.
+
+    handle = tokendrop.patch(model, "hired", budget=0.2)
+    model.generate(**processor(images=..., text=..., return_tensors="pt"))
+    handle.last        # what was kept, per image
+    tokendrop.unpatch(model)
+"""
+
+from .method import describe as methods
+from .patch import Handle, ImageRecord, patch, patched, unpatch
+
+__version__ = "0.1.0"
+__all__ = ["patch", "unpatch", "patched", "methods", "Handle", "ImageRecord", "__version__"]

@@ -1,0 +1,137 @@
+"""Where every visual token of one AnyRes image comes from.
+
+An image is P = 1 + n_h * n_w partitions: the base view (the whole image squashed to one
+tile) and the crops of an n_h x n_w grid, each `side x side` patches. The crops form a canvas
+of (n_h * side) x (n_w * side) patches; the model drops canvas rows/columns that are pure
+padding and appends one newline token per remaining row. The *packed* sequence the LLM sees
+is: base tokens, then the unpadded canvas row by row, each row followed by its newline.
+
+`ImageLayout` is built from `packed_source`, the model's own packing applied to an index
+tensor (see the adapter), so it agrees with the model by construction. Terms used everywhere:
+- feature positions: the packed positions that are not newlines; N of them. "Feature index i"
+  means the i-th of these (the indexing of `handle.last[...].indices`).
+- partition of a feature: 0 for the base, 1 + (row * n_w + col) for the crop at (row, col).
+- local index: the patch's raster index inside its partition's side x side tile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+NEWLINE = -1
+
+
+@dataclass(frozen=True, eq=False)
+class ImageLayout:
+    side: int  # patches per tile side (24 for CLIP-L/336)
+    grid: tuple[int, int]  # (n_h, n_w) crops
+    packed_source: torch.Tensor  # (L,) long: partition * side**2 + local, or NEWLINE
+
+    @property
+    def tile(self) -> int:
+        return self.side * self.side
+
+    @property
+    def n_partitions(self) -> int:
+        return 1 + self.grid[0] * self.grid[1]
+
+    @cached_property
+    def feature_positions(self) -> torch.Tensor:
+        """(N,) packed position of each feature token."""
+        return torch.nonzero(self.packed_source != NEWLINE).flatten()
+
+    @cached_property
+    def newline_positions(self) -> torch.Tensor:
+        """(rows,) packed position of each newline; the r-th ends canvas row r."""
+        return torch.nonzero(self.packed_source == NEWLINE).flatten()
+
+    @property
+    def n_features(self) -> int:
+        return self.feature_positions.numel()
+
+    @cached_property
+    def partition(self) -> torch.Tensor:
+        return self.packed_source[self.feature_positions] // self.tile
+
+    @cached_property
+    def local(self) -> torch.Tensor:
+        return self.packed_source[self.feature_positions] % self.tile
+
+    @cached_property
+    def row(self) -> torch.Tensor:
+        """(N,) unpadded canvas row of each feature (the newline it shares), -1 for base tokens."""
+        is_newline = (self.packed_source == NEWLINE).long()
+        rows_before = torch.cumsum(is_newline, 0) - is_newline
+        rows = rows_before[self.feature_positions]
+        return torch.where(self.partition == 0, torch.full_like(rows, -1), rows)
+
+    @cached_property
+    def capacity(self) -> torch.Tensor:
+        """(P,) number of feature tokens in each partition (crops lose their padding)."""
+        return torch.bincount(self.partition, minlength=self.n_partitions)
+
+    @cached_property
+    def canvas_yx(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Canvas (y, x) patch coordinates of every feature; base tokens get their tile (y, x)."""
+        crop = (self.partition - 1).clamp(min=0)
+        in_crop = self.partition > 0
+        y = self.local // self.side + in_crop * (crop // self.grid[1]) * self.side
+        x = self.local % self.side + in_crop * (crop % self.grid[1]) * self.side
+        return y, x
+
+    @cached_property
+    def valid_box(self) -> tuple[int, int, int, int]:
+        """(y0, y1, x0, x1): the unpadded part of the crop canvas, in patches, end-exclusive."""
+        y, x = self.canvas_yx
+        y, x = y[self.partition > 0], x[self.partition > 0]
+        return int(y.min()), int(y.max()) + 1, int(x.min()), int(x.max()) + 1
+
+    @cached_property
+    def region_weights(self) -> torch.Tensor:
+        """(n_crops, side**2) float32: the share of each base patch's area that shows crop c's
+        unpadded content. The base view and the unpadded canvas show the same whole image, so
+        canvas coordinates map linearly onto the base tile; each base patch's weights sum to 1."""
+        y0, y1, x0, x1 = self.valid_box
+        n_h, n_w = self.grid
+        s = self.side
+
+        def overlaps(lo: int, hi: int, start: int, end: int) -> torch.Tensor:
+            # crop span [start, end) of the canvas axis, in base units, against base cells [a, a+1)
+            scale = s / (hi - lo)
+            a = torch.arange(s, dtype=torch.float64)
+            b_lo = (max(start, lo) - lo) * scale
+            b_hi = (min(end, hi) - lo) * scale
+            return (torch.minimum(a + 1, torch.tensor(b_hi)) - torch.maximum(a, torch.tensor(b_lo))).clamp(min=0)
+
+        weights = []
+        for i in range(n_h):
+            rows = overlaps(y0, y1, i * s, (i + 1) * s)
+            for j in range(n_w):
+                cols = overlaps(x0, x1, j * s, (j + 1) * s)
+                weights.append(torch.outer(rows, cols).flatten())
+        return torch.stack(weights).float()
+
+    def per_feature(self, partition_scores: torch.Tensor) -> torch.Tensor:
+        """(P, side**2) scores per partition tile -> (N,) scores in feature order."""
+        return partition_scores[self.partition, self.local]
+
+
+@dataclass(eq=False)
+class EncodedImage:
+    """One image after the vision pass, as a method sees it."""
+
+    layout: ImageLayout
+    packed: torch.Tensor  # (L, D) the projected features the LLM would see, newlines included
+    cls: dict[int, torch.Tensor]  # absolute layer -> (P, side**2) fp32 CPU CLS scores
+    n_layers: int  # vision layers, to resolve negative layer indices
+
+    def cls_scores(self, layer: int) -> torch.Tensor:
+        return self.cls[layer % self.n_layers]
+
+    @property
+    def features(self) -> torch.Tensor:
+        """(N, D) projected feature tokens, newlines removed, in feature-index order."""
+        return self.packed[self.layout.feature_positions.to(self.packed.device)]

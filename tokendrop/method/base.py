@@ -1,0 +1,90 @@
+"""What a method is: a small dataclass of validated options that turns one encoded image
+into the sorted feature indices to keep. Budgets, allocation, top-k and newlines are shared
+(`tokendrop.selection`); the patch machinery does the rest."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..layout import EncodedImage
+from ..registry import Registry, did_you_mean
+from ..selection import NEWLINE_POLICIES, check_budget
+
+METHODS: Registry[type["Method"]] = Registry("method")
+
+
+def register(name: str):
+    def add(cls):
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return add
+
+
+@dataclass
+class Method:
+    name: ClassVar[str]
+    budget: float | int = 1.0
+    newlines: str = "rows"
+
+    def __post_init__(self):
+        self.budget = check_budget(self.budget)
+        check_choice("newlines", self.newlines, NEWLINE_POLICIES)
+
+    def resolve(self, adapter) -> "Method":
+        """A copy with model-dependent defaults filled in and checked against the model."""
+        return self
+
+    def signals(self) -> dict[int, str]:
+        """CLS scores the vision pass must capture: {layer: "probs" | "logits"}."""
+        return {}
+
+    def select(self, image: EncodedImage) -> torch.Tensor:
+        """Sorted (ascending) feature indices to keep, exactly the budget's count."""
+        raise NotImplementedError
+
+
+def build(name: str, **options) -> Method:
+    cls = METHODS.get(name)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key in options:
+        if key not in fields:
+            raise ValueError(
+                f"method {name!r} has no option {key!r}.{did_you_mean(key, fields)} Its options: {', '.join(fields)}"
+            )
+    return cls(**options)
+
+
+def describe() -> dict[str, dict[str, object]]:
+    """Every registered method with its options and their defaults."""
+    return {name: {f.name: f.default for f in dataclasses.fields(cls)} for name, cls in METHODS.items()}
+
+
+def check_choice(option: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_real(option: str, value, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= float(value) <= high:
+        raise ValueError(f"{option} must be a number in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def check_int(option: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{option} must be an int, got {value!r}")
+    return int(value)
+
+
+def check_layer(option: str, layer, n_layers: int) -> int:
+    """A vision layer index, negative counting from the end, as Python lists do."""
+    layer = check_int(option, layer)
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(f"{option}={layer} is out of range: the vision tower has {n_layers} layers")
+    return layer

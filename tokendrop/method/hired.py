@@ -1,0 +1,47 @@
+"""HiRED (Arif et al., AAAI-25): split the budget between the base view and the crops, give
+each crop a share proportional to the base's early-layer CLS attention over the crop's region
+(paper Eq. 1), then keep each partition's top tokens by CLS attention at the feature layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..layout import EncodedImage
+from ..selection import allocate, floor_fraction, keep_count, top_k_per_partition
+from .base import Method, check_layer, check_real, register
+
+
+@register("hired")
+@dataclass
+class HiRED(Method):
+    alpha: float = 0.5  # share of the budget for the base view
+    alloc_layer: int = 0  # CLS attention on the base decides the crop shares
+    select_layer: int | None = None  # CLS attention ranks tokens; None: the model's feature layer
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.alpha = check_real("alpha", self.alpha, 0.0, 1.0)
+
+    def resolve(self, adapter) -> "HiRED":
+        select = adapter.feature_layer if self.select_layer is None else self.select_layer
+        return replace(
+            self,
+            alloc_layer=check_layer("alloc_layer", self.alloc_layer, adapter.n_vision_layers),
+            select_layer=check_layer("select_layer", select, adapter.n_vision_layers),
+        )
+
+    def signals(self) -> dict[int, str]:
+        return {self.alloc_layer: "probs", self.select_layer: "probs"}
+
+    def select(self, image: EncodedImage) -> torch.Tensor:
+        layout = image.layout
+        k = keep_count(self.budget, layout.n_features)
+        n_base = min(floor_fraction(self.alpha, k), int(layout.capacity[0]))
+        crop_mass = layout.region_weights @ image.cls_scores(self.alloc_layer)[0]
+        crops = allocate(k - n_base, crop_mass, layout.capacity[1:])
+        # whatever the crops cannot hold returns to the base, so exactly k survive
+        base = torch.tensor([k - int(crops.sum())])
+        scores = layout.per_feature(image.cls_scores(self.select_layer))
+        return top_k_per_partition(scores, layout.partition, torch.cat([base, crops]))

@@ -1,0 +1,213 @@
+"""The path from `patch()` to the LLM.
+
+`patch(model, method, budget)` wraps the instance's `generate` and `forward`. When a call
+carries images, the wrapper runs once, before the LLM:
+
+    adapter.encode   vision tower + projector, with CLS-score hooks only for this pass
+    method.select    per image: which feature tokens to keep (exact budget, spatial order)
+    packed_keep_mask per image: plus the newlines the policy keeps
+    adapter.compact  drop the matching placeholders from input_ids/attention_mask/labels
+    original call    with the kept vectors as precomputed image features
+
+Decode steps and text-only calls pass straight through. All state lives in one `Handle`
+stored on the model; `unpatch` puts back exactly what was there before.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .method import Method, build as build_method
+from .adapters import adapter_for
+from .selection import packed_keep_mask
+
+ATTRIBUTE = "_tokendrop_handle"
+WRAPPED = ("generate", "forward")
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """What happened to one image in the last call."""
+
+    n_before: int  # feature tokens the unpatched model feeds the LLM (newlines excluded)
+    n_kept: int  # feature tokens kept
+    n_newlines: int  # newline tokens kept
+    indices: list[int]  # kept feature indices: base first, then the unpadded canvas row by row
+    partitions: list[int]  # kept count per partition, base first
+
+
+class Handle:
+    """A patch in force: the method, the model's adapter, and the last call's records."""
+
+    def __init__(self, model: nn.Module, method: Method, adapter):
+        self.model = model
+        self.method = method
+        self.adapter = adapter
+        self.last: list[ImageRecord] = []
+        self._saved = {name: model.__dict__.get(name) for name in WRAPPED}
+
+    def __repr__(self) -> str:
+        return f"<tokendrop patch {self.method!r} on {type(self.model).__name__}>"
+
+    def remove(self) -> None:
+        """Restore the model exactly as it was before `patch`."""
+        for name, previous in self._saved.items():
+            if previous is None:
+                self.model.__dict__.pop(name, None)
+            else:
+                self.model.__dict__[name] = previous
+        if self.model.__dict__.get(ATTRIBUTE) is self:
+            del self.model.__dict__[ATTRIBUTE]
+
+    # --- the one pruning step ---------------------------------------------------------
+
+    def prune(self, input_ids, attention_mask, labels, pixel_values, image_sizes, pad_side, vision_kwargs):
+        """Select tokens for every image of the batch and shorten the prompts to match.
+        Returns the compacted prompt tensors and the kwargs that feed the kept features."""
+        if input_ids is None:
+            raise ValueError(
+                "a patched model needs input_ids with its pixel_values (it removes the placeholders of "
+                "dropped tokens); inputs_embeds cannot be shortened"
+            )
+        images = self.adapter.encode(pixel_values, image_sizes, self.method.signals(), **vision_kwargs)
+        kept_features, keep_masks, records = [], [], []
+        for image in images:
+            kept = self.method.select(image)
+            mask = packed_keep_mask(image.layout, kept, self.method.newlines)
+            keep_masks.append(mask)
+            kept_features.append(image.packed[mask.to(image.packed.device)])
+            records.append(
+                ImageRecord(
+                    n_before=image.layout.n_features,
+                    n_kept=kept.numel(),
+                    n_newlines=int(mask[image.layout.newline_positions].sum()),
+                    indices=kept.tolist(),
+                    partitions=torch.bincount(image.layout.partition[kept], minlength=image.layout.n_partitions).tolist(),
+                )
+            )
+        compact = self.adapter.compact(input_ids, attention_mask, labels, keep_masks, pad_side, self._pad_token_id())
+        self.last = records
+        return compact, self.adapter.llm_inputs(kept_features)
+
+    def _pad_token_id(self) -> int:
+        for source in (self.model.generation_config, self.model.config.get_text_config()):
+            pad = getattr(source, "pad_token_id", None)
+            if pad is not None:
+                return pad
+        return 0  # any id works: compaction masks its padding out
+
+    # --- the wrappers -----------------------------------------------------------------
+
+    def _install(self) -> None:
+        generate, forward = self.model.generate, self.model.forward  # bound, maybe already wrapped
+
+        @functools.wraps(generate)
+        def patched_generate(inputs=None, *args, **kwargs):
+            input_ids = kwargs.pop("input_ids", inputs)
+            pixel_values = kwargs.pop("pixel_values", None)
+            if pixel_values is None:
+                self.last = []
+                return generate(input_ids, *args, **kwargs)
+            attention_mask = kwargs.pop("attention_mask", None)
+            compact, feed = self.prune(
+                input_ids, attention_mask, None, pixel_values, kwargs.pop("image_sizes"),
+                padding_side(attention_mask, default="left"), _vision_kwargs(kwargs),
+            )
+            output = generate(compact["input_ids"], *args, attention_mask=compact["attention_mask"], **feed, **kwargs)
+            return _with_original_prompt(output, input_ids, compact["input_ids"].shape[1])
+
+        signature = inspect.signature(forward)
+
+        @functools.wraps(forward)
+        def patched_forward(*args, **kwargs):
+            call = signature.bind_partial(*args, **kwargs).arguments
+            call.update(call.pop("kwargs", {}))
+            if call.get("pixel_values") is None:
+                return forward(*args, **kwargs)
+            if call.get("position_ids") is not None:
+                raise ValueError(
+                    "position_ids cannot be passed with pixel_values to a patched model: the prompt it "
+                    "describes is shortened before the LLM. Leave position_ids out"
+                )
+            pixel_values, image_sizes = call.pop("pixel_values"), call.pop("image_sizes")
+            input_ids, attention_mask, labels = (call.pop(k, None) for k in ("input_ids", "attention_mask", "labels"))
+            compact, feed = self.prune(
+                input_ids, attention_mask, labels, pixel_values, image_sizes,
+                padding_side(attention_mask, default="right"), _vision_kwargs(call),
+            )
+            return forward(**compact, **feed, **call)
+
+        self.model.__dict__["generate"] = patched_generate
+        self.model.__dict__["forward"] = patched_forward
+        self.model.__dict__[ATTRIBUTE] = self
+
+
+def _vision_kwargs(kwargs: dict) -> dict:
+    """Per-call overrides of the vision pass, forwarded as the model would forward them."""
+    return {k: kwargs.pop(k) for k in ("vision_feature_layer", "vision_feature_select_strategy") if k in kwargs}
+
+
+def padding_side(attention_mask, default: str) -> str:
+    """Keep the batch's own padding side; `default` when it has no padding."""
+    if attention_mask is not None:
+        if bool((attention_mask[:, 0] == 0).any()):
+            return "left"
+        if bool((attention_mask[:, -1] == 0).any()):
+            return "right"
+    return default
+
+
+def _with_original_prompt(output, input_ids, compact_length: int):
+    """Put the caller's own prompt ids in front of the generated tokens, so that slicing by the
+    original prompt length still yields exactly the new tokens."""
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0).to(sequences.device)
+    sequences = torch.cat([prompt, sequences[:, compact_length:]], dim=1)
+    if isinstance(output, torch.Tensor):
+        return sequences
+    output.sequences = sequences
+    return output
+
+
+# --- public API -----------------------------------------------------------------------
+
+
+def patch(model: nn.Module, method: str, budget: float | int = 1.0, **options) -> Handle:
+    """Make every later `model.generate(...)`/`model(...)` call feed the LLM only the visual
+    tokens `method` keeps within `budget` (a fraction in (0, 1] or a token count per image).
+    Everything is validated before the model is touched; patching a patched model replaces
+    the old patch."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch() takes a loaded Hugging Face model, got {type(model).__name__}")
+    adapter = adapter_for(model)
+    chosen = build_method(method, budget=budget, **options).resolve(adapter)
+    unpatch(model)
+    handle = Handle(model, chosen, adapter)
+    handle._install()
+    return handle
+
+
+def unpatch(model: nn.Module) -> None:
+    """Remove tokendrop's patch, if any; the model is exactly as before `patch`."""
+    handle = model.__dict__.get(ATTRIBUTE)
+    if handle is not None:
+        handle.remove()
+
+
+@contextmanager
+def patched(model: nn.Module, method: str, budget: float | int = 1.0, **options):
+    """`with tokendrop.patched(model, "hired", budget=0.2) as handle:` patch for a block."""
+    previous = model.__dict__.get(ATTRIBUTE)
+    handle = patch(model, method, budget=budget, **options)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+        if previous is not None:
+            previous._install()

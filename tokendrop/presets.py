@@ -1,0 +1,124 @@
+"""LLaVA-NeXT models built offline from configs (random weights) with a matching processor.
+
+Nothing is downloaded: the tokenizer is a byte-level BPE with no merges (one token per byte),
+the image processor is transformers' PIL LLaVA-NeXT processor. Outputs of random weights are
+meaningless text; shapes, token counts and timings are real.
+
+- `tiny`: 48 px tiles of 6x6 patches, 3 CLIP layers, a 2-layer LLM: seconds, for tests.
+- `llava-next-shape`: CLIP-L/336 (24 layers, 24x24 patches) + a Qwen2-0.5B-shaped LLM, with
+  the llava-v1.6 pinpoints: the real prompt lengths and compute of a small LLaVA-NeXT.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+from .registry import Registry
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
+# Vicuna-style template, as llava-v1.6-vicuna; the question follows the image.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %} "
+    "{% else %}ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+PRESETS: Registry[dict] = Registry("preset")
+PRESETS.register("tiny")(
+    dict(
+        vision=dict(image_size=48, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                    num_attention_heads=4),
+        text_class=LlamaConfig,
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+        pinpoints=[[48, 96], [96, 48], [96, 96], [48, 144], [144, 48]],
+    )
+)
+PRESETS.register("llava-next-shape")(
+    dict(
+        vision=dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, projection_dim=768),
+        text_class=Qwen2Config,
+        text=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
+        pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    )
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + alphabet)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+    )
+    return fast
+
+
+def build_processor(name: str) -> LlavaNextProcessor:
+    spec = PRESETS.get(name)
+    size = spec["vision"]["image_size"]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_grid_pinpoints=spec["pinpoints"],
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=spec["vision"]["patch_size"],
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_config(name: str, tokenizer: PreTrainedTokenizerFast) -> LlavaNextConfig:
+    spec = PRESETS.get(name)
+    text = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id) | spec["text"]
+    return LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**spec["vision"]),
+        text_config=spec["text_class"](**text),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=spec["pinpoints"],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def build_preset(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                 attn_implementation: str = "sdpa"):
+    """(model, processor) for an embedded preset, random weights drawn from `seed`."""
+    processor = build_processor(name)
+    config = build_config(name, processor.tokenizer)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+def synthetic_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic image of coloured rectangles on noise: structure for attention to find."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 64, size=(height, width, 3), dtype=np.uint8)
+    for _ in range(12):
+        h, w = rng.integers(height // 16 + 1, height // 3 + 2), rng.integers(width // 16 + 1, width // 3 + 2)
+        y, x = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+        pixels[y : y + h, x : x + w] = rng.integers(64, 256, size=3, dtype=np.uint8)
+    return Image.fromarray(pixels)
