@@ -24,6 +24,10 @@ SUPPORTED_TRANSFORMERS = (Version("5.0"), Version("6.0"))
 IGNORE_INDEX = -100  # labels of padding added by compaction
 
 
+def installed_transformers() -> str:
+    return transformers.__version__
+
+
 class LlavaNextAdapter:
     model_class = "LlavaNextForConditionalGeneration"
 
@@ -33,10 +37,10 @@ class LlavaNextAdapter:
 
     def __init__(self, model):
         low, high = SUPPORTED_TRANSFORMERS
-        if not low <= Version(transformers.__version__) < high:
+        if not low <= Version(installed_transformers()) < high:
             raise ValueError(
                 f"tokendrop's LLaVA-NeXT adapter needs transformers >={low},<{high}; "
-                f"found {transformers.__version__}. Install a supported one: pip install 'transformers>=5.23,<6'"
+                f"found {installed_transformers()}. Install a supported one: pip install 'transformers>=5.23,<6'"
             )
         config = model.config
         if type(model).__name__ != self.model_class:

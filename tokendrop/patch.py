@@ -115,10 +115,11 @@ class Handle:
                 self.last = []
                 return generate(input_ids, *args, **kwargs)
             attention_mask = kwargs.pop("attention_mask", None)
-            compact, feed = self.prune(
-                input_ids, attention_mask, None, pixel_values, kwargs.pop("image_sizes"),
-                padding_side(attention_mask, default="left"), _vision_kwargs(kwargs),
-            )
+            with torch.no_grad():  # as stock generate: no autograd graph for the vision pass
+                compact, feed = self.prune(
+                    input_ids, attention_mask, None, pixel_values, kwargs.pop("image_sizes"),
+                    padding_side(attention_mask, default="left"), _vision_kwargs(kwargs),
+                )
             output = generate(compact["input_ids"], *args, attention_mask=compact["attention_mask"], **feed, **kwargs)
             return _with_original_prompt(output, input_ids, compact["input_ids"].shape[1])
 

@@ -1,0 +1,55 @@
+"""Shared fixtures: the tiny preset (random weights, built offline) and images whose AnyRes
+grids differ: a padded wide 1x2, a padded tall 2x1 and a padded 2x2 (sizes are (h, w))."""
+
+import pytest
+import torch
+
+import tokendrop
+from tokendrop.presets import build_preset, synthetic_image
+
+SIZES = {"wide": (38, 96), "tall": (96, 38), "square": (60, 100)}
+QUESTIONS = ["What is red?", "Describe it.", "Where is the small blue square in the corner?"]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    model, processor = build_preset("tiny")
+    return model, processor
+
+
+@pytest.fixture(scope="session")
+def images():
+    return {name: synthetic_image(w, h, seed=i) for i, (name, (h, w)) in enumerate(SIZES.items())}
+
+
+def prompt(processor, question, n_images=1):
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+@pytest.fixture
+def batch(tiny, images):
+    """A left-padded batch of three prompts of different lengths and image grids."""
+    _, processor = tiny
+    texts = [prompt(processor, q) for q in QUESTIONS]
+    return processor(images=list(images.values()), text=texts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture
+def singles(tiny, images):
+    _, processor = tiny
+    return [
+        processor(images=[image], text=[prompt(processor, q)], return_tensors="pt")
+        for image, q in zip(images.values(), QUESTIONS)
+    ]
+
+
+@pytest.fixture(autouse=True)
+def never_left_patched(tiny):
+    yield
+    tokendrop.unpatch(tiny[0])
+
+
+def greedy(model, inputs, n=6, **kwargs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kwargs)

@@ -1,0 +1,228 @@
+"""The patch end to end on the tiny preset, for every registered method."""
+
+import pytest
+import torch
+
+import reference
+import tokendrop
+from conftest import QUESTIONS, SIZES, greedy, prompt
+from tokendrop.method import METHODS
+
+ALL = METHODS.names()
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_full_budget_is_identical(tiny, batch, method):
+    model, _ = tiny
+    expected = greedy(model, batch)
+    with torch.no_grad():
+        expected_logits = model(**batch).logits
+    for budget in (1.0, 10**6):  # an int budget above every image's token count is full too
+        with tokendrop.patched(model, method, budget=budget) as handle:
+            assert torch.equal(greedy(model, batch), expected)
+            assert [r.n_kept for r in handle.last] == [r.n_before for r in handle.last]
+            with torch.no_grad():
+                assert torch.equal(model(**batch).logits, expected_logits)
+
+
+def test_unpatch_restores_exactly(tiny, batch):
+    model, _ = tiny
+    before = dict(model.__dict__)
+    expected = greedy(model, batch)
+    handle = tokendrop.patch(model, "hired", budget=0.2)
+    assert not torch.equal(greedy(model, batch), expected)
+    tokendrop.unpatch(model)
+    assert model.__dict__.keys() == before.keys()
+    assert all(model.__dict__[k] is v for k, v in before.items())
+    assert torch.equal(greedy(model, batch), expected)
+    handle.remove()  # removing twice is harmless
+    assert model.__dict__.keys() == before.keys()
+
+
+def test_repatch_replaces_and_context_manager_restores(tiny, batch):
+    model, _ = tiny
+    outer = tokendrop.patch(model, "uniform", budget=0.5)
+    inner_wrapped = model.__dict__["generate"]
+    second = tokendrop.patch(model, "hired", budget=0.2)
+    assert model.__dict__["_tokendrop_handle"] is second
+    assert model.__dict__["generate"].__wrapped__ is not inner_wrapped  # wraps the original, never stacks
+    greedy(model, batch)
+    assert second.last and not outer.last
+    with tokendrop.patched(model, "random", budget=0.3) as third:
+        greedy(model, batch)
+        assert third.last[0].n_kept == int(0.3 * third.last[0].n_before)
+    assert model.__dict__["_tokendrop_handle"] is second
+    tokendrop.unpatch(model)
+    assert "generate" not in model.__dict__ and "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("budget", [0.5, 0.1, 17])
+def test_exact_counts_and_records(tiny, batch, method, budget):
+    model, _ = tiny
+    handle = tokendrop.patch(model, method, budget=budget)
+    out = greedy(model, batch, n=2)
+    assert len(handle.last) == 3
+    for (height, width), record in zip(batch["image_sizes"].tolist(), handle.last):
+        feats, packed = reference.features(model, height, width)
+        assert record.n_before == len(feats)
+        assert record.n_kept == reference.keep_count(budget, len(feats)) == len(record.indices)
+        assert record.indices == sorted(set(record.indices)) and 0 <= record.indices[0] and record.indices[-1] < len(feats)
+        assert record.partitions == [sum(1 for i in record.indices if feats[i][0] == p) for p in range(len(record.partitions))]
+        mask = reference.keep_mask(model, height, width, record.indices, "rows")
+        assert record.n_newlines == int(mask.sum()) - record.n_kept
+    # the caller's prompt comes back in front of the new tokens
+    assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("budget", [0.3, 0.05])
+def test_batched_equals_one_by_one(tiny, batch, singles, method, budget):
+    model, _ = tiny
+    handle = tokendrop.patch(model, method, budget=budget)
+    together = greedy(model, batch)
+    records = handle.last
+    for row, single in enumerate(singles):
+        alone = greedy(model, single)
+        assert torch.equal(together[row, -6:], alone[0, -6:])
+        assert handle.last[0] == records[row]
+
+
+@pytest.mark.parametrize("newlines", ["rows", "all", "drop"])
+def test_pruned_generation_equals_manual_reference(tiny, batch, newlines):
+    """Greedy generation equals decoding by hand, without cache, from inputs_embeds built from
+    the unpatched model's features and the recorded selection."""
+    model, _ = tiny
+    with torch.no_grad():
+        packed = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+    handle = tokendrop.patch(model, "hired", budget=0.25, newlines=newlines)
+    out = greedy(model, batch, n=5)
+    token = model.config.image_token_id
+    for row, ((height, width), record, features) in enumerate(zip(batch["image_sizes"].tolist(), handle.last, packed)):
+        mask = reference.keep_mask(model, height, width, record.indices, newlines)
+        assert record.n_newlines == int(mask.sum()) - record.n_kept
+        valid = batch["input_ids"][row][batch["attention_mask"][row] == 1]
+        slots = (valid == token).nonzero().flatten()
+        drop = slots[~mask]
+        keep = torch.ones_like(valid, dtype=torch.bool)
+        keep[drop] = False
+        ids = valid[keep][None]
+        embeds = reference.embed_prompt(model, ids, [features[mask]])
+        assert reference.greedy_no_cache(model, embeds, 5) == out[row, -5:].tolist()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(do_sample=True, top_k=20),
+        dict(num_beams=3),
+        dict(num_beams=3, num_return_sequences=2),
+        dict(do_sample=True, num_return_sequences=2),
+    ],
+    ids=["sample", "beam", "beam-nrs", "sample-nrs"],
+)
+def test_generation_modes_equal_stock_generate_on_reference_embeds(tiny, batch, options):
+    """Beam search, sampling and num_return_sequences of the patched model equal stock
+    generate (unpatched) run on inputs_embeds built by hand from the same selection."""
+    model, _ = tiny
+    handle = tokendrop.patch(model, "hired", budget=0.3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=4, return_dict_in_generate=True, **options)
+    records = handle.last
+    tokendrop.unpatch(model)
+    ref = reference.compact_batch(model, batch, records)
+    embeds = reference.embed_prompt(model, ref["input_ids"], ref["features"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = model.generate(inputs_embeds=embeds, attention_mask=ref["attention_mask"], max_new_tokens=4, **options)
+    n = options.get("num_return_sequences", 1)
+    assert out.sequences.shape[0] == 3 * n
+    assert torch.equal(out.sequences[:, : batch["input_ids"].shape[1]], batch["input_ids"].repeat_interleave(n, 0))
+    assert torch.equal(out.sequences[:, batch["input_ids"].shape[1]:], expected)
+
+
+def test_use_cache_false_matches_cached(tiny, batch):
+    model, _ = tiny
+    tokendrop.patch(model, "hired", budget=0.3)
+    assert torch.equal(greedy(model, batch, use_cache=False), greedy(model, batch))
+
+
+def test_text_only_and_mixed_batches(tiny, images):
+    model, processor = tiny
+    text_only = processor(text=["USER: hello there ASSISTANT:"], return_tensors="pt")
+    expected = greedy(model, text_only)
+    handle = tokendrop.patch(model, "hired", budget=0.2)
+    assert torch.equal(greedy(model, text_only), expected)
+    assert handle.last == []
+    # a prompt with two images next to a text-only prompt and a one-image prompt
+    wide, tall, square = images.values()
+    texts = [prompt(processor, "Compare them.", n_images=2), "USER: no picture here ASSISTANT:",
+             prompt(processor, "And this?")]
+    mixed = processor(images=[wide, tall, square], text=texts, return_tensors="pt", padding=True)
+    out = greedy(model, mixed)
+    assert len(handle.last) == 3
+    two = processor(images=[wide, tall], text=[texts[0]], return_tensors="pt")
+    assert torch.equal(greedy(model, two)[0, -6:], out[0, -6:])
+    assert torch.equal(greedy(model, processor(text=[texts[1]], return_tensors="pt"))[0, -6:], out[1, -6:])
+    tokendrop.unpatch(model)
+    alone = greedy(model, processor(text=[texts[1]], return_tensors="pt"))
+    assert torch.equal(alone[0, -6:], out[1, -6:])
+
+
+def test_forward_with_labels(tiny, batch):
+    """model(**inputs, labels=...) compacts labels with input_ids: at full budget the loss is
+    the unpatched loss; pruned, it equals the loss of the compacted sequence computed by hand."""
+    model, _ = tiny
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        expected = model(**batch, labels=labels).loss
+        with tokendrop.patched(model, "uniform", budget=1.0):
+            assert torch.equal(model(**batch, labels=labels).loss, expected)
+        handle = tokendrop.patch(model, "uniform", budget=0.2)
+        out = model(**batch, labels=labels)
+    tokendrop.unpatch(model)
+    ref = reference.compact_batch(model, batch, handle.last, labels=labels)
+    embeds = reference.embed_prompt(model, ref["input_ids"], ref["features"])
+    with torch.no_grad():
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=ref["attention_mask"]).last_hidden_state
+        logits = model.lm_head(hidden)
+    assert out.logits.shape == logits.shape
+    assert torch.allclose(out.logits, logits, atol=1e-5)
+    shifted = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ref["labels"][:, 1:].flatten(), ignore_index=-100)
+    assert torch.allclose(out.loss, shifted, atol=1e-6)
+
+
+def test_right_padding_forward_matches_single_rows(tiny, images):
+    """A right-padded batch (the training layout) keeps its padding side and each row's
+    logits equal that row alone."""
+    model, processor = tiny
+    processor.tokenizer.padding_side = "right"
+    try:
+        texts = [prompt(processor, q) for q in QUESTIONS]
+        inputs = processor(images=list(images.values()), text=texts, return_tensors="pt", padding=True)
+        singles = [processor(images=[im], text=[t], return_tensors="pt") for im, t in zip(images.values(), texts)]
+    finally:
+        processor.tokenizer.padding_side = "left"
+    tokendrop.patch(model, "hired", budget=0.3)
+    with torch.no_grad():
+        together = model(**inputs).logits
+        for row, single in enumerate(singles):
+            alone = model(**single).logits[0]
+            assert torch.allclose(together[row, : alone.shape[0]], alone, atol=1e-5)
+
+
+def test_generate_builds_no_autograd_graph(tiny, batch):
+    """Like stock generate, the patched one runs the vision pass without autograd, even when
+    the caller did not disable gradients."""
+    model, _ = tiny
+    seen = []
+    hook = model.model.vision_tower.register_forward_hook(
+        lambda module, args, output: seen.append(output.last_hidden_state.requires_grad)
+    )
+    try:
+        tokendrop.patch(model, "hired", budget=0.3)
+        model.generate(**batch, max_new_tokens=2)
+    finally:
+        hook.remove()
+    assert seen and not any(seen)
