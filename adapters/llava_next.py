@@ -109,6 +109,7 @@ class LlavaNextAdapter:
                 packed=features,
                 cls={layer: scores[i].view(-1, layout.tile) for layer, scores in per_layer.items()},
                 n_layers=self.n_vision_layers,
+                embed=self.model.get_input_embeddings(),
             )
             for i, (layout, features) in enumerate(zip(layouts, packed))
         ]
@@ -119,13 +120,11 @@ class LlavaNextAdapter:
         """Drop the placeholders of dropped tokens from every row and re-pad the batch.
 
         `keep_masks[i]` covers image i's packed sequence; images are numbered in (row,
-        position) order, as the model fills placeholders. Existing padding stays where it is;
+        position) order, as the model fills placeholders (`image_rows` has checked that the
+        rows hold exactly those placeholders). Existing padding stays where it is;
         rows that became shorter get extra padding on `pad_side` (masked out, label -100).
         """
         is_image = input_ids == self.image_token_id
-        per_row = is_image.sum(1).tolist()
-        lengths = [int(m.numel()) for m in keep_masks]
-        check_placeholders(per_row, lengths)
         keep = torch.ones_like(input_ids, dtype=torch.bool)
         if keep_masks:
             keep[is_image] = torch.cat(keep_masks).to(input_ids.device)
@@ -153,10 +152,16 @@ class LlavaNextAdapter:
         return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=kept_features)}}
 
 
-def check_placeholders(per_row: list[int], image_lengths: list[int]) -> None:
-    """Each row's `<image>` placeholders must be exactly the packed lengths of whole images,
-    in order. (The model itself checks only the batch total, which can silently move
-    features between rows.)"""
+    def image_rows(self, input_ids, images: list[EncodedImage]) -> list[int]:
+        """The prompt row of every image. Each row's `<image>` placeholders must be exactly
+        the packed lengths of whole images, in order: the model itself checks only the batch
+        total, which can silently move features between rows."""
+        per_row = (input_ids == self.image_token_id).sum(1).tolist()
+        return assign_rows(per_row, [image.layout.packed_source.numel() for image in images])
+
+
+def assign_rows(per_row: list[int], image_lengths: list[int]) -> list[int]:
+    rows = []
     images = iter(image_lengths)
     for row, count in enumerate(per_row):
         need = 0
@@ -165,6 +170,7 @@ def check_placeholders(per_row: list[int], image_lengths: list[int]) -> None:
             if length is None:
                 break
             need += length
+            rows.append(row)
         if need != count:
             raise ValueError(
                 f"row {row} of input_ids has {count} image placeholder tokens, which does not match its "
@@ -176,3 +182,4 @@ def check_placeholders(per_row: list[int], image_lengths: list[int]) -> None:
         raise ValueError(
             f"more images ({len(image_lengths)}) than <image> placeholders in the prompts; pass one image per <image>"
         )
+    return rows

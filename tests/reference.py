@@ -216,3 +216,128 @@ def compact_batch(model, batch, records, newlines="rows", labels=None):
     if labels is not None:
         out["labels"] = left_pad([r[2] for r in rows], -100)
     return out
+
+
+def cls_logits(model, pixel_values, image_sizes, layer):
+    """Head-mean CLS-query logits before softmax (CLS column dropped) of every partition,
+    computed by hand from the layer's input hidden state: list over images of (P, side**2)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = model.config
+    counts = [
+        image_size_to_num_patches(s, config.image_grid_pinpoints, config.vision_config.image_size)
+        for s in image_sizes.tolist()
+    ]
+    real = torch.cat([pv[:c] for pv, c in zip(pixel_values, counts)])
+    tower = model.model.vision_tower
+    layers = tower.vision_model.encoder.layers if hasattr(tower, "vision_model") else tower.encoder.layers
+    layer = layer % len(layers)
+    with torch.no_grad():
+        hidden = tower(real, output_hidden_states=True).hidden_states[layer]
+        block = layers[layer]
+        normed = block.layer_norm1(hidden)
+        heads = block.self_attn.num_heads
+        q = block.self_attn.q_proj(normed)[:, 0].view(len(real), heads, -1)
+        k = block.self_attn.k_proj(normed).view(len(real), normed.shape[1], heads, -1)
+        logits = (q[:, None] * k).sum(-1) / math.sqrt(q.shape[-1])  # (B, L, heads)
+    return list(logits.mean(-1)[:, 1:].float().split(counts))
+
+
+def bilinear(grid, out_h, out_w):
+    """Resize a square list-of-lists grid, half-pixel centres (align_corners=False)."""
+    n = len(grid)
+
+    def coord(i, out):
+        src = max((i + 0.5) * n / out - 0.5, 0.0)
+        lo = min(int(math.floor(src)), n - 1)
+        return lo, min(lo + 1, n - 1), src - lo
+
+    result = []
+    for y in range(out_h):
+        y0, y1, fy = coord(y, out_h)
+        row = []
+        for x in range(out_w):
+            x0, x1, fx = coord(x, out_w)
+            top = grid[y0][x0] * (1 - fx) + grid[y0][x1] * fx
+            bottom = grid[y1][x0] * (1 - fx) + grid[y1][x1] * fx
+            row.append(top * (1 - fy) + bottom * fy)
+        result.append(row)
+    return result
+
+
+def globalcom2(model, pixel_values, image_sizes, budget, tau=10.0, layer=-1):
+    result = []
+    for (height, width), logits in zip(image_sizes.tolist(), cls_logits(model, pixel_values, image_sizes, layer)):
+        side, n_h, n_w, (y0, y1, x0, x1) = geometry(model, height, width)
+        feats, _ = features(model, height, width)
+        n = len(feats)
+        k = keep_count(budget, n)
+        ratio = k / n
+        capacity = [sum(1 for p, _ in feats if p == q) for q in range(1 + n_h * n_w)]
+        n_base = min(math.floor(ratio * side * side + 1e-9), capacity[0])
+        base = [float(v) for v in logits[0]]
+        sums = [sum(w * b for w, b in zip(weights, base)) for weights in region_weights(model, height, width)]
+        top = max(sums)
+        exps = [math.exp((s - top) / tau) for s in sums]
+        sigma = [e / sum(exps) for e in exps]
+        ratios = [min(1.0, ratio * (1 + s - 1 / len(sigma))) for s in sigma]
+        crops = allocate(k - n_base, [r * c for r, c in zip(ratios, capacity[1:])], capacity[1:])
+        counts = [k - sum(crops)] + crops
+        global_map = bilinear([base[r * side : (r + 1) * side] for r in range(side)], y1 - y0, x1 - x0)
+        local, global_ = [], []
+        for index, (p, j) in enumerate(feats):
+            local.append(float(logits[p, j]))
+            if p == 0:
+                global_.append(0.0)
+            else:
+                i = index - side * side
+                global_.append(global_map[i // (x1 - x0)][i % (x1 - x0)])
+        scores = []
+        for index, (p, _) in enumerate(feats):
+            if p == 0:
+                scores.append(local[index])
+                continue
+            members = [i for i, (q, _) in enumerate(feats) if q == p]
+            local_norm = math.sqrt(sum(local[i] ** 2 for i in members))
+            global_norm = math.sqrt(sum(global_[i] ** 2 for i in members))
+            scores.append(local[index] / local_norm + global_[index] / global_norm)
+        result.append(top_per_partition(scores, [p for p, _ in feats], counts))
+    return result
+
+
+def text_scores(model, processor, features_of_image, question):
+    """s_i = sum_j cos(v_i, x_j) over the question's token embeddings."""
+    tokenizer = processor.tokenizer
+    ids = [i for i in tokenizer(question, add_special_tokens=False).input_ids if i not in tokenizer.all_special_ids]
+    table = model.get_input_embeddings().weight.detach().float()
+    scores = []
+    for v in features_of_image.float():
+        scores.append(sum(float(torch.dot(v, table[i]) / (v.norm() * table[i].norm())) for i in ids))
+    return scores
+
+
+def text_select(model, processor, batch, questions, budget=None, threshold=None, scope="crops"):
+    with torch.no_grad():
+        packed = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+    result = []
+    for (height, width), features_, question in zip(batch["image_sizes"].tolist(), packed, questions):
+        feats, layout = features(model, height, width)
+        vectors = torch.stack([features_[pos] for pos, (kind, _) in enumerate(layout) if kind == "f"])
+        scores = text_scores(model, processor, vectors, question)
+        candidates = [i for i, (p, _) in enumerate(feats) if p > 0 or scope == "all"]
+        ranked = sorted(candidates, key=lambda i: (-scores[i], i))
+        if threshold is None:
+            count = keep_count(budget, len(candidates))
+        else:
+            top = max(scores[i] for i in candidates)
+            weights = [math.exp(scores[i] - top) for i in ranked]
+            total, mass, count = sum(weights), 0.0, 0
+            for w in weights:
+                mass += w / total
+                if mass > threshold:
+                    break
+                count += 1
+            count = min(len(candidates), count + 1)
+        always = [i for i, (p, _) in enumerate(feats) if p == 0 and scope == "crops"]
+        result.append(sorted(always + ranked[:count]))
+    return result

@@ -5,7 +5,8 @@ import torch
 
 import reference
 import tokendrop
-from conftest import QUESTIONS, SIZES, greedy, prompt
+from conftest import QUESTIONS, greedy, prompt
+from tokendrop.method import with_processor
 from tokendrop.method import METHODS
 
 ALL = METHODS.names()
@@ -13,12 +14,12 @@ ALL = METHODS.names()
 
 @pytest.mark.parametrize("method", ALL)
 def test_full_budget_is_identical(tiny, batch, method):
-    model, _ = tiny
+    model, processor = tiny
     expected = greedy(model, batch)
     with torch.no_grad():
         expected_logits = model(**batch).logits
     for budget in (1.0, 10**6):  # an int budget above every image's token count is full too
-        with tokendrop.patched(model, method, budget=budget) as handle:
+        with tokendrop.patched(model, method, budget=budget, **with_processor(method, processor, {})) as handle:
             assert torch.equal(greedy(model, batch), expected)
             assert [r.n_kept for r in handle.last] == [r.n_before for r in handle.last]
             with torch.no_grad():
@@ -59,14 +60,16 @@ def test_repatch_replaces_and_context_manager_restores(tiny, batch):
 @pytest.mark.parametrize("method", ALL)
 @pytest.mark.parametrize("budget", [0.5, 0.1, 17])
 def test_exact_counts_and_records(tiny, batch, method, budget):
-    model, _ = tiny
-    handle = tokendrop.patch(model, method, budget=budget)
+    model, processor = tiny
+    handle = tokendrop.patch(model, method, budget=budget, **with_processor(method, processor, {}))
     out = greedy(model, batch, n=2)
     assert len(handle.last) == 3
     for (height, width), record in zip(batch["image_sizes"].tolist(), handle.last):
         feats, packed = reference.features(model, height, width)
         assert record.n_before == len(feats)
-        assert record.n_kept == reference.keep_count(budget, len(feats)) == len(record.indices)
+        # the text router's default scope keeps the base view whole and budgets the crops
+        whole = sum(1 for p, _ in feats if p == 0) if getattr(handle.method, "scope", "all") == "crops" else 0
+        assert record.n_kept == whole + reference.keep_count(budget, len(feats) - whole) == len(record.indices)
         assert record.indices == sorted(set(record.indices)) and 0 <= record.indices[0] and record.indices[-1] < len(feats)
         assert record.partitions == [sum(1 for i in record.indices if feats[i][0] == p) for p in range(len(record.partitions))]
         mask = reference.keep_mask(model, height, width, record.indices, "rows")
@@ -78,8 +81,8 @@ def test_exact_counts_and_records(tiny, batch, method, budget):
 @pytest.mark.parametrize("method", ALL)
 @pytest.mark.parametrize("budget", [0.3, 0.05])
 def test_batched_equals_one_by_one(tiny, batch, singles, method, budget):
-    model, _ = tiny
-    handle = tokendrop.patch(model, method, budget=budget)
+    model, processor = tiny
+    handle = tokendrop.patch(model, method, budget=budget, **with_processor(method, processor, {}))
     together = greedy(model, batch)
     records = handle.last
     for row, single in enumerate(singles):

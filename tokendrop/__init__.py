@@ -8,6 +8,7 @@
 
 from .method import describe as methods
 from .patch import Handle, ImageRecord, patch, patched, unpatch
+from .show import show
 
 __version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "patched", "methods", "Handle", "ImageRecord", "__version__"]
+__all__ = ["patch", "unpatch", "patched", "methods", "show", "Handle", "ImageRecord", "__version__"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Callable
 
 import torch
 
@@ -127,6 +128,9 @@ class EncodedImage:
     packed: torch.Tensor  # (L, D) the projected features the LLM would see, newlines included
     cls: dict[int, torch.Tensor]  # absolute layer -> (P, side**2) fp32 CPU CLS scores
     n_layers: int  # vision layers, to resolve negative layer indices
+    embed: Callable[[torch.Tensor], torch.Tensor]  # token ids -> the LLM's input embeddings
+    prompt_ids: torch.Tensor | None = None  # the image's prompt row, padding removed
+    question: str | None = None  # the caller's explicit question for that row, if given
 
     def cls_scores(self, layer: int) -> torch.Tensor:
         return self.cls[layer % self.n_layers]

@@ -67,7 +67,7 @@ class Handle:
 
     # --- the one pruning step ---------------------------------------------------------
 
-    def prune(self, input_ids, attention_mask, labels, pixel_values, image_sizes, pad_side, vision_kwargs):
+    def prune(self, input_ids, attention_mask, labels, pixel_values, image_sizes, pad_side, vision_kwargs, questions):
         """Select tokens for every image of the batch and shorten the prompts to match.
         Returns the compacted prompt tensors and the kwargs that feed the kept features."""
         if input_ids is None:
@@ -75,7 +75,14 @@ class Handle:
                 "a patched model needs input_ids with its pixel_values (it removes the placeholders of "
                 "dropped tokens); inputs_embeds cannot be shortened"
             )
+        if questions is not None and (isinstance(questions, str) or len(questions) != input_ids.shape[0]):
+            raise ValueError(
+                f"questions= takes one question string per prompt row ({input_ids.shape[0]} rows), got {questions!r}"
+            )
         images = self.adapter.encode(pixel_values, image_sizes, self.method.signals(), **vision_kwargs)
+        for image, row in zip(images, self.adapter.image_rows(input_ids, images)):
+            image.prompt_ids = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row] == 1]
+            image.question = None if questions is None else questions[row]
         kept_features, keep_masks, records = [], [], []
         for image in images:
             kept = self.method.select(image)
@@ -111,6 +118,7 @@ class Handle:
         def patched_generate(inputs=None, *args, **kwargs):
             input_ids = kwargs.pop("input_ids", inputs)
             pixel_values = kwargs.pop("pixel_values", None)
+            questions = kwargs.pop("questions", None)
             if pixel_values is None:
                 self.last = []
                 return generate(input_ids, *args, **kwargs)
@@ -118,7 +126,7 @@ class Handle:
             with torch.no_grad():  # as stock generate: no autograd graph for the vision pass
                 compact, feed = self.prune(
                     input_ids, attention_mask, None, pixel_values, kwargs.pop("image_sizes"),
-                    padding_side(attention_mask, default="left"), _vision_kwargs(kwargs),
+                    padding_side(attention_mask, default="left"), _vision_kwargs(kwargs), questions,
                 )
             output = generate(compact["input_ids"], *args, attention_mask=compact["attention_mask"], **feed, **kwargs)
             return _with_original_prompt(output, input_ids, compact["input_ids"].shape[1])
@@ -127,6 +135,7 @@ class Handle:
 
         @functools.wraps(forward)
         def patched_forward(*args, **kwargs):
+            questions = kwargs.pop("questions", None)
             call = signature.bind_partial(*args, **kwargs).arguments
             call.update(call.pop("kwargs", {}))
             if call.get("pixel_values") is None:
@@ -140,7 +149,7 @@ class Handle:
             input_ids, attention_mask, labels = (call.pop(k, None) for k in ("input_ids", "attention_mask", "labels"))
             compact, feed = self.prune(
                 input_ids, attention_mask, labels, pixel_values, image_sizes,
-                padding_side(attention_mask, default="right"), _vision_kwargs(call),
+                padding_side(attention_mask, default="right"), _vision_kwargs(call), questions,
             )
             return forward(**compact, **feed, **call)
 

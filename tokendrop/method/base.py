@@ -51,7 +51,7 @@ class Method:
 
 def build(name: str, **options) -> Method:
     cls = METHODS.get(name)
-    fields = [f.name for f in dataclasses.fields(cls)]
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in options:
         if key not in fields:
             raise ValueError(
@@ -62,7 +62,7 @@ def build(name: str, **options) -> Method:
 
 def describe() -> dict[str, dict[str, object]]:
     """Every registered method with its options and their defaults."""
-    return {name: {f.name: f.default for f in dataclasses.fields(cls)} for name, cls in METHODS.items()}
+    return {name: {f.name: f.default for f in dataclasses.fields(cls) if f.init} for name, cls in METHODS.items()}
 
 
 def check_choice(option: str, value, choices) -> None:
@@ -88,3 +88,10 @@ def check_layer(option: str, layer, n_layers: int) -> int:
     if not -n_layers <= layer < n_layers:
         raise ValueError(f"{option}={layer} is out of range: the vision tower has {n_layers} layers")
     return layer
+
+
+def with_processor(name: str, processor, options: dict) -> dict:
+    """`options` plus `processor=` when method `name` reads the prompt (the text router), so
+    tools that hold a processor can run every method alike."""
+    takes_processor = any(f.name == "processor" for f in dataclasses.fields(METHODS.get(name)))
+    return {"processor": processor} | options if takes_processor else options

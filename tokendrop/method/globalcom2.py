@@ -1,0 +1,72 @@
+"""GlobalCom2 (Liu et al., AAAI-26): the thumbnail directs per-crop retention.
+
+Scores are the last CLIP layer's CLS-query logits before softmax (head mean): softmax
+probabilities would make the crop shares below near-uniform. With R the kept fraction:
+- the base keeps its top floor(R * 576) tokens by its own scores;
+- crop j's share: s_j = base scores summed over its region, sigma = softmax((s - max s) / tau),
+  r_j = min(1, R * (1 + sigma_j - 1/n)), the rest of the budget split over crops in
+  proportion to r_j * N_j (N_j its unpadded tokens), exactly;
+- inside crop j: its own logits and the base score map bilinearly resized to the unpadded
+  canvas, each L2-normalised over the crop's tokens, added; top tokens by that sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import EncodedImage
+from ..selection import allocate, floor_fraction, keep_count, top_k_per_partition
+from .base import Method, check_layer, check_real, register
+
+
+@register("globalcom2")
+@dataclass
+class GlobalCom2(Method):
+    tau: float = 10.0  # temperature of the crop-share softmax
+    score_layer: int = -1  # CLS logits of this vision layer score every token
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.tau = check_real("tau", self.tau, 1e-6, float("inf"))
+
+    def resolve(self, adapter) -> "GlobalCom2":
+        return replace(self, score_layer=check_layer("score_layer", self.score_layer, adapter.n_vision_layers))
+
+    def signals(self) -> dict[int, str]:
+        return {self.score_layer: "logits"}
+
+    def select(self, image: EncodedImage) -> torch.Tensor:
+        layout = image.layout
+        logits = image.cls_scores(self.score_layer)
+        n = layout.n_features
+        k = keep_count(self.budget, n)
+        ratio = k / n
+        n_base = min(floor_fraction(ratio, layout.tile), int(layout.capacity[0]))
+        region_sums = layout.region_weights @ logits[0]
+        sigma = torch.softmax((region_sums - region_sums.max()) / self.tau, dim=0)
+        crop_ratio = (ratio * (1 + sigma - 1 / sigma.numel())).clamp(max=1.0)
+        crops = allocate(k - n_base, crop_ratio * layout.capacity[1:], layout.capacity[1:])
+        counts = torch.cat([torch.tensor([k - int(crops.sum())]), crops])
+        return top_k_per_partition(self.token_scores(layout, logits), layout.partition, counts)
+
+    @staticmethod
+    def token_scores(layout, logits: torch.Tensor) -> torch.Tensor:
+        """(N,) base tokens: their own logits; crop tokens: local + global, each L2-normalised
+        over the crop's unpadded tokens."""
+        y0, y1, x0, x1 = layout.valid_box
+        base_map = logits[0].view(1, 1, layout.side, layout.side)
+        global_map = F.interpolate(base_map, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0, 0]
+        y, x = layout.canvas_yx
+        in_crop = layout.partition > 0
+        local = layout.per_feature(logits)
+        global_ = torch.zeros_like(local)
+        global_[in_crop] = global_map[y[in_crop] - y0, x[in_crop] - x0]
+
+        def l2_normalised(scores):
+            norms = torch.bincount(layout.partition, weights=scores.double() ** 2).sqrt().float()
+            return scores / norms[layout.partition].clamp(min=1e-12)
+
+        return torch.where(in_crop, l2_normalised(local) + l2_normalised(global_), local)

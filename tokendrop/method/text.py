@@ -1,0 +1,127 @@
+"""Text-guided selection, SliME's training-free router (Zhang et al. 2024).
+
+Each visual token after the projector (in the LLM's embedding space) scores
+s_i = sum_j cos(v_i, x_j) over the LLM input embeddings x_j of the question's tokens. Then
+either the top `budget` tokens, or (`threshold=gamma`) the adaptive SliME rule: p = softmax(s),
+keep tokens in descending order while the cumulative p <= gamma, plus one.
+
+Scope: "crops" (SliME's setting) scores and prunes the crop tokens only and keeps the base view
+whole, so `budget` is a fraction (or count) of the crop tokens; "all" prunes every token, on the
+same axis as the other methods.
+
+Question tokens of a prompt row, exactly: the text after the row's last `<image>`, decoded
+without special tokens, with the chat template's own text around a user question removed
+(learned by rendering `processor`'s chat template around a marker), then re-tokenised and
+stripped of special tokens. Where that rule cannot tell, pass the question text explicitly:
+`model.generate(**inputs, questions=["...", ...])`, one per prompt row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import EncodedImage
+from ..selection import keep_count
+from .base import Method, check_choice, check_real, register
+
+MARKER = "\u2063QUESTION\u2063"
+
+
+@register("text")
+@dataclass
+class Text(Method):
+    threshold: float | None = None  # adaptive mode: cumulative softmax mass to keep
+    scope: str = "crops"  # "crops": base view kept whole; "all": every token scored
+    processor: object = field(default=None, repr=False)  # the model's processor (or tokenizer)
+    # read from the processor once, at patch time
+    affixes: tuple[str, str] = field(init=False, repr=False, default=("", ""))
+    image_token_id: int = field(init=False, repr=False, default=-1)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("scope", self.scope, ("crops", "all"))
+        if self.threshold is not None:
+            self.threshold = check_real("threshold", self.threshold, 1e-9, 1.0)
+            if self.budget != 1.0:
+                raise ValueError("text takes budget= (top-k) or threshold= (adaptive), not both")
+        if self.processor is None:
+            raise ValueError(
+                "text needs processor= (the model's processor or tokenizer) to find and embed the "
+                "question: tokendrop.patch(model, 'text', budget=0.3, processor=processor)"
+            )
+        self.affixes = template_affixes(self.processor)
+        self.image_token_id = image_token_id(self.processor)
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def select(self, image: EncodedImage) -> torch.Tensor:
+        layout = image.layout
+        scores = self.scores(image)
+        in_scope = layout.partition > 0 if self.scope == "crops" else torch.ones_like(layout.partition, dtype=torch.bool)
+        candidates = torch.nonzero(in_scope).flatten()
+        ranked = candidates[torch.sort(-scores[candidates], stable=True).indices]
+        if self.threshold is None:
+            count = keep_count(self.budget, candidates.numel())
+        elif self.threshold >= 1.0:
+            count = candidates.numel()
+        else:
+            mass = torch.cumsum(torch.softmax(scores[ranked].double(), 0), 0)
+            count = min(candidates.numel(), int((mass <= self.threshold).sum()) + 1)
+        return torch.sort(torch.cat([torch.nonzero(~in_scope).flatten(), ranked[:count]])).values
+
+    def scores(self, image: EncodedImage) -> torch.Tensor:
+        """(N,) summed cosine similarity of each feature token to the question tokens."""
+        ids = self.question_ids(image)
+        weight = image.embed.weight
+        question = F.normalize(image.embed(ids.to(weight.device)).float(), dim=-1)
+        visual = F.normalize(image.features.float().to(weight.device), dim=-1)
+        return (visual @ question.T).sum(-1).cpu()
+
+    def question_ids(self, image: EncodedImage) -> torch.Tensor:
+        tokenizer = self.tokenizer
+        text = image.question
+        if text is None:
+            ids = image.prompt_ids
+            after_image = ids[int(torch.nonzero(ids == self.image_token_id).max()) + 1 :]
+            text = strip_template(tokenizer.decode(after_image, skip_special_tokens=True), self.affixes)
+        special = set(tokenizer.all_special_ids)
+        ids = [i for i in tokenizer(text, add_special_tokens=False).input_ids if i not in special]
+        if not ids:
+            raise ValueError(
+                f"text found no question tokens in the prompt (text after the last image: {text!r}); "
+                "pass questions=[...] to generate/forward, one per prompt row"
+            )
+        return torch.tensor(ids)
+
+
+def image_token_id(processor) -> int:
+    tokenizer = getattr(processor, "tokenizer", processor)
+    token = getattr(processor, "image_token", None) or getattr(tokenizer, "image_token", None) or "<image>"
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+def template_affixes(processor) -> tuple[str, str]:
+    """The chat template's text between an image and the user's question, and after the
+    question up to the generation prompt; ("", "") without a template."""
+    if getattr(processor, "chat_template", None) is None:
+        return "", ""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": MARKER}]}]
+    rendered = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    image_token = getattr(processor, "image_token", "<image>")
+    before, after = rendered.split(image_token)[-1].split(MARKER)
+    return before.strip(), after.strip()
+
+
+def strip_template(text: str, affixes: tuple[str, str]) -> str:
+    before, after = affixes
+    text = text.strip()
+    if before and text.startswith(before):
+        text = text[len(before) :].strip()
+    if after and text.endswith(after):
+        text = text[: -len(after)].strip()
+    return text

@@ -1,0 +1,73 @@
+"""See what a method keeps: the image with kept patches bright and dropped ones dimmed, one
+panel for the base view and one for the crop canvas, built on `handle.last`."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .adapters import adapter_for
+from .method import with_processor
+from .patch import patched
+
+DIM = 0.25  # brightness of dropped patches
+
+
+def show(model, processor, image, method: str, budget: float | int = 1.0, question: str = "Describe the image.",
+         out=None, **options):
+    """Patch `model` with `method` for one request on `image`, and draw what it kept.
+    Returns the matplotlib figure (and saves it to `out` if given)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image = image.convert("RGB")
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(images=[image], text=[text], return_tensors="pt").to(model.device)
+    with patched(model, method, budget=budget, **with_processor(method, processor, options)) as handle, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    record = handle.last[0]
+    layout = adapter_for(model).layout(inputs["image_sizes"][0].tolist())
+    base, canvas = kept_grids(layout, record.indices)
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    for ax, grid, name in ((axes[0], base, "base view"), (axes[1], canvas, "crop canvas")):
+        ax.imshow(dimmed(image, grid))
+        kept = int(grid.sum())
+        ax.set_title(f"{name}: {kept}/{grid.size} patches kept ({grid.shape[0]}x{grid.shape[1]} grid)")
+        ax.axis("off")
+    figure.suptitle(
+        f"{method}, budget {budget}: {record.n_kept}/{record.n_before} visual tokens kept, "
+        f"{record.n_newlines} newlines; per partition {record.partitions}"
+    )
+    figure.tight_layout()
+    if out is not None:
+        figure.savefig(out, dpi=100)
+    return figure
+
+
+def kept_grids(layout, indices) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean grids of kept patches: the base tile and the unpadded crop canvas."""
+    kept = torch.zeros(layout.n_features, dtype=torch.bool)
+    kept[torch.as_tensor(indices, dtype=torch.long)] = True
+    in_base = layout.partition == 0
+    base = np.zeros((layout.side, layout.side), dtype=bool)
+    base.flat[layout.local[in_base & kept].numpy()] = True
+    y0, y1, x0, x1 = layout.valid_box
+    canvas = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    y, x = layout.canvas_yx
+    crop_kept = ~in_base & kept
+    canvas[(y[crop_kept] - y0).numpy(), (x[crop_kept] - x0).numpy()] = True
+    return base, canvas
+
+
+def dimmed(image, grid: np.ndarray) -> np.ndarray:
+    """The image with the cells of `grid` that are False dimmed; both views show the whole
+    image (the base squashed, the canvas unpadded), so the grid spans the image."""
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    rows = (np.arange(pixels.shape[0]) * grid.shape[0] // pixels.shape[0])
+    cols = (np.arange(pixels.shape[1]) * grid.shape[1] // pixels.shape[1])
+    brightness = np.where(grid[rows][:, cols], 1.0, DIM)
+    return pixels * brightness[..., None]
