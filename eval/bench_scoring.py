@@ -1,0 +1,225 @@
+"""What tokendrop's CLS-score hooks cost on the vision pass, next to the alternative.
+
+    python -m tokendrop.eval.bench_scoring [--preset llava-next-shape] [--repeats 3] [--out bench_scoring.json]
+
+For one synthetic 672x672 image (base + 4 crops = 5 tiles) three variants of the vision pass
+(`get_image_features`: tower, projector, packing) are timed and metered:
+
+    plain             the model's own pass, as in an unpatched model
+    hooks             the same inside `capture_cls_scores`, for the layers HiRED scores
+    eager_attentions  eager attention with `output_attentions=True`, the usual way to get
+                      CLS attention: it materialises every layer's L x L maps
+
+Target: the hooks add <= 3% time and <= 100 MB peak memory to the plain pass. The variants
+are interleaved (in a rotating order) after a warm-up so that drift of the machine hits all
+alike; medians are reported with min and max. One more pass checks that the hooks' scores
+equal eager attention's CLS row (summed over heads) at those layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import transformers
+
+import tokendrop
+from tokendrop.adapters import adapter_for
+from tokendrop.cli import positive_int, torch_device
+from tokendrop.method import build as build_method
+from tokendrop.presets import PRESETS, build_preset, synthetic_image
+from tokendrop.profiling import device_name, peak_memory, synchronize
+from tokendrop.scoring import capture_cls_scores
+
+IMAGE_SIZE = (672, 672)
+TARGET = {"time_ratio": 1.03, "extra_memory_bytes": 100 * 2**20}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def hired_layers(model) -> tuple[dict[int, torch.nn.Module], dict[int, str]]:
+    """The attention modules and signal kinds HiRED asks the vision pass for, by layer."""
+    adapter = adapter_for(model)
+    signals = build_method("hired").resolve(adapter).signals()
+    kinds = {layer % adapter.n_vision_layers: kind for layer, kind in signals.items()}
+    return {layer: adapter.vision_layers[layer].self_attn for layer in kinds}, kinds
+
+
+@contextmanager
+def eager_vision(model):
+    """Switch the vision tower to eager attention (the only one that returns maps) for a block."""
+    tower = model.model.vision_tower
+    previous = tower.config._attn_implementation
+    tower.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        tower.set_attn_implementation(previous)
+
+
+def variants(model, pixel_values, image_sizes, attention, kinds) -> dict:
+    vlm = model.model
+
+    def plain():
+        return vlm.get_image_features(pixel_values, image_sizes)
+
+    def hooks():
+        with capture_cls_scores(attention, kinds):
+            return vlm.get_image_features(pixel_values, image_sizes)
+
+    def eager_attentions():
+        with eager_vision(model):
+            return vlm.get_image_features(pixel_values, image_sizes, output_attentions=True)
+
+    return {"plain": plain, "hooks": hooks, "eager_attentions": eager_attentions}
+
+
+def measure(run, device) -> dict:
+    with peak_memory(device) as memory:
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    return {"time_s": seconds, "peak_memory_bytes": memory.peak_bytes, "added_memory_bytes": memory.added_bytes,
+            "memory_kind": memory.kind}
+
+
+def score_differences(model, pixel_values, image_sizes, attention, kinds) -> dict[int, float]:
+    """Max |hook score - eager probability| per layer, from one pass that yields both."""
+    with capture_cls_scores(attention, kinds) as captured, eager_vision(model):
+        maps = model.model.get_image_features(pixel_values, image_sizes, output_attentions=True).attentions
+    differences = {}
+    for layer, kind in kinds.items():
+        if kind != "probs":
+            raise ValueError(f"only 'probs' scores have an eager counterpart; layer {layer} asks for {kind!r}")
+        eager = maps[layer][:, :, 0, 1:].float().sum(1)  # CLS row, non-CLS keys, summed over heads
+        differences[layer] = float((captured[layer][0] - eager).abs().max())
+    return differences
+
+
+def interleaved(runs: dict, repeats: int, device) -> dict[str, list[dict]]:
+    """Every repeat runs each variant once, starting one variant later each time, so that
+    drift of the machine (other processes, heat) hits all variants alike."""
+    names = list(runs)
+    samples = {name: [] for name in names}
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(measure(runs[name], device))
+    return samples
+
+
+def summarise(samples: list[float]) -> dict:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
+
+
+def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
+    load_before = os.getloadavg()[0]  # other processes' load skews CPU timings: keep it on record
+    model, processor = build_preset(preset, dtype=dtype)
+    model.to(device)
+    pixels = processor.image_processor(synthetic_image(*IMAGE_SIZE), return_tensors="pt")
+    pixel_values, image_sizes = pixels["pixel_values"].to(device, dtype), pixels["image_sizes"].to(device)
+    attention, kinds = hired_layers(model)
+    runs = variants(model, pixel_values, image_sizes, attention, kinds)
+    with torch.inference_mode():
+        differences = score_differences(model, pixel_values, image_sizes, attention, kinds)
+        for run in runs.values():
+            run()  # warm-up
+        samples = interleaved(runs, repeats, device)
+    stats = {
+        name: {key: summarise([s[key] for s in runs_of]) for key in ("time_s", "peak_memory_bytes", "added_memory_bytes")}
+        for name, runs_of in samples.items()
+    }
+    return {
+        "benchmark": "scoring_overhead",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "preset": preset,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "device_name": device_name(device),
+        "attn_implementation": model.model.vision_tower.config._attn_implementation,
+        "versions": {"tokendrop": tokendrop.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "image_size": list(IMAGE_SIZE),
+        "tiles": int(pixel_values.shape[1]),
+        "hired_layers": kinds,
+        "repeats": repeats,
+        "load_average_1m": [load_before, os.getloadavg()[0]],
+        "memory_kind": samples["plain"][0]["memory_kind"],
+        "variants": stats,
+        "ratios": {f"{name}/plain": ratios(stats[name], stats["plain"]) for name in ("hooks", "eager_attentions")},
+        "hooks_extra_memory_bytes": stats["hooks"]["added_memory_bytes"]["median"]
+        - stats["plain"]["added_memory_bytes"]["median"],
+        "score_max_abs_diff": differences,
+        "target": TARGET,
+    }
+
+
+def ratios(variant: dict, plain: dict) -> dict:
+    """Medians over the plain pass's medians; also the fastest over the fastest, the figure
+    least moved by other processes on a shared CPU."""
+    return {
+        "time_s": variant["time_s"]["median"] / plain["time_s"]["median"],
+        "time_s_min": variant["time_s"]["min"] / plain["time_s"]["min"],
+        "peak_memory_bytes": variant["peak_memory_bytes"]["median"] / plain["peak_memory_bytes"]["median"],
+    }
+
+
+def meets_target(result: dict) -> bool:
+    return (result["ratios"]["hooks/plain"]["time_s"] <= TARGET["time_ratio"]
+            and result["hooks_extra_memory_bytes"] <= TARGET["extra_memory_bytes"])
+
+
+def report(result: dict) -> str:
+    mb = 2**20
+    lines = [
+        f"{result['preset']} ({result['dtype']}, {result['device_name']}), one {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} "
+        f"image = {result['tiles']} tiles, HiRED layers {sorted(result['hired_layers'])}, "
+        f"{result['repeats']} repeats, memory: {result['memory_kind']}, "
+        "load average {:.2f} before, {:.2f} after".format(*result["load_average_1m"]),
+        f"{'variant':>17}  {'time s (min-max)':>24}  {'peak MB':>8}  {'added MB':>8}",
+    ]
+    for name, stats in result["variants"].items():
+        time_s, peak, added = stats["time_s"], stats["peak_memory_bytes"], stats["added_memory_bytes"]
+        lines.append(
+            f"{name:>17}  {time_s['median']:8.3f} ({time_s['min']:.3f}-{time_s['max']:.3f})  "
+            f"{peak['median'] / mb:8.0f}  {added['median'] / mb:8.0f}"
+        )
+    for name, ratio in result["ratios"].items():
+        lines.append(
+            f"{name}: time x{ratio['time_s']:.3f} (fastest runs x{ratio['time_s_min']:.3f}), "
+            f"peak memory x{ratio['peak_memory_bytes']:.3f}"
+        )
+    diffs = ", ".join(f"layer {layer}: {diff:.1e}" for layer, diff in result["score_max_abs_diff"].items())
+    lines += [
+        f"hooks add {result['hooks_extra_memory_bytes'] / mb:.1f} MB over the plain pass",
+        f"hook scores vs eager attention, max abs diff: {diffs}",
+        f"target (hooks <= x{TARGET['time_ratio']} time, <= {TARGET['extra_memory_bytes'] // mb} MB): "
+        + ("met" if meets_target(result) else "NOT met"),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tokendrop.eval.bench_scoring", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=PRESETS.names(), default="llava-next-shape")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench_scoring.json"))
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    args = parser.parse_args(argv)
+    result = benchmark(args.preset, args.repeats, args.device, DTYPES[args.dtype])
+    print(report(result))
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""`python -m tokendrop ...` runs the `tokendrop` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
