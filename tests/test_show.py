@@ -8,7 +8,7 @@ import tokendrop
 from tokendrop.adapters import adapter_for
 from tokendrop.method import METHODS, with_processor
 from tokendrop.presets import synthetic_image
-from tokendrop.show import DIM, dimmed, kept_grids, show
+from tokendrop.visualize import DIM, dimmed, kept_grids, show
 
 
 @pytest.mark.parametrize("method", METHODS.names())

@@ -6,9 +6,11 @@
     tokendrop.unpatch(model)
 """
 
+__version__ = "0.1.0"  # before the imports: modules below record it in their outputs
+
 from .method import describe as methods
 from .patch import Handle, ImageRecord, patch, patched, unpatch
-from .show import show
+from .profile_grid import profile
+from .visualize import show
 
-__version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "patched", "methods", "show", "Handle", "ImageRecord", "__version__"]
+__all__ = ["patch", "unpatch", "patched", "methods", "profile", "show", "Handle", "ImageRecord", "__version__"]

@@ -1,44 +1,18 @@
-"""The `tokendrop` command. Each subcommand is one function registered with `@command`,
-which names its arguments; `main` builds the argparse parser from the registry."""
+"""The `tokendrop` command. Each subcommand is one `add_*` function that declares its
+arguments and sets `run` to the function that carries it out."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Callable, NamedTuple
+import ast
+from pathlib import Path
 
-import torch
-import transformers
+from PIL import Image
 
-from . import __version__, patch, unpatch
+from .loading import DTYPES, load_model, load_processor
 from .method import METHODS
-from .presets import PRESETS, build_preset, synthetic_image
-from .profiling import device_name, measure_generate
-from .registry import Registry
+from .presets import PRESETS, synthetic_image
 from .selection import check_budget
-
-
-class Command(NamedTuple):
-    summary: str
-    arguments: list[tuple]  # (flags, options) pairs for `add_argument`
-    run: Callable[[argparse.Namespace], None]
-
-
-COMMANDS: Registry[Command] = Registry("command")
-PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
-
-
-def arg(*flags, **options) -> tuple:
-    """One `add_argument` call, written where the command is declared."""
-    return flags, options
-
-
-def command(name: str, summary: str, arguments: list[tuple]):
-    def add(run):
-        COMMANDS.register(name)(Command(summary, arguments, run))
-        return run
-
-    return add
-
 
 # --- argument types: a ValueError/TypeError becomes argparse's usage error --------------
 
@@ -58,6 +32,34 @@ def positive_int(text: str) -> int:
     return value
 
 
+def key_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not (sep and name and value):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def method_option(text: str) -> tuple[str, str, object]:
+    """METHOD.OPTION=VALUE; VALUE is a Python literal (0.5, -2, True) or else a string."""
+    target, value = key_value(text)
+    method, dot, option = target.partition(".")
+    if not (dot and method and option):
+        raise argparse.ArgumentTypeError(f"expected METHOD.OPTION=VALUE (e.g. hired.alpha=0.3), got {text!r}")
+    try:
+        value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass  # a bare word such as `drop` is a string
+    return method, option, value
+
+
+def grouped(options: list[tuple[str, str, object]]) -> dict[str, dict]:
+    """[(method, option, value)] -> {method: {option: value}}."""
+    result: dict[str, dict] = {}
+    for method, option, value in options:
+        result.setdefault(method, {})[option] = value
+    return result
+
+
 def image_size(text: str) -> tuple[int, int]:
     """'WIDTHxHEIGHT' -> (width, height)."""
     width, sep, height = text.lower().partition("x")
@@ -66,101 +68,134 @@ def image_size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def torch_device(text: str) -> torch.device:
+def image_file(text: str) -> Image.Image:
     try:
-        return torch.device(text)
-    except RuntimeError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+        return Image.open(text).convert("RGB")
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read image {text!r}: {error}") from None
 
 
-# --- demo -----------------------------------------------------------------------------
+def add_model_arguments(parser, default=None) -> None:
+    parser.add_argument("--model", default=default, required=default is None,
+                        help=f"a Hugging Face id or local path of a LLaVA-NeXT checkpoint, or a preset "
+                             f"({', '.join(PRESETS.names())})")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="auto")
+    parser.add_argument("--device-map", help="passed to from_pretrained: auto, cpu, cuda:0 (default: auto with a GPU)")
+    parser.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"])
+    quantize = parser.add_mutually_exclusive_group()
+    quantize.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 weights")
+    quantize.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes LLM.int8 weights")
 
 
-@command(
-    "demo",
-    summary="patch a random-weight preset model at several budgets and time one generate per budget",
-    arguments=[
-        arg("--preset", choices=PRESETS.names(), default="llava-next-shape"),
-        arg("--budgets", type=budget, nargs="+", default=[1.0, 0.4, 0.2, 0.1],
-            help="fractions in (0, 1], or token counts per image (integers without a dot)"),
-        arg("--method", choices=METHODS.names(), default="hired"),
-        arg("--max-new-tokens", type=positive_int, default=8),
-        arg("--image-size", type=image_size, default=(672, 672), metavar="WxH"),
-        arg("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu"),
-    ],
-)
-def demo(args) -> None:
-    print(
-        f"Preset {args.preset!r} has random weights: the generated text is meaningless. "
-        "Only shapes, token counts, timings and memory are real.\n"
-        f"tokendrop {__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"{device_name(args.device)}, {args.max_new_tokens} new tokens per run",
-        flush=True,
-    )
-    model, processor = build_preset(args.preset)
-    model.to(args.device)
-    text = processor.apply_chat_template(PROMPT, add_generation_prompt=True)
-    inputs = processor(images=synthetic_image(*args.image_size), text=text, return_tensors="pt").to(args.device)
-    # every run decodes the same number of tokens, whatever the random weights pick
-    settings = dict(max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, do_sample=False)
-    model.generate(**inputs, **settings)  # warm-up: first-call allocations and kernel selection
-    rows = []
-    try:
-        for value in args.budgets:
-            handle = patch(model, args.method, budget=value)
-            rows.append(demo_row(value, measure_generate(model, inputs, **settings), handle.last))
-    finally:
-        unpatch(model)
+def loaded(args):
+    model = load_model(args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit,
+                       args.attn_implementation)
+    return model, load_processor(args.model)
+
+
+def random_weights_note(model_name: str) -> str:
+    if model_name in PRESETS.names() and model_name != "testbed":
+        return (f"Preset {model_name!r} has random weights: the generated text is meaningless. "
+                "Only shapes, token counts, timings and memory are real.")
+    return ""
+
+
+# --- profile and demo -------------------------------------------------------------------
+
+
+def add_profile(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "profile", help="time and meter methods x budgets x batch sizes: TTFT, decode speed, memory",
+        description="Profile a model over methods x budgets x batch sizes, with the unpatched model as reference.")
+    add_model_arguments(parser)
+    parser.add_argument("--methods", nargs="+", choices=METHODS.names(), default=["hired"])
+    parser.add_argument("--budgets", nargs="+", type=budget, default=[1.0, 0.4, 0.2, 0.1],
+                        help="fractions in (0, 1], or token counts per image (integers without a dot)")
+    parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1])
+    images = parser.add_mutually_exclusive_group()
+    images.add_argument("--images", nargs="+", type=image_file, help="image files, used round-robin per batch")
+    images.add_argument("--image-size", type=image_size, default=(672, 672), metavar="WxH",
+                        help="a synthetic image of this size (default 672x672)")
+    parser.add_argument("--option", dest="options", action="append", type=method_option, default=[],
+                        metavar="METHOD.OPTION=VALUE", help="a method option, e.g. hired.alpha=0.3; repeatable")
+    parser.add_argument("--prompt", default="Describe the image.")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="write profile.json, profile.csv and profile.png here")
+    parser.set_defaults(run=run_profile)
+
+
+def run_profile(args) -> None:
+    from .profile_grid import format_table, profile
+
+    model, processor = loaded(args)
+    print(random_weights_note(args.model), flush=True)
+    images = args.images or [synthetic_image(*args.image_size)]
+    rows = profile(model, processor, args.methods, args.budgets, args.batch_sizes, images, args.prompt,
+                   args.max_new_tokens, args.repeats, args.warmup, args.out, grouped(args.options))
     print(format_table(rows))
+    if args.out:
+        print(f"\nprofile.json, profile.csv and profile.png in {args.out}")
 
 
-def demo_row(value, measured: dict, records) -> dict:
-    return dict(
-        measured,
-        budget=value,
-        visual_kept=sum(r.n_kept + r.n_newlines for r in records),
-        features_kept=sum(r.n_kept for r in records),
-        features_before=sum(r.n_before for r in records),
-    )
+def add_demo(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "demo", help="profile an embedded preset offline: HiRED at several budgets, one image",
+        description="`tokendrop profile` preset: an offline model, one 672x672 image, batch 1, one measured run "
+                    "per budget.")
+    parser.add_argument("--preset", choices=PRESETS.names(), default="llava-next-shape")
+    parser.add_argument("--method", choices=METHODS.names(), default="hired")
+    parser.add_argument("--budgets", nargs="+", type=budget, default=[1.0, 0.4, 0.2, 0.1],
+                        help="fractions in (0, 1], or token counts per image (integers without a dot)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
+    parser.add_argument("--image-size", type=image_size, default=(672, 672), metavar="WxH")
+    parser.set_defaults(run=run_demo)
 
 
-def format_table(rows: list[dict]) -> str:
-    """Rows as a plain text table; speedups against the budget-1.0 row when there is one."""
-    full = next((r for r in rows if type(r["budget"]) is float and r["budget"] == 1.0), None)
+def run_demo(args) -> None:
+    run_profile(argparse.Namespace(
+        model=args.preset, dtype="auto", device_map=None, attn_implementation=None, load_in_4bit=False,
+        load_in_8bit=False, methods=[args.method], budgets=args.budgets, batch_sizes=[1], images=None,
+        image_size=args.image_size, prompt="Describe the image.", max_new_tokens=args.max_new_tokens,
+        repeats=1, warmup=1, out=None, options=[],
+    ))
 
-    def speedup(row, key):
-        return "-" if full is None else f"{full[key] / row[key]:.2f}x"
 
-    header = ("budget", "visual kept", "features kept", "LLM prompt", "TTFT s", "generate s",
-              "decode tok/s", "peak MB", "TTFT speedup", "generate speedup")
-    lines = [header]
-    for r in rows:
-        decode = "-" if r["decode_tok_per_s"] is None else f"{r['decode_tok_per_s']:.2f}"
-        lines.append((
-            str(r["budget"]), str(r["visual_kept"]), f"{r['features_kept']}/{r['features_before']}",
-            str(r["llm_prompt_len"]), f"{r['ttft_s']:.3f}", f"{r['generate_s']:.3f}", decode,
-            f"{r['peak_memory_bytes'] / 2**20:.0f}", speedup(r, "ttft_s"), speedup(r, "generate_s"),
-        ))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    table = "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
-    return (
-        f"{table}\n"
-        "visual kept: feature + newline tokens the LLM sees. TTFT includes the vision pass and scoring. "
-        f"Peak memory: {rows[0]['memory_kind']}."
-    )
+# --- show -------------------------------------------------------------------------------
+
+
+def add_show(subcommands) -> None:
+    parser = subcommands.add_parser(
+        "show", help="draw an image with the patches a method keeps highlighted",
+        description="Draw IMAGE twice, base view and crop canvas, kept patches bright and dropped ones dimmed.")
+    parser.add_argument("image", type=image_file)
+    add_model_arguments(parser)
+    parser.add_argument("--method", choices=METHODS.names(), required=True)
+    parser.add_argument("--budget", type=budget, default=1.0)
+    parser.add_argument("--question", default="Describe the image.")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    parser.set_defaults(run=run_show)
+
+
+def run_show(args) -> None:
+    from .visualize import show
+
+    model, processor = loaded(args)
+    show(model, processor, args.image, args.method, args.budget, args.question, out=args.out)
+    print(f"wrote {args.out}")
 
 
 # --- entry point ----------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.sweep import add_sweep_parser  # evaluation code loads only with the command list
+
     parser = argparse.ArgumentParser(prog="tokendrop", description="Drop visual tokens before the LLM.")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, spec in COMMANDS.items():
-        sub = subcommands.add_parser(name, help=spec.summary, description=spec.summary)
-        for flags, options in spec.arguments:
-            sub.add_argument(*flags, **options)
-        sub.set_defaults(run=spec.run)
+    for add in (add_demo, add_profile, add_show, add_sweep_parser):
+        add(subcommands)
     return parser
 
 
@@ -168,4 +203,3 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.run(args)
     return 0
-

@@ -9,6 +9,7 @@ stamps every generated token.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import platform
 import time
@@ -146,24 +147,68 @@ class StepTimer(StoppingCriteria):
 
 
 @contextmanager
-def llm_prompt_length(model: nn.Module):
-    """Yields a dict whose "length" becomes the sequence length the language model received
-    at prefill (its first call): the prompt after any visual-token dropping, whatever did
-    the dropping."""
-    seen: dict[str, int] = {}
+def stages(model: nn.Module):
+    """Yields a dict that fills in, for one request, the per-stage figures the model's own
+    entry points reveal: `vision_s` (the vision pass: tower, projector, packing, with any
+    scoring hooks), `select_s` (tokendrop's own work around it: selection and compaction; 0
+    when unpatched), `llm_prefill_s`, `llm_prompt_len` and `kv_cache_bytes` (the language
+    model's first call). Wrappers and hooks are removed on exit."""
+    device = model_device(model)
+    seen: dict[str, float] = {"vision_s": 0.0, "select_s": 0.0}
+    vlm, llm = model.model, model.model.language_model
+    handle = model.__dict__.get("_tokendrop_handle")
+    originals = {"vision": vlm.__dict__.get("get_image_features")}
 
-    def record(module, args, kwargs):
-        if "length" not in seen:
+    def timed(function, key):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            synchronize(device)
+            start = time.perf_counter()
+            result = function(*args, **kwargs)
+            synchronize(device)
+            seen[key] = seen.get(key, 0.0) + time.perf_counter() - start
+            return result
+
+        return run
+
+    def before_prefill(module, args, kwargs):
+        if "llm_prompt_len" not in seen:
             tokens = kwargs.get("inputs_embeds")
-            if tokens is None:
-                tokens = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
-            seen["length"] = tokens.shape[1]
+            seen["llm_prompt_len"] = tokens.shape[1]
+            synchronize(device)
+            seen["llm_start"] = time.perf_counter()
 
-    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    def after_prefill(module, args, kwargs, output):
+        if "llm_prefill_s" not in seen:
+            synchronize(device)
+            seen["llm_prefill_s"] = time.perf_counter() - seen.pop("llm_start")
+            seen["kv_cache_bytes"] = cache_bytes(output.past_key_values)
+
+    vlm.get_image_features = timed(vlm.get_image_features, "vision_s")
+    if handle is not None:
+        handle.prune = timed(handle.prune, "prune_s")
+    hooks = [llm.register_forward_pre_hook(before_prefill, with_kwargs=True),
+             llm.register_forward_hook(after_prefill, with_kwargs=True)]
     try:
         yield seen
+        if handle is not None:
+            seen["select_s"] = seen.pop("prune_s", 0.0) - seen["vision_s"]
     finally:
-        handle.remove()
+        for hook in hooks:
+            hook.remove()
+        if originals["vision"] is None:
+            del vlm.get_image_features
+        else:
+            vlm.get_image_features = originals["vision"]
+        if handle is not None:
+            del handle.prune
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by a key/value cache (0 without one, e.g. use_cache=False)."""
+    if cache is None:
+        return 0
+    return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
 
 
 def measure_generate(model: nn.Module, inputs: dict, max_new_tokens: int, **generate_kwargs) -> dict:
@@ -172,7 +217,7 @@ def measure_generate(model: nn.Module, inputs: dict, max_new_tokens: int, **gene
     device = model_device(model)
     timer = StepTimer(device)
     criteria = StoppingCriteriaList([*generate_kwargs.pop("stopping_criteria", []), timer])
-    with llm_prompt_length(model) as prompt, peak_memory(device) as memory:
+    with stages(model) as stage, peak_memory(device) as memory:
         timer.begin()
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, stopping_criteria=criteria, **generate_kwargs
@@ -186,6 +231,7 @@ def measure_generate(model: nn.Module, inputs: dict, max_new_tokens: int, **gene
         "decode_tok_per_s": timer.decode_tok_per_s,
         "new_tokens": sequences.shape[1] - inputs["input_ids"].shape[1],
         "peak_memory_bytes": memory.peak_bytes,
+        "added_memory_bytes": memory.added_bytes,
         "memory_kind": memory.kind,
-        "llm_prompt_len": prompt["length"],
+        **stage,
     }

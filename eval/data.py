@@ -1,0 +1,179 @@
+"""Where benchmark rows come from, and how their images are decoded.
+
+A source is a local path or a hub dataset id:
+
+- a directory written by `datasets`' `save_to_disk` (a `Dataset` or a `DatasetDict`, whose
+  split is then picked): needs `datasets`;
+- a parquet file, or a directory of them as the hub stores a dataset
+  (`data/validation-00000-of-00002.parquet`: the files named after the split, inside the
+  config's folder when there is one): read with pyarrow, which `datasets` installs;
+- a JSONL file, or a directory of them (same split rule): plain Python; image paths in it are
+  relative to the file's directory;
+- anything else is a hub id, loaded with `datasets.load_dataset` (network or the hub cache).
+
+Images stay undecoded until `open_image`, so that a corrupt one fails its own sample only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+INSTALL_DATASETS = "pip install 'tokendrop[sweep]' (or pip install datasets)"
+
+
+class ArrowRows(Sequence):
+    """Rows of a pyarrow table as dicts, converted one at a time."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, index: int) -> dict:
+        return self.table.slice(index, 1).to_pylist()[0]
+
+    def column(self, name: str) -> list:
+        return self.table.column(name).to_pylist()
+
+
+def column(rows, name: str) -> list:
+    """One column of any row source, without touching the others (images stay unread)."""
+    if isinstance(rows, list):
+        return [row[name] for row in rows]
+    if isinstance(rows, ArrowRows):
+        return rows.column(name)
+    return list(rows[name])  # a datasets.Dataset
+
+
+def load_rows(source: str | Path, split: str, config: str | None = None):
+    """(rows, root): a sequence of dict rows and the directory relative image paths start from
+    (None for the hub)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return _from_hub(str(source), split, config), None
+    if config and (path / config).is_dir():  # a hub snapshot holding several configs
+        path = path / config
+    root = path if path.is_dir() else path.parent
+    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        return _from_disk(path, split), root
+    files = _split_files(path, split)
+    if files[0].suffix == ".parquet":
+        return _from_parquet(files), root
+    return [row for file in files for row in _read_jsonl(file)], root
+
+
+def _split_files(path: Path, split: str) -> list[Path]:
+    if path.is_file():
+        if path.suffix not in (".parquet", ".jsonl"):
+            raise ValueError(f"{path}: expected a .parquet or .jsonl file, or a directory of them")
+        return [path]
+    for suffix in (".parquet", ".jsonl"):
+        files = sorted(path.rglob(f"*{suffix}"))
+        named = [f for f in files if f.name.split("-")[0].split(".")[0] == split or split in f.parent.parts]
+        if named or len(files) == 1:
+            return named or files
+        if files:  # never mix splits silently
+            raise ValueError(
+                f"{path} holds {len(files)} {suffix} files, none named after split {split!r} "
+                f"({split}-*{suffix} or a {split}/ folder): point at one file, or a folder of that split only"
+            )
+    raise ValueError(
+        f"{path} holds no dataset: expected a save_to_disk directory, .parquet files or .jsonl files"
+    )
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+    return rows
+
+
+def _from_parquet(files: list[Path]) -> ArrowRows:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading parquet needs pyarrow: {INSTALL_DATASETS}") from None
+    return ArrowRows(pa.concat_tables([pq.read_table(f, memory_map=True) for f in files]))
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"this data source needs the `datasets` package: {INSTALL_DATASETS}") from None
+    return datasets
+
+
+def _undecoded(dataset):
+    """The dataset with its image columns left as {bytes, path}: decoded later, per sample."""
+    datasets = _datasets()
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image):
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    return dataset
+
+
+def _from_disk(path: Path, split: str):
+    datasets = _datasets()
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"{path} has splits {', '.join(loaded)}, not {split!r}")
+        loaded = loaded[split]
+    return _undecoded(loaded)
+
+
+def _from_hub(name: str, split: str, config: str | None):
+    datasets = _datasets()
+    try:
+        return _undecoded(datasets.load_dataset(name, config, split=split))
+    except Exception as error:  # the hub's own errors are many; say what was tried
+        raise ValueError(
+            f"{name!r} is not a local path, and loading it from the hub (config {config!r}, split {split!r}) "
+            f"failed: {type(error).__name__}: {error}. Offline, pass a local copy with --data TASK=PATH"
+        ) from error
+
+
+def subset(n_rows: int, limit: int | None, seed: int) -> list[int]:
+    """The row indices evaluated: all, or `limit` of them drawn with `seed`, in row order.
+    The same arguments always give the same rows, so every cell sees the same samples."""
+    if limit is None or limit >= n_rows:
+        return list(range(n_rows))
+    return sorted(random.Random(seed).sample(range(n_rows), limit))
+
+
+def open_image(raw, root: Path | None) -> Image.Image:
+    """Decode an image as datasets, parquet or JSONL store it: a PIL image, {bytes, path},
+    raw bytes, or a path (relative to `root`)."""
+    if isinstance(raw, Image.Image):
+        image = raw
+    elif isinstance(raw, dict) and raw.get("bytes") is not None:
+        image = Image.open(io.BytesIO(raw["bytes"]))
+    elif isinstance(raw, dict) and raw.get("path"):
+        image = Image.open(_resolve(raw["path"], root))
+    elif isinstance(raw, bytes):
+        image = Image.open(io.BytesIO(raw))
+    elif isinstance(raw, str):
+        image = Image.open(_resolve(raw, root))
+    else:
+        raise ValueError(f"cannot read an image from {type(raw).__name__}: expected a path, bytes or {{bytes, path}}")
+    return image.convert("RGB")  # decodes now: a truncated file fails here
+
+
+def _resolve(path: str, root: Path | None) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() or root is None else root / path

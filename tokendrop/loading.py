@@ -1,0 +1,59 @@
+"""Loading a model and its processor: an embedded preset (built offline) or a LLaVA-NeXT
+checkpoint (a Hugging Face id or local path), in the dtype, placement and quantisation asked.
+Shared by the command-line tools and the evaluation code."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoProcessor, BitsAndBytesConfig, LlavaNextForConditionalGeneration
+
+from .presets import PRESETS, build_preset, build_processor
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_processor(spec: str):
+    """The processor of an embedded preset or a Hugging Face id / local path, set to pad on
+    the left: batched generation continues every row from its end."""
+    if spec in PRESETS.names():
+        processor = build_processor(spec)
+    else:
+        processor = AutoProcessor.from_pretrained(spec)
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def load_model(spec: str, dtype: str = "auto", device_map=None, load_in_4bit: bool = False,
+               load_in_8bit: bool = False, attn_implementation: str | None = None):
+    """An embedded preset or a LlavaNext checkpoint (Hugging Face id or local path).
+
+    `device_map` is passed to `from_pretrained` ("auto", "cpu", {"": "cuda:1"}, ...); None
+    means "auto" with a GPU, the CPU without. A preset is moved to the device it names."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("pick one of load_in_4bit and load_in_8bit")
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if spec in PRESETS.names():
+        if load_in_4bit or load_in_8bit:
+            raise ValueError(f"preset {spec!r} has random weights in memory: quantize a checkpoint instead")
+        model, _ = build_preset(spec, dtype=torch.float32 if dtype == "auto" else DTYPES[dtype], **attention)
+        return model.to(_preset_device(device_map))
+    quantization = None
+    if load_in_4bit or load_in_8bit:
+        compute = torch.float16 if dtype == "auto" else DTYPES[dtype]
+        quantization = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
+                                          bnb_4bit_compute_dtype=compute)
+    if device_map is None:
+        device_map = "auto" if torch.cuda.is_available() else "cpu"
+    return LlavaNextForConditionalGeneration.from_pretrained(
+        spec, dtype=DTYPES[dtype], device_map=device_map, quantization_config=quantization, **attention
+    ).eval()
+
+
+def _preset_device(device_map) -> torch.device:
+    if isinstance(device_map, dict):
+        device_map = next(iter(device_map.values()))
+    if device_map in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device_map)
