@@ -6,7 +6,7 @@ For one synthetic 672x672 image (base + 4 crops = 5 tiles) three variants of the
 (`get_image_features`: tower, projector, packing) are timed and metered:
 
     plain             the model's own pass, as in an unpatched model
-    hooks             the same inside `capture_cls_scores`, for the layers HiRED scores
+    hooks:METHOD      the same inside `capture_cls_scores`, for the layers METHOD scores
     eager_attentions  eager attention with `output_attentions=True`, the usual way to get
                       CLS attention: it materialises every layer's L x L maps
 
@@ -32,7 +32,8 @@ import transformers
 
 import tokendrop
 from tokendrop.adapters import adapter_for
-from tokendrop.cli import positive_int, torch_device
+from tokendrop.cli import positive_int
+from tokendrop.method import METHODS, Method
 from tokendrop.method import build as build_method
 from tokendrop.presets import PRESETS, build_preset, synthetic_image
 from tokendrop.profiling import device_name, peak_memory, synchronize
@@ -43,10 +44,10 @@ TARGET = {"time_ratio": 1.03, "extra_memory_bytes": 100 * 2**20}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def hired_layers(model) -> tuple[dict[int, torch.nn.Module], dict[int, str]]:
-    """The attention modules and signal kinds HiRED asks the vision pass for, by layer."""
+def method_layers(model, method: str) -> tuple[dict[int, torch.nn.Module], dict[int, str]]:
+    """The attention modules and signal kinds `method` asks the vision pass for, by layer."""
     adapter = adapter_for(model)
-    signals = build_method("hired").resolve(adapter).signals()
+    signals = build_method(method).resolve(adapter).signals()
     kinds = {layer % adapter.n_vision_layers: kind for layer, kind in signals.items()}
     return {layer: adapter.vision_layers[layer].self_attn for layer in kinds}, kinds
 
@@ -63,21 +64,27 @@ def eager_vision(model):
         tower.set_attn_implementation(previous)
 
 
-def variants(model, pixel_values, image_sizes, attention, kinds) -> dict:
+def variants(model, pixel_values, image_sizes, scored: dict[str, tuple]) -> dict:
+    """The plain pass, one hooked pass per method (`scored`: method -> (attention, kinds)),
+    and the eager pass with attention maps."""
     vlm = model.model
 
     def plain():
         return vlm.get_image_features(pixel_values, image_sizes)
 
-    def hooks():
-        with capture_cls_scores(attention, kinds):
-            return vlm.get_image_features(pixel_values, image_sizes)
+    def hooked(attention, kinds):
+        def run():
+            with capture_cls_scores(attention, kinds):
+                return vlm.get_image_features(pixel_values, image_sizes)
+
+        return run
 
     def eager_attentions():
         with eager_vision(model):
             return vlm.get_image_features(pixel_values, image_sizes, output_attentions=True)
 
-    return {"plain": plain, "hooks": hooks, "eager_attentions": eager_attentions}
+    hooks = {f"hooks:{method}": hooked(*layers) for method, layers in scored.items()}
+    return {"plain": plain, **hooks, "eager_attentions": eager_attentions}
 
 
 def measure(run, device) -> dict:
@@ -92,13 +99,13 @@ def measure(run, device) -> dict:
 
 
 def score_differences(model, pixel_values, image_sizes, attention, kinds) -> dict[int, float]:
-    """Max |hook score - eager probability| per layer, from one pass that yields both."""
+    """Max |hook score - eager probability| per layer, from one pass that yields both. Only
+    probabilities have an eager counterpart (logits are checked by the test suite)."""
+    kinds = {layer: kind for layer, kind in kinds.items() if kind == "probs"}
     with capture_cls_scores(attention, kinds) as captured, eager_vision(model):
         maps = model.model.get_image_features(pixel_values, image_sizes, output_attentions=True).attentions
     differences = {}
-    for layer, kind in kinds.items():
-        if kind != "probs":
-            raise ValueError(f"only 'probs' scores have an eager counterpart; layer {layer} asks for {kind!r}")
+    for layer in kinds:
         eager = maps[layer][:, :, 0, 1:].float().sum(1)  # CLS row, non-CLS keys, summed over heads
         differences[layer] = float((captured[layer][0] - eager).abs().max())
     return differences
@@ -120,16 +127,17 @@ def summarise(samples: list[float]) -> dict:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
 
 
-def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
+def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtype, methods=("hired",)) -> dict:
     load_before = os.getloadavg()[0]  # other processes' load skews CPU timings: keep it on record
     model, processor = build_preset(preset, dtype=dtype)
     model.to(device)
     pixels = processor.image_processor(synthetic_image(*IMAGE_SIZE), return_tensors="pt")
     pixel_values, image_sizes = pixels["pixel_values"].to(device, dtype), pixels["image_sizes"].to(device)
-    attention, kinds = hired_layers(model)
-    runs = variants(model, pixel_values, image_sizes, attention, kinds)
+    scored = {method: method_layers(model, method) for method in methods}
+    runs = variants(model, pixel_values, image_sizes, scored)
     with torch.inference_mode():
-        differences = score_differences(model, pixel_values, image_sizes, attention, kinds)
+        differences = {method: score_differences(model, pixel_values, image_sizes, *layers)
+                       for method, layers in scored.items()}
         for run in runs.values():
             run()  # warm-up
         samples = interleaved(runs, repeats, device)
@@ -149,14 +157,16 @@ def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtyp
                      "transformers": transformers.__version__},
         "image_size": list(IMAGE_SIZE),
         "tiles": int(pixel_values.shape[1]),
-        "hired_layers": kinds,
+        "scored_layers": {method: kinds for method, (_, kinds) in scored.items()},
         "repeats": repeats,
         "load_average_1m": [load_before, os.getloadavg()[0]],
         "memory_kind": samples["plain"][0]["memory_kind"],
         "variants": stats,
-        "ratios": {f"{name}/plain": ratios(stats[name], stats["plain"]) for name in ("hooks", "eager_attentions")},
-        "hooks_extra_memory_bytes": stats["hooks"]["added_memory_bytes"]["median"]
-        - stats["plain"]["added_memory_bytes"]["median"],
+        "ratios": {f"{name}/plain": ratios(stats[name], stats["plain"]) for name in runs if name != "plain"},
+        "hooks_extra_memory_bytes": {
+            name: stats[name]["added_memory_bytes"]["median"] - stats["plain"]["added_memory_bytes"]["median"]
+            for name in runs if name.startswith("hooks:")
+        },
         "score_max_abs_diff": differences,
         "target": TARGET,
     }
@@ -172,18 +182,18 @@ def ratios(variant: dict, plain: dict) -> dict:
     }
 
 
-def meets_target(result: dict) -> bool:
-    return (result["ratios"]["hooks/plain"]["time_s"] <= TARGET["time_ratio"]
-            and result["hooks_extra_memory_bytes"] <= TARGET["extra_memory_bytes"])
+def meets_target(result: dict, name: str) -> bool:
+    return (result["ratios"][f"{name}/plain"]["time_s"] <= TARGET["time_ratio"]
+            and result["hooks_extra_memory_bytes"][name] <= TARGET["extra_memory_bytes"])
 
 
 def report(result: dict) -> str:
     mb = 2**20
     lines = [
         f"{result['preset']} ({result['dtype']}, {result['device_name']}), one {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} "
-        f"image = {result['tiles']} tiles, HiRED layers {sorted(result['hired_layers'])}, "
+        f"image = {result['tiles']} tiles, scored layers {result['scored_layers']}, "
         f"{result['repeats']} repeats, memory: {result['memory_kind']}, "
-        "load average {:.2f} before, {:.2f} after".format(*result["load_average_1m"]),
+        f"load average {result['load_average_1m'][0]:.2f} before, {result['load_average_1m'][1]:.2f} after",
         f"{'variant':>17}  {'time s (min-max)':>24}  {'peak MB':>8}  {'added MB':>8}",
     ]
     for name, stats in result["variants"].items():
@@ -197,25 +207,30 @@ def report(result: dict) -> str:
             f"{name}: time x{ratio['time_s']:.3f} (fastest runs x{ratio['time_s_min']:.3f}), "
             f"peak memory x{ratio['peak_memory_bytes']:.3f}"
         )
-    diffs = ", ".join(f"layer {layer}: {diff:.1e}" for layer, diff in result["score_max_abs_diff"].items())
-    lines += [
-        f"hooks add {result['hooks_extra_memory_bytes'] / mb:.1f} MB over the plain pass",
-        f"hook scores vs eager attention, max abs diff: {diffs}",
-        f"target (hooks <= x{TARGET['time_ratio']} time, <= {TARGET['extra_memory_bytes'] // mb} MB): "
-        + ("met" if meets_target(result) else "NOT met"),
-    ]
+    for name, extra in result["hooks_extra_memory_bytes"].items():
+        lines.append(
+            f"{name} adds {extra / mb:.1f} MB over the plain pass; target (<= x{TARGET['time_ratio']} time, "
+            f"<= {TARGET['extra_memory_bytes'] // mb} MB): " + ("met" if meets_target(result, name) else "NOT met")
+        )
+    for method, diffs in result["score_max_abs_diff"].items():
+        if diffs:
+            shown = ", ".join(f"layer {layer}: {diff:.1e}" for layer, diff in diffs.items())
+            lines.append(f"{method} hook probabilities vs eager attention, max abs diff: {shown}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tokendrop.eval.bench_scoring", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=PRESETS.names(), default="llava-next-shape")
+    parser.add_argument("--methods", nargs="+", default=["hired", "globalcom2"],
+                        choices=[m for m in METHODS.names() if METHODS.get(m).signals is not Method.signals],
+                        help="methods whose score hooks are measured (those that score with CLS attention)")
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench_scoring.json"))
-    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     args = parser.parse_args(argv)
-    result = benchmark(args.preset, args.repeats, args.device, DTYPES[args.dtype])
+    result = benchmark(args.preset, args.repeats, args.device, DTYPES[args.dtype], args.methods)
     print(report(result))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
