@@ -73,3 +73,11 @@ def test_position_ids_with_images_refused(tiny, singles):
     positions = torch.arange(inputs["input_ids"].shape[1])[None]
     with pytest.raises(ValueError, match="position_ids"):
         model(**inputs, position_ids=positions)
+
+
+def test_pixel_values_without_image_sizes(tiny, singles):
+    model, _ = tiny
+    tokendrop.patch(model, "hired", budget=0.5)
+    inputs = {k: v for k, v in singles[0].items() if k != "image_sizes"}
+    with pytest.raises(ValueError, match="image_sizes"):
+        model.generate(**inputs, max_new_tokens=1)

@@ -75,6 +75,8 @@ class Handle:
                 "a patched model needs input_ids with its pixel_values (it removes the placeholders of "
                 "dropped tokens); inputs_embeds cannot be shortened"
             )
+        if image_sizes is None:
+            raise ValueError("pixel_values come with image_sizes (the processor returns both): pass them together")
         if questions is not None and (isinstance(questions, str) or len(questions) != input_ids.shape[0]):
             raise ValueError(
                 f"questions= takes one question string per prompt row ({input_ids.shape[0]} rows), got {questions!r}"
@@ -125,7 +127,7 @@ class Handle:
             attention_mask = kwargs.pop("attention_mask", None)
             with torch.no_grad():  # as stock generate: no autograd graph for the vision pass
                 compact, feed = self.prune(
-                    input_ids, attention_mask, None, pixel_values, kwargs.pop("image_sizes"),
+                    input_ids, attention_mask, None, pixel_values, kwargs.pop("image_sizes", None),
                     padding_side(attention_mask, default="left"), _vision_kwargs(kwargs), questions,
                 )
             output = generate(compact["input_ids"], *args, attention_mask=compact["attention_mask"], **feed, **kwargs)
@@ -145,7 +147,7 @@ class Handle:
                     "position_ids cannot be passed with pixel_values to a patched model: the prompt it "
                     "describes is shortened before the LLM. Leave position_ids out"
                 )
-            pixel_values, image_sizes = call.pop("pixel_values"), call.pop("image_sizes")
+            pixel_values, image_sizes = call.pop("pixel_values"), call.pop("image_sizes", None)
             input_ids, attention_mask, labels = (call.pop(k, None) for k in ("input_ids", "attention_mask", "labels"))
             compact, feed = self.prune(
                 input_ids, attention_mask, labels, pixel_values, image_sizes,
