@@ -56,3 +56,14 @@ def test_dimmed_darkens_only_dropped_cells():
     assert np.allclose(out[:10, :20], pixels[:10, :20])
     assert np.allclose(out[:10, 20:], DIM * pixels[:10, 20:])
     assert np.allclose(out[10:, :20], DIM * pixels[10:, :20])
+
+
+def test_show_command_line(tmp_path, capsys):
+    from tokendrop.cli import main
+
+    image = tmp_path / "photo.png"
+    synthetic_image(120, 80, seed=2).save(image)
+    out = tmp_path / "kept.png"
+    assert main(["show", str(image), "--model", "tiny", "--dtype", "fp32", "--method", "uniform", "--budget", "0.25",
+                 "--question", "Where is red?", "--out", str(out)]) == 0
+    assert out.stat().st_size > 10_000 and f"wrote {out}" in capsys.readouterr().out

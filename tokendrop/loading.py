@@ -9,7 +9,8 @@ from transformers import AutoProcessor, BitsAndBytesConfig, LlavaNextForConditio
 
 from .presets import PRESETS, build_preset, build_processor
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def load_processor(spec: str):
