@@ -15,7 +15,7 @@ ADAPTERS.register("llava_next")(LlavaNextAdapter)
 
 def adapter_for(model):
     """The adapter of the model's family; raises ValueError naming the supported ones."""
-    for adapter in (cls for _, cls in ADAPTERS.items()):
+    for _, adapter in ADAPTERS.items():
         if adapter.supports(model):
             return adapter(model)
     supported = ", ".join(f"{name} ({cls.model_class})" for name, cls in ADAPTERS.items())
