@@ -16,6 +16,7 @@ from typing import Callable, ClassVar
 from PIL import Image
 
 from ..registry import Registry
+from . import testbed
 from .data import column, load_rows, open_image
 from .metrics import exact_match, mme_answer, mme_scores, option_letter, pope_answer, pope_metrics, vqa_accuracy
 
@@ -239,3 +240,28 @@ class Custom(Task):
 
     def score(self, prediction, sample):
         return exact_match(prediction, sample.reference)
+
+
+@register("testbed")
+class Testbed(Task):
+    """The synthetic fine-detail task the `testbed` model was trained on
+    (`tokendrop.eval.testbed`), generated on the fly: nothing to download. Rows are the first
+    TEST_SIZE samples of the test split; `--data testbed=validation` reads the validation split."""
+
+    TEST_SIZE = 1000
+    hub = ("test", None, "test")
+    headline = "accuracy"
+    max_new_tokens = testbed.MAX_NEW_TOKENS
+
+    def load(self, source):
+        split = source or "test"
+        if split not in ("validation", "test"):
+            raise ValueError(f"testbed: --data testbed=SPLIT takes validation or test (the testbed model "
+                             f"learnt from train), got {split!r}")
+        return testbed.Split(split, self.TEST_SIZE), lambda row, index: (lambda: row["image"])
+
+    def sample(self, row, index, image):
+        return Sample(index, row["id"], row["question"], row["answer"], image)
+
+    def score(self, prediction, sample):
+        return testbed.score(prediction, sample.reference)
