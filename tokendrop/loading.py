@@ -37,7 +37,7 @@ def load_model(spec: str, dtype: str = "auto", device_map=None, load_in_4bit: bo
     attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if spec in PRESETS.names():
         if load_in_4bit or load_in_8bit:
-            raise ValueError(f"preset {spec!r} has random weights in memory: quantize a checkpoint instead")
+            raise ValueError(f"preset {spec!r} is built in memory: quantize a checkpoint instead")
         model, _ = build_preset(spec, dtype=torch.float32 if dtype == "auto" else DTYPES[dtype], **attention)
         return model.to(_preset_device(device_map))
     quantization = None

@@ -7,6 +7,9 @@ meaningless text; shapes, token counts and timings are real.
 - `tiny`: 48 px tiles of 6x6 patches, 3 CLIP layers, a 2-layer LLM: seconds, for tests.
 - `llava-next-shape`: CLIP-L/336 (24 layers, 24x24 patches) + a Qwen2-0.5B-shaped LLM, with
   the llava-v1.6 pinpoints: the real prompt lengths and compute of a small LLaVA-NeXT.
+- `testbed`: 48 px tiles of 6x6 patches, 4 CLIP layers, a 3-layer LLM, with *trained* weights
+  committed in `tokendrop.testbed`: it answers the testbed task (`tokendrop.eval.testbed`),
+  whose words its tokenizer holds as whole tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -59,9 +62,26 @@ PRESETS.register("llava-next-shape")(
         pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
     )
 )
+PRESETS.register("testbed")(
+    dict(
+        vision=dict(image_size=48, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                    num_attention_heads=4),
+        text_class=LlamaConfig,
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4),
+        pinpoints=[[48, 96], [96, 48], [96, 96]],
+        # whole-word tokens, as a real vocabulary has for common words: the chat roles and the
+        # testbed task's words (a test checks the task uses no other)
+        words=("USER:", "ASSISTANT:", "What", "colour", "is", "the", "red", "green", "blue", "yellow", "purple",
+               "cyan", "circle", "square", "triangle", "cross"),
+        trained=True,
+    )
+)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(words=()) -> PreTrainedTokenizerFast:
+    """One token per byte; each of `words` is one token, alone or after a space (as " red" is
+    one token in byte-level BPE vocabularies)."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + alphabet)}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -71,6 +91,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"}, padding_side="left",
     )
+    fast.add_tokens([AddedToken(word, single_word=True) for word in words]
+                    + [AddedToken(" " + word) for word in words])
     return fast
 
 
@@ -82,7 +104,8 @@ def build_processor(name: str) -> LlavaNextProcessor:
         image_grid_pinpoints=spec["pinpoints"],
     )
     return LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=spec["vision"]["patch_size"],
+        image_processor=image_processor, tokenizer=build_tokenizer(spec.get("words", ())),
+        patch_size=spec["vision"]["patch_size"],
         vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
     )
 
@@ -103,7 +126,12 @@ def build_config(name: str, tokenizer: PreTrainedTokenizerFast) -> LlavaNextConf
 
 def build_preset(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
                  attn_implementation: str = "sdpa"):
-    """(model, processor) for an embedded preset, random weights drawn from `seed`."""
+    """(model, processor) for an embedded preset, random weights drawn from `seed`; the
+    `testbed` preset loads its trained weights instead."""
+    if PRESETS.get(name).get("trained"):
+        from .testbed import load_testbed  # deferred: tokendrop.testbed builds on this module
+
+        return load_testbed(dtype=dtype, attn_implementation=attn_implementation)
     processor = build_processor(name)
     config = build_config(name, processor.tokenizer)
     config._attn_implementation = attn_implementation

@@ -1,0 +1,43 @@
+"""The trained testbed: a tiny LLaVA-NeXT that answers the testbed task
+(`tokendrop.eval.testbed`), trained from scratch on a CPU by `examples/train_testbed.py`.
+Its config and weights are committed beside this file (MODEL_CARD.md says how they were
+made and how well they do); the processor is built offline, as every preset's
+(`tokendrop.presets`, preset `testbed`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+from ..presets import build_processor
+
+HERE = Path(__file__).parent
+CONFIG = HERE / "config.json"
+WEIGHTS = HERE / "model.safetensors"
+
+
+def load_testbed(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """(model, processor): the model built from the committed config with the committed
+    weights, in eval mode; the processor built offline."""
+    processor = build_processor("testbed")
+    for path in (CONFIG, WEIGHTS):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: reinstall tokendrop, or rebuild it with examples/train_testbed.py")
+    config = LlavaNextConfig.from_json_file(CONFIG)
+    if config.text_config.vocab_size != len(processor.tokenizer):
+        raise ValueError(
+            f"{CONFIG} has a vocabulary of {config.text_config.vocab_size} tokens, the testbed processor "
+            f"{len(processor.tokenizer)}: the weights belong to another task vocabulary; retrain them"
+        )
+    config._attn_implementation = attn_implementation
+    model = LlavaNextForConditionalGeneration(config)
+    try:
+        model.load_state_dict(load_file(WEIGHTS), strict=True)
+    except RuntimeError as error:  # missing, unexpected or mis-shaped tensors
+        raise ValueError(f"{WEIGHTS} does not fit {CONFIG}: {error}") from None
+    model.to(dtype).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
