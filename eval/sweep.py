@@ -46,6 +46,7 @@ from ..selection import check_budget
 from .data import subset
 from ..cli import budget, grouped, key_value, method_option, positive_int
 from ..loading import DTYPES, load_model, load_processor
+from ..presets import PRESETS
 from .generation import generate_answers
 from .tasks import TASKS, Sample, Task, build_task
 
@@ -451,7 +452,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     help = "evaluate methods x budgets x tasks on a model: records, summary table and plots"
     parser = subparsers.add_parser("sweep", help=help, description=help)
     parser.add_argument("--model", required=True,
-                        help="a Hugging Face id or local path of a LlavaNext checkpoint, or a preset (tiny, llava-next-shape)")
+                        help=f"a Hugging Face id or local path of a LlavaNext checkpoint, or a preset "
+                             f"({', '.join(PRESETS.names())}; testbed is trained for --tasks testbed)")
     parser.add_argument("--tasks", nargs="+", required=True, choices=TASKS.names())
     parser.add_argument("--out", required=True, type=Path, help="output directory; rerun into it to resume")
     parser.add_argument("--methods", nargs="+", choices=METHODS.names(), help="default: every method")

@@ -103,6 +103,28 @@ def random_weights_note(model_name: str) -> str:
 # --- profile and demo -------------------------------------------------------------------
 
 
+def add_input_arguments(group) -> None:
+    """The image sources of profile and demo, one at most."""
+    group.add_argument("--image-size", type=image_size, metavar="WxH",
+                       help="a synthetic image of this size (default 672x672)")
+    group.add_argument("--task", choices=["testbed"],
+                       help="the task's first test image and its question, in place of an image and --prompt "
+                            "(the default for --model testbed, which knows only its task's images)")
+
+
+def profile_inputs(args) -> tuple[list[Image.Image], str]:
+    """The images and the prompt that `args` ask to profile."""
+    task = args.task or ("testbed" if args.model == "testbed" and not (args.images or args.image_size) else None)
+    if task == "testbed":
+        from .eval.testbed import testbed_sample
+
+        if args.prompt is not None:
+            raise ValueError("--prompt asks about your image; the testbed task brings its own question: drop one")
+        sample = testbed_sample("test", 0)
+        return [sample["image"]], sample["question"]
+    return args.images or [synthetic_image(*(args.image_size or (672, 672)))], args.prompt or "Describe the image."
+
+
 def add_profile(subcommands) -> None:
     parser = subcommands.add_parser(
         "profile", help="time and meter methods x budgets x batch sizes: TTFT, decode speed, memory",
@@ -114,11 +136,10 @@ def add_profile(subcommands) -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1])
     images = parser.add_mutually_exclusive_group()
     images.add_argument("--images", nargs="+", type=image_file, help="image files, used round-robin per batch")
-    images.add_argument("--image-size", type=image_size, default=(672, 672), metavar="WxH",
-                        help="a synthetic image of this size (default 672x672)")
+    add_input_arguments(images)
     parser.add_argument("--option", dest="options", action="append", type=method_option, default=[],
                         metavar="METHOD.OPTION=VALUE", help="a method option, e.g. hired.alpha=0.3; repeatable")
-    parser.add_argument("--prompt", default="Describe the image.")
+    parser.add_argument("--prompt", help='the question (default "Describe the image."; a task brings its own)')
     parser.add_argument("--max-new-tokens", type=positive_int, default=8)
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -131,8 +152,8 @@ def run_profile(args) -> None:
 
     model, processor = loaded(args)
     print(random_weights_note(args.model), flush=True)
-    images = args.images or [synthetic_image(*args.image_size)]
-    rows = profile(model, processor, args.methods, args.budgets, args.batch_sizes, images, args.prompt,
+    images, prompt = profile_inputs(args)
+    rows = profile(model, processor, args.methods, args.budgets, args.batch_sizes, images, prompt,
                    args.max_new_tokens, args.repeats, args.warmup, args.out, grouped(args.options))
     print(format_table(rows))
     if args.out:
@@ -142,14 +163,15 @@ def run_profile(args) -> None:
 def add_demo(subcommands) -> None:
     parser = subcommands.add_parser(
         "demo", help="profile an embedded preset offline: HiRED at several budgets, one image",
-        description="`tokendrop profile` preset: an offline model, one 672x672 image, batch 1, one measured run "
-                    "per budget.")
-    parser.add_argument("--preset", choices=PRESETS.names(), default="llava-next-shape")
+        description="`tokendrop profile` preset: an offline model, one image (a synthetic 672x672 one, or a "
+                    "testbed one for --model testbed), batch 1, one measured run per budget.")
+    parser.add_argument("--model", "--preset", dest="preset", choices=PRESETS.names(), default="llava-next-shape",
+                        help="the embedded model: random weights but testbed, which is trained (default llava-next-shape)")
     parser.add_argument("--method", choices=METHODS.names(), default="hired")
     parser.add_argument("--budgets", nargs="+", type=budget, default=[1.0, 0.4, 0.2, 0.1],
                         help="fractions in (0, 1], or token counts per image (integers without a dot)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=8)
-    parser.add_argument("--image-size", type=image_size, default=(672, 672), metavar="WxH")
+    add_input_arguments(parser.add_mutually_exclusive_group())
     parser.set_defaults(run=run_demo)
 
 
@@ -157,7 +179,7 @@ def run_demo(args) -> None:
     run_profile(argparse.Namespace(
         model=args.preset, dtype="auto", device_map=None, attn_implementation=None, load_in_4bit=False,
         load_in_8bit=False, methods=[args.method], budgets=args.budgets, batch_sizes=[1], images=None,
-        image_size=args.image_size, prompt="Describe the image.", max_new_tokens=args.max_new_tokens,
+        image_size=args.image_size, task=args.task, prompt=None, max_new_tokens=args.max_new_tokens,
         repeats=1, warmup=1, out=None, options=[],
     ))
 
