@@ -23,7 +23,6 @@ with its error, and the sweep goes on.
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import datetime
 import hashlib
