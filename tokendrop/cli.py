@@ -94,7 +94,7 @@ def loaded(args):
 
 
 def random_weights_note(model_name: str) -> str:
-    if model_name in PRESETS.names() and model_name != "testbed":
+    if model_name in PRESETS.names() and not PRESETS.get(model_name).get("task"):
         return (f"Preset {model_name!r} has random weights: the generated text is meaningless. "
                 "Only shapes, token counts, timings and memory are real.")
     return ""
@@ -114,7 +114,8 @@ def add_input_arguments(group) -> None:
 
 def profile_inputs(args) -> tuple[list[Image.Image], str]:
     """The images and the prompt that `args` ask to profile."""
-    task = args.task or ("testbed" if args.model == "testbed" and not (args.images or args.image_size) else None)
+    trained_for = PRESETS.get(args.model).get("task") if args.model in PRESETS.names() else None
+    task = args.task or (None if args.images or args.image_size else trained_for)
     if task == "testbed":
         from .eval.testbed import testbed_sample
 

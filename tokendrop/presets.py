@@ -74,7 +74,7 @@ PRESETS.register("testbed")(
         # testbed task's words (a test checks the task uses no other)
         words=("USER:", "ASSISTANT:", "What", "colour", "is", "the", "red", "green", "blue", "yellow", "purple",
                "cyan", "circle", "square", "triangle", "cross"),
-        trained=True,
+        task="testbed",  # trained for this task: its weights are loaded, not drawn
     )
 )
 
@@ -127,8 +127,8 @@ def build_config(name: str, tokenizer: PreTrainedTokenizerFast) -> LlavaNextConf
 def build_preset(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
                  attn_implementation: str = "sdpa"):
     """(model, processor) for an embedded preset, random weights drawn from `seed`; the
-    `testbed` preset loads its trained weights instead."""
-    if PRESETS.get(name).get("trained"):
+    preset trained for a task (`testbed`) loads its committed weights instead."""
+    if PRESETS.get(name).get("task"):
         from .testbed import load_testbed  # deferred: tokendrop.testbed builds on this module
 
         return load_testbed(dtype=dtype, attn_implementation=attn_implementation)
