@@ -45,11 +45,12 @@ from ..selection import check_budget
 from .data import subset
 from ..cli import budget, grouped, key_value, method_option, positive_int
 from ..loading import DTYPES, load_model, load_processor
-from ..presets import PRESETS
+from ..presets import PRESETS, with_preset_defaults
 from .generation import generate_answers
 from .tasks import TASKS, Sample, Task, build_task
 
 REFERENCE = "none"  # the method name of the unpatched cell
+TASK_METHODS = sorted({name for _, task in TASKS.items() for name in task.methods})
 DEFAULT_BUDGETS = (0.1, 0.2, 0.4)
 
 
@@ -93,7 +94,12 @@ def plan_sweep(model_name: str, processor, tasks, methods=None, budgets=DEFAULT_
     if REFERENCE in methods:
         raise ValueError(f"{REFERENCE!r} is the unpatched reference, evaluated in every sweep: leave it out of methods")
     for name in methods:
-        METHODS.get(name)
+        owners = [t for t, task in TASKS.items() if name in task.methods]
+        if not owners:
+            METHODS.get(name)
+        elif any(t not in owners for t in built):
+            raise ValueError(f"method {name!r} is evaluation-only, offered by the {', '.join(owners)} task; this "
+                             f"sweep also runs {', '.join(t for t in built if t not in owners)}: sweep it separately")
     budgets = [check_budget(b) for b in budgets]
     if not budgets or len(set(map(repr, budgets))) != len(budgets):
         raise ValueError(f"budgets must be a non-empty list without repeats, got {budgets!r}")
@@ -110,7 +116,7 @@ def plan_sweep(model_name: str, processor, tasks, methods=None, budgets=DEFAULT_
                             f"recorded in run.json; got {opts!r}") from None
     for name in methods:
         for budget in budgets:
-            build_method(name, budget=budget, **with_processor(name, processor, options.get(name, {})))
+            cell_method(built.values(), name, budget, processor, options.get(name, {}))
     data = dict(data or {})
     for name in data:
         if name not in built:
@@ -128,6 +134,14 @@ def plan_sweep(model_name: str, processor, tasks, methods=None, budgets=DEFAULT_
         max_new_tokens={t: max_new_tokens or task.max_new_tokens for t, task in built.items()},
         dtype=dtype, quantization=quantization,
     )
+
+
+def cell_method(tasks, name: str, budget, processor, options: dict):
+    """The method of a cell, built: a registered one, or a task's own (the testbed's oracle)."""
+    for task in tasks:
+        if name in task.methods:
+            return task.methods[name](budget=budget, **options)
+    return build_method(name, budget=budget, **with_processor(name, processor, options))
 
 
 def _source(source) -> str | None:
@@ -240,6 +254,7 @@ def sweep(model: str | nn.Module, tasks, out: str | Path, *, processor=None, met
     quantization = "4bit" if load_in_4bit else "8bit" if load_in_8bit else None
     if isinstance(model, str):
         processor = load_processor(model)  # small, and some methods need it to validate their options
+        options = with_preset_defaults(model, METHODS.names() if methods is None else methods, options or {})
     plan = plan_sweep(name, processor, tasks, methods, budgets, options, data, limit, seed, max_new_tokens, dtype,
                       quantization)
     rank, world_size, state = _shard(rank, world_size)
@@ -290,8 +305,8 @@ def _run_cell(model, processor, task: Task, plan: Plan, method: str, budget, pen
               batch_size: int, log: RecordLog, show: bool) -> None:
     label = f"{task.name} {method}" + ("" if budget is None else f" {budget}")
     bar = tqdm(total=len(pending), desc=label, disable=not show or not pending, leave=True)
-    options = with_processor(method, processor, plan.options.get(method, {})) if method != REFERENCE else {}
-    patching = nullcontext() if method == REFERENCE else tokendrop.patched(model, method, budget=budget, **options)
+    patching = nullcontext() if method == REFERENCE else tokendrop.patched(
+        model, cell_method([task], method, budget, processor, plan.options.get(method, {})))
     with patching as handle:
         for start in range(0, len(pending), batch_size):
             for record in run_batch(model, processor, task, pending[start : start + batch_size], handle,
@@ -315,6 +330,7 @@ def run_batch(model, processor, task: Task, samples: list[Sample], handle, max_n
             records.append(_record(sample, error=error))
     if not ready:
         return records
+    task.before_batch(None if handle is None else handle.method, ready)
     try:
         answers = generate_answers(model, processor, [[image] for image in images], [s.question for s in ready],
                                    max_new_tokens)
@@ -455,7 +471,9 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
                              f"({', '.join(PRESETS.names())}; testbed is trained for --tasks testbed)")
     parser.add_argument("--tasks", nargs="+", required=True, choices=TASKS.names())
     parser.add_argument("--out", required=True, type=Path, help="output directory; rerun into it to resume")
-    parser.add_argument("--methods", nargs="+", choices=METHODS.names(), help="default: every method")
+    parser.add_argument("--methods", nargs="+", choices=METHODS.names() + TASK_METHODS,
+                        help="default: every registered method; oracle (testbed only, evaluation only) keeps the "
+                             "queried object's tokens first")
     parser.add_argument("--budgets", nargs="+", type=budget, default=list(DEFAULT_BUDGETS),
                         help="fractions in (0, 1], or token counts per image (integers without a dot)")
     parser.add_argument("--option", dest="options", action="append", type=method_option, default=[],

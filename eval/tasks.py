@@ -15,6 +15,7 @@ from typing import Callable, ClassVar
 
 from PIL import Image
 
+from ..method import Method
 from ..registry import Registry
 from . import testbed
 from .data import column, load_rows, open_image
@@ -39,12 +40,19 @@ class Task:
     hub: ClassVar[tuple[str, str | None, str]]  # (dataset id, config, split)
     headline: ClassVar[str]  # the metric a cell's score is
     max_new_tokens: ClassVar[int] = 16
+    # evaluation-only selections the task can offer beside the registry's (the testbed's oracle)
+    methods: ClassVar[dict[str, type[Method]]] = {}
 
-    def load(self, source: str | None):
-        """(rows, image_of): the rows, and a function from (row, index) to its image loader."""
-        path, config, split = self.hub
-        rows, root = load_rows(source or path, split, config)
+    def load(self, source: str | None, split: str | None = None):
+        """(rows, image_of): the rows, and a function from (row, index) to its image loader.
+        `split`: another split than the evaluated one (`train` for training a router)."""
+        path, config, default_split = self.hub
+        rows, root = load_rows(source or path, split or default_split, config)
         return rows, own_images(rows, root)
+
+    def before_batch(self, method: Method | None, samples: list[Sample]) -> None:
+        """Called with the patched method before each batch: a task's own methods learn here
+        what they need to know about the samples."""
 
     def sample(self, row: dict, index: int, image) -> Sample:
         raise NotImplementedError
@@ -110,9 +118,9 @@ class GQA(Task):
     images = "testdev_balanced_images"
     headline = "accuracy"
 
-    def load(self, source):
-        path, config, split = self.hub
-        source = source or path
+    def load(self, source, split=None):
+        path, config, default_split = self.hub
+        source, split = source or path, split or default_split
         rows, root = load_rows(source, split, config)
         if _has(rows, "image"):
             return rows, own_images(rows, root)
@@ -227,7 +235,7 @@ class Custom(Task):
     headline = "accuracy"
     max_new_tokens = 32
 
-    def load(self, source):
+    def load(self, source, split=None):
         if not source:
             raise ValueError("the custom task reads your own file: pass --data custom=PATH.jsonl")
         return super().load(source)
@@ -249,11 +257,15 @@ class Testbed(Task):
     TEST_SIZE samples of the test split; `--data testbed=validation` reads the validation split."""
 
     TEST_SIZE = 1000
+    TRAIN_SIZE = 1_000_000  # generated on demand: as many as a router's training reads
     hub = ("test", None, "test")
     headline = "accuracy"
     max_new_tokens = testbed.MAX_NEW_TOKENS
+    methods = {"oracle": testbed.Oracle}
 
-    def load(self, source):
+    def load(self, source, split=None):
+        if split == "train":
+            return testbed.Split("train", self.TRAIN_SIZE), lambda row, index: (lambda: row["image"])
         split = source or "test"
         if split not in ("validation", "test"):
             raise ValueError(f"testbed: --data testbed=SPLIT takes validation or test (the testbed model "
@@ -261,7 +273,12 @@ class Testbed(Task):
         return testbed.Split(split, self.TEST_SIZE), lambda row, index: (lambda: row["image"])
 
     def sample(self, row, index, image):
-        return Sample(index, row["id"], row["question"], row["answer"], image)
+        box = list(row["objects"][0][2])  # where the object asked about is: the oracle reads it
+        return Sample(index, row["id"], row["question"], row["answer"], image, {"box": box})
+
+    def before_batch(self, method, samples):
+        if isinstance(method, testbed.Oracle):
+            method.targets = [tuple(s.meta["box"]) for s in samples]
 
     def score(self, prediction, sample):
         return testbed.score(prediction, sample.reference)

@@ -17,10 +17,15 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
+from ..layout import EncodedImage, ImageLayout
+from ..method import Method
+from ..selection import keep_count
 from .generation import generate_answers
 
 COLOURS = {
@@ -160,12 +165,14 @@ def chance_accuracy(train: list[dict], test: list[dict]) -> float:
     return sum(score(guess.get(s["question"], overall), s["answer"]) for s in test) / len(test)
 
 
-def evaluate(model, processor, samples: list[dict], batch_size: int = 32) -> dict:
+def evaluate(model, processor, samples: list[dict], batch_size: int = 32, oracle: "Oracle | None" = None) -> dict:
     """Greedy answers to `samples` in left-padded batches: accuracy in percent and the
-    predictions."""
+    predictions. `oracle`: the Oracle the model is patched with, given each batch's targets."""
     predictions = []
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
+        if oracle is not None:
+            oracle.targets = [s["objects"][0][2] for s in batch]
         predictions += generate_answers(model, processor, [[s["image"]] for s in batch], [s["question"] for s in batch],
                                         MAX_NEW_TOKENS)
     right = [score(p, s["answer"]) for p, s in zip(predictions, samples)]
@@ -188,3 +195,49 @@ class Split(Sequence):
         if not 0 <= index < self.size:
             raise IndexError(f"sample {index} is outside the {self.size} samples of this {self.split} split")
         return testbed_sample(self.split, index, self.seed)
+
+
+# --- where the objects are, in tokens -----------------------------------------------------
+
+
+def object_features(layout: ImageLayout, box: tuple) -> torch.Tensor:
+    """(N,) bool over a testbed image's feature tokens: those whose patch overlaps `box`
+    (x0, y0, x1, y1 in image pixels), in the base view and in the crops. Testbed images are
+    exactly a pinpoint, so the canvas is unpadded and the base view is the whole image."""
+    y, x = layout.canvas_yx
+    in_base = layout.partition == 0
+    rows = torch.where(in_base, torch.tensor(layout.side), torch.tensor(layout.grid[0] * layout.side))
+    cols = torch.where(in_base, torch.tensor(layout.side), torch.tensor(layout.grid[1] * layout.side))
+    height, width = SIZE / rows, SIZE / cols  # image pixels per patch, per token
+    x0, y0, x1, y1 = box
+    return (y * height < y1) & ((y + 1) * height > y0) & (x * width < x1) & ((x + 1) * width > x0)
+
+
+@dataclass
+class Oracle(Method):
+    """The ceiling of any selector on the testbed (evaluation only, not a public method): the
+    queried object's tokens first, then the rest, each group ranked by CLS attention at the
+    feature layer. Before each call, `targets` is set to the queried object's box of every
+    image in the call, in order (the sweep's testbed task does this)."""
+
+    name = "oracle"
+    targets: list = field(default_factory=list, repr=False)
+    layer: int = field(init=False, default=-2, repr=False)
+
+    def resolve(self, adapter) -> "Oracle":
+        self.layer = adapter.feature_layer
+        return self
+
+    def signals(self) -> dict[int, str]:
+        return {self.layer: "probs"}
+
+    def select(self, image: EncodedImage) -> torch.Tensor:
+        if not self.targets:
+            raise ValueError("oracle: no target box left for this image; set .targets before each call")
+        layout = image.layout
+        on_object = object_features(layout, self.targets.pop(0))
+        attention = layout.per_feature(image.cls_scores(self.layer))
+        # lexicographic: object tokens before all others, then by attention; ties to the lower index
+        order = torch.sort(-attention, stable=True).indices
+        order = order[torch.sort((~on_object[order]).long(), stable=True).indices]
+        return torch.sort(order[: keep_count(self.budget, layout.n_features)]).values

@@ -16,6 +16,11 @@ Two stages, as LLaVA's recipe on a small scale:
    LLM then finds the object from the token it is on, a one-step lookup it learns quickly,
    and learns to carry the shape word to the answer position, which the plain one-word
    answers of the rest of the stage need and which it is slow to find alone.
+   After that, a share of the steps (--drop-share) prunes each image's prompt through
+   tokendrop's own path (`Handle.prune`): the tokens of some of its objects stay, plus a random
+   share (drawn per image from 0 to 1) of the others, and every question of that image asks
+   about a kept object. The LLM so learns that fewer visual tokens is normal, and never sees
+   a question whose answer was dropped, so it cannot learn to guess.
 
 Every random draw follows --seed. It prints timings and accuracies and writes the weights
 (safetensors), the config and the model card into --out.
@@ -28,6 +33,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +44,10 @@ from transformers import LlavaNextForConditionalGeneration
 
 import tokendrop
 from tokendrop.eval.testbed import (
-    COLOURS, SHAPES, SIZE, TILE, chance_accuracy, evaluate, questions_about, testbed_sample,
-    testbed_samples,
+    COLOURS, SHAPES, SIZE, TILE, Oracle, chance_accuracy, evaluate, object_features, questions_about,
+    testbed_sample, testbed_samples,
 )
+from tokendrop.method import Method
 from tokendrop.presets import build_config, build_processor
 
 PAIRS = len(COLOURS) * len(SHAPES)
@@ -157,10 +164,40 @@ def vision_accuracy(model, heads, processor, samples: list[dict]) -> dict[str, f
                 object_patches=100 * (patch_logits.argmax(-1)[objects] == patches[objects]).float().mean().item())
 
 
-def questions(sample: dict, n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """The sample's own question, then n - 1 drawn from those the task can ask about its image."""
+def questions(sample: dict, n: int, rng: np.random.Generator, objects: list | None = None) -> list[tuple[str, str]]:
+    """The sample's own question, then n - 1 drawn from those the task can ask about its image;
+    with `objects` (the objects a pruned prompt keeps), all n drawn from those about them."""
+    if objects is not None:
+        candidates = questions_about(objects)
+        return [candidates[i] for i in rng.integers(len(candidates), size=n)]
     candidates = questions_about(sample["objects"])
     return [(sample["question"], sample["answer"])] + [candidates[i] for i in rng.integers(len(candidates), size=n - 1)]
+
+
+@dataclass
+class KeepObjects(Method):
+    """The augmentation's selection: per image, in call order, the tokens of the objects of
+    its plan plus a random `share` of the other tokens."""
+
+    name = "keep-objects"
+    plans: list = field(default_factory=list)  # per image: (boxes kept, share of the rest)
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def select(self, image):
+        boxes, share = self.plans.pop(0)
+        on_objects = torch.zeros(image.layout.n_features, dtype=torch.bool)
+        for box in boxes:
+            on_objects |= object_features(image.layout, box)
+        others = torch.nonzero(~on_objects).flatten()
+        count = math.floor(share * others.numel())
+        chosen = others[torch.randperm(others.numel(), generator=self.generator)[:count]]
+        return torch.sort(torch.cat([torch.nonzero(on_objects).flatten(), chosen])).values
+
+
+def kept_objects(sample: dict, rng: np.random.Generator) -> list:
+    """The objects a pruned prompt keeps: the one asked about, and each other with chance 1/2."""
+    objects = sample["objects"]
+    return [objects[0]] + [o for o in objects[1:] if rng.random() < 0.5]
 
 
 def answer_labels(input_ids: torch.Tensor, marker: int, eos_id: int) -> torch.Tensor:
@@ -189,14 +226,15 @@ class Chats:
         self.prefix, self.rest = processor.apply_chat_template(turn).split("{question}")
         self.marker = self.tokenizer.convert_tokens_to_ids(" ASSISTANT:")
 
-    def batch(self, samples: list[dict], n: int, spell: bool, rng: np.random.Generator):
+    def batch(self, samples: list[dict], n: int, spell: bool, rng: np.random.Generator, kept=None):
         """(prefix inputs, one per image; continuations, n per image in order; their labels).
-        `spell`: the answers repeat the shape first ("triangle red")."""
+        `spell`: the answers repeat the shape first ("triangle red"). `kept`: per image, the
+        objects its pruned prompt keeps, which the questions then ask about."""
         prefix = self.processor(images=[s["image"] for s in samples], text=[self.prefix] * len(samples),
                                 return_tensors="pt")
         texts = []
-        for sample in samples:
-            for question, answer in questions(sample, n, rng):
+        for i, sample in enumerate(samples):
+            for question, answer in questions(sample, n, rng, None if kept is None else kept[i]):
                 if spell:
                     answer = f"{question.split()[-1].rstrip('?')} {answer}"
                 texts.append(question + self.rest.format(answer=answer))
@@ -205,8 +243,14 @@ class Chats:
         return prefix, rest, answer_labels(rest["input_ids"], self.marker, self.tokenizer.eos_token_id)
 
 
-def continued(model, prefix, rest, n: int, labels=None):
-    """The model's output on the continuations, each after its image's prefix (run once)."""
+def continued(model, prefix, rest, n: int, labels=None, handle=None):
+    """The model's output on the continuations, each after its image's prefix (run once).
+    With a tokendrop `handle`, the prefix is pruned as a patched model prunes a prompt, left
+    padded so that the continuations follow every row's end."""
+    if handle is not None:
+        compact, feed = handle.prune(prefix["input_ids"], prefix["attention_mask"], None, prefix["pixel_values"],
+                                     prefix["image_sizes"], "left", {}, None)
+        prefix = dict(compact, **feed)
     cache = model(**prefix, use_cache=True).past_key_values
     cache.batch_repeat_interleave(n)
     mask = torch.cat([prefix["attention_mask"].repeat_interleave(n, 0), rest["attention_mask"]], 1)
@@ -229,14 +273,23 @@ def train_language(model, processor, samples, args) -> float:
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=args.language_lr, weight_decay=0.01, betas=(0.9, 0.98))
     chats, rng = Chats(processor), np.random.default_rng(args.seed)
+    augment = KeepObjects()
+    augment.generator.manual_seed(args.seed)
     validation = list(testbed_samples("validation", 256, seed=args.seed))
     start, running = time.perf_counter(), None
     model.train()
     model.model.vision_tower.eval()
     for step in range(args.language_steps):
-        prefix, rest, labels = chats.batch([next(samples) for _ in range(args.batch)], args.questions,
-                                           step < args.spell_steps, rng)
-        loss = continued(model, prefix, rest, args.questions, labels).loss
+        batch = [next(samples) for _ in range(args.batch)]
+        if step >= args.spell_steps and rng.random() < args.drop_share:
+            kept = [kept_objects(sample, rng) for sample in batch]
+            prefix, rest, labels = chats.batch(batch, args.questions, False, rng, kept)
+            augment.plans = [([box for _, _, box in objects], rng.random()) for objects in kept]
+            with tokendrop.patched(model, augment) as handle:
+                loss = continued(model, prefix, rest, args.questions, labels, handle).loss
+        else:
+            prefix, rest, labels = chats.batch(batch, args.questions, step < args.spell_steps, rng)
+            loss = continued(model, prefix, rest, args.questions, labels).loss
         update(optimizer, parameters, loss, args.language_lr * schedule(step, args.language_steps, args.warmup))
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
         if step % 100 == 0 or step == args.language_steps - 1:
@@ -256,9 +309,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("tokendrop/testbed"))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--vision-steps", type=int, default=1500)
-    parser.add_argument("--language-steps", type=int, default=2000)
+    parser.add_argument("--language-steps", type=int, default=2400)
     parser.add_argument("--spell-steps", type=int, default=600,
                         help="language steps whose answers repeat the shape first")
+    parser.add_argument("--drop-share", type=float, default=0.5,
+                        help="share of the language steps after --spell-steps whose prompts are pruned")
     parser.add_argument("--vision-lr", type=float, default=3e-3)
     parser.add_argument("--language-lr", type=float, default=2e-3)
     parser.add_argument("--questions", type=int, default=8, help="questions per image in a language step")
@@ -292,6 +347,10 @@ def main() -> None:
     results["test"] = evaluate(model, processor, test)["accuracy"]
     with tokendrop.patched(model, "random", budget=0.1):
         results["test_random_0.1"] = evaluate(model, processor, test)["accuracy"]
+    for budget in (0.25, 0.1, 0.05, 0.02):
+        oracle = Oracle(budget=budget)
+        with tokendrop.patched(model, oracle):
+            results[f"test_oracle_{budget}"] = evaluate(model, processor, test, oracle=oracle)["accuracy"]
     results["chance"] = 100 * chance_accuracy(list(testbed_samples("train", 5000, seed=args.seed)), test)
     print(json.dumps(results, indent=1), flush=True)
 
@@ -344,7 +403,11 @@ Reproduce with `{command}` ({args.threads} CPU threads).
    ({language_s / 60:.1f} min): {args.questions} independent questions about each image (its
    prompt prefix run once), loss on the answer tokens; for the first {args.spell_steps} steps an
    answer first repeats the shape asked about ("triangle red"), which teaches the lookup
-   quickly, then the one-word answers of the task.
+   quickly, then the one-word answers of the task. After those, {args.drop_share:.0%} of the steps
+   prune each prompt through tokendrop's own path: the tokens of the object asked about (and
+   of each other object with chance 1/2) stay, plus a random share of the rest drawn per
+   image from 0 to 1; every question asks about a kept object. The LLM so learns that a
+   pruned prompt is normal, without ever learning to guess a dropped answer.
 
 Whole training: {(vision_s + language_s) / 60:.1f} min.
 
@@ -356,6 +419,7 @@ Greedy answers, exact match, on the first {args.eval_samples} samples of each sp
 | validation | {results["validation"]:.1f}% |
 | test | {results["test"]:.1f}% |
 | test, `random` at 10% of the visual tokens | {results["test_random_0.1"]:.1f}% |
+| test, `oracle` at 25% / 10% / 5% / 2% (the queried object's tokens first, then CLS attention) | {results["test_oracle_0.25"]:.1f}% / {results["test_oracle_0.1"]:.1f}% / {results["test_oracle_0.05"]:.1f}% / {results["test_oracle_0.02"]:.1f}% |
 | test, best blind guess (the most frequent answer to the same question in train) | {results["chance"]:.1f}% |
 
 The budget sweep of every method is in the README ("The testbed").

@@ -18,6 +18,7 @@ from tokendrop.cli import main
 from tokendrop.eval import testbed
 from tokendrop.eval.sweep import sweep
 from tokendrop.presets import build_preset, build_processor
+from tokendrop.selection import keep_count
 
 ACCURACY_SAMPLES = 300  # the first samples of the test split
 FULL_ACCURACY = 90.0  # the committed model's floor on them (MODEL_CARD.md has its measured accuracy)
@@ -173,11 +174,96 @@ def test_training_script_runs_end_to_end_and_writes_a_loadable_model(tmp_path, m
     accuracy, which the committed model's test above covers."""
     script = Path(__file__).parents[1] / "examples" / "train_testbed.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--out", str(tmp_path), "--batch", "2", "--vision-steps", "2",
-                                      "--language-steps", "2", "--spell-steps", "1", "--eval-samples", "4"])
+                                      "--language-steps", "2", "--spell-steps", "1", "--drop-share", "1",
+                                      "--eval-samples", "4"])
     runpy.run_path(str(script), run_name="__main__")
     monkeypatch.setattr(testbed_model, "CONFIG", tmp_path / "config.json")
     monkeypatch.setattr(testbed_model, "WEIGHTS", tmp_path / "model.safetensors")
     model, processor = testbed_model.load_testbed()
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in build_preset("testbed")[0].parameters())
     card = (tmp_path / "MODEL_CARD.md").read_text()
-    assert "--vision-steps 2" in card and "| test |" in card
+    assert "--vision-steps 2" in card and "| test |" in card and "`oracle` at 25%" in card
+
+
+# --- the oracle: where the objects are, in tokens ---------------------------------------------
+
+
+def object_tokens_from_pixels(model, box):
+    """Feature indices whose patch overlaps `box`, from the testbed's pixel geometry: the base
+    view is the 96 px image at half size in 8 px patches (16 image px each), the crops are its
+    48 px quarters in 8 px patches."""
+    import reference
+
+    feats, _ = reference.features(model, testbed.SIZE, testbed.SIZE)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    x0, y0, x1, y1 = box
+    hits = set()
+    for index, (partition, local) in enumerate(feats):
+        y, x = divmod(local, side)
+        if partition == 0:
+            top, left, size = 16 * y, 16 * x, 16
+        else:
+            row, col = divmod(partition - 1, 2)
+            top, left, size = testbed.TILE * row + 8 * y, testbed.TILE * col + 8 * x, 8
+        if top < y1 and top + size > y0 and left < x1 and left + size > x0:
+            hits.add(index)
+    return hits
+
+
+def encode_sample(model, processor, sample):
+    from tokendrop.adapters import adapter_for
+
+    inputs = processor(images=[sample["image"]], text=[chat_prompt(processor, sample["question"])],
+                       return_tensors="pt")
+    with torch.no_grad():
+        return adapter_for(model).encode(inputs["pixel_values"], inputs["image_sizes"], {-2: "probs"})[0], inputs
+
+
+def chat_prompt(processor, question):
+    from tokendrop.eval.generation import prompt_text
+
+    return prompt_text(processor, question)
+
+
+def test_object_tokens_match_the_pixel_geometry(trained):
+    model, processor = trained
+    for sample in testbed.testbed_samples("validation", 12):
+        image, _ = encode_sample(model, processor, sample)
+        for _, _, box in sample["objects"]:
+            found = set(torch.nonzero(testbed.object_features(image.layout, box)).flatten().tolist())
+            assert found == object_tokens_from_pixels(model, box)
+            assert any(i >= 36 for i in found) and any(i < 36 for i in found)  # in a crop and in the base
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.05, 0.02, 2])
+def test_oracle_keeps_the_object_first_then_cls_attention(trained, budget):
+    model, processor = trained
+    for sample in testbed.testbed_samples("test", 4):
+        image, inputs = encode_sample(model, processor, sample)
+        on_object = object_tokens_from_pixels(model, sample["objects"][0][2])
+        attention = image.layout.per_feature(image.cls_scores(-2)).tolist()
+        # ranked by (not on the object, -attention, index), written out
+        ranked = sorted(range(len(attention)), key=lambda i: (i not in on_object, -attention[i], i))
+        expected = sorted(ranked[: keep_count(budget, len(attention))])
+        oracle = testbed.Oracle(budget=budget)
+        oracle.targets = [sample["objects"][0][2]]
+        with tokendrop.patched(model, oracle) as handle, torch.no_grad():
+            model.generate(**inputs, max_new_tokens=1)
+        assert handle.last[0].indices == expected
+        assert oracle.targets == []
+
+
+def test_oracle_in_a_sweep_and_refused_elsewhere(trained, tmp_path):
+    model, processor = trained
+    summary = sweep(model, ["testbed"], tmp_path / "run", processor=processor, methods=["oracle"], budgets=[0.05],
+                    limit=8, batch_size=4, progress=False)
+    cell = next(c for c in summary["cells"] if c["method"] == "oracle")
+    assert cell["n"] == 8 and cell["kept_pct"] == 5.0
+    with pytest.raises(ValueError, match="evaluation-only, offered by the testbed task"):
+        sweep(model, ["testbed", "custom"], tmp_path / "other", processor=processor, methods=["oracle"],
+              data={"custom": str(tmp_path / "x.jsonl")}, progress=False)
+    with pytest.raises(TypeError, match="carries its own budget"):
+        tokendrop.patch(model, testbed.Oracle(budget=0.1), budget=0.2)
+    with pytest.raises(ValueError, match="no target box left"):
+        with tokendrop.patched(model, testbed.Oracle(budget=0.1)):
+            testbed.evaluate(model, processor, [testbed.testbed_sample("test", 0)])

@@ -11,6 +11,8 @@ __version__ = "0.1.0"  # before the imports: modules below record it in their ou
 from .method import describe as methods
 from .patch import Handle, ImageRecord, patch, patched, unpatch
 from .profile_grid import profile
+from .training import Example, RouterTraining, train_router
 from .visualize import show
 
-__all__ = ["patch", "unpatch", "patched", "methods", "profile", "show", "Handle", "ImageRecord", "__version__"]
+__all__ = ["patch", "unpatch", "patched", "methods", "profile", "show", "train_router", "RouterTraining", "Example",
+           "Handle", "ImageRecord", "__version__"]

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
 from .loading import DTYPES, load_model, load_processor
 from .method import METHODS
-from .presets import PRESETS, synthetic_image
+from .presets import PRESETS, synthetic_image, with_preset_defaults
 from .selection import check_budget
 
 # --- argument types: a ValueError/TypeError becomes argparse's usage error --------------
@@ -154,8 +156,9 @@ def run_profile(args) -> None:
     model, processor = loaded(args)
     print(random_weights_note(args.model), flush=True)
     images, prompt = profile_inputs(args)
+    options = with_preset_defaults(args.model, args.methods, grouped(args.options))
     rows = profile(model, processor, args.methods, args.budgets, args.batch_sizes, images, prompt,
-                   args.max_new_tokens, args.repeats, args.warmup, args.out, grouped(args.options))
+                   args.max_new_tokens, args.repeats, args.warmup, args.out, options)
     print(format_table(rows))
     if args.out:
         print(f"\nprofile.json, profile.csv and profile.png in {args.out}")
@@ -205,8 +208,115 @@ def run_show(args) -> None:
     from .visualize import show
 
     model, processor = loaded(args)
-    show(model, processor, args.image, args.method, args.budget, args.question, out=args.out)
+    options = with_preset_defaults(args.model, [args.method], {}).get(args.method, {})
+    show(model, processor, args.image, args.method, args.budget, args.question, out=args.out, **options)
     print(f"wrote {args.out}")
+
+
+# --- train-router -----------------------------------------------------------------------
+
+
+def add_train_router(subcommands) -> None:
+    from .training import LOSSES, RouterTraining
+
+    defaults = {f.name: f.default for f in dataclasses.fields(RouterTraining)}
+    parser = subcommands.add_parser(
+        "train-router", help="train the learned router (method router) for a model, the model frozen",
+        description="Train a router for --model on --data and write router.safetensors and router.json to "
+                    "--out. Rerun the same command to resume from the last checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True,
+                        help="a JSONL file of {image, question, answer?} lines (image paths relative to it), or "
+                             "a sweep task whose train split is read (e.g. testbed)")
+    parser.add_argument("--validation", metavar="SOURCE",
+                        help="examples with answers scored every --validate-every steps: a JSONL file, or TASK or "
+                             "TASK=SPLIT as sweep's --data reads it (e.g. testbed=validation)")
+    parser.add_argument("--validation-samples", type=positive_int, default=200, help="the first N of --validation")
+    parser.add_argument("--out", type=Path, required=True, help="the router folder to write")
+    parser.add_argument("--budget", type=budget, default=defaults["budget"], help="the budget it trains at")
+    parser.add_argument("--loss", choices=LOSSES, default=defaults["loss"],
+                        help="kl: match the unpruned model's answer (no labels); ce: the data's answers; mix: both")
+    for name, kind, help in (
+        ("steps", positive_int, "optimizer updates"),
+        ("batch_size", positive_int, "prompts per process and micro-step"),
+        ("accumulate", positive_int, "micro-steps of gradient accumulation per update"),
+        ("samples", positive_int, "selections drawn per prompt (>= 2)"),
+        ("lr", float, "peak learning rate (warm-up, then cosine decay)"),
+        ("rank", positive_int, "rank of the learned visual-question term"),
+        ("seed", int, "decides the data order, the sampling noise and the initial weights"),
+        ("checkpoint_every", positive_int, "steps between checkpoints in OUT/checkpoint"),
+        ("validate_every", positive_int, "steps between validation scores"),
+    ):
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name], help=help)
+    parser.add_argument("--scope", choices=["all", "crops"], default=defaults["scope"])
+    parser.add_argument("--prompt-template", help='for a processor without a chat template: "... {question} ..."')
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run_train_router)
+
+
+def run_train_router(args) -> None:
+    from .training import RouterTraining, read_jsonl, train_router
+
+    config = RouterTraining(
+        out=args.out, budget=args.budget, loss=args.loss, steps=args.steps, batch_size=args.batch_size,
+        accumulate=args.accumulate, samples=args.samples, lr=args.lr, rank=args.rank, scope=args.scope,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
+        prompt_template=args.prompt_template, progress=not args.no_progress,
+    )
+    data = read_jsonl(args.data) if Path(args.data).is_file() else task_examples(args.data, "train")
+    validation = None
+    if args.validation:
+        source = args.validation
+        validation = read_jsonl(source) if Path(source).is_file() else task_examples(source, None)
+        validation = [validation[i] for i in range(min(args.validation_samples, len(validation)))]
+    if device_map_from_launch(args):
+        args.device_map = device_map_from_launch(args)
+    model, processor = loaded(args)
+    out = train_router(model, processor, data, config, validation)
+    print(f"wrote {out / 'router.safetensors'} and {out / 'router.json'}; use it with "
+          f"--method router --option router.router={out}")
+
+
+def task_examples(spec: str, split: str | None) -> "TaskExamples":
+    """The examples of a sweep task: TASK (its evaluated split, or `split`), or TASK=SOURCE."""
+    from .eval.tasks import TASKS, build_task
+
+    name, _, source = spec.partition("=")
+    if name not in TASKS.names():
+        raise ValueError(f"--data/--validation {spec!r} is neither a file nor a task ({', '.join(TASKS.names())})")
+    task = build_task(name)
+    rows, image_of = task.load(source or None, split)
+    return TaskExamples(task, rows, image_of, identity=f"{spec}:{split}:{len(rows)}")
+
+
+class TaskExamples(Sequence):
+    """A task's rows as training examples, each made when indexed (a split can be large)."""
+
+    def __init__(self, task, rows, image_of, identity: str):
+        self.task, self.rows, self.image_of, self.identity = task, rows, image_of, identity
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        from .training import Example
+
+        row = self.rows[index]
+        sample = self.task.sample(row, index, self.image_of(row, index))
+        answer = sample.reference[0] if isinstance(sample.reference, list) else sample.reference
+        return Example(sample.image, sample.question, None if answer is None else str(answer))
+
+
+def device_map_from_launch(args):
+    """Under `accelerate launch`, a whole model per process, on that process's device."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device_map is None:
+        from accelerate import PartialState
+
+        return {"": PartialState().device}
+    return None
 
 
 # --- entry point ----------------------------------------------------------------------
@@ -217,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="tokendrop", description="Drop visual tokens before the LLM.")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_demo, add_profile, add_show, add_sweep_parser):
+    for add in (add_demo, add_profile, add_show, add_sweep_parser, add_train_router):
         add(subcommands)
     return parser
 

@@ -190,15 +190,23 @@ def _with_original_prompt(output, input_ids, compact_length: int):
 # --- public API -----------------------------------------------------------------------
 
 
-def patch(model: nn.Module, method: str, budget: float | int = 1.0, **options) -> Handle:
+def patch(model: nn.Module, method: str | Method, budget: float | int | None = None, **options) -> Handle:
     """Make every later `model.generate(...)`/`model(...)` call feed the LLM only the visual
-    tokens `method` keeps within `budget` (a fraction in (0, 1] or a token count per image).
+    tokens `method` keeps within `budget` (a fraction in (0, 1] or a token count per image;
+    default 1.0). `method` is a registered name, or a `Method` object built with its budget
+    and options (one outside the registry, such as an evaluation oracle).
     Everything is validated before the model is touched; patching a patched model replaces
     the old patch."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch() takes a loaded Hugging Face model, got {type(model).__name__}")
     adapter = adapter_for(model)
-    chosen = build_method(method, budget=budget, **options).resolve(adapter)
+    if isinstance(method, Method):
+        if budget is not None or options:
+            raise TypeError("a Method object carries its own budget and options: pass it alone, "
+                            "e.g. patch(model, Oracle(budget=0.1))")
+        chosen = method.resolve(adapter)
+    else:
+        chosen = build_method(method, budget=1.0 if budget is None else budget, **options).resolve(adapter)
     unpatch(model)
     handle = Handle(model, chosen, adapter)
     handle._install()
@@ -213,7 +221,7 @@ def unpatch(model: nn.Module) -> None:
 
 
 @contextmanager
-def patched(model: nn.Module, method: str, budget: float | int = 1.0, **options):
+def patched(model: nn.Module, method: str | Method, budget: float | int | None = None, **options):
     """`with tokendrop.patched(model, "hired", budget=0.2) as handle:` patch for a block."""
     previous = model.__dict__.get(ATTRIBUTE)
     handle = patch(model, method, budget=budget, **options)

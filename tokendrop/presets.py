@@ -75,8 +75,17 @@ PRESETS.register("testbed")(
         words=("USER:", "ASSISTANT:", "What", "colour", "is", "the", "red", "green", "blue", "yellow", "purple",
                "cyan", "circle", "square", "triangle", "cross"),
         task="testbed",  # trained for this task: its weights are loaded, not drawn
+        method_options={"router": {"router": "testbed"}},  # the router trained for it, shipped beside it
     )
 )
+
+
+def with_preset_defaults(model_name: str, methods, options: dict) -> dict:
+    """{method: {option: value}}: the preset's defaults for the methods run, then `options`
+    (which win). Only a preset named by `model_name` has defaults."""
+    defaults = PRESETS.get(model_name).get("method_options", {}) if model_name in PRESETS.names() else {}
+    names = list(options) + [m for m in methods if m in defaults and m not in options]
+    return {m: defaults.get(m, {}) | options.get(m, {}) for m in names}
 
 
 def build_tokenizer(words=()) -> PreTrainedTokenizerFast:

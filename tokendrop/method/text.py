@@ -76,11 +76,8 @@ class Text(Method):
 
     def scores(self, image: EncodedImage) -> torch.Tensor:
         """(N,) summed cosine similarity of each feature token to the question tokens."""
-        ids = self.question_ids(image)
-        weight = image.embed.weight
-        question = F.normalize(image.embed(ids.to(weight.device)).float(), dim=-1)
-        visual = F.normalize(image.features.float().to(weight.device), dim=-1)
-        return (visual @ question.T).sum(-1).cpu()
+        question = image.embed(self.question_ids(image).to(image.embed.weight.device))
+        return cosine_scores(image.features.to(question.device), question).cpu()
 
     def question_ids(self, image: EncodedImage) -> torch.Tensor:
         tokenizer = self.tokenizer
@@ -97,6 +94,11 @@ class Text(Method):
                 "pass questions=[...] to generate/forward, one per prompt row"
             )
         return torch.tensor(ids)
+
+
+def cosine_scores(visual: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+    """(N, D), (T, D) -> (N,) fp32: sum_j cos(v_i, x_j)."""
+    return (F.normalize(visual.float(), dim=-1) @ F.normalize(question.float(), dim=-1).T).sum(-1)
 
 
 def image_token_id(processor) -> int:

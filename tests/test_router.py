@@ -1,0 +1,326 @@
+"""The learned router: untrained it is `text`; trained, its selections follow its formula;
+training touches nothing but the router, resumes exactly, and its files fail loudly."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BitsAndBytesConfig, LlavaNextForConditionalGeneration
+
+import reference
+import tokendrop
+from conftest import QUESTIONS, greedy, prompt
+from tokendrop import training
+from tokendrop.cli import main
+from tokendrop.eval import testbed
+from tokendrop.method.router import SHIPPED, read_router
+from tokendrop.presets import build_preset, synthetic_image
+from tokendrop.selection import keep_count
+
+
+def toy_examples(n, split="train", start=0):
+    samples = (testbed.testbed_sample(split, i) for i in range(start, start + n))
+    return [training.Example(s["image"], s["question"], s["answer"]) for s in samples]
+
+
+def config(out, **overrides):
+    settings = dict(out=out, steps=4, batch_size=2, samples=2, checkpoint_every=2, validate_every=100,
+                    progress=False)
+    return training.RouterTraining(**(settings | overrides))
+
+
+@pytest.fixture(scope="module")
+def bed():
+    return build_preset("testbed")
+
+
+@pytest.fixture(scope="module")
+def trained_router(bed, tmp_path_factory):
+    """A router trained briefly on the testbed (its learned term is no longer zero)."""
+    out = tmp_path_factory.mktemp("router")
+    model, processor = bed
+    training.train_router(model, processor, toy_examples(24), config(out, steps=6, lr=0.05))
+    return out
+
+
+@pytest.fixture
+def odd_batch(tiny):
+    _, processor = tiny
+    sizes = [(38, 96), (96, 38), (60, 100), (20, 140)]
+    images = [synthetic_image(w, h, seed=10 + i) for i, (h, w) in enumerate(sizes)]
+    questions = QUESTIONS + ["Is there a green circle?"]
+    inputs = processor(images=images, text=[prompt(processor, q) for q in questions], return_tensors="pt",
+                       padding=True)
+    return inputs, questions
+
+
+def kept(model, inputs, method, **options):
+    with tokendrop.patched(model, method, **options) as handle:
+        greedy(model, inputs, n=1)
+    return [r.indices for r in handle.last]
+
+
+@pytest.mark.parametrize("scope", ["crops", "all"])
+@pytest.mark.parametrize("budget", [0.5, 0.1, 0.02, 7])
+def test_untrained_router_selects_what_text_selects(tiny, odd_batch, scope, budget):
+    model, processor = tiny
+    inputs, _ = odd_batch
+    expected = kept(model, inputs, "text", budget=budget, scope=scope, processor=processor)
+    assert kept(model, inputs, "router", budget=budget, scope=scope, processor=processor) == expected
+    assert kept(model, inputs, "router", budget=budget, scope=scope, processor=processor, rank=3) == expected
+
+
+def test_untrained_router_threshold_mode_is_text(tiny, odd_batch):
+    model, processor = tiny
+    inputs, _ = odd_batch
+    expected = kept(model, inputs, "text", threshold=0.5, processor=processor)
+    assert kept(model, inputs, "router", threshold=0.5, scope="crops", processor=processor) == expected
+
+
+def test_router_at_full_budget_is_the_unpatched_model(bed, trained_router):
+    model, processor = bed
+    sample = testbed.testbed_sample("test", 3)
+    inputs = processor(images=[sample["image"]], text=[prompt(processor, sample["question"])], return_tensors="pt")
+    with tokendrop.patched(model, "router", budget=1.0, router=trained_router, processor=processor):
+        patched_out = greedy(model, inputs, n=3)
+    assert torch.equal(patched_out, greedy(model, inputs, n=3))
+
+
+def router_reference(model, processor, inputs, questions, folder, budget):
+    """Top-k of s_i = sum_j cos(v_i, x_j) + (v_i/|v_i| A) . (sum_j x_j/|x_j| B) + v_i/|v_i| . u,
+    written from the formula with the saved tensors."""
+    _, weights = read_router(folder)
+    a, b, u = weights.visual.detach(), weights.question.detach(), weights.salience.detach()
+    table = model.get_input_embeddings().weight.detach().float()
+    tokenizer = processor.tokenizer
+    with torch.no_grad():
+        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    result = []
+    for (height, width), vectors, question in zip(inputs["image_sizes"].tolist(), packed, questions):
+        _, layout = reference.features(model, height, width)
+        visual = torch.stack([vectors[pos] for pos, (kind, _) in enumerate(layout) if kind == "f"]).float()
+        ids = [i for i in tokenizer(question, add_special_tokens=False).input_ids if i not in tokenizer.all_special_ids]
+        words = F.normalize(table[ids], dim=-1)
+        cosine = torch.tensor(reference.text_scores(model, processor, visual, question))
+        unit = F.normalize(visual, dim=-1)
+        scores = cosine + (unit @ a) @ (words.sum(0) @ b) + unit @ u
+        count = keep_count(budget, len(scores))
+        result.append(sorted(sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))[:count]))
+    return result
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.05, 3])
+def test_trained_router_equals_its_formula(bed, trained_router, budget):
+    model, processor = bed
+    samples = [testbed.testbed_sample("test", i) for i in range(3)]
+    questions = [s["question"] for s in samples]
+    inputs = processor(images=[s["image"] for s in samples], text=[prompt(processor, q) for q in questions],
+                       return_tensors="pt", padding=True)
+    _, weights = read_router(trained_router)
+    assert weights.question.abs().sum() > 0 and weights.salience.abs().sum() > 0  # it did learn
+    selected = kept(model, inputs, "router", budget=budget, router=trained_router, processor=processor)
+    assert selected == router_reference(model, processor, inputs, questions, trained_router, budget)
+    text = kept(model, inputs, "text", budget=budget, scope="all", processor=processor)
+    assert selected != text
+
+
+def test_save_then_load_selects_the_same(bed, tmp_path):
+    model, processor = bed
+    out = tmp_path / "router"
+    examples = toy_examples(8)
+    weights = {}
+
+    def keep_weights(w, folder, model, training_record):
+        weights["trained"] = {k: v.detach().clone() for k, v in w.state_dict().items()}
+        return save(w, folder, model, training_record)
+
+    save = training.save_router
+    training.save_router = keep_weights
+    try:
+        training.train_router(model, processor, examples, config(out, steps=3, lr=0.05))
+    finally:
+        training.save_router = save
+    method = tokendrop.method.router.Router(budget=0.05, processor=processor)
+    method.weights = tokendrop.method.router.RouterWeights(128, 8)
+    method.weights.load_state_dict(weights["trained"])
+    sample = testbed.testbed_sample("test", 5)
+    inputs = processor(images=[sample["image"]], text=[prompt(processor, sample["question"])], return_tensors="pt")
+    in_memory = kept(model, inputs, method)
+    assert kept(model, inputs, "router", budget=0.05, router=out, processor=processor) == in_memory
+    saved = json.loads((out / "router.json").read_text())
+    assert saved["rank"] == 8 and saved["training"]["budget"] == 0.05 and saved["training"]["loss"] == "kl"
+    assert saved["base_model"]["vocab_size"] == model.config.text_config.vocab_size
+    assert saved["tokendrop_version"] == tokendrop.__version__
+
+
+def test_training_changes_only_the_router(bed, tmp_path):
+    model, processor = bed
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads_requested = []
+    original = training.SelectionTrainer.loss
+
+    def spy(self, router, examples, generator):
+        loss, reward = original(self, router, examples, generator)
+        grads_requested.append((loss.requires_grad, [p.requires_grad for p in model.parameters()]))
+        return loss, reward
+
+    training.SelectionTrainer.loss = spy
+    try:
+        training.train_router(model, processor, toy_examples(8), config(tmp_path / "r", steps=2, lr=0.05))
+    finally:
+        training.SelectionTrainer.loss = original
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(loss_has_grad and not any(model_grads) for loss_has_grad, model_grads in grads_requested)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_short_run_improves_the_objective(bed, tmp_path):
+    """The greedy (top-k) selection's KL to the unpruned answer falls on the training set."""
+    model, processor = bed
+    examples = toy_examples(16)
+    untrained = training.objective(model, processor, None, examples, config(tmp_path / "a"))
+    training.train_router(model, processor, examples, config(tmp_path / "b", steps=40, batch_size=4, samples=4,
+                                                             lr=0.05))
+    _, weights = read_router(tmp_path / "b")
+    learned = training.objective(model, processor, weights, examples, config(tmp_path / "b"))
+    assert learned < 0.8 * untrained
+
+
+def test_kill_and_resume_ends_with_the_same_weights(bed, tmp_path):
+    model, processor = bed
+    examples = toy_examples(10)
+    training.train_router(model, processor, examples, config(tmp_path / "whole", steps=5, lr=0.05))
+
+    original, calls = training.SelectionTrainer.loss, []
+
+    def dies_at_step_four(self, *args):
+        calls.append(1)
+        if len(calls) == 4:  # after the checkpoint of step 2, before step 4 is done
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    training.SelectionTrainer.loss = dies_at_step_four
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            training.train_router(model, processor, examples, config(tmp_path / "killed", steps=5, lr=0.05))
+    finally:
+        training.SelectionTrainer.loss = original
+    assert json.loads((tmp_path / "killed" / "checkpoint" / "state.json").read_text())["step"] == 2
+    training.train_router(model, processor, examples, config(tmp_path / "killed", steps=5, lr=0.05))
+    _, whole = read_router(tmp_path / "whole")
+    _, resumed = read_router(tmp_path / "killed")
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name])
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        training.train_router(model, processor, examples, config(tmp_path / "killed", steps=5, lr=0.01))
+
+
+def test_ce_loss_trains_from_answers_and_needs_them(bed, tmp_path):
+    model, processor = bed
+    out = training.train_router(model, processor, toy_examples(4), config(tmp_path / "ce", steps=2, loss="ce"))
+    assert json.loads((out / "router.json").read_text())["training"]["loss"] == "ce"
+    unlabelled = [training.Example(e.image, e.question) for e in toy_examples(4)]
+    with pytest.raises(ValueError, match="needs reference answers"):
+        training.train_router(model, processor, unlabelled, config(tmp_path / "x", steps=1, loss="mix"))
+
+
+def test_bad_router_files_fail_clearly(bed, tiny, trained_router, tmp_path):
+    model, processor = bed
+    with pytest.raises(ValueError, match="trained on another model: text_hidden_size is 128 in the router, 64"):
+        tokendrop.patch(tiny[0], "router", budget=0.1, router=trained_router, processor=tiny[1])
+    other, _ = build_preset("tiny", seed=1)
+    folder = tmp_path / "tiny-router"
+    shutil.copytree(trained_router, folder)
+    config_file = json.loads((folder / "router.json").read_text())
+    config_file["base_model"] = tokendrop.method.router.fingerprint(tiny[0])
+    (folder / "router.json").write_text(json.dumps(config_file))
+    with pytest.raises(ValueError, match="input-embedding rows differ"):
+        tokendrop.patch(other, "router", budget=0.1, router=folder, processor=tiny[1])
+    with pytest.raises(ValueError, match="rank=4 was given, but .* has rank 8"):
+        tokendrop.patch(model, "router", budget=0.1, router=trained_router, rank=4, processor=processor)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(trained_router, truncated)
+    data = (truncated / "router.safetensors").read_bytes()
+    (truncated / "router.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot be read .* damaged or truncated"):
+        tokendrop.patch(model, "router", budget=0.1, router=truncated, processor=processor)
+    reranked = tmp_path / "reranked"
+    shutil.copytree(trained_router, reranked)
+    config_file = json.loads((reranked / "router.json").read_text())
+    config_file["rank"] = 4
+    (reranked / "router.json").write_text(json.dumps(config_file))
+    with pytest.raises(ValueError, match="do not belong together"):
+        tokendrop.patch(model, "router", budget=0.1, router=reranked, processor=processor)
+    (reranked / "router.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        tokendrop.patch(model, "router", budget=0.1, router=reranked, processor=processor)
+    with pytest.raises(FileNotFoundError, match="router.json is missing"):
+        tokendrop.patch(model, "router", budget=0.1, router=tmp_path / "nowhere", processor=processor)
+
+
+def test_bad_training_settings_fail_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="loss must be one of kl, ce, mix"):
+        training.RouterTraining(out=tmp_path, loss="mse")
+    with pytest.raises(ValueError, match="samples must be an int >= 2"):
+        training.RouterTraining(out=tmp_path, samples=1)
+    with pytest.raises(ValueError, match="must contain"):
+        training.RouterTraining(out=tmp_path, prompt_template="no placeholder")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png", "question": "q"}\n["list"]\n')
+    with pytest.raises(ValueError, match="line 2: expected an object"):
+        training.read_jsonl(bad)
+    bad.write_text('{"image": "a.png"}\n')
+    with pytest.raises(ValueError, match="line 1: `question` must be a non-empty string"):
+        training.read_jsonl(bad)
+
+
+def test_router_runs_in_fp32_beside_a_bf16_model(tiny, odd_batch):
+    model, processor = tiny
+    half = build_preset("tiny", dtype=torch.bfloat16)[0]
+    inputs, _ = odd_batch
+    inputs = dict(inputs) | {"pixel_values": inputs["pixel_values"].to(torch.bfloat16)}
+    expected = kept(half, inputs, "text", budget=0.2, scope="all", processor=processor)
+    assert kept(half, inputs, "router", budget=0.2, processor=processor) == expected
+
+
+def test_trains_on_a_4bit_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model, processor = build_preset("tiny")
+    model.save_pretrained(tmp_path / "tiny")
+    quantized = LlavaNextForConditionalGeneration.from_pretrained(
+        tmp_path / "tiny", device_map="cpu",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    examples = [training.Example(synthetic_image(96, 60, seed=i), "What is red?") for i in range(4)]
+    out = training.train_router(quantized, processor, examples, config(tmp_path / "r", steps=2))
+    _, weights = read_router(out)
+    assert weights.question.abs().sum() > 0
+    kept(quantized, processor(images=[examples[0].load_image()], text=[prompt(processor, "What is red?")],
+                              return_tensors="pt"), "router", budget=0.2, router=out, processor=processor)
+
+
+def test_train_router_command_and_the_shipped_router(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    lines = []
+    for i, sample in enumerate(testbed.testbed_samples("train", 4)):
+        sample["image"].save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": sample["question"], "answer": sample["answer"]}))
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "router"
+    arguments = ["train-router", "--model", "testbed", "--data", str(data), "--out", str(out), "--steps", "2",
+                 "--batch-size", "2", "--samples", "2", "--validation", "testbed=validation",
+                 "--validation-samples", "4", "--validate-every", "2", "--no-progress"]
+    assert main(arguments) == 0
+    assert "router.router=" in capsys.readouterr().out
+    saved = json.loads((out / "router.json").read_text())
+    assert saved["training"]["validation"] is not None and saved["training"]["examples"] == 4
+    assert main(arguments) == 0  # finished: resumes at the last step and rewrites the same router
+    assert main(["train-router", "--model", "testbed", "--data", "testbed", "--out", str(tmp_path / "task"),
+                 "--steps", "1", "--batch-size", "2", "--samples", "2", "--no-progress"]) == 0
+    with pytest.raises(ValueError, match="neither a file nor a task"):
+        main(["train-router", "--model", "testbed", "--data", "nothing.jsonl", "--out", str(out), "--no-progress"])
+    assert (SHIPPED["testbed"] / "router.json").is_file()
+    shipped = json.loads((SHIPPED["testbed"] / "router.json").read_text())
+    assert shipped["training"]["budget"] == 0.05

@@ -1,0 +1,496 @@
+"""Training the learned router (`method="router"`) with the model frozen.
+
+    tokendrop.train_router(model, processor, "train.jsonl", RouterTraining(out="my-router"))
+    tokendrop.patch(model, "router", budget=0.05, router="my-router", processor=processor)
+
+The objective is the one the router serves: the pruned model should answer as the unpruned
+model does. For each training prompt the unpruned model runs once (the teacher). Then
+`samples` selections of the training budget's size are drawn from the router's scores
+(Gumbel top-k, i.e. Plackett-Luce sampling without replacement), each pruned prompt runs
+through the same compaction path as a patched `generate`, and each earns a reward:
+- `loss="kl"` (default, label-free): minus KL(unpruned || pruned) of the first answer
+  token's distribution;
+- `loss="ce"`: the log-likelihood of the data's reference answer (every answer token);
+- `loss="mix"`: both added.
+The router's scores get the policy gradient of that reward (REINFORCE: each sample's reward
+minus the mean of the prompt's other samples, times the gradient of the sample's log
+probability). This optimises the real, discrete selection at the budget it will run at, needs
+no differentiable relaxation of the LLM, and keeps its attention kernel (sdpa, flash) as it is.
+Distilling the unpruned model's own relevance (gradient saliency of its answer) was tried
+first: on the testbed it ranked the queried object's tokens far worse (see the README).
+
+Only the router's parameters train, in fp32; the model's weights never change (nothing of
+the model requires grad, and the optimizer holds the router alone). `accelerate` places the
+router and, under `accelerate launch`, splits each batch across processes (data parallel).
+Every `checkpoint_every` steps the router and optimizer state are written to
+`out/checkpoint/`; running again with the same arguments resumes there and ends with the same
+weights as an uninterrupted run (the data order and the sampling noise are functions of the
+seed and the step).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import adapter_for
+from .method.router import Router, RouterWeights, fingerprint, save_router
+from .patch import patched
+from .selection import check_budget, keep_count, packed_keep_mask
+
+LOSSES = ("kl", "ce", "mix")
+CHECKPOINT = "checkpoint"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training prompt: an image (a PIL image, a path, or a function that returns one), the
+    question asked about it, and optionally the reference answer."""
+
+    image: Image.Image | str | Path | Callable[[], Image.Image]
+    question: str
+    answer: str | None = None
+
+    def load_image(self) -> Image.Image:
+        image = self.image() if callable(self.image) else self.image
+        if isinstance(image, (str, Path)):
+            image = Image.open(image)
+        return image.convert("RGB")
+
+
+@dataclass
+class RouterTraining:
+    """How to train a router. `budget` is the one it is trained and validated at (recorded in
+    router.json). `batch_size` prompts per process and step, times `accumulate` steps of
+    gradient accumulation per optimizer update; `steps` counts updates."""
+
+    out: str | Path
+    budget: float | int = 0.05
+    loss: str = "kl"
+    steps: int = 1000
+    batch_size: int = 8
+    accumulate: int = 1
+    samples: int = 8  # selections drawn per prompt and step
+    lr: float = 1e-2
+    rank: int = 8
+    scope: str = "all"
+    seed: int = 0
+    checkpoint_every: int = 100
+    validate_every: int = 100
+    prompt_template: str | None = None  # "... {question} ..." for a processor without a chat template
+    progress: bool = True
+
+    def __post_init__(self):
+        self.budget = check_budget(self.budget)
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 2:
+            raise ValueError(f"samples must be an int >= 2 (each sample's baseline is the others' mean), "
+                             f"got {self.samples!r}")
+        for name in ("steps", "batch_size", "accumulate", "rank", "checkpoint_every", "validate_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ValueError(f"lr must be a number > 0, got {self.lr!r}")
+        if self.scope not in ("all", "crops"):
+            raise ValueError(f"scope must be 'all' or 'crops', got {self.scope!r}")
+        if self.prompt_template is not None and "{question}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain {{question}}, got {self.prompt_template!r}")
+        self.out = Path(self.out)
+
+    def identity(self) -> dict:
+        """The settings that decide the final weights (a resumed run must match them)."""
+        fields = dataclasses.asdict(self)
+        return {k: v for k, v in fields.items() if k not in ("out", "checkpoint_every", "validate_every", "progress")}
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Examples from a JSONL file of {"image": path, "question": str, "answer": str?} lines;
+    image paths are relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training data {path} does not exist")
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: expected an object with image, question and answer")
+        for name in ("image", "question"):
+            if not isinstance(row.get(name), str) or not row[name]:
+                raise ValueError(f"{path}, line {number}: `{name}` must be a non-empty string")
+        answer = row.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            raise ValueError(f"{path}, line {number}: `answer` must be a string, got {answer!r}")
+        examples.append(Example(path.parent / row["image"], row["question"], answer))
+    if not examples:
+        raise ValueError(f"training data {path} holds no examples")
+    return examples
+
+
+def prompt_for(processor, question: str, template: str | None) -> str:
+    """The user turn holding one image and the question, as the model expects it."""
+    if template is not None:
+        return template.format(question=question)
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError("the processor has no chat template: give a prompt template with {question} in it "
+                         "(--prompt-template 'USER: <image>\\n{question} ASSISTANT:')")
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def answer_text(processor, question: str, answer: str, template: str | None) -> str:
+    """The text that follows the prompt when the model gives `answer`, end of turn included."""
+    if template is not None:
+        return " " + answer
+    prompt = prompt_for(processor, question, None)
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    full = processor.apply_chat_template([{"role": "user", "content": content},
+                                          {"role": "assistant", "content": [{"type": "text", "text": answer}]}])
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders an answered turn that does not start with the generation "
+                         "prompt; give --prompt-template to train with answers")
+    return full[len(prompt):]
+
+
+# --- one step -----------------------------------------------------------------------------
+
+
+class SelectionTrainer:
+    """The frozen model, its adapter, and the pieces of one training step."""
+
+    def __init__(self, model, processor, config: RouterTraining):
+        self.model, self.processor, self.config = model, processor, config
+        self.adapter = adapter_for(model)
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        # the question rule (template affixes, image token) exactly as the method applies it
+        self.question_rule = Router(processor=processor, scope=config.scope)
+        self.pad_token_id = self.tokenizer.pad_token_id or 0
+
+    def batch(self, examples: list[Example]):
+        """(model inputs, labels, answer width): the prompts, with the reference answers
+        appended (right-padded to one width, labels on their tokens) when the loss uses them."""
+        texts = [prompt_for(self.processor, e.question, self.config.prompt_template) for e in examples]
+        inputs = self.processor(images=[e.load_image() for e in examples], text=texts, return_tensors="pt",
+                                padding=True)
+        inputs = dict(inputs.to(self.model.device, self.model.dtype))
+        if self.config.loss == "kl":
+            return inputs, None, 0
+        missing = [i for i, e in enumerate(examples) if e.answer is None]
+        if missing:
+            raise ValueError(f"loss {self.config.loss!r} needs reference answers; example {missing[0]} of the batch "
+                             "has none (use loss='kl', which needs no labels)")
+        answers = [self.tokenizer(answer_text(self.processor, e.question, e.answer, self.config.prompt_template),
+                                  add_special_tokens=False).input_ids for e in examples]
+        width = max(map(len, answers))
+        ids = torch.tensor([a + [self.pad_token_id] * (width - len(a)) for a in answers], device=self.model.device)
+        known = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], device=self.model.device)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], 1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], known], 1)
+        labels = torch.full_like(inputs["input_ids"], -100)
+        labels[:, -width:] = torch.where(known.bool(), ids, -100)
+        return inputs, labels, width
+
+    def loss(self, router: nn.Module, examples: list[Example], generator: torch.Generator):
+        """(policy-gradient loss, mean reward) of one batch: `samples` selections drawn per prompt."""
+        samples = self.config.samples
+        inputs, labels, width = self.batch(examples)
+        images, unpruned = self.encode(inputs, examples, width)
+        log_probs, keep_masks, kept = [], [], []
+        for image in images:
+            scores, candidates, fixed, k = self.candidate_scores(router, image)
+            for _ in range(samples):
+                order, log_prob = sample_top_k(scores, k, generator)
+                log_probs.append(log_prob)
+                self.keep(image, torch.cat([fixed, candidates[order.cpu()]]), keep_masks, kept)
+        rewards = self.rewards(inputs, labels, width, keep_masks, kept, unpruned, samples).view(len(examples), samples)
+        others = (rewards.sum(1, keepdim=True) - rewards) / (samples - 1)
+        advantage = (rewards - others).flatten()
+        loss = -(advantage.to(log_probs[0].device) * torch.stack(log_probs)).mean()
+        return loss, rewards.mean().item()
+
+    def greedy_loss(self, router: nn.Module, examples: list[Example]) -> float:
+        """Minus the mean reward of the router's own top-k selection: what training lowers."""
+        inputs, labels, width = self.batch(examples)
+        images, unpruned = self.encode(inputs, examples, width)
+        keep_masks, kept = [], []
+        with torch.no_grad():
+            for image in images:
+                scores, candidates, fixed, k = self.candidate_scores(router, image)
+                order = torch.sort(-scores, stable=True).indices[:k]
+                self.keep(image, torch.cat([fixed, candidates[order.cpu()]]), keep_masks, kept)
+        return -self.rewards(inputs, labels, width, keep_masks, kept, unpruned, 1).mean().item()
+
+    def encode(self, inputs, examples, width):
+        """The encoded images, each with its question, and the unpruned model's log
+        probabilities at the first answer position (None when the loss does not use them)."""
+        with torch.no_grad():
+            images = self.adapter.encode(inputs["pixel_values"], inputs["image_sizes"], {})
+            unpruned = None
+            if self.config.loss != "ce":
+                logits = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                    **self.adapter.llm_inputs([image.packed for image in images])).logits
+                unpruned = logits[:, -width - 1].float().log_softmax(-1)
+        for image, example in zip(images, examples):
+            image.question = example.question
+        return images, unpruned
+
+    def candidate_scores(self, router: nn.Module, image):
+        """(router scores of the tokens in scope, their indices, the indices always kept, how
+        many of the scope to keep)."""
+        in_scope = self.in_scope(image)
+        candidates, fixed = torch.nonzero(in_scope).flatten(), torch.nonzero(~in_scope).flatten()
+        question = image.embed(self.question_rule.question_ids(image).to(image.embed.weight.device))
+        scores = router(image.features, question.to(image.features.device))
+        return scores[candidates.to(scores.device)], candidates, fixed, keep_count(self.config.budget, candidates.numel())
+
+    @staticmethod
+    def keep(image, chosen: torch.Tensor, keep_masks: list, kept: list) -> None:
+        """Append the packed keep mask and kept vectors of `chosen` feature indices."""
+        mask = packed_keep_mask(image.layout, torch.sort(chosen).values, "rows")
+        keep_masks.append(mask)
+        kept.append(image.packed[mask.to(image.packed.device)])
+
+    def rewards(self, inputs, labels, width, keep_masks, kept, unpruned, repeat: int) -> torch.Tensor:
+        """(B * repeat,) reward of every selection, in (prompt, selection) order."""
+        with torch.no_grad():
+            compact = self.adapter.compact(
+                inputs["input_ids"].repeat_interleave(repeat, 0), inputs["attention_mask"].repeat_interleave(repeat, 0),
+                None if labels is None else labels.repeat_interleave(repeat, 0), keep_masks, "left", self.pad_token_id,
+            )
+            targets = compact.pop("labels", None)
+            logits = self.model(**compact, **self.adapter.llm_inputs(kept)).logits.float()
+            reward = torch.zeros(logits.shape[0], device=logits.device)
+            if unpruned is not None:
+                teacher = unpruned.repeat_interleave(repeat, 0)
+                pruned = logits[:, -width - 1].log_softmax(-1)
+                reward -= (teacher.exp() * (teacher - pruned)).sum(-1)
+            if targets is not None:
+                answer_logits = logits[:, -width - 1 : -1]
+                answer = targets[:, -width:]
+                ce = nn.functional.cross_entropy(answer_logits.flatten(0, 1), answer.flatten(), ignore_index=-100,
+                                                 reduction="none").view(answer.shape)
+                reward -= ce.sum(-1)
+        return reward
+
+    def in_scope(self, image) -> torch.Tensor:
+        partition = image.layout.partition
+        return partition > 0 if self.config.scope == "crops" else torch.ones_like(partition, dtype=torch.bool)
+
+
+def sample_top_k(scores: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """k indices drawn without replacement from softmax(scores) (Gumbel top-k), in draw order,
+    and the log probability of that ordered draw under Plackett-Luce (differentiable in scores)."""
+    gumbel = -torch.log(-torch.log(torch.rand(scores.shape, generator=generator).clamp(min=1e-20)))
+    order = torch.topk(scores.detach() + gumbel.to(scores.device), k).indices
+    shifted = scores - scores.detach().max()
+    weights = shifted.exp()
+    drawn_before = torch.cumsum(weights[order], 0) - weights[order]
+    remaining = (weights.sum() - drawn_before).clamp(min=1e-30)
+    return order, shifted[order].sum() - remaining.log().sum()
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def example_order(n: int, seed: int, position: int) -> int:
+    """The example at `position` of the training stream: epochs, each a seeded permutation."""
+    epoch, offset = divmod(position, n)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return int(torch.randperm(n, generator=generator)[offset])
+
+
+def hash_seed(*parts: int) -> int:
+    """A seed for one micro-step's sampling noise, from the run's seed and where it is."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+def learning_rate(config: RouterTraining, step: int) -> float:
+    """Linear warm-up over the first 5% of the steps, then cosine decay to zero."""
+    warmup = max(1, config.steps // 20)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
+
+
+def train_router(model, processor, data: Sequence[Example] | str | Path, config: RouterTraining,
+                 validation: Sequence[Example] | None = None) -> Path:
+    """Train a router for `model` on `data` (examples, or a JSONL path) and save it in
+    `config.out` (router.safetensors + router.json); returns that folder. `validation`:
+    examples with answers, scored (exact match) at the training budget every
+    `config.validate_every` steps and at the end."""
+    from accelerate import Accelerator
+
+    examples = read_jsonl(data) if isinstance(data, (str, Path)) else data
+    if not len(examples):
+        raise ValueError("train_router needs at least one training example")
+    if validation is not None and any(e.answer is None for e in validation):
+        raise ValueError("validation examples need answers")
+    trainer = SelectionTrainer(model, processor, config)
+    if any(p.requires_grad for p in model.parameters()):
+        model.requires_grad_(False)  # frozen: the router alone learns
+    accelerator = Accelerator(gradient_accumulation_steps=config.accumulate,
+                              cpu=model.device.type == "cpu")
+    hidden = model.config.get_text_config().hidden_size
+    torch.manual_seed(config.seed)
+    router = RouterWeights(hidden, config.rank, seed=config.seed)
+    optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=0.0)
+    identity = dict(config.identity(), data=data_hash(examples), model=fingerprint(model))
+    start = resume(config.out, identity, router, optimizer)
+    router, optimizer = accelerator.prepare(router, optimizer)
+    model.eval()
+
+    history = []
+    bar = tqdm(total=config.steps, initial=start, desc="train-router", disable=not (config.progress and
+                                                                                  accelerator.is_main_process))
+    per_update = config.batch_size * config.accumulate * accelerator.num_processes
+    for step in range(start, config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        reward = 0.0
+        for micro in range(config.accumulate):
+            first = step * per_update + micro * config.batch_size * accelerator.num_processes
+            first += accelerator.process_index * config.batch_size
+            batch = [examples[example_order(len(examples), config.seed, first + i)] for i in range(config.batch_size)]
+            generator = torch.Generator().manual_seed(hash_seed(config.seed, step, micro, accelerator.process_index))
+            with accelerator.accumulate(router):
+                loss, mean_reward = trainer.loss(router, batch, generator)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            reward += mean_reward / config.accumulate
+        bar.update(1)
+        bar.set_postfix(reward=f"{reward:.4f}")
+        done = step + 1
+        entry = {"step": done, "reward": reward}
+        if validation and (done % config.validate_every == 0 or done == config.steps):
+            entry["validation"] = validate(model, processor, accelerator.unwrap_model(router), config, validation)
+            bar.write(f"step {done}: validation {entry['validation']:.1f}% at budget {config.budget}")
+        history.append(entry)
+        if accelerator.is_main_process and (done % config.checkpoint_every == 0 or done == config.steps):
+            save_checkpoint(config.out, identity, accelerator.unwrap_model(router), optimizer, done)
+    bar.close()
+    accelerator.wait_for_everyone()
+    weights = accelerator.unwrap_model(router)
+    if accelerator.is_main_process:
+        training = dict(config.identity(), examples=len(examples),
+                        final_reward=history[-1]["reward"] if history else None,
+                        validation=next((h["validation"] for h in reversed(history) if "validation" in h), None))
+        save_router(weights, config.out, model, training)
+    return config.out
+
+
+def validate(model, processor, weights: RouterWeights, config: RouterTraining, examples) -> float:
+    """Exact-match accuracy (case, spaces and end punctuation ignored) of greedy answers with
+    the router at the training budget, in percent."""
+    method = Router(budget=config.budget, scope=config.scope, processor=processor)
+    method.weights = copy.deepcopy(weights)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    right = 0
+    with patched(model, method):
+        for start in range(0, len(examples), config.batch_size):
+            batch = examples[start : start + config.batch_size]
+            texts = [prompt_for(processor, e.question, config.prompt_template) for e in batch]
+            inputs = processor(images=[e.load_image() for e in batch], text=texts, return_tensors="pt",
+                               padding=True).to(model.device, model.dtype)
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+            answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            right += sum(normalized(a) == normalized(e.answer) for a, e in zip(answers, batch))
+    return 100 * right / len(examples)
+
+
+def objective(model, processor, weights: RouterWeights | None, examples: Sequence[Example],
+              config: RouterTraining) -> float:
+    """The training objective (minus the reward) of `weights`' top-k selections on
+    `examples`, averaged (None: an untrained router)."""
+    trainer = SelectionTrainer(model, processor, config)
+    if weights is None:
+        weights = RouterWeights(model.config.get_text_config().hidden_size, config.rank, seed=config.seed)
+    weights = weights.to(model.device)
+    losses = [trainer.greedy_loss(weights, list(examples[i : i + config.batch_size]))
+              for i in range(0, len(examples), config.batch_size)]
+    return sum(losses) / len(losses)
+
+
+def normalized(text: str) -> str:
+    return text.strip().strip(".,!?;:'\"").strip().lower()
+
+
+# --- checkpoints: safetensors and JSON, written whole or not at all -------------------------------
+
+
+def save_checkpoint(out: Path, identity: dict, router: RouterWeights, optimizer, step: int) -> None:
+    """Write out/checkpoint: the router, the optimizer state and the step, replacing the last."""
+    folder = out / CHECKPOINT
+    scratch = out / f".{CHECKPOINT}.{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    state = optimizer.state_dict()
+    tensors = {f"router.{k}": v.detach().cpu().contiguous() for k, v in router.state_dict().items()}
+    for index, values in state["state"].items():
+        tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in values.items()})
+    save_file(tensors, scratch / "state.safetensors")
+    (scratch / "state.json").write_text(json.dumps(dict(step=step, identity=identity,
+                                                        param_groups=state["param_groups"])))
+    old = out / f".{CHECKPOINT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    scratch.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resume(out: Path, identity: dict, router: RouterWeights, optimizer) -> int:
+    """Load out/checkpoint into `router` and `optimizer` when it exists; the step to start at."""
+    folder = out / CHECKPOINT
+    if not folder.is_dir():
+        old = out / f".{CHECKPOINT}.old"  # a kill between the two renames of a save
+        if not old.is_dir():
+            return 0
+        old.rename(folder)
+    meta = json.loads((folder / "state.json").read_text())
+    if meta["identity"] != identity:
+        changed = sorted(k for k in set(meta["identity"]) | set(identity) if meta["identity"].get(k) != identity.get(k))
+        raise ValueError(f"{folder} belongs to a run with other settings ({', '.join(changed)}): resume with the "
+                         "same arguments, or train into another --out")
+    tensors = load_file(folder / "state.safetensors")
+    router.load_state_dict({k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")})
+    state: dict = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return meta["step"]
+
+
+def data_hash(examples: Sequence[Example]) -> str:
+    """What identifies the training data, so that a resumed run reads the same: a lazy
+    source's own `identity`, else a hash of every question and answer."""
+    identity = getattr(examples, "identity", None)
+    if identity is not None:
+        return str(identity)
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(f"{e.question}\x00{e.answer}\x00".encode())
+    return digest.hexdigest()[:12]
