@@ -182,11 +182,11 @@ def test_a_short_run_improves_the_objective(bed, tmp_path):
     model, processor = bed
     examples = toy_examples(16)
     untrained = training.objective(model, processor, None, examples, config(tmp_path / "a"))
-    training.train_router(model, processor, examples, config(tmp_path / "b", steps=40, batch_size=4, samples=4,
-                                                             lr=0.05))
+    training.train_router(model, processor, examples, config(tmp_path / "b", steps=30, batch_size=8, samples=8,
+                                                             lr=0.03))
     _, weights = read_router(tmp_path / "b")
     learned = training.objective(model, processor, weights, examples, config(tmp_path / "b"))
-    assert learned < 0.8 * untrained
+    assert learned < 0.5 * untrained  # 2.01 -> 0.19 to 0.43 over seeds 0, 1 and 2
 
 
 def test_kill_and_resume_ends_with_the_same_weights(bed, tmp_path):

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..layout import EncodedImage
 from .base import check_int, register
-from .text import Text, cosine_scores
+from .text import Text
 
 FORMAT = "tokendrop-router"
 WEIGHTS_FILE, CONFIG_FILE = "router.safetensors", "router.json"
@@ -56,8 +56,8 @@ class RouterWeights(nn.Module):
         """(N, D) visual tokens, (T, D) question embeddings, any dtype -> (N,) fp32 scores."""
         v = F.normalize(visual.float(), dim=-1)
         x = F.normalize(question.float(), dim=-1)
-        learned = (v @ self.visual) @ (x.sum(0) @ self.question) + v @ self.salience
-        return cosine_scores(visual, question) + learned
+        cosine = (v @ x.T).sum(-1)  # `text`'s score, computed as cosine_scores computes it
+        return cosine + (v @ self.visual) @ (x.sum(0) @ self.question) + v @ self.salience
 
 
 def fingerprint(model) -> dict:
@@ -176,6 +176,7 @@ class Router(Text):
     def scores(self, image: EncodedImage) -> torch.Tensor:
         visual = image.features
         question = image.embed(self.question_ids(image).to(image.embed.weight.device)).to(visual.device)
-        weights = self.weights.to(visual.device)  # fp32 on the features' device; no-op once there
-        return weights(visual, question).cpu()
+        if self.weights.visual.device != visual.device:  # fp32 on the features' device, moved once
+            self.weights.to(visual.device)
+        return self.weights(visual, question).cpu()
 
