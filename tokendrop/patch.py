@@ -111,6 +111,7 @@ class Handle:
 
     # --- the one pruning step ---------------------------------------------------------
 
+    @torch.compiler.disable  # hooks added after torch.compile never fire in compiled code: run eagerly
     def prune(self, input_ids, attention_mask, labels, pixel_values, image_sizes, pad_side, vision_kwargs, questions):
         """Select tokens for every image of the batch and shorten the prompts to match.
         Returns the compacted prompt tensors and the kwargs that feed the kept features."""
@@ -260,6 +261,11 @@ def patch(model: nn.Module, method: str | Method, budget: float | int | None = N
     the old patch."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch() takes a loaded Hugging Face model, got {type(model).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise TypeError(
+            "patch() takes the model, not its torch.compile wrapper: patch model._orig_mod (the compiled "
+            "module then runs the patched model), or patch before compiling"
+        )
     adapter = adapter_for(model)
     if isinstance(method, Method):
         if budget is not None or options:
