@@ -115,6 +115,7 @@ class Handle:
     def prune(self, input_ids, attention_mask, labels, pixel_values, image_sizes, pad_side, vision_kwargs, questions):
         """Select tokens for every image of the batch and shorten the prompts to match.
         Returns the compacted prompt tensors and the kwargs that feed the kept features."""
+        self.last = []  # a failing call leaves no earlier call's records behind
         if input_ids is None:
             raise ValueError(
                 "a patched model needs input_ids with its pixel_values (it removes the placeholders of "
