@@ -11,6 +11,10 @@ carries images, the wrapper runs once, before the LLM:
 
 Decode steps and text-only calls pass straight through. All state lives in one `Handle`
 stored on the model; `unpatch` puts back exactly what was there before.
+
+The instance attributes are `_Wrapper` objects, not closures, so that `copy.deepcopy` and
+pickle give a copy its own working patch. Under an accelerate hook (`device_map="auto"`)
+the patch sits beneath it, in the `_old_forward` that the hook calls.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .selection import packed_keep_mask
 
 ATTRIBUTE = "_tokendrop_handle"
 WRAPPED = ("generate", "forward")
+ACCELERATE_SLOT = "_old_forward"  # where accelerate's add_hook_to_module keeps the forward its hook calls
 
 
 @dataclass(frozen=True)
@@ -43,33 +48,74 @@ class ImageRecord:
 
 
 class Handle:
-    """A patch in force: the method, the model's adapter, and the last call's records."""
+    """A patch: the method, the model's adapter, and the last call's records. With concurrent
+    calls, `last` holds the records of whichever call finished last."""
 
     def __init__(self, model: nn.Module, method: Method, adapter):
         self.model = model
         self.method = method
         self.adapter = adapter
         self.last: list[ImageRecord] = []
-        self._saved = {name: model.__dict__.get(name) for name in WRAPPED}
+        self._saved: dict[str, tuple[str, object]] = {}  # name -> (attribute we took, what it held)
+        self._calls = None  # the wrappers' closures over this model, built on first use
 
     def __repr__(self) -> str:
         return f"<tokendrop patch {self.method!r} on {type(self.model).__name__}>"
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_calls": None}  # a copy builds closures over its own model
+
+    @property
+    def in_force(self) -> bool:
+        """False once removed or replaced by a later patch; its wrappers then pass through."""
+        return self.model.__dict__.get(ATTRIBUTE) is self
+
+    def _install(self) -> None:
+        attrs = self.model.__dict__
+        for name in WRAPPED:
+            # beneath an accelerate hook, so that the hook still runs first and removing it keeps the patch
+            slot = ACCELERATE_SLOT if name == "forward" and ACCELERATE_SLOT in attrs else name
+            self._saved[name] = (slot, attrs.get(slot))
+            attrs[slot] = _Wrapper(self, name)
+        self._calls = None
+        attrs[ATTRIBUTE] = self
+
+    def _inner(self, name: str):
+        """What the wrapper of `name` calls: what its attribute held before, else the class's method."""
+        previous = self._saved[name][1]
+        return previous if previous is not None else getattr(type(self.model), name).__get__(self.model)
+
+    def _call(self, name: str, args, kwargs):
+        if not self.in_force:  # still reachable through a wrapper installed on top of ours (accelerate's)
+            return self._inner(name)(*args, **kwargs)
+        if self._calls is None:
+            self._calls = self._wrappers()
+        return self._calls[name](*args, **kwargs)
+
     def remove(self) -> None:
-        """Restore the model exactly as it was before `patch`."""
-        for name, previous in self._saved.items():
-            if previous is None:
-                self.model.__dict__.pop(name, None)
-            else:
-                self.model.__dict__[name] = previous
-        if self.model.__dict__.get(ATTRIBUTE) is self:
-            del self.model.__dict__[ATTRIBUTE]
+        """Restore the model exactly as it was before `patch`. A handle no longer in force does
+        nothing. Where accelerate moved our wrapper (into or out of `_old_forward`), the
+        original goes back in its place."""
+        if not self.in_force:
+            return
+        attrs = self.model.__dict__
+        for name, (slot, previous) in self._saved.items():
+            for where in (name, ACCELERATE_SLOT):
+                if not _wraps(attrs.get(where), self, name):
+                    continue
+                if where == slot == name and previous is None:
+                    del attrs[where]
+                else:
+                    attrs[where] = self._inner(name)
+        del attrs[ATTRIBUTE]
 
     # --- the one pruning step ---------------------------------------------------------
 
+    @torch.compiler.disable  # hooks added after torch.compile never fire in compiled code: run eagerly
     def prune(self, input_ids, attention_mask, labels, pixel_values, image_sizes, pad_side, vision_kwargs, questions):
         """Select tokens for every image of the batch and shorten the prompts to match.
         Returns the compacted prompt tensors and the kwargs that feed the kept features."""
+        self.last = []  # a failing call leaves no earlier call's records behind
         if input_ids is None:
             raise ValueError(
                 "a patched model needs input_ids with its pixel_values (it removes the placeholders of "
@@ -113,8 +159,8 @@ class Handle:
 
     # --- the wrappers -----------------------------------------------------------------
 
-    def _install(self) -> None:
-        generate, forward = self.model.generate, self.model.forward  # bound, maybe already wrapped
+    def _wrappers(self) -> dict:
+        generate, forward = self._inner("generate"), self._inner("forward")  # bound, maybe already wrapped
 
         @functools.wraps(generate)
         def patched_generate(inputs=None, *args, **kwargs):
@@ -155,9 +201,26 @@ class Handle:
             )
             return forward(**compact, **feed, **call)
 
-        self.model.__dict__["generate"] = patched_generate
-        self.model.__dict__["forward"] = patched_forward
-        self.model.__dict__[ATTRIBUTE] = self
+        return {"generate": patched_generate, "forward": patched_forward}
+
+
+class _Wrapper:
+    """`model.generate`/`model.forward` while patched: calls its handle's wrapper. An object,
+    not a closure, so that deepcopy and pickle carry the handle to the copy."""
+
+    def __init__(self, handle: Handle, name: str):
+        self.handle, self.name = handle, name
+
+    @property
+    def __wrapped__(self):  # inspect.signature (generate routes arguments by it) sees the original
+        return self.handle._inner(self.name)
+
+    def __call__(self, *args, **kwargs):
+        return self.handle._call(self.name, args, kwargs)
+
+
+def _wraps(value, handle: Handle, name: str) -> bool:
+    return isinstance(value, _Wrapper) and value.handle is handle and value.name == name
 
 
 def _vision_kwargs(kwargs: dict) -> dict:
@@ -199,6 +262,11 @@ def patch(model: nn.Module, method: str | Method, budget: float | int | None = N
     the old patch."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch() takes a loaded Hugging Face model, got {type(model).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise TypeError(
+            "patch() takes the model, not its torch.compile wrapper: patch model._orig_mod (the compiled "
+            "module then runs the patched model), or patch before compiling"
+        )
     adapter = adapter_for(model)
     if isinstance(method, Method):
         if budget is not None or options:
@@ -222,12 +290,14 @@ def unpatch(model: nn.Module) -> None:
 
 @contextmanager
 def patched(model: nn.Module, method: str | Method, budget: float | int | None = None, **options):
-    """`with tokendrop.patched(model, "hired", budget=0.2) as handle:` patch for a block."""
+    """`with tokendrop.patched(model, "hired", budget=0.2) as handle:` patch for a block.
+    Leaving the block restores the patch from before it (or none), even where the block
+    patched or unpatched the model itself."""
     previous = model.__dict__.get(ATTRIBUTE)
     handle = patch(model, method, budget=budget, **options)
     try:
         yield handle
     finally:
-        handle.remove()
+        unpatch(model)
         if previous is not None:
             previous._install()

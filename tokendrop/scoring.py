@@ -4,11 +4,15 @@ Forward hooks on `self_attn.q_proj` and `self_attn.k_proj` give the projections 
 computes anyway; from them only the CLS query row is scored against all keys, O(L) per
 head. Unlike `output_attentions=True` this keeps the fast attention kernel (sdpa/flash) and
 never materialises the L x L maps. Works unchanged on bitsandbytes-quantised projections.
+
+Threads (and asyncio tasks) may run the same tower at once: every hook sees every forward of
+its module, so each capture records only the forwards of the context that opened it.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -17,6 +21,8 @@ from torch import nn
 #   "probs":  softmax(q_cls K^T * scale) per head, summed over heads (HiRED)
 #   "logits": q_cls K^T * scale per head before softmax, averaged over heads (GlobalCom2)
 SIGNAL_KINDS = ("probs", "logits")
+
+_active: ContextVar[dict | None] = ContextVar("tokendrop_cls_capture", default=None)
 
 
 def cls_scores(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float, kind: str) -> torch.Tensor:
@@ -34,9 +40,11 @@ def cls_scores(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: f
 
 @contextmanager
 def capture_cls_scores(attention_modules: dict[int, nn.Module], kinds: dict[int, str]):
-    """While active, each forward of the vision tower appends, for every layer in `kinds`,
-    its (B, L - 1) CLS scores to `captured[layer]` (a list: one entry per tower call)."""
+    """While active, each forward of the vision tower in this thread (context) appends, for
+    every layer in `kinds`, its (B, L - 1) CLS scores to `captured[layer]` (a list: one entry
+    per tower call)."""
     captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in kinds}
+    token = _active.set(captured)
     handles = []
     try:
         for layer, kind in kinds.items():
@@ -45,6 +53,8 @@ def capture_cls_scores(attention_modules: dict[int, nn.Module], kinds: dict[int,
 
             def on_output(name, attn=attn, kind=kind, layer=layer, pending=pending):
                 def hook(module, args, output):
+                    if _active.get() is not captured:  # a forward of another thread's call
+                        return
                     # keep only what the score needs: the CLS query row, or all keys
                     pending[name] = output[:, 0] if name == "q" else output
                     if len(pending) == 2:
@@ -60,3 +70,4 @@ def capture_cls_scores(attention_modules: dict[int, nn.Module], kinds: dict[int,
     finally:
         for handle in handles:
             handle.remove()
+        _active.reset(token)
