@@ -16,6 +16,7 @@ Images stay undecoded until `open_image`, so that a corrupt one fails its own sa
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -95,9 +96,13 @@ def _read_jsonl(path: Path) -> list[dict]:
         for number, line in enumerate(lines, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}, line {number}: expected a JSON object ({{\"image\": ..., "
+                                     f"\"question\": ...}}), got a {type(row).__name__}")
+                rows.append(row)
     return rows
 
 
@@ -148,6 +153,18 @@ def _from_hub(name: str, split: str, config: str | None):
         ) from error
 
 
+def fingerprint(source: str | None) -> str | None:
+    """What identifies a local source's contents: the name, size and modification time of each
+    of its files (hashing their bytes would read a copy of many GB at every start). None for
+    the hub and other non-paths."""
+    path = Path(source) if source is not None else None
+    if path is None or not path.exists():
+        return None
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    stats = [(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:12]
+
+
 def subset(n_rows: int, limit: int | None, seed: int) -> list[int]:
     """The row indices evaluated: all, or `limit` of them drawn with `seed`, in row order.
     The same arguments always give the same rows, so every cell sees the same samples."""
@@ -164,16 +181,21 @@ def open_image(raw, root: Path | None) -> Image.Image:
     elif isinstance(raw, dict) and raw.get("bytes") is not None:
         image = Image.open(io.BytesIO(raw["bytes"]))
     elif isinstance(raw, dict) and raw.get("path"):
-        image = Image.open(_resolve(raw["path"], root))
+        image = Image.open(_file(raw["path"], root))
     elif isinstance(raw, bytes):
         image = Image.open(io.BytesIO(raw))
     elif isinstance(raw, str):
-        image = Image.open(_resolve(raw, root))
+        image = Image.open(_file(raw, root))
     else:
         raise ValueError(f"cannot read an image from {type(raw).__name__}: expected a path, bytes or {{bytes, path}}")
     return image.convert("RGB")  # decodes now: a truncated file fails here
 
 
-def _resolve(path: str, root: Path | None) -> Path:
+def _file(path: str, root: Path | None) -> Path:
+    """The image's path, relative to `root`. Only regular files: opening a FIFO or a device
+    could wait for ever."""
     path = Path(path).expanduser()
-    return path if path.is_absolute() or root is None else root / path
+    path = path if path.is_absolute() or root is None else root / path
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a regular file: an image must be a file")
+    return path

@@ -11,13 +11,16 @@ Cells are (task, method, budget), plus one unpatched reference cell per task (me
     records.rank<R>.jsonl     one record per (task, method, budget, sample): prompt id,
                               prediction, reference, score (or error), tokens kept;
                               appended and flushed one by one by process R
+    records.rank<R>.lock      locked while process R writes: a second sweep into the
+                              same directory fails at once
     summary.json, summary.csv one row per cell: score, unpatched score, % of it, failures
     plots/<task>.png          score against the share of visual tokens kept, per method
 
 Running the same command again continues where a run stopped: samples with a record are
 skipped, a half-written last line is dropped and redone. Another configuration in the same
-directory is refused. A sample that fails (unreadable image, out of memory) gets a record
-with its error, and the sweep goes on.
+directory is refused, and so are changed data files and another tokendrop version. A sample
+that fails (unreadable image, out of memory) gets a record with its error, and the sweep
+goes on.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import fcntl
 import hashlib
 import json
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +46,10 @@ import tokendrop
 
 from ..method import METHODS, build as build_method, with_processor
 from ..selection import check_budget
-from .data import subset
+from .data import fingerprint, subset
 from ..cli import budget, grouped, key_value, method_option, positive_int
 from ..loading import DTYPES, load_model, load_processor
+from ..patch import ATTRIBUTE
 from ..presets import PRESETS, with_preset_defaults
 from .generation import generate_answers
 from .tasks import TASKS, Sample, Task, build_task
@@ -61,6 +66,7 @@ class Plan:
     model: str
     tasks: dict[str, Task]
     data: dict[str, str | None]
+    data_files: dict[str, str | None]  # data.fingerprint of each local source
     methods: list[str]
     budgets: list[float | int]
     options: dict[str, dict]
@@ -76,10 +82,10 @@ class Plan:
     def config(self) -> dict:
         return dict(
             model=self.model, dtype=self.dtype, quantization=self.quantization,
-            tasks={t: {"data": self.data[t] or task.hub[0], "max_new_tokens": self.max_new_tokens[t]}
-                   for t, task in self.tasks.items()},
+            tasks={t: {"data": self.data[t] or task.hub[0], "data_files": self.data_files[t],
+                       "max_new_tokens": self.max_new_tokens[t]} for t, task in self.tasks.items()},
             methods=self.methods, budgets=self.budgets, options=self.options, limit=self.limit, seed=self.seed,
-            generation="greedy",
+            generation="greedy", tokendrop=tokendrop.__version__,
         )
 
 
@@ -90,6 +96,11 @@ def plan_sweep(model_name: str, processor, tasks, methods=None, budgets=DEFAULT_
     if isinstance(tasks, str) or not tasks:
         raise TypeError(f"tasks must be a non-empty list of task names ({', '.join(TASKS.names())}), got {tasks!r}")
     built = {name: build_task(name) for name in tasks}
+    if methods is not None and not isinstance(methods, (list, tuple)):
+        raise TypeError(f"methods must be a list of method names ({', '.join(METHODS.names())}), got {methods!r}")
+    if not isinstance(budgets, (list, tuple)):
+        raise TypeError(f"budgets must be a list of fractions in (0, 1] and/or token counts, e.g. [0.1, 64]; "
+                        f"got {budgets!r}")
     methods = list(METHODS.names() if methods is None else methods)
     if REFERENCE in methods:
         raise ValueError(f"{REFERENCE!r} is the unpatched reference, evaluated in every sweep: leave it out of methods")
@@ -128,9 +139,10 @@ def plan_sweep(model_name: str, processor, tasks, methods=None, budgets=DEFAULT_
         raise TypeError(f"seed must be an int, got {seed!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    sources = {t: _source(data.get(t)) for t in built}
     return Plan(
         model=model_name, tasks=built, methods=methods, budgets=budgets, options=options, limit=limit, seed=seed,
-        data={t: _source(data.get(t)) for t in built},
+        data=sources, data_files={t: fingerprint(source) for t, source in sources.items()},
         max_new_tokens={t: max_new_tokens or task.max_new_tokens for t, task in built.items()},
         dtype=dtype, quantization=quantization,
     )
@@ -173,25 +185,76 @@ def claim_run(out: Path, plan: Plan) -> str:
         pass
     finally:
         scratch.unlink()
-    existing = json.loads(path.read_text())
-    if existing["run_id"] != run_id:
-        changed = sorted(k for k in set(config) | set(existing["config"]) if config.get(k) != existing["config"].get(k))
+    try:
+        existing = json.loads(path.read_text())
+        existing_id, existing_config = existing["run_id"], existing["config"]
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f"{path} is not a sweep's run file (it is empty or cut short): delete {out} to start "
+                         "the sweep over, or give it another output directory") from None
+    if existing_id != run_id:
+        changed = ", ".join(f"{k}{WHY_CHANGED.get(k.split('.')[-1], '')}" for k in _differences(config, existing_config))
         raise ValueError(
-            f"{out} holds run {existing['run_id']}, whose configuration differs in: {', '.join(changed)}. "
+            f"{out} holds run {existing_id}, whose configuration differs in: {changed}. "
             "Resume it with the same arguments, or give this sweep another output directory"
         )
     return run_id
 
 
+WHY_CHANGED = {  # what a changed key means, where its name does not say
+    "data_files": " (the data changed since the run began: its records would be stale)",
+    "tokendrop": " (another tokendrop version: its records may differ)",
+}
+
+
+def _differences(new: dict, old: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the keys whose values differ, nested dicts walked into."""
+    changed = []
+    for k in sorted(set(new) | set(old)):
+        a, b = new.get(k), old.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _differences(a, b, f"{prefix}{k}.")
+        elif json.dumps(a) != json.dumps(b):  # 1 and 1.0 differ
+            changed.append(prefix + k)
+    return changed
+
+
 def read_records(out: Path) -> list[dict]:
-    """Every complete record of every process. A last line without its newline is a write
-    cut short (by a kill, or by a process still writing): it is not a record."""
+    """Every complete record of every process."""
+    return [r for path in sorted(out.glob("records.rank*.jsonl")) for r in _parse(path, path.read_text(encoding="utf-8"))]
+
+
+RECORD_KEYS = {"task", "method", "budget", "index", "error"}
+
+
+def _parse(path: Path, text: str) -> list[dict]:
+    """The records of one file. A last line without its newline is a write cut short (by a
+    kill, or by a process still writing): it is not a record."""
     records = []
-    for path in sorted(out.glob("records.rank*.jsonl")):
-        text = path.read_text(encoding="utf-8")
-        lines = text.split("\n")[:-1]  # the piece after the last newline is incomplete
-        records.extend(json.loads(line) for line in lines if line)
+    for number, line in enumerate(text.split("\n")[:-1], 1):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not RECORD_KEYS <= record.keys():
+            raise ValueError(f"{path}, line {number}: not a record. To redo only its sample, delete that line; "
+                             "to start the sweep over, delete the directory")
+        records.append(record)
     return records
+
+
+@contextmanager
+def _locked(out: Path, rank: int):
+    """Hold this rank's lock for the block: two sweeps writing one records file would
+    duplicate samples. Ranks of one launch lock their own files."""
+    with open(out / f"records.rank{rank}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another sweep is writing {out / f'records.rank{rank}.jsonl'} now: wait for it to end, "
+                             "or give this sweep another output directory") from None
+        yield  # the lock goes with the file: closed here, or by the system when the process dies
 
 
 class RecordLog:
@@ -200,15 +263,20 @@ class RecordLog:
     def __init__(self, out: Path, rank: int, retry_failed: bool):
         self.path = out / f"records.rank{rank}.jsonl"
         if self.path.exists():
-            data = self.path.read_bytes()
-            complete = data[: data.rfind(b"\n") + 1]  # drop a half-written last line
-            if retry_failed:
-                complete = b"".join(
-                    line + b"\n" for line in complete.split(b"\n")[:-1] if json.loads(line)["error"] is None
-                )
-            if complete != data:
-                self.path.write_bytes(complete)
+            text = self.path.read_text(encoding="utf-8")
+            records = _parse(self.path, text)
+            kept = [r for r in records if r["error"] is None] if retry_failed else records
+            if len(kept) < len(records) or (text and not text.endswith("\n")):  # failures to redo, or a cut line
+                scratch = self.path.with_name(f".{self.path.name}.tmp")
+                scratch.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+                os.replace(scratch, self.path)  # atomic: a kill leaves the old records or the new ones
         self.file = open(self.path, "a", encoding="utf-8")
+
+    def __enter__(self) -> "RecordLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -219,7 +287,12 @@ class RecordLog:
 
 
 def key(task: str, method: str, budget, index: int) -> tuple:
-    return task, method, budget, index
+    return task, method, _budget_id(budget), index
+
+
+def _budget_id(budget) -> str | None:
+    """1 (one token) and 1.0 (every token) are equal in Python, but different budgets."""
+    return None if budget is None else repr(budget)
 
 
 # --- running --------------------------------------------------------------------------
@@ -247,6 +320,10 @@ def sweep(model: str | nn.Module, tasks, out: str | Path, *, processor=None, met
         if processor is None:
             raise TypeError("a loaded model needs its processor: sweep(model, ..., processor=processor)")
         name = getattr(model, "name_or_path", "") or type(model).__name__
+        handle = model.__dict__.get(ATTRIBUTE)
+        if handle is not None:  # its reference cell would not be the unpatched model
+            raise ValueError(f"the model is patched ({handle!r}): a sweep patches it itself, cell by cell, and "
+                             "runs it unpatched for the reference. Call tokendrop.unpatch(model) first")
     elif isinstance(model, str):
         name = model
     else:
@@ -260,31 +337,40 @@ def sweep(model: str | nn.Module, tasks, out: str | Path, *, processor=None, met
     rank, world_size, state = _shard(rank, world_size)
     subsets, samples = {}, {}
     for task_name, task in plan.tasks.items():  # data problems surface before the model loads
+        source = plan.data[task_name] or task.hub[0]
         rows, image_of = task.load(plan.data[task_name])
+        if len(rows) == 0:
+            raise ValueError(f"{task_name}: {source} holds no rows: point --data {task_name}=... at the data")
         subsets[task_name] = subset(len(rows), plan.limit, plan.seed)
         mine = subsets[task_name][rank::world_size]
-        samples[task_name] = [task.sample(rows[i], i, image_of(rows[i], i)) for i in mine]
+        samples[task_name] = [_sample(task, source, rows[i], i, image_of) for i in mine]
     out = Path(out)
     claim_run(out, plan)
-    if isinstance(model, str):
-        if state is not None and device_map is None:
-            device_map = {"": state.device}  # data-parallel: a whole model per process
-        model = load_model(model, dtype, device_map, load_in_4bit, load_in_8bit)
-    log = RecordLog(out, rank, retry_failed)
-    try:
+    with _locked(out, rank), RecordLog(out, rank, retry_failed) as log:
+        if isinstance(model, str):
+            if state is not None and device_map is None:
+                device_map = {"": state.device}  # data-parallel: a whole model per process
+            model = load_model(model, dtype, device_map, load_in_4bit, load_in_8bit)
         done = {key(r["task"], r["method"], r["budget"], r["index"]) for r in read_records(out)}
         for task_name, task in plan.tasks.items():
             for method, budget in plan.cells():
                 pending = [s for s in samples[task_name] if key(task_name, method, budget, s.index) not in done]
                 _run_cell(model, processor, task, plan, method, budget, pending, batch_size, log,
                           progress and rank == 0)
-    finally:
-        log.close()
     if state is not None:
         state.wait_for_everyone()
     if rank != 0:
         return None
     return summarize(out, plan, subsets)
+
+
+def _sample(task: Task, source: str, row: dict, index: int, image_of) -> Sample:
+    try:
+        return task.sample(row, index, image_of(row, index))
+    except KeyError as error:
+        raise ValueError(f"{source}: {task.name} row {index}: no field {error}") from None
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
 
 
 def _shard(rank, world_size):
@@ -363,21 +449,22 @@ def _record(sample: Sample, prediction=None, score=None, image_record=None, erro
 def summarize(out: Path, plan: Plan, subsets: dict[str, list[int]]) -> dict:
     """Merge every process's records into summary.json / summary.csv and the plots."""
     out = Path(out)
-    wanted = {(t, m, b): set(subsets[t]) for t in plan.tasks for m, b in plan.cells()}
+    wanted = {(t, m, _budget_id(b)): set(subsets[t]) for t in plan.tasks for m, b in plan.cells()}
     cells: dict[tuple, dict[int, dict]] = {cell: {} for cell in wanted}
     for r in read_records(out):
-        cell = (r["task"], r["method"], r["budget"])
+        cell = (r["task"], r["method"], _budget_id(r["budget"]))
         if cell in wanted and r["index"] in wanted[cell]:
             cells[cell][r["index"]] = r
+    budgets = {_budget_id(b): b for b in plan.budgets}
     rows = []
-    for (task_name, method, budget), by_index in cells.items():
-        task = plan.tasks[task_name]
+    for (task_name, method, budget_id), by_index in cells.items():
+        task, budget = plan.tasks[task_name], budgets.get(budget_id)
         good = [r for r in by_index.values() if r["error"] is None]
         counted = [r for r in good if r["kept"] is not None]
         metrics = task.metrics(good) if good else {}
         rows.append(dict(
             task=task_name, method=method, budget=budget, n=len(good), failed=len(by_index) - len(good),
-            missing=len(wanted[(task_name, method, budget)]) - len(by_index), metric=task.headline,
+            missing=len(wanted[(task_name, method, budget_id)]) - len(by_index), metric=task.headline,
             score=metrics.get(task.headline),
             kept_pct=100 * sum(r["kept"] for r in counted) / sum(r["before"] for r in counted) if counted else None,
             metrics=metrics,

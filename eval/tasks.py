@@ -241,9 +241,15 @@ class Custom(Task):
         return super().load(source)
 
     def sample(self, row, index, image):
+        if not isinstance(row.get("question"), str):
+            raise ValueError(f"custom row {index}: no `question` (a string), got {row.get('question')!r}")
         if "answers" not in row and "answer" not in row:
-            raise ValueError(f"custom: row {index} has neither `answer` nor `answers`")
+            raise ValueError(f"custom row {index}: has neither `answer` nor `answers`")
         answers = row["answers"] if "answers" in row else [row["answer"]]
+        if not isinstance(answers, list) or not any(str(a).strip() for a in answers):
+            # an empty answer would score 0 whatever the model says
+            raise ValueError(f"custom row {index}: `answer` must be a non-empty string, or `answers` a list holding "
+                             f"one, got {answers!r}")
         return Sample(index, str(row.get("id", index)), row["question"], [str(a) for a in answers], image)
 
     def score(self, prediction, sample):

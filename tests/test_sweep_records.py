@@ -1,0 +1,223 @@
+"""The sweep's records and data under kills, concurrent runs, changed data and bad input
+(issue 13): nothing silently wrong, nothing lost."""
+
+import csv
+import io
+import json
+import os
+import threading
+
+import pytest
+
+import tokendrop
+from tokendrop.eval import sweep as sweep_module
+from tokendrop.eval.sweep import REFERENCE, RecordLog, read_records, sweep
+
+from test_sweep import FAST, key, tiny_model, write_custom
+
+
+def custom(tmp_path, n=2, answers=None):
+    data = write_custom(tmp_path / "data", [f"Say {i}." for i in range(n)], answers or [["x"]] * n)
+    return dict(methods=["random"], budgets=[0.25], data={"custom": str(data)}, **FAST), data
+
+
+def records_line(index, error=None):
+    return json.dumps(dict(task="custom", method="random", budget=0.25, index=index, error=error)) + "\n"
+
+
+class KilledHalfway:
+    """A file being written when its process dies: half the data reaches it."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def write(self, data):
+        self.file.write(data[: len(data) // 2])
+        self.file.flush()
+        raise KeyboardInterrupt
+
+
+def test_a_kill_while_rewriting_the_records_loses_none(tmp_path, monkeypatch):
+    log = tmp_path / "records.rank0.jsonl"
+    lines = [records_line(0), records_line(1, error="OSError: x"), records_line(2)]
+    log.write_text("".join(lines) + '{"index": 3, "predic')  # a half-written last line: rewritten on resume
+    real_open = io.open
+
+    def open_killed_on_write(file, mode="r", *args, **kwargs):
+        opened = real_open(file, mode, *args, **kwargs)
+        return KilledHalfway(opened) if "w" in mode and "records" in str(file) else opened
+
+    monkeypatch.setattr(io, "open", open_killed_on_write)  # what pathlib's writes open with
+    with pytest.raises(KeyboardInterrupt):
+        RecordLog(tmp_path, 0, retry_failed=True)
+    monkeypatch.undo()
+    assert read_records(tmp_path) == [json.loads(line) for line in lines]
+
+    RecordLog(tmp_path, 0, retry_failed=True).close()  # the rewrite, not killed: failures dropped
+    assert log.read_text() == lines[0] + lines[2] and read_records(tmp_path) == [json.loads(lines[0]),
+                                                                              json.loads(lines[2])]
+
+
+def test_resume_refuses_records_of_changed_data(tmp_path, monkeypatch):
+    args, data = custom(tmp_path)
+    sweep("tiny", ["custom"], tmp_path / "run", **args)
+    before = read_records(tmp_path / "run")
+    data.write_text(data.read_text().replace('"x"', '"y"'))  # same path and size, other answers
+    with pytest.raises(ValueError, match=r"differs in: tasks\.custom\.data_files \(the data changed"):
+        sweep("tiny", ["custom"], tmp_path / "run", **args)
+    assert read_records(tmp_path / "run") == before
+    sweep("tiny", ["custom"], tmp_path / "fresh", **args)
+
+    monkeypatch.setattr(tokendrop, "__version__", "0.0.1")
+    with pytest.raises(ValueError, match=r"differs in: .*tokendrop \(another tokendrop version"):
+        sweep("tiny", ["custom"], tmp_path / "fresh", **args)
+
+
+def test_int_and_float_budgets_stay_apart(tmp_path):
+    args, _ = custom(tmp_path)
+    args["budgets"] = [1, 1.0]  # one token; all tokens
+    summary = sweep("tiny", ["custom"], tmp_path / "run", **args)
+    assert [(c["method"], c["budget"], type(c["budget"]), c["n"]) for c in summary["cells"]] == [
+        (REFERENCE, None, type(None), 2), ("random", 1, int, 2), ("random", 1.0, float, 2)]
+    one, whole = summary["cells"][1:]
+    assert one["kept_pct"] < whole["kept_pct"] == 100.0
+    records = read_records(tmp_path / "run")
+    assert sorted(type(r["budget"]).__name__ for r in records) == ["NoneType"] * 2 + ["float"] * 2 + ["int"] * 2
+    assert {r["kept"] for r in records if r["budget"] == 1 and isinstance(r["budget"], int)} == {1}
+
+    sweep("tiny", ["custom"], tmp_path / "run", **args)  # resumes: nothing left to do
+    assert read_records(tmp_path / "run") == records
+    with open(tmp_path / "run" / "summary.csv") as file:
+        assert [row["budget"] for row in csv.DictReader(file)] == ["", "1", "1.0000"]
+
+
+def test_a_second_sweep_into_the_same_directory_fails_at_once(tmp_path, monkeypatch):
+    args, _ = custom(tmp_path, n=4)
+    out = tmp_path / "run"
+    real = sweep_module.generate_answers
+    started, release, errors = threading.Event(), threading.Event(), []
+
+    def held_in_the_first_sweep(*a, **kw):
+        if threading.current_thread() is first:
+            started.set()
+            release.wait(timeout=120)
+        return real(*a, **kw)
+
+    def run_first():
+        try:
+            sweep("tiny", ["custom"], out, rank=0, world_size=2, **args)
+        except BaseException as error:
+            errors.append(error)
+
+    monkeypatch.setattr(sweep_module, "generate_answers", held_in_the_first_sweep)
+    first = threading.Thread(target=run_first)
+    first.start()
+    try:
+        assert started.wait(timeout=120)
+        with pytest.raises(ValueError, match=r"another sweep is writing .*records\.rank0\.jsonl.*another output"):
+            sweep("tiny", ["custom"], out, rank=0, world_size=2, **args)
+        assert sweep("tiny", ["custom"], out, rank=1, world_size=2, **args) is None  # a data-parallel peer
+    finally:
+        release.set()
+        first.join()
+    assert not errors
+    records = read_records(out)
+    assert len(records) == len({key(r) for r in records}) == 4 * 2
+
+
+def test_a_model_the_user_patched_is_refused(tmp_path):
+    args, _ = custom(tmp_path)
+    model, processor = tiny_model()
+    handle = tokendrop.patch(model, "random", budget=0.25)
+    with pytest.raises(ValueError, match=r"model is patched .*tokendrop\.unpatch\(model\)"):
+        sweep(model, ["custom"], tmp_path / "run", processor=processor, **args)
+    assert model._tokendrop_handle is handle and not (tmp_path / "run").exists()
+
+
+def test_an_image_that_is_not_a_regular_file_fails_its_sample(tmp_path):
+    args, data = custom(tmp_path)
+    fifo = data.parent / "1.png"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    done = []
+    running = threading.Thread(target=lambda: done.append(sweep("tiny", ["custom"], tmp_path / "run", **args)),
+                               daemon=True)
+    running.start()
+    running.join(timeout=90)
+    hung = running.is_alive()
+    while running.is_alive():  # let a blocked open() end, so that the test does not hang too
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader at this instant
+            pass
+        running.join(timeout=0.2)
+    assert not hung, "the sweep waited on a FIFO"
+    errors = {r["index"]: r["error"] for r in read_records(tmp_path / "run")}
+    assert errors[0] is None and errors[1].startswith("ValueError") and "not a regular file" in errors[1]
+    assert [(c["n"], c["failed"]) for c in done[0]["cells"]] == [(1, 1), (1, 1)]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the data was checked")
+
+    monkeypatch.setattr(sweep_module, "load_model", load_model)
+
+
+def test_empty_data_and_empty_answers_fail_before_the_model_loads(tmp_path, no_model_load):
+    args, data = custom(tmp_path, n=3)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"empty\.jsonl holds no rows"):
+        sweep("tiny", ["custom"], tmp_path / "run", **dict(args, data={"custom": str(empty)}))
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for bad in ({"answer": ""}, {"answers": []}, {"answers": ["", " "]}, {"answers": "x"}):
+        row = {k: v for k, v in rows[1].items() if k not in ("answer", "answers")} | bad
+        data.write_text("".join(json.dumps(r) + "\n" for r in (rows[0], row, rows[2])))
+        with pytest.raises(ValueError, match=r"data\.jsonl: custom row 1: .*answer"):
+            sweep("tiny", ["custom"], tmp_path / "run", **args)
+
+
+def test_broken_input_names_the_file_and_line(tmp_path, no_model_load):
+    args, data = custom(tmp_path, n=3)
+    rows = data.read_text().splitlines()
+    data.write_text("\n".join([rows[0], '["a list", "not a row"]', rows[2]]) + "\n")
+    with pytest.raises(ValueError, match=r"data\.jsonl, line 2: expected a JSON object"):
+        sweep("tiny", ["custom"], tmp_path / "run", **args)
+    data.write_text("\n".join([rows[0], json.dumps({"image": "1.png", "answer": "x"}), rows[2]]) + "\n")
+    with pytest.raises(ValueError, match=r"data\.jsonl: custom row 1: no `question`"):
+        sweep("tiny", ["custom"], tmp_path / "run", **args)
+
+
+def test_broken_run_files_say_how_to_recover(tmp_path):
+    args, _ = custom(tmp_path, n=3)
+    out = tmp_path / "run"
+    sweep("tiny", ["custom"], out, **args)
+    log = out / "records.rank0.jsonl"
+    good = log.read_text()
+    lines = good.splitlines(keepends=True)
+    log.write_text(lines[0] + "garbage\n" + "".join(lines[1:]))
+    for call in (lambda: read_records(out), lambda: sweep("tiny", ["custom"], out, **args)):
+        with pytest.raises(ValueError, match=r"records\.rank0\.jsonl, line 2: not a record.*delete that line"):
+            call()
+    log.write_text(good)
+    for text in ("", "{}", "[1]"):
+        (out / "run.json").write_text(text)
+        with pytest.raises(ValueError, match=r"run\.json is not a sweep's run file.*delete"):
+            sweep("tiny", ["custom"], out, **args)
+
+
+def test_arguments_of_the_wrong_type_say_what_was_expected(tmp_path):
+    with pytest.raises(TypeError, match=r"methods must be a list of method names.*got 'hired'"):
+        sweep("tiny", ["textvqa"], tmp_path / "run", methods="hired")
+    with pytest.raises(TypeError, match=r"budgets must be a list .*got 0\.5"):
+        sweep("tiny", ["textvqa"], tmp_path / "run", budgets=0.5)
+    assert not (tmp_path / "run").exists()
+
