@@ -91,24 +91,22 @@ def continue_generation(model, batch, first, then, **extra):
 
 def test_continue_from_a_patched_generation(tiny, batch):
     model, _ = tiny
-    unpatched_cache_continued = None
     with tokendrop.patched(model, "hired", budget=0.3):
         expected = greedy(model, batch, n=5)
         assert torch.equal(continue_generation(model, batch, 3, 2), expected)
-        # passing the images again, as the stock model allows, changes nothing
+        # the images are in the cache already: passing them again changes nothing
         images = {k: batch[k] for k in ("pixel_values", "image_sizes")}
         assert torch.equal(continue_generation(model, batch, 3, 2, **images), expected)
         # a sequence that does not start with the returned one cannot use the cache
         out = greedy(model, batch, n=2, return_dict_in_generate=True)
         with pytest.raises(ValueError, match="start with the sequences"):
             greedy(model, {"input_ids": out.sequences[:, 1:]}, n=1, cache=out.cache)
-    # a cache filled by the unpatched model holds the whole prompt: a patched call continues it as stock
+    # a cache that the unpatched model filled holds the whole prompt: patched, it continues as stock
     stock = greedy(model, batch, n=3, return_dict_in_generate=True)
+    mask = torch.cat([batch["attention_mask"], torch.ones(3, 3, dtype=torch.long)], 1)
     with tokendrop.patched(model, "hired", budget=0.3):
-        mask = torch.cat([batch["attention_mask"], torch.ones(3, 3, dtype=torch.long)], 1)
-        unpatched_cache_continued = greedy(model, dict(batch) | dict(input_ids=stock.sequences, attention_mask=mask),
-                                           n=2, cache=stock.cache)
-    assert torch.equal(unpatched_cache_continued, greedy(model, batch, n=5))
+        continued = greedy(model, dict(input_ids=stock.sequences, attention_mask=mask), n=2, cache=stock.cache)
+    assert torch.equal(continued, greedy(model, batch, n=5))
 
 
 # --- image geometries -------------------------------------------------------------------
@@ -164,9 +162,10 @@ def sizes_times(factor):
 MALFORMED = {  # case: (change to the batch, expected message)
     "zero size": (sizes_times(0), "image_sizes must hold positive integers"),
     "negative size": (sizes_times(-1), "image_sizes must hold positive integers"),
-    "fractional sizes": (sizes_times(1.5), "image_sizes must hold positive integers"),
+    "fractional sizes": (lambda b: {"image_sizes": b["image_sizes"] + 0.5}, "image_sizes must hold positive integers"),
+    "sizes of other images": (sizes_times(2), "row 0 of input_ids has 88 image placeholder tokens"),
     "sizes not pairs": (lambda b: {"image_sizes": b["image_sizes"][:, :1]}, r"image_sizes must be \(n_images, 2\)"),
-    "fewer sizes than images": (lambda b: {"image_sizes": b["image_sizes"][:2]}, "3 images but 2 image_sizes"),
+    "fewer sizes than images": (lambda b: {"image_sizes": b["image_sizes"][:2]}, "has 3 images but 2 image_sizes"),
     "too few tiles": (lambda b: {"pixel_values": b["pixel_values"][:, :2]}, "needs 3 tiles"),
     "wrong tile size": (lambda b: {"pixel_values": b["pixel_values"][..., :40, :40]}, "tiles of 3x48x48"),
     "4-D tiles miscounted": (lambda b: {"pixel_values": b["pixel_values"][0]}, "4-D pixel_values hold 5 tiles"),
