@@ -88,6 +88,44 @@ class LlavaNextAdapter:
             self._layouts[key] = ImageLayout(self.side, tuple(grid), packed[0][:, 0].round().long())
         return self._layouts[key]
 
+    def check_images(self, pixel_values, image_sizes) -> torch.Tensor:
+        """`image_sizes` as an (n_images, 2) long tensor (from a tensor, an array or a list of
+        pairs, as the model accepts), after checking that `pixel_values` hold every image's
+        tiles as the processor lays them out, so bad input fails before the vision pass."""
+        expected = "pass the pixel_values and image_sizes that the model's processor returns"
+        try:
+            sizes = torch.stack([torch.as_tensor(size) for size in image_sizes])
+        except (TypeError, ValueError, RuntimeError):
+            sizes = None
+        if sizes is None or sizes.dim() != 2 or sizes.shape[1] != 2:
+            raise ValueError(f"image_sizes must be (n_images, 2), each image's (height, width); got {image_sizes!r:.200}")
+        if not torch.equal(sizes.double(), sizes.double().round()) or (sizes < 1).any():
+            raise ValueError(f"image_sizes must hold positive integers (height, width in pixels), got {sizes.tolist()}")
+        sizes = sizes.long()
+        vision = self.model.config.vision_config
+        tile = (vision.num_channels, vision.image_size, vision.image_size)
+        is_tiles = isinstance(pixel_values, torch.Tensor) and pixel_values.dim() in (4, 5)
+        if not is_tiles or pixel_values.shape[-3:] != tile:
+            found = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(
+                f"pixel_values must be (n_images, tiles, {tile[0]}, {tile[1]}, {tile[2]}), tiles of "
+                f"{tile[0]}x{tile[1]}x{tile[2]}, or 4-D with all tiles stacked; got {found}: {expected}"
+            )
+        needs = [self.layout(size).n_partitions for size in sizes.tolist()]  # the base view plus the crops
+        if pixel_values.dim() == 4 and pixel_values.shape[0] != sum(needs):
+            raise ValueError(f"4-D pixel_values hold {pixel_values.shape[0]} tiles, but images of sizes "
+                             f"{sizes.tolist()} need {sum(needs)} ({needs}): {expected}")
+        if pixel_values.dim() == 5:
+            if pixel_values.shape[0] != len(sizes):
+                raise ValueError(
+                    f"pixel_values has {pixel_values.shape[0]} images but {len(sizes)} image_sizes: {expected}"
+                )
+            for size, need in zip(sizes.tolist(), needs):
+                if need > pixel_values.shape[1]:
+                    raise ValueError(f"an image of size {size} needs {need} tiles (the base view and its crops), but "
+                                     f"pixel_values hold {pixel_values.shape[1]} per image: {expected}")
+        return sizes
+
     # --- vision pass ------------------------------------------------------------------
 
     def encode(self, pixel_values, image_sizes, signals: dict[int, str], **vision_kwargs) -> list[EncodedImage]:
@@ -152,12 +190,12 @@ class LlavaNextAdapter:
         return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=kept_features)}}
 
 
-    def image_rows(self, input_ids, images: list[EncodedImage]) -> list[int]:
+    def image_rows(self, input_ids, image_sizes: torch.Tensor) -> list[int]:
         """The prompt row of every image. Each row's `<image>` placeholders must be exactly
         the packed lengths of whole images, in order: the model itself checks only the batch
         total, which can silently move features between rows."""
         per_row = (input_ids == self.image_token_id).sum(1).tolist()
-        return assign_rows(per_row, [image.layout.packed_source.numel() for image in images])
+        return assign_rows(per_row, [self.layout(size).packed_source.numel() for size in image_sizes.tolist()])
 
 
 def assign_rows(per_row: list[int], image_lengths: list[int]) -> list[int]:

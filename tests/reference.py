@@ -53,7 +53,9 @@ def keep_mask(model, height, width, indices, newlines):
         if kind == "f":
             mask.append(value in kept)
         else:
-            mask.append(newlines == "all" or (newlines == "rows" and value in rows_with_kept))
+            # "rows": a row loses its newline only when all its features were dropped; the rows
+            # of a zero-width canvas (a very thin image) hold none and keep theirs
+            mask.append(newlines == "all" or (newlines == "rows" and (value in rows_with_kept or x1 == x0)))
     return torch.tensor(mask)
 
 

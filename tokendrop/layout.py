@@ -85,9 +85,12 @@ class ImageLayout:
 
     @cached_property
     def valid_box(self) -> tuple[int, int, int, int]:
-        """(y0, y1, x0, x1): the unpadded part of the crop canvas, in patches, end-exclusive."""
+        """(y0, y1, x0, x1): the unpadded part of the crop canvas, in patches, end-exclusive;
+        (0, 0, 0, 0) when unpadding leaves no crop token (a very thin image)."""
         y, x = self.canvas_yx
         y, x = y[self.partition > 0], x[self.partition > 0]
+        if y.numel() == 0:
+            return 0, 0, 0, 0
         return int(y.min()), int(y.max()) + 1, int(x.min()), int(x.max()) + 1
 
     @cached_property
@@ -98,6 +101,8 @@ class ImageLayout:
         y0, y1, x0, x1 = self.valid_box
         n_h, n_w = self.grid
         s = self.side
+        if y1 == y0:  # no crop shows any content
+            return torch.zeros(n_h * n_w, s * s)
 
         def overlaps(lo: int, hi: int, start: int, end: int) -> torch.Tensor:
             # crop span [start, end) of the canvas axis, in base units, against base cells [a, a+1)

@@ -9,7 +9,8 @@ carries images, the wrapper runs once, before the LLM:
     adapter.compact  drop the matching placeholders from input_ids/attention_mask/labels
     original call    with the kept vectors as precomputed image features
 
-Decode steps and text-only calls pass straight through. All state lives in one `Handle`
+Decode steps and text-only calls pass straight through; a `generate` that continues from a
+patched call's cache feeds the shortened prompt that the cache holds. All state lives in one `Handle`
 stored on the model; `unpatch` puts back exactly what was there before.
 
 The instance attributes are `_Wrapper` objects, not closures, so that `copy.deepcopy` and
@@ -19,13 +20,16 @@ the patch sits beneath it, in the `_old_forward` that the hook calls.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import Cache
 
 from .method import Method, build as build_method
 from .adapters import adapter_for
@@ -112,9 +116,10 @@ class Handle:
     # --- the one pruning step ---------------------------------------------------------
 
     @torch.compiler.disable  # hooks added after torch.compile never fire in compiled code: run eagerly
-    def prune(self, input_ids, attention_mask, labels, pixel_values, image_sizes, pad_side, vision_kwargs, questions):
+    def prune(self, input_ids, attention_mask, labels, pixel_values, image_sizes, pad_default, vision_kwargs, questions):
         """Select tokens for every image of the batch and shorten the prompts to match.
-        Returns the compacted prompt tensors and the kwargs that feed the kept features."""
+        Returns the compacted prompt tensors and the kwargs that feed the kept features.
+        `pad_default`: the padding side of rows that became shorter, where the batch has none."""
         self.last = []  # a failing call leaves no earlier call's records behind
         if input_ids is None:
             raise ValueError(
@@ -123,12 +128,12 @@ class Handle:
             )
         if image_sizes is None:
             raise ValueError("pixel_values come with image_sizes (the processor returns both): pass them together")
-        if questions is not None and (isinstance(questions, str) or len(questions) != input_ids.shape[0]):
-            raise ValueError(
-                f"questions= takes one question string per prompt row ({input_ids.shape[0]} rows), got {questions!r}"
-            )
+        _check_prompt(input_ids, attention_mask, labels)
+        image_sizes = self.adapter.check_images(pixel_values, image_sizes)
+        _check_questions(questions, input_ids.shape[0])
+        rows = self.adapter.image_rows(input_ids, image_sizes)
         images = self.adapter.encode(pixel_values, image_sizes, self.method.signals(), **vision_kwargs)
-        for image, row in zip(images, self.adapter.image_rows(input_ids, images)):
+        for image, row in zip(images, rows):
             image.prompt_ids = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row] == 1]
             image.question = None if questions is None else questions[row]
         kept_features, keep_masks, records = [], [], []
@@ -146,6 +151,7 @@ class Handle:
                     partitions=torch.bincount(image.layout.partition[kept], minlength=image.layout.n_partitions).tolist(),
                 )
             )
+        pad_side = padding_side(attention_mask, default=pad_default)
         compact = self.adapter.compact(input_ids, attention_mask, labels, keep_masks, pad_side, self._pad_token_id())
         self.last = records
         return compact, self.adapter.llm_inputs(kept_features)
@@ -157,27 +163,50 @@ class Handle:
                 return pad
         return 0  # any id works: compaction masks its padding out
 
+    def _image_in_cache(self, input_ids, cache) -> bool:
+        """Whether `cache` already holds image placeholders of `input_ids` (filled by an unpatched
+        call): generate then runs only what follows, as stock. A cached text prefix is fine."""
+        cached = cache.get_seq_length() if isinstance(cache, Cache) else 0
+        return cached > 0 and bool((input_ids[:, :cached] == self.adapter.image_token_id).any())
+
     # --- the wrappers -----------------------------------------------------------------
 
     def _wrappers(self) -> dict:
         generate, forward = self._inner("generate"), self._inner("forward")  # bound, maybe already wrapped
+        generate_signature = inspect.signature(generate)
 
         @functools.wraps(generate)
-        def patched_generate(inputs=None, *args, **kwargs):
-            input_ids = kwargs.pop("input_ids", inputs)
-            pixel_values = kwargs.pop("pixel_values", None)
-            questions = kwargs.pop("questions", None)
-            if pixel_values is None:
-                self.last = []
-                return generate(input_ids, *args, **kwargs)
-            attention_mask = kwargs.pop("attention_mask", None)
-            with torch.no_grad():  # as stock generate: no autograd graph for the vision pass
-                compact, feed = self.prune(
-                    input_ids, attention_mask, None, pixel_values, kwargs.pop("image_sizes", None),
-                    padding_side(attention_mask, default="left"), _vision_kwargs(kwargs), questions,
-                )
-            output = generate(compact["input_ids"], *args, attention_mask=compact["attention_mask"], **feed, **kwargs)
-            return _with_original_prompt(output, input_ids, compact["input_ids"].shape[1])
+        def patched_generate(*args, **kwargs):
+            call = generate_signature.bind_partial(*args, **kwargs).arguments
+            call.update(call.pop("kwargs", {}))
+            input_ids = call.pop("input_ids", call.pop("inputs", None))
+            questions = call.pop("questions", None)
+            self.last = []
+            cache = next((call[k] for k in ("cache", "past_key_values", "cache_params") if call.get(k) is not None),
+                         None)
+            shortened = _shortened_prompt(cache)
+            if shortened is not None:
+                # continuing a patched call: its cache holds the shortened prompt, images included
+                for key in ("pixel_values", "image_sizes"):
+                    call.pop(key, None)
+                compact_ids, call["attention_mask"] = shortened.shorten(input_ids, call.get("attention_mask"))
+            elif call.get("pixel_values") is None or self._image_in_cache(input_ids, cache):
+                # text only, or an unpatched call's cache that holds the whole prompt
+                return generate(input_ids, **call)
+            else:
+                with torch.no_grad():  # as stock generate: no autograd graph for the vision pass
+                    compact, feed = self.prune(
+                        input_ids, call.pop("attention_mask", None), None, call.pop("pixel_values"),
+                        call.pop("image_sizes", None), "left", _vision_kwargs(call), questions,
+                    )
+                compact_ids, call["attention_mask"] = compact["input_ids"], compact["attention_mask"]
+                call.update(feed)
+            shift = input_ids.shape[1] - compact_ids.shape[1]
+            _count_lengths_from_callers_prompt(call, self.model.generation_config, shift)
+            output = generate(compact_ids, **call)
+            if shortened is None:
+                _remember_shortened(output, cache, input_ids, compact_ids, call["attention_mask"])
+            return _with_original_prompt(output, input_ids, compact_ids.shape[1])
 
         signature = inspect.signature(forward)
 
@@ -196,8 +225,7 @@ class Handle:
             pixel_values, image_sizes = call.pop("pixel_values"), call.pop("image_sizes", None)
             input_ids, attention_mask, labels = (call.pop(k, None) for k in ("input_ids", "attention_mask", "labels"))
             compact, feed = self.prune(
-                input_ids, attention_mask, labels, pixel_values, image_sizes,
-                padding_side(attention_mask, default="right"), _vision_kwargs(call), questions,
+                input_ids, attention_mask, labels, pixel_values, image_sizes, "right", _vision_kwargs(call), questions
             )
             return forward(**compact, **feed, **call)
 
@@ -223,6 +251,105 @@ def _wraps(value, handle: Handle, name: str) -> bool:
     return isinstance(value, _Wrapper) and value.handle is handle and value.name == name
 
 
+
+def _check_prompt(input_ids, attention_mask, labels) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        found = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(
+            f"input_ids must be 2-D (batch, sequence), as the processor returns them; got {found}. "
+            "For one prompt add the batch dimension: input_ids[None]"
+        )
+    for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
+        if tensor is not None and tensor.shape != input_ids.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)}, input_ids {tuple(input_ids.shape)}: they must match"
+            )
+
+
+def _check_questions(questions, rows: int) -> None:
+    if questions is None:
+        return
+    if not isinstance(questions, (list, tuple)):
+        raise TypeError(
+            f"questions= takes a list of question strings, one per prompt row ({rows} rows); got a "
+            f"{type(questions).__name__}: pass a list, e.g. [question] for one prompt"
+        )
+    for i, question in enumerate(questions):
+        if not isinstance(question, str):
+            raise TypeError(f"questions[{i}] is {type(question).__name__} ({question!r:.60}); questions= takes strings")
+    if len(questions) != rows:
+        raise ValueError(f"questions= takes one question string per prompt row ({rows} rows), got {questions!r}")
+
+
+def _count_lengths_from_callers_prompt(call: dict, model_config, shift: int) -> None:
+    """generate's max_length/min_length count the prompt, which the LLM sees `shift` tokens
+    shorter: lower them by as much, so that they allow exactly the new tokens they allow
+    unpatched. Each is read where generate reads it (the kwarg, else generation_config=, else
+    the model's) and written back where it wins."""
+    given = call.get("generation_config")
+    if given is not None:
+        given = call["generation_config"] = copy.deepcopy(given)
+    for name in ("max_length", "min_length"):
+        sources = (call.get(name), getattr(given, name, None), getattr(model_config, name, None))
+        value = next((v for v in sources if v is not None), None)
+        if value is None:
+            continue  # generate's default: 20 new tokens, whatever the prompt
+        value = value - shift if name == "max_length" else max(0, value - shift)
+        if call.get(name) is None and given is not None:
+            setattr(given, name, value)
+        else:
+            call[name] = value
+
+
+@dataclass(frozen=True)
+class _Shortened:
+    """The caller's prompt rows and the shortened ones a patched generate fed the LLM; the
+    cache it filled starts with the shortened ones."""
+
+    original: torch.Tensor
+    compact: torch.Tensor
+    compact_mask: torch.Tensor | None
+
+    def shorten(self, input_ids, attention_mask):
+        """(input_ids, attention_mask) of a continuation, with the caller's prompt swapped for the
+        shortened one that the cache holds."""
+        n = self.original.shape[1]
+        if not (
+            isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == len(self.original)
+            and input_ids.shape[1] >= n and torch.equal(input_ids[:, :n], self.original.to(input_ids.device))
+        ):
+            raise ValueError(
+                "this cache was filled by a tokendrop-patched generate, whose LLM saw a shortened prompt: continue "
+                "with input_ids that start with the sequences that call returned (prompt included), or "
+                "generate again without the cache"
+            )
+        ids = torch.cat([self.compact.to(input_ids.device), input_ids[:, n:]], 1)
+        if attention_mask is None and self.compact_mask is None:
+            return ids, None
+        tail = torch.ones_like(input_ids[:, n:]) if attention_mask is None else attention_mask[:, n:]
+        head = torch.ones_like(self.compact) if self.compact_mask is None else self.compact_mask
+        return ids, torch.cat([head.to(tail.device), tail], 1)
+
+
+# cache -> _Shortened, for the caches that patched generate calls filled; weak, so a cache's
+# entry goes with the cache
+_SHORTENED: "weakref.WeakKeyDictionary[Cache, _Shortened]" = weakref.WeakKeyDictionary()
+
+
+def _shortened_prompt(cache) -> _Shortened | None:
+    return _SHORTENED.get(cache) if isinstance(cache, Cache) else None
+
+
+def _remember_shortened(output, cache, input_ids, compact_ids, compact_mask) -> None:
+    returned = getattr(output, "cache", None)
+    cache = cache if returned is None else returned
+    if isinstance(cache, Cache):
+        rows = _sequences(output).shape[0] // input_ids.shape[0]  # num_return_sequences repeats rows
+        original, compact = input_ids.repeat_interleave(rows, 0), compact_ids.repeat_interleave(rows, 0)
+        mask = None if compact_mask is None else compact_mask.repeat_interleave(rows, 0)
+        _SHORTENED[cache] = _Shortened(original, compact, mask)
+
+
 def _vision_kwargs(kwargs: dict) -> dict:
     """Per-call overrides of the vision pass, forwarded as the model would forward them."""
     return {k: kwargs.pop(k) for k in ("vision_feature_layer", "vision_feature_select_strategy") if k in kwargs}
@@ -241,13 +368,17 @@ def padding_side(attention_mask, default: str) -> str:
 def _with_original_prompt(output, input_ids, compact_length: int):
     """Put the caller's own prompt ids in front of the generated tokens, so that slicing by the
     original prompt length still yields exactly the new tokens."""
-    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    sequences = _sequences(output)
     prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0).to(sequences.device)
     sequences = torch.cat([prompt, sequences[:, compact_length:]], dim=1)
     if isinstance(output, torch.Tensor):
         return sequences
     output.sequences = sequences
     return output
+
+
+def _sequences(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.sequences
 
 
 # --- public API -----------------------------------------------------------------------

@@ -102,13 +102,17 @@ def proportional_counts(k: int, layout: ImageLayout) -> torch.Tensor:
 
 def packed_keep_mask(layout: ImageLayout, kept: torch.Tensor, newlines: str) -> torch.Tensor:
     """(L,) bool over the packed sequence: the kept features plus the newlines the policy keeps.
-    "rows": the newline of every canvas row that still holds a kept feature; "all": every
-    newline; "drop": none."""
+    "rows": the newline of every canvas row unless selection dropped all of the row's features
+    (so a canvas whose rows hold no features, that of a very thin image, keeps its newlines as
+    the unpatched model does); "all": every newline; "drop": none."""
     mask = torch.zeros(layout.packed_source.numel(), dtype=torch.bool)
     mask[layout.feature_positions[kept]] = True
     if newlines == "all":
         mask[layout.newline_positions] = True
     elif newlines == "rows":
-        rows = layout.row[kept]
-        mask[layout.newline_positions[torch.unique(rows[rows >= 0])]] = True
+        rows = layout.row
+        emptied = torch.zeros(layout.newline_positions.numel(), dtype=torch.bool)
+        emptied[rows[rows >= 0]] = True
+        emptied[rows[kept][rows[kept] >= 0]] = False
+        mask[layout.newline_positions[~emptied]] = True
     return mask

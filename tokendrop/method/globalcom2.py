@@ -56,12 +56,14 @@ class GlobalCom2(Method):
     def token_scores(layout, logits: torch.Tensor) -> torch.Tensor:
         """(N,) base tokens: their own logits; crop tokens: local + global, each L2-normalised
         over the crop's unpadded tokens."""
+        in_crop = layout.partition > 0
+        local = layout.per_feature(logits)
+        if not in_crop.any():  # a very thin image: unpadding left only the base
+            return local
         y0, y1, x0, x1 = layout.valid_box
         base_map = logits[0].view(1, 1, layout.side, layout.side)
         global_map = F.interpolate(base_map, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0, 0]
         y, x = layout.canvas_yx
-        in_crop = layout.partition > 0
-        local = layout.per_feature(logits)
         global_ = torch.zeros_like(local)
         global_[in_crop] = global_map[y[in_crop] - y0, x[in_crop] - x0]
 

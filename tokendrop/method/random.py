@@ -19,6 +19,8 @@ class Random(Method):
     def __post_init__(self):
         super().__post_init__()
         self.seed = check_int("seed", self.seed)
+        if not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed accepts
+            raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
 
     def select(self, image: EncodedImage) -> torch.Tensor:
         # A fresh generator per image: the subset depends on the seed and the image's token

@@ -162,6 +162,7 @@ class Router(Text):
                                  f"{self.weights.rank}: leave rank out to use the saved one")
 
     def resolve(self, adapter) -> "Router":
+        super().resolve(adapter)
         hidden = adapter.model.config.get_text_config().hidden_size
         if self.weights is None:
             self.weights = RouterWeights(hidden, self.rank or DEFAULT_RANK)

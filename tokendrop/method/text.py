@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
 
 from ..layout import EncodedImage
 from ..selection import keep_count
@@ -52,8 +53,24 @@ class Text(Method):
                 "text needs processor= (the model's processor or tokenizer) to find and embed the "
                 "question: tokendrop.patch(model, 'text', budget=0.3, processor=processor)"
             )
+        if not isinstance(self.tokenizer, PreTrainedTokenizerBase):
+            raise TypeError(
+                "processor= must be the model's processor (as loaded with it, e.g. AutoProcessor.from_pretrained) "
+                f"or its tokenizer, got {type(self.processor).__name__} {self.processor!r:.80}"
+            )
+        token = image_token(self.processor)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if self.image_token_id in (None, self.tokenizer.unk_token_id):
+            raise ValueError(f"processor= has no image token {token!r}: pass the patched model's own processor")
         self.affixes = template_affixes(self.processor)
-        self.image_token_id = image_token_id(self.processor)
+
+    def resolve(self, adapter) -> "Text":
+        if self.image_token_id != adapter.image_token_id:
+            raise ValueError(
+                f"processor= is another model's processor: its image token has id {self.image_token_id}, the "
+                f"model's has id {adapter.image_token_id}. Pass the processor loaded with this model"
+            )
+        return self
 
     @property
     def tokenizer(self):
@@ -101,10 +118,9 @@ def cosine_scores(visual: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
     return (F.normalize(visual.float(), dim=-1) @ F.normalize(question.float(), dim=-1).T).sum(-1)
 
 
-def image_token_id(processor) -> int:
+def image_token(processor) -> str:
     tokenizer = getattr(processor, "tokenizer", processor)
-    token = getattr(processor, "image_token", None) or getattr(tokenizer, "image_token", None) or "<image>"
-    return tokenizer.convert_tokens_to_ids(token)
+    return getattr(processor, "image_token", None) or getattr(tokenizer, "image_token", None) or "<image>"
 
 
 def template_affixes(processor) -> tuple[str, str]:
