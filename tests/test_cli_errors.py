@@ -55,10 +55,12 @@ def photo(tmp_path):
 
 
 @pytest.mark.parametrize("option, message", [
-    ("hird.alpha=0.3", "options given for method 'hird', which this profile does not run (hired). Did you mean 'hired'?"),
-    ("uniform.newlines=none", "options given for method 'uniform', which this profile does not run (hired)"),
-    ("hired.alpha=2.0", "method 'hired': alpha must be a number in [0.0, 1.0], got 2.0"),
-    ("hired.budget=0.1", "the budget is profiled: set it with --budgets/budgets, not as an option"),
+    ("hird.alpha=0.3", "options given for method 'hird', which this profile does not run (hired). "
+                       "Did you mean 'hired'?"),
+    ("uniform.newlines=none", "options given for method 'uniform', which this profile does not run (hired)."),
+    ("hired.alpha=2.0", "alpha must be a number in [0.0, 1.0], got 2.0"),
+    ("hired.budget=0.1", "options for 'hired': the budget is profiled; set it with budgets (--budgets), "
+                         "not as an option"),
 ])
 def test_profile_command_refuses_bad_options(capsys, grid_never_runs, option, message):
     error = cli_error(capsys, "profile", "--model", "tiny", "--methods", "hired", *QUICK, "--option", option)
@@ -126,7 +128,8 @@ def test_profile_type_errors(tiny, grid_never_runs, kwargs, message):
 
 def test_show_wants_a_pil_image(tiny, photo):
     model, processor = tiny
-    with pytest.raises(TypeError, match=r"image must be a PIL image \(open a file with PIL.Image.open\(path\)\), got a"):
+    expected = r"image must be a PIL image \(open a file with PIL.Image.open\(path\)\), got a str$"
+    with pytest.raises(TypeError, match=expected):
         show(model, processor, str(photo), "hired", 0.5)
 
 
@@ -135,13 +138,14 @@ def test_show_wants_a_pil_image(tiny, photo):
 
 def test_show_out_is_a_folder(capsys, tmp_path, photo):
     error = cli_error(capsys, "show", str(photo), "--model", "tiny", "--method", "uniform", "--out", str(tmp_path))
-    assert error == f"tokendrop: error: --out {tmp_path} is a folder: name the PNG to write, e.g. {tmp_path / 'kept.png'}"
+    assert error == (f"tokendrop: error: the figure path {tmp_path} is a folder: name the PNG to write, "
+                     f"e.g. {tmp_path / 'kept.png'}")
 
 
 def test_show_out_in_a_missing_folder(capsys, tmp_path, photo):
     out = tmp_path / "missing" / "kept.png"
     error = cli_error(capsys, "show", str(photo), "--model", "tiny", "--method", "uniform", "--out", str(out))
-    assert error == f"tokendrop: error: --out {out}: the folder {out.parent} does not exist; create it first"
+    assert error == f"tokendrop: error: cannot write {out}: the folder {out.parent} does not exist; create it first"
 
 
 def test_show_checks_out_before_running(tiny, tmp_path, monkeypatch):
@@ -162,8 +166,8 @@ def test_device_map_banana(capsys, photo, tmp_path, command):
 def test_device_map_names_a_missing_gpu(capsys, monkeypatch):
     monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
     error = cli_error(capsys, "profile", "--model", "tiny", *QUICK, "--device-map", "cuda:0")
-    assert error.endswith("argument --device-map: device_map 'cuda:0' needs a GPU, and torch sees none: "
-                          "use cpu, or leave --device-map out")
+    assert error.endswith("argument --device-map: device_map 'cuda:0' needs a GPU that torch does not see "
+                          "(it sees none): use cpu, or leave it out")
     with pytest.raises(ValueError, match="needs a GPU"):
         loading.load_model("tiny", device_map="cuda:0")
 
