@@ -319,8 +319,10 @@ def test_train_router_command_and_the_shipped_router(tmp_path, capsys):
     assert main(arguments) == 0  # finished: resumes at the last step and rewrites the same router
     assert main(["train-router", "--model", "testbed", "--data", "testbed", "--out", str(tmp_path / "task"),
                  "--steps", "1", "--batch-size", "2", "--samples", "2", "--no-progress"]) == 0
-    with pytest.raises(ValueError, match="neither a file nor a task"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # a usage error, not a traceback
         main(["train-router", "--model", "testbed", "--data", "nothing.jsonl", "--out", str(out), "--no-progress"])
+    assert exit_info.value.code == 2 and "neither a file nor a task" in capsys.readouterr().err
     assert (SHIPPED["testbed"] / "router.json").is_file()
     shipped = json.loads((SHIPPED["testbed"] / "router.json").read_text())
     assert shipped["training"]["budget"] == 0.05

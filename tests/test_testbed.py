@@ -165,8 +165,9 @@ def test_profile_and_demo_take_the_testbed(capsys, tmp_path):
     # the 96x96 test image: 36 base + 144 crop features (and 12 newlines), a quarter kept
     assert [(c["method"], c["features_before"], c["features_kept"]) for c in cells if c["status"] == "ok"] == [
         ("none", None, None), ("hired", 180, 45)]
-    with pytest.raises(ValueError, match="brings its own question"):
+    with pytest.raises(SystemExit) as exit_info:  # a usage error, not a traceback
         main(["profile", "--model", "testbed", "--task", "testbed", "--prompt", "Hi", "--repeats", "1"])
+    assert exit_info.value.code == 2 and "brings its own question" in capsys.readouterr().err
 
 
 def test_training_script_runs_end_to_end_and_writes_a_loadable_model(tmp_path, monkeypatch):

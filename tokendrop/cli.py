@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .loading import DTYPES, load_model, load_processor
+from .loading import DTYPES, check_device_map, load_model, load_processor
 from .method import METHODS
 from .presets import PRESETS, synthetic_image, with_preset_defaults
 from .selection import check_budget
@@ -70,6 +70,14 @@ def image_size(text: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def device_map(text: str) -> str:
+    try:
+        check_device_map(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def image_file(text: str) -> Image.Image:
     try:
         return Image.open(text).convert("RGB")
@@ -82,17 +90,17 @@ def add_model_arguments(parser, default=None) -> None:
                         help=f"a Hugging Face id or local path of a LLaVA-NeXT checkpoint, or a preset "
                              f"({', '.join(PRESETS.names())})")
     parser.add_argument("--dtype", choices=list(DTYPES), default="auto")
-    parser.add_argument("--device-map", help="passed to from_pretrained: auto, cpu, cuda:0 (default: auto with a GPU)")
+    parser.add_argument("--device-map", type=device_map,
+                        help="passed to from_pretrained: auto, cpu, cuda:0 (default: auto with a GPU)")
     parser.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"])
     quantize = parser.add_mutually_exclusive_group()
     quantize.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 weights")
     quantize.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes LLM.int8 weights")
 
 
-def loaded(args):
-    model = load_model(args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit,
-                       args.attn_implementation)
-    return model, load_processor(args.model)
+def loaded_model(args):
+    return load_model(args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit,
+                      args.attn_implementation)
 
 
 def random_weights_note(model_name: str) -> str:
@@ -151,12 +159,16 @@ def add_profile(subcommands) -> None:
 
 
 def run_profile(args) -> None:
-    from .profile_grid import format_table, profile
+    from .profile_grid import format_table, plan_grid, profile, writable_folder
 
-    model, processor = loaded(args)
-    print(random_weights_note(args.model), flush=True)
+    processor = load_processor(args.model)
     images, prompt = profile_inputs(args)
     options = with_preset_defaults(args.model, args.methods, grouped(args.options))
+    plan_grid(args.methods, args.budgets, options, processor)  # a bad option fails before the model loads
+    if args.out:
+        writable_folder(args.out)
+    model = loaded_model(args)
+    print(random_weights_note(args.model), flush=True)
     rows = profile(model, processor, args.methods, args.budgets, args.batch_sizes, images, prompt,
                    args.max_new_tokens, args.repeats, args.warmup, args.out, options)
     print(format_table(rows))
@@ -205,9 +217,11 @@ def add_show(subcommands) -> None:
 
 
 def run_show(args) -> None:
-    from .visualize import show
+    from .visualize import check_figure_path, show
 
-    model, processor = loaded(args)
+    check_figure_path(args.out)
+    processor = load_processor(args.model)
+    model = loaded_model(args)
     options = with_preset_defaults(args.model, [args.method], {}).get(args.method, {})
     show(model, processor, args.image, args.method, args.budget, args.question, out=args.out, **options)
     print(f"wrote {args.out}")
@@ -272,7 +286,8 @@ def run_train_router(args) -> None:
         validation = [validation[i] for i in range(min(args.validation_samples, len(validation)))]
     if device_map_from_launch(args):
         args.device_map = device_map_from_launch(args)
-    model, processor = loaded(args)
+    processor = load_processor(args.model)
+    model = loaded_model(args)
     out = train_router(model, processor, data, config, validation)
     print(f"wrote {out / 'router.safetensors'} and {out / 'router.json'}; use it with "
           f"--method router --option router.router={out}")
@@ -333,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        parser.error(str(error))  # bad input found after parsing: a usage error (exit 2), not a traceback
     return 0

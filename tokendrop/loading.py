@@ -4,18 +4,49 @@ Shared by the command-line tools and the evaluation code."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoProcessor, BitsAndBytesConfig, LlavaNextForConditionalGeneration
 
 from .presets import PRESETS, build_preset, build_processor
+from .registry import did_you_mean
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # from_pretrained's placements over all GPUs
+
+
+def check_model_name(spec: str) -> None:
+    """A name with no slash that is neither a preset nor a local path is a typo, not a hub id
+    (LLaVA-NeXT checkpoints are all org/name): say so instead of asking the hub."""
+    if spec in PRESETS.names() or "/" in spec or Path(spec).exists():
+        return
+    raise ValueError(f"no preset or local path named {spec!r}; presets: {', '.join(PRESETS.names())}."
+                     f"{did_you_mean(spec, PRESETS.names())} A Hugging Face id has the form org/name")
+
+
+def check_device_map(device_map) -> None:
+    """Refuse a placement that would fail only once the weights load."""
+    if device_map is None or isinstance(device_map, dict) or device_map in STRATEGIES:
+        return
+    try:
+        device = torch.device("cuda", device_map) if isinstance(device_map, int) else torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map must be {', '.join(STRATEGIES)}, cpu, cuda, cuda:N or a dict of module -> "
+                         f"device; got {device_map!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            seen = f"cuda:0 to cuda:{count - 1}" if count else "none"
+            raise ValueError(f"device_map {device_map!r} needs a GPU that torch does not see (it sees {seen}): "
+                             "use cpu, or leave it out")
 
 
 def load_processor(spec: str):
     """The processor of an embedded preset or a Hugging Face id / local path, set to pad on
     the left: batched generation continues every row from its end."""
+    check_model_name(spec)
     if spec in PRESETS.names():
         processor = build_processor(spec)
     else:
@@ -34,6 +65,8 @@ def load_model(spec: str, dtype: str = "auto", device_map=None, load_in_4bit: bo
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if load_in_4bit and load_in_8bit:
         raise ValueError("pick one of load_in_4bit and load_in_8bit")
+    check_device_map(device_map)
+    check_model_name(spec)
     attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if spec in PRESETS.names():
         if load_in_4bit or load_in_8bit:
@@ -55,6 +88,6 @@ def load_model(spec: str, dtype: str = "auto", device_map=None, load_in_4bit: bo
 def _preset_device(device_map) -> torch.device:
     if isinstance(device_map, dict):
         device_map = next(iter(device_map.values()))
-    if device_map in (None, "auto"):
+    if device_map is None or device_map in STRATEGIES:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device_map)

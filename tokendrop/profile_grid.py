@@ -15,19 +15,24 @@ import csv
 import datetime
 import gc
 import json
+import numbers
 import statistics
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import adapter_for
-from .method import METHODS, with_processor
-from .patch import patched
+from .method import METHODS, build as build_method, with_processor
+from .patch import ATTRIBUTE, patched, unpatch
 from .profiling import device_name, measure_generate, model_device
+from .registry import did_you_mean
 from .selection import check_budget
 
 REFERENCE = "none"  # the unpatched model's cells
@@ -60,29 +65,90 @@ def profile(model, processor, methods=("hired",), budgets=(1.0, 0.4, 0.2, 0.1), 
     """Profile `model` (with `processor`) over methods x budgets x batch sizes; returns one
     record per cell (see `Cell.row`), and writes profile.json, profile.csv and plots to `out`
     when given. `images`: PIL images, used round-robin to fill each batch. `options`: method
-    options, {method: {option: value}}."""
-    methods, options = list(methods), dict(options or {})
-    for name in methods:
-        METHODS.get(name)
-    budgets = [check_budget(b) for b in budgets]
-    if not images:
-        raise ValueError("profile needs at least one image")
+    options, {method: {option: value}}. A patch already on `model` is lifted for the grid (the
+    reference cells run unpatched) and put back afterwards."""
+    adapter = adapter_for(model)
+    methods, budgets, options = plan_grid(methods, budgets, options, processor, adapter)
+    images = check_images(images)
     for name, value in (("repeats", repeats), ("max_new_tokens", max_new_tokens)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    batch_sizes = as_list(batch_sizes, "batch_sizes", "[1, 4]")
     if any(not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be ints >= 1, got {list(batch_sizes)}")
-    adapter = adapter_for(model)
+        raise ValueError(f"batch sizes must be ints >= 1, got {batch_sizes}")
+    if out is not None:
+        out = writable_folder(out)
     grid = [Cell(REFERENCE, None, b) for b in batch_sizes]
     grid += [Cell(m, v, b) for b in batch_sizes for m in methods for v in budgets]
-    for cell in tqdm(grid, desc="profile", disable=not progress):
-        inputs = batch_inputs(processor, images, prompt, cell.batch_size, model)
-        run_cell(model, processor, cell, inputs, max_new_tokens, repeats, warmup, options.get(cell.method, {}))
+    users_patch = model.__dict__.get(ATTRIBUTE)
+    unpatch(model)
+    try:
+        for cell in tqdm(grid, desc="profile", disable=not progress):
+            inputs = batch_inputs(processor, images, prompt, cell.batch_size, model)
+            run_cell(model, processor, cell, inputs, max_new_tokens, repeats, warmup, options.get(cell.method, {}))
+    finally:
+        if users_patch is not None:
+            users_patch._install()  # the user's own handle back in force, as `patched` restores one
     rows = [cell.row() for cell in grid]
     add_ratios(rows, model.config.get_text_config())
     if out is not None:
-        write(Path(out), rows, provenance(model, adapter, images, prompt, max_new_tokens, repeats, warmup, options))
+        write(out, rows, provenance(model, adapter, images, prompt, max_new_tokens, repeats, warmup, options))
     return rows
+
+
+def plan_grid(methods, budgets, options, processor, adapter=None) -> tuple[list, list, dict]:
+    """Check the methods, budgets and options by building every method x budget once (and,
+    given the model's `adapter`, resolving it against the model): a bad option fails here,
+    not in every cell. Needs only the processor, so the CLI calls it before the model loads."""
+    methods = as_list(methods, "methods", "['hired']")
+    for name in methods:
+        METHODS.get(name)
+    budgets = [check_budget(b) for b in as_list(budgets, "budgets", "[1.0, 0.2]")]
+    options = {name: dict(opts) for name, opts in (options or {}).items()}
+    for name, opts in options.items():
+        if name not in methods:
+            raise ValueError(f"options given for method {name!r}, which this profile does not run "
+                             f"({', '.join(methods)}).{did_you_mean(name, methods)}")
+        if "budget" in opts:
+            raise ValueError(f"options for {name!r}: the budget is profiled; set it with budgets (--budgets), "
+                             "not as an option")
+    for name in methods:
+        for budget in budgets:
+            method = build_method(name, budget=budget, **with_processor(name, processor, options.get(name, {})))
+            if adapter is not None:
+                method.resolve(adapter)
+    return methods, budgets, options
+
+
+def as_list(value, name: str, example: str) -> list:
+    """`value` as a list; a lone string or number, a common slip, is refused."""
+    if isinstance(value, (str, numbers.Number)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a list, e.g. {name}={example}; got {value!r}")
+    return list(value)
+
+
+def check_images(images) -> list:
+    if not images:
+        raise ValueError("profile needs at least one image")
+    expected = "images must be a list of PIL images (open files with PIL.Image.open)"
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"{expected}, got {images!r}")
+    for image in images:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"{expected}, got a {type(image).__name__} in it")
+    return list(images)
+
+
+def writable_folder(out) -> Path:
+    """`out`, created, once a file could be made in it: the measurements are written there
+    only after the whole grid has run."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        raise ValueError(f"cannot write to {out}: {error.strerror or error}; pick a folder you can write") from None
+    return out
 
 
 def batch_inputs(processor, images, prompt, batch_size, model) -> dict:

@@ -3,8 +3,11 @@ panel for the base view and one for the crop canvas, built on `handle.last`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image
 
 from .adapters import adapter_for
 from .method import with_processor
@@ -17,6 +20,11 @@ def show(model, processor, image, method: str, budget: float | int = 1.0, questi
          out=None, **options):
     """Patch `model` with `method` for one request on `image`, and draw what it kept.
     Returns the matplotlib figure (and saves it to `out` if given)."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL image (open a file with PIL.Image.open(path)), "
+                        f"got a {type(image).__name__}")
+    if out is not None:
+        check_figure_path(out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,6 +54,15 @@ def show(model, processor, image, method: str, budget: float | int = 1.0, questi
     if out is not None:
         figure.savefig(out, dpi=100)
     return figure
+
+
+def check_figure_path(out) -> None:
+    """Refuse, before the model runs, a path the figure could not be saved to."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"the figure path {out} is a folder: name the PNG to write, e.g. {out / 'kept.png'}")
+    if not out.parent.is_dir():
+        raise ValueError(f"cannot write {out}: the folder {out.parent} does not exist; create it first")
 
 
 def kept_grids(layout, indices) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,198 @@
+"""Issue 13, profile/show/CLI: bad input is refused up front, with a message that says what
+was wrong, before a model loads or a measurement is lost; the command line ends such errors
+with `tokendrop: error: ...` and exit code 2, never a traceback."""
+
+import pytest
+
+import tokendrop
+from tokendrop import loading, profile_grid
+from tokendrop.cli import main
+from tokendrop.presets import PRESETS, synthetic_image
+from tokendrop.profile_grid import REFERENCE, profile
+from tokendrop.visualize import show
+
+QUICK = ["--budgets", "0.5", "--max-new-tokens", "1", "--repeats", "1", "--warmup", "0", "--image-size", "90x60"]
+
+
+def cli_error(capsys, *argv) -> str:
+    """Run the command, expect argparse's exit code 2, and return its error line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def grid_never_runs(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a profile cell ran before the error was found")
+
+    monkeypatch.setattr(profile_grid, "run_cell", fail)
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Records hub look-ups instead of making them."""
+    asked = []
+
+    def hub(spec, *args, **kwargs):
+        asked.append(spec)
+        raise OSError(f"offline: {spec}")
+
+    monkeypatch.setattr(loading.AutoProcessor, "from_pretrained", hub)
+    monkeypatch.setattr(loading.LlavaNextForConditionalGeneration, "from_pretrained", hub)
+    return asked
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "photo.png"
+    synthetic_image(90, 60, seed=2).save(path)
+    return path
+
+
+# --- 1. profile options are validated before anything runs -----------------------------
+
+
+@pytest.mark.parametrize("option, message", [
+    ("hird.alpha=0.3", "options given for method 'hird', which this profile does not run (hired). "
+                       "Did you mean 'hired'?"),
+    ("uniform.newlines=none", "options given for method 'uniform', which this profile does not run (hired)."),
+    ("hired.alpha=2.0", "alpha must be a number in [0.0, 1.0], got 2.0"),
+    ("hired.budget=0.1", "options for 'hired': the budget is profiled; set it with budgets (--budgets), "
+                         "not as an option"),
+])
+def test_profile_command_refuses_bad_options(capsys, grid_never_runs, option, message):
+    error = cli_error(capsys, "profile", "--model", "tiny", "--methods", "hired", *QUICK, "--option", option)
+    assert error == f"tokendrop: error: {message}"
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"hird": {"alpha": 0.3}}, ValueError, "Did you mean 'hired'"),
+    ({"hired": {"alpha": 2.0}}, ValueError, "alpha must be a number"),
+    ({"hired": {"select_layer": 7}}, ValueError, "has 3 layers"),  # only the model can tell
+])
+def test_profile_refuses_bad_options(tiny, grid_never_runs, options, error, message):
+    model, processor = tiny
+    with pytest.raises(error, match=message):
+        profile(model, processor, ["hired"], [0.5], images=[synthetic_image(90, 60)], options=options, progress=False)
+
+
+# --- 2. the reference cells run unpatched, and the user's patch comes back ---------------
+
+
+def test_profile_of_a_patched_model_measures_the_unpatched_reference(tiny):
+    model, processor = tiny
+    handle = tokendrop.patch(model, "hired", budget=0.2)
+    rows = profile(model, processor, ["uniform"], [1.0], images=[synthetic_image(90, 60)], max_new_tokens=1,
+                   repeats=1, warmup=0, progress=False)
+    reference = next(r for r in rows if r["method"] == REFERENCE)
+    assert reference["status"] == "ok" and reference["llm_prompt_len"] == reference["prompt_len"]
+    assert rows[1]["prefill_speedup_ideal"] == pytest.approx(1.0)  # budget 1.0 against the true reference
+    assert model.__dict__["_tokendrop_handle"] is handle
+    inputs = processor(images=[synthetic_image(90, 60)], text=[processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+        add_generation_prompt=True)], return_tensors="pt")
+    model.generate(**inputs, max_new_tokens=1)
+    assert handle.last and handle.last[0].n_kept < handle.last[0].n_before  # the user's patch is in force
+
+
+def test_profile_restores_the_users_patch_after_a_failure(tiny, monkeypatch):
+    model, processor = tiny
+    handle = tokendrop.patch(model, "hired", budget=0.2)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(profile_grid, "run_cell", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        profile(model, processor, ["uniform"], [1.0], images=[synthetic_image(90, 60)], progress=False)
+    assert model.__dict__["_tokendrop_handle"] is handle
+
+
+# --- 3. Python API type errors ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(methods="hired"), r"methods must be a list, e.g. methods=\['hired'\]; got 'hired'"),
+    (dict(budgets=0.5), r"budgets must be a list, e.g. budgets=\[1.0, 0.2\]; got 0.5"),
+    (dict(batch_sizes=2), r"batch_sizes must be a list, e.g. batch_sizes=\[1, 4\]; got 2"),
+    (dict(images="photo.png"), r"images must be a list of PIL images.*got 'photo.png'"),
+    (dict(images=["photo.png"]), r"images must be a list of PIL images.*got a str"),
+])
+def test_profile_type_errors(tiny, grid_never_runs, kwargs, message):
+    model, processor = tiny
+    with pytest.raises(TypeError, match=message):
+        profile(model, processor, **({"images": [synthetic_image(90, 60)]} | kwargs), progress=False)
+
+
+def test_show_wants_a_pil_image(tiny, photo):
+    model, processor = tiny
+    expected = r"image must be a PIL image \(open a file with PIL.Image.open\(path\)\), got a str$"
+    with pytest.raises(TypeError, match=expected):
+        show(model, processor, str(photo), "hired", 0.5)
+
+
+# --- 4. command-line errors --------------------------------------------------------------
+
+
+def test_show_out_is_a_folder(capsys, tmp_path, photo):
+    error = cli_error(capsys, "show", str(photo), "--model", "tiny", "--method", "uniform", "--out", str(tmp_path))
+    assert error == (f"tokendrop: error: the figure path {tmp_path} is a folder: name the PNG to write, "
+                     f"e.g. {tmp_path / 'kept.png'}")
+
+
+def test_show_out_in_a_missing_folder(capsys, tmp_path, photo):
+    out = tmp_path / "missing" / "kept.png"
+    error = cli_error(capsys, "show", str(photo), "--model", "tiny", "--method", "uniform", "--out", str(out))
+    assert error == f"tokendrop: error: cannot write {out}: the folder {out.parent} does not exist; create it first"
+
+
+def test_show_checks_out_before_running(tiny, tmp_path, monkeypatch):
+    model, processor = tiny
+    monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("the model ran"))
+    with pytest.raises(ValueError, match="is a folder"):
+        show(model, processor, synthetic_image(90, 60), "uniform", 0.5, out=tmp_path)
+
+
+@pytest.mark.parametrize("command", [["profile", *QUICK], ["show", "IMAGE", "--method", "uniform", "--out", "OUT"]])
+def test_device_map_banana(capsys, photo, tmp_path, command):
+    command = [str(photo) if a == "IMAGE" else str(tmp_path / "k.png") if a == "OUT" else a for a in command]
+    error = cli_error(capsys, *command, "--model", "tiny", "--device-map", "banana")
+    assert error.endswith("argument --device-map: device_map must be auto, balanced, balanced_low_0, sequential, "
+                          "cpu, cuda, cuda:N or a dict of module -> device; got 'banana'")
+
+
+def test_device_map_names_a_missing_gpu(capsys, monkeypatch):
+    monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
+    error = cli_error(capsys, "profile", "--model", "tiny", *QUICK, "--device-map", "cuda:0")
+    assert error.endswith("argument --device-map: device_map 'cuda:0' needs a GPU that torch does not see "
+                          "(it sees none): use cpu, or leave it out")
+    with pytest.raises(ValueError, match="needs a GPU"):
+        loading.load_model("tiny", device_map="cuda:0")
+
+
+def test_model_typo_does_not_reach_the_hub(capsys, no_hub):
+    error = cli_error(capsys, "profile", "--model", "tinny", *QUICK)
+    assert error == (f"tokendrop: error: no preset or local path named 'tinny'; presets: {', '.join(PRESETS.names())}. "
+                     "Did you mean 'tiny'? A Hugging Face id has the form org/name")
+    assert no_hub == []
+
+
+def test_hub_ids_still_reach_the_hub(no_hub):
+    with pytest.raises(OSError, match="offline"):
+        loading.load_processor("org/model")
+    assert no_hub == ["org/model"]
+
+
+def test_profile_out_is_checked_before_the_grid_runs(capsys, tmp_path, grid_never_runs):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    error = cli_error(capsys, "profile", "--model", "tiny", *QUICK, "--out", str(blocker / "profile"))
+    assert error.startswith(f"tokendrop: error: cannot write to {blocker / 'profile'}: ")
+    assert error.endswith("; pick a folder you can write")
+
+
+def test_errors_after_parsing_are_usage_errors(capsys):
+    error = cli_error(capsys, "profile", "--model", "testbed", "--task", "testbed", "--prompt", "What?")
+    assert error.startswith("tokendrop: error: --prompt asks about your image")
