@@ -158,12 +158,16 @@ def test_save_then_load_selects_the_same(bed, tmp_path):
 def test_training_changes_only_the_router(bed, tmp_path):
     model, processor = bed
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    grads_requested = []
+    flags = [p.requires_grad for p in model.parameters()]
+    model_params = [p for p in model.parameters() if p.requires_grad]
+    assert model_params  # the fixture's model would learn if the loss reached it
+    reached = []
     original = training.SelectionTrainer.loss
 
     def spy(self, router, examples, generator):
         loss, reward = original(self, router, examples, generator)
-        grads_requested.append((loss.requires_grad, [p.requires_grad for p in model.parameters()]))
+        grads = torch.autograd.grad(loss, model_params, allow_unused=True, retain_graph=True)
+        reached.append((loss.requires_grad, sum(g is not None for g in grads)))
         return loss, reward
 
     training.SelectionTrainer.loss = spy
@@ -173,8 +177,9 @@ def test_training_changes_only_the_router(bed, tmp_path):
         training.SelectionTrainer.loss = original
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(loss_has_grad and not any(model_grads) for loss_has_grad, model_grads in grads_requested)
+    assert reached and all(has_grad and n == 0 for has_grad, n in reached)  # the loss reaches the router only
     assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags  # the user's model is left as it was
 
 
 def test_a_short_run_improves_the_objective(bed, tmp_path):
@@ -317,6 +322,7 @@ def test_train_router_command_and_the_shipped_router(tmp_path, capsys):
     saved = json.loads((out / "router.json").read_text())
     assert saved["training"]["validation"] is not None and saved["training"]["examples"] == 4
     assert main(arguments) == 0  # finished: resumes at the last step and rewrites the same router
+    assert json.loads((out / "router.json").read_text())["training"] == saved["training"]
     assert main(["train-router", "--model", "testbed", "--data", "testbed", "--out", str(tmp_path / "task"),
                  "--steps", "1", "--batch-size", "2", "--samples", "2", "--no-progress"]) == 0
     capsys.readouterr()

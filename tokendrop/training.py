@@ -19,8 +19,8 @@ no differentiable relaxation of the LLM, and keeps its attention kernel (sdpa, f
 Distilling the unpruned model's own relevance (gradient saliency of its answer) was tried
 first: on the testbed it ranked the queried object's tokens far worse (see the README).
 
-Only the router's parameters train, in fp32; the model's weights never change (nothing of
-the model requires grad, and the optimizer holds the router alone). `accelerate` places the
+Only the router's parameters train, in fp32; the model's weights never change: its passes run
+without autograd, the router sees detached features, and the optimizer holds the router alone. `accelerate` places the
 router and, under `accelerate launch`, splits each batch across processes (data parallel).
 Every `checkpoint_every` steps the router and optimizer state are written to
 `out/checkpoint/`; running again with the same arguments resumes there and ends with the same
@@ -259,7 +259,8 @@ class SelectionTrainer:
         many of the scope to keep)."""
         in_scope = self.in_scope(image)
         candidates, fixed = torch.nonzero(in_scope).flatten(), torch.nonzero(~in_scope).flatten()
-        question = image.embed(self.question_rule.question_ids(image).to(image.embed.weight.device))
+        with torch.no_grad():  # the model's embeddings stay out of the router's graph
+            question = image.embed(self.question_rule.question_ids(image).to(image.embed.weight.device))
         scores = router(image.features, question.to(image.features.device))
         return scores[candidates.to(scores.device)], candidates, fixed, keep_count(self.config.budget, candidates.numel())
 
@@ -346,20 +347,16 @@ def train_router(model, processor, data: Sequence[Example] | str | Path, config:
     if validation is not None and any(e.answer is None for e in validation):
         raise ValueError("validation examples need answers")
     trainer = SelectionTrainer(model, processor, config)
-    if any(p.requires_grad for p in model.parameters()):
-        model.requires_grad_(False)  # frozen: the router alone learns
     accelerator = Accelerator(gradient_accumulation_steps=config.accumulate,
                               cpu=model.device.type == "cpu")
     hidden = model.config.get_text_config().hidden_size
-    torch.manual_seed(config.seed)
     router = RouterWeights(hidden, config.rank, seed=config.seed)
     optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=0.0)
     identity = dict(config.identity(), data=data_hash(examples), model=fingerprint(model))
-    start = resume(config.out, identity, router, optimizer)
+    start, history = resume(config.out, identity, router, optimizer)
     router, optimizer = accelerator.prepare(router, optimizer)
     model.eval()
 
-    history = []
     bar = tqdm(total=config.steps, initial=start, desc="train-router", disable=not (config.progress and
                                                                                   accelerator.is_main_process))
     per_update = config.batch_size * config.accumulate * accelerator.num_processes
@@ -387,7 +384,7 @@ def train_router(model, processor, data: Sequence[Example] | str | Path, config:
             bar.write(f"step {done}: validation {entry['validation']:.1f}% at budget {config.budget}")
         history.append(entry)
         if accelerator.is_main_process and (done % config.checkpoint_every == 0 or done == config.steps):
-            save_checkpoint(config.out, identity, accelerator.unwrap_model(router), optimizer, done)
+            save_checkpoint(config.out, identity, accelerator.unwrap_model(router), optimizer, history)
     bar.close()
     accelerator.wait_for_everyone()
     weights = accelerator.unwrap_model(router)
@@ -439,8 +436,9 @@ def normalized(text: str) -> str:
 # --- checkpoints: safetensors and JSON, written whole or not at all -------------------------------
 
 
-def save_checkpoint(out: Path, identity: dict, router: RouterWeights, optimizer, step: int) -> None:
-    """Write out/checkpoint: the router, the optimizer state and the step, replacing the last."""
+def save_checkpoint(out: Path, identity: dict, router: RouterWeights, optimizer, history: list[dict]) -> None:
+    """Write out/checkpoint: the router, the optimizer state and every step's reward and
+    validation so far (their count is the step), replacing the last checkpoint."""
     folder = out / CHECKPOINT
     scratch = out / f".{CHECKPOINT}.{os.getpid()}"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -450,7 +448,7 @@ def save_checkpoint(out: Path, identity: dict, router: RouterWeights, optimizer,
     for index, values in state["state"].items():
         tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in values.items()})
     save_file(tensors, scratch / "state.safetensors")
-    (scratch / "state.json").write_text(json.dumps(dict(step=step, identity=identity,
+    (scratch / "state.json").write_text(json.dumps(dict(step=len(history), identity=identity, history=history,
                                                         param_groups=state["param_groups"])))
     old = out / f".{CHECKPOINT}.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -460,13 +458,14 @@ def save_checkpoint(out: Path, identity: dict, router: RouterWeights, optimizer,
     shutil.rmtree(old, ignore_errors=True)
 
 
-def resume(out: Path, identity: dict, router: RouterWeights, optimizer) -> int:
-    """Load out/checkpoint into `router` and `optimizer` when it exists; the step to start at."""
+def resume(out: Path, identity: dict, router: RouterWeights, optimizer) -> tuple[int, list[dict]]:
+    """Load out/checkpoint into `router` and `optimizer` when it exists; (the step to start
+    at, the steps' history so far)."""
     folder = out / CHECKPOINT
     if not folder.is_dir():
         old = out / f".{CHECKPOINT}.old"  # a kill between the two renames of a save
         if not old.is_dir():
-            return 0
+            return 0, []
         old.rename(folder)
     meta = json.loads((folder / "state.json").read_text())
     if meta["identity"] != identity:
@@ -481,7 +480,7 @@ def resume(out: Path, identity: dict, router: RouterWeights, optimizer) -> int:
             _, index, key = name.split(".", 2)
             state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta["step"]
+    return meta["step"], meta["history"]
 
 
 def data_hash(examples: Sequence[Example]) -> str:
