@@ -49,7 +49,7 @@ def show(model, processor, image, method: str, budget: float | int = 1.0, questi
         kept = int(grid.sum())
         title = f"{name}: {kept}/{grid.size} patches kept ({grid.shape[0]}x{grid.shape[1]} grid)"
         if label is not None:
-            title += f", {int((label >= 0).sum())} merged into them"
+            title += f", {int(((label >= 0) & ~grid).sum())} merged into them"
             outline(ax, label, image.size)
         ax.set_title(title)
         ax.axis("off")
