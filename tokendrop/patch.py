@@ -32,8 +32,9 @@ from torch import nn
 from transformers import Cache
 
 from .method import Method, build as build_method
+from .method.base import Merged
 from .adapters import adapter_for
-from .selection import packed_keep_mask
+from .selection import merge_groups, packed_keep_mask
 
 ATTRIBUTE = "_tokendrop_handle"
 WRAPPED = ("generate", "forward")
@@ -49,6 +50,10 @@ class ImageRecord:
     n_newlines: int  # newline tokens kept
     indices: list[int]  # kept feature indices: base first, then the unpadded canvas row by row
     partitions: list[int]  # kept count per partition, base first
+    # merging methods only (None for a subset): for each kept index, the feature indices whose
+    # mean the LLM received there (ascending; the kept index first; a token kept as it is, alone)
+    groups: list[list[int]] | None = None
+    weights: list[list[float]] | None = None  # the mean's weights per group, where not plain
 
 
 class Handle:
@@ -138,10 +143,14 @@ class Handle:
             image.question = None if questions is None else questions[row]
         kept_features, keep_masks, records = [], [], []
         for image in images:
-            kept = self.method.select(image)
+            kept = merged = self.method.select(image)
+            packed = image.packed
+            if isinstance(merged, Merged):  # each kept position holds its group's mean
+                kept = merged.indices
+                packed = merge_groups(packed, image.layout, kept, merged.groups, merged.weights)
             mask = packed_keep_mask(image.layout, kept, self.method.newlines)
             keep_masks.append(mask)
-            kept_features.append(image.packed[mask.to(image.packed.device)])
+            kept_features.append(packed[mask.to(packed.device)])
             records.append(
                 ImageRecord(
                     n_before=image.layout.n_features,
@@ -149,6 +158,8 @@ class Handle:
                     n_newlines=int(mask[image.layout.newline_positions].sum()),
                     indices=kept.tolist(),
                     partitions=torch.bincount(image.layout.partition[kept], minlength=image.layout.n_partitions).tolist(),
+                    groups=[g.tolist() for g in merged.groups] if isinstance(merged, Merged) else None,
+                    weights=[w.tolist() for w in merged.weights] if isinstance(merged, Merged) and merged.weights is not None else None,
                 )
             )
         pad_side = padding_side(attention_mask, default=pad_default)

@@ -116,3 +116,30 @@ def packed_keep_mask(layout: ImageLayout, kept: torch.Tensor, newlines: str) -> 
         emptied[rows[kept][rows[kept] >= 0]] = False
         mask[layout.newline_positions[~emptied]] = True
     return mask
+
+
+def merge_groups(packed: torch.Tensor, layout: ImageLayout, kept: torch.Tensor, groups, weights=None) -> torch.Tensor:
+    """`packed` (L, D) with the vector at each kept feature position replaced by the mean of
+    its group's feature vectors (weighted where `weights` are given), computed in fp32 and
+    cast back to `packed`'s dtype. Groups must be disjoint, ascending, and start at their kept
+    index (see `tokendrop.method.base.Merged`); a group of one leaves its vector as it is."""
+    sizes = torch.tensor([g.numel() for g in groups], dtype=torch.long)
+    members = torch.cat([g.cpu().long() for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
+    firsts = torch.tensor([int(g.min()) if g.numel() else -1 for g in groups], dtype=torch.long)
+    if (
+        len(groups) != kept.numel() or not torch.equal(firsts, kept.cpu())
+        or members.unique().numel() != members.numel() or bool((members >= layout.n_features).any())
+    ):
+        raise RuntimeError("a merging method returned groups that are not disjoint groups of feature indices "
+                           "each starting at its kept index")
+    owner = torch.repeat_interleave(torch.arange(len(groups)), sizes)
+    w = torch.ones(members.numel()) if weights is None else torch.cat([x.cpu().float() for x in weights])
+    if w.numel() != members.numel() or bool((w < 0).any()):
+        raise RuntimeError("a merging method returned weights that do not match its groups or are negative")
+    device = packed.device
+    vectors = packed[layout.feature_positions[members].to(device)].float() * w.to(device)[:, None]
+    sums = torch.zeros(len(groups), packed.shape[1], device=device).index_add_(0, owner.to(device), vectors)
+    totals = torch.zeros(len(groups)).index_add_(0, owner, w)
+    merged = packed.clone()
+    merged[layout.feature_positions[kept].to(device)] = (sums / totals.to(device)[:, None]).to(packed.dtype)
+    return merged

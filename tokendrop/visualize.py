@@ -1,5 +1,6 @@
 """See what a method keeps: the image with kept patches bright and dropped ones dimmed, one
-panel for the base view and one for the crop canvas, built on `handle.last`."""
+panel for the base view and one for the crop canvas, built on `handle.last`. For a merging
+method, the patches merged into a kept token are half bright and every group is outlined."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .method import with_processor
 from .patch import patched
 
 DIM = 0.25  # brightness of dropped patches
+MERGED = 0.6  # brightness of patches merged into a kept token
 
 
 def show(model, processor, image, method: str, budget: float | int = 1.0, question: str = "Describe the image.",
@@ -39,12 +41,17 @@ def show(model, processor, image, method: str, budget: float | int = 1.0, questi
     record = handle.last[0]
     layout = adapter_for(model).layout(inputs["image_sizes"][0].tolist())
     base, canvas = kept_grids(layout, record.indices)
+    labels = (None, None) if record.groups is None else group_labels(layout, record.groups)
 
     figure, axes = plt.subplots(1, 2, figsize=(12, 5.5))
-    for ax, grid, name in ((axes[0], base, "base view"), (axes[1], canvas, "crop canvas")):
-        ax.imshow(dimmed(image, grid))
+    for ax, grid, label, name in ((axes[0], base, labels[0], "base view"), (axes[1], canvas, labels[1], "crop canvas")):
+        ax.imshow(dimmed(image, grid, None if label is None else label >= 0))
         kept = int(grid.sum())
-        ax.set_title(f"{name}: {kept}/{grid.size} patches kept ({grid.shape[0]}x{grid.shape[1]} grid)")
+        title = f"{name}: {kept}/{grid.size} patches kept ({grid.shape[0]}x{grid.shape[1]} grid)"
+        if label is not None:
+            title += f", {int(((label >= 0) & ~grid).sum())} merged into them"
+            outline(ax, label, image.size)
+        ax.set_title(title)
         ax.axis("off")
     figure.suptitle(
         f"{method}, budget {budget}: {record.n_kept}/{record.n_before} visual tokens kept, "
@@ -80,11 +87,47 @@ def kept_grids(layout, indices) -> tuple[np.ndarray, np.ndarray]:
     return base, canvas
 
 
-def dimmed(image, grid: np.ndarray) -> np.ndarray:
-    """The image with the cells of `grid` that are False dimmed; both views show the whole
-    image (the base squashed, the canvas unpadded), so the grid spans the image."""
+def group_labels(layout, groups) -> tuple[np.ndarray, np.ndarray]:
+    """Integer grids (base tile, unpadded crop canvas): the number of the group each patch was
+    merged into (groups numbered in `groups` order), -1 for patches in no group."""
+    label = torch.full((layout.n_features,), -1, dtype=torch.long)
+    for j, group in enumerate(groups):
+        label[torch.as_tensor(group, dtype=torch.long)] = j
+    in_base = layout.partition == 0
+    base = np.full((layout.side, layout.side), -1)
+    base.flat[layout.local[in_base].numpy()] = label[in_base].numpy()
+    y0, y1, x0, x1 = layout.valid_box
+    canvas = np.full((y1 - y0, x1 - x0), -1)
+    y, x = layout.canvas_yx
+    canvas[(y[~in_base] - y0).numpy(), (x[~in_base] - x0).numpy()] = label[~in_base].numpy()
+    return base, canvas
+
+
+def outline(ax, labels: np.ndarray, size: tuple[int, int]) -> None:
+    """Draw the borders between neighbouring patches of different groups (either one in a
+    group) over an image of `size` (width, height) spanned by the grid `labels`."""
+    from matplotlib.collections import LineCollection
+
+    if labels.size == 0:
+        return
+    (height, width), (rows, cols) = (size[1], size[0]), labels.shape
+    y = lambda r: r * height / rows - 0.5  # noqa: E731  (cell edge r in imshow's pixel coordinates)
+    x = lambda c: c * width / cols - 0.5  # noqa: E731
+    segments = []
+    differs = (labels[:, 1:] != labels[:, :-1]) & ((labels[:, 1:] >= 0) | (labels[:, :-1] >= 0))
+    segments += [[(x(c + 1), y(r)), (x(c + 1), y(r + 1))] for r, c in zip(*np.nonzero(differs))]
+    differs = (labels[1:] != labels[:-1]) & ((labels[1:] >= 0) | (labels[:-1] >= 0))
+    segments += [[(x(c), y(r + 1)), (x(c + 1), y(r + 1))] for r, c in zip(*np.nonzero(differs))]
+    ax.add_collection(LineCollection(segments, colors="white", linewidths=0.6))
+
+
+def dimmed(image, grid: np.ndarray, merged: np.ndarray | None = None) -> np.ndarray:
+    """The image with the cells of `grid` that are False dimmed (to MERGED where `merged` is
+    True: merged into a kept token); both views show the whole image (the base squashed, the
+    canvas unpadded), so the grid spans the image."""
     pixels = np.asarray(image, dtype=np.float32) / 255.0
     rows = (np.arange(pixels.shape[0]) * grid.shape[0] // pixels.shape[0])
     cols = (np.arange(pixels.shape[1]) * grid.shape[1] // pixels.shape[1])
-    brightness = np.where(grid[rows][:, cols], 1.0, DIM)
+    dropped = DIM if merged is None else np.where(merged[rows][:, cols], MERGED, DIM)
+    brightness = np.where(grid[rows][:, cols], 1.0, dropped)
     return pixels * brightness[..., None]

@@ -1,6 +1,11 @@
 """What a method is: a small dataclass of validated options that turns one encoded image
 into the sorted feature indices to keep. Budgets, allocation, top-k and newlines are shared
-(`tokendrop.selection`); the patch machinery does the rest."""
+(`tokendrop.selection`); the patch machinery does the rest.
+
+Merging methods (`pool`, `visionzip`) return a `Merged` from `select` instead of a tensor:
+the same sorted kept indices plus, for each, the group of feature indices whose mean
+(optionally weighted) the LLM receives at that position. Subset methods are untouched: a
+plain tensor means every kept token is fed as encoded."""
 
 from __future__ import annotations
 
@@ -14,6 +19,23 @@ import torch
 from ..layout import EncodedImage
 from ..registry import Registry, did_you_mean
 from ..selection import NEWLINE_POLICIES, check_budget
+
+@dataclass(frozen=True, eq=False)
+class Merged:
+    """A merging method's selection of one image.
+
+    indices: (k,) long, ascending: the kept feature indices, exactly the budget's count.
+    groups: k (n_j,) long tensors, ascending: the feature indices averaged into kept token j.
+        Groups are disjoint and indices[j] is the smallest member of groups[j] (a merged token
+        stands at its group's first position); a token kept as it is, is its own group of one.
+    weights: None for plain means, else k (n_j,) float tensors of non-negative weights with a
+        positive sum, aligned with groups.
+    """
+
+    indices: torch.Tensor
+    groups: list[torch.Tensor]
+    weights: list[torch.Tensor] | None = None
+
 
 METHODS: Registry[type["Method"]] = Registry("method")
 
@@ -44,8 +66,9 @@ class Method:
         """CLS scores the vision pass must capture: {layer: "probs" | "logits"}."""
         return {}
 
-    def select(self, image: EncodedImage) -> torch.Tensor:
-        """Sorted (ascending) feature indices to keep, exactly the budget's count."""
+    def select(self, image: EncodedImage) -> "torch.Tensor | Merged":
+        """Sorted (ascending) feature indices to keep, exactly the budget's count; a merging
+        method returns them as a `Merged`, with the group each kept token stands for."""
         raise NotImplementedError
 
 
