@@ -23,6 +23,7 @@ from .base import Method, register
 @register("divprune")
 @dataclass
 class DivPrune(Method):
+    @torch.no_grad()  # a discrete choice: no graph, even when called in a training forward
     def select(self, image: EncodedImage) -> torch.Tensor:
         features = F.normalize(image.features.float(), dim=-1)
         chosen = farthest_points(1 - features @ features.T, keep_count(self.budget, features.shape[0]))

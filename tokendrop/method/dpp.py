@@ -91,6 +91,7 @@ class DPP(Method):
             wanted[self.feature_layer] = "probs"
         return wanted
 
+    @torch.no_grad()  # a discrete choice: no graph, even when called in a training forward
     def select(self, image: EncodedImage) -> torch.Tensor:
         layout = image.layout
         features = F.normalize(image.features.float(), dim=-1)
