@@ -39,6 +39,11 @@ class GlobalCom2(Method):
         return {self.score_layer: "logits"}
 
     def select(self, image: EncodedImage) -> torch.Tensor:
+        logits = image.cls_scores(self.score_layer)
+        return top_k_per_partition(self.token_scores(image.layout, logits), image.layout.partition, self.counts(image))
+
+    def counts(self, image: EncodedImage) -> torch.Tensor:
+        """(P,) tokens kept per partition, summing exactly to the budget's count."""
         layout = image.layout
         logits = image.cls_scores(self.score_layer)
         n = layout.n_features
@@ -49,8 +54,7 @@ class GlobalCom2(Method):
         sigma = torch.softmax((region_sums - region_sums.max()) / self.tau, dim=0)
         crop_ratio = (ratio * (1 + sigma - 1 / sigma.numel())).clamp(max=1.0)
         crops = allocate(k - n_base, crop_ratio * layout.capacity[1:], layout.capacity[1:])
-        counts = torch.cat([torch.tensor([k - int(crops.sum())]), crops])
-        return top_k_per_partition(self.token_scores(layout, logits), layout.partition, counts)
+        return torch.cat([torch.tensor([k - int(crops.sum())]), crops])
 
     @staticmethod
     def token_scores(layout, logits: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,12 @@
 """HiRED (Arif et al., AAAI-25): split the budget between the base view and the crops, give
 each crop a share proportional to the base's early-layer CLS attention over the crop's region
-(paper Eq. 1), then keep each partition's top tokens by CLS attention at the feature layer."""
+(paper Eq. 1), then keep each partition's top tokens by CLS attention at the feature layer.
+
+`allocation="count"` reproduces the reference code's crop shares instead: a crop's weight is how
+many of the base's top floor(tile * (1 - alpha)) patches by the allocation signal fall in its
+region (576 * (1 - alpha) for CLIP-L/336). Regions stay 2-D and padding-aware, so a base patch
+that straddles two crops counts for each by its area share (the code cut the flat map into row
+strips); budgets stay exact."""
 
 from __future__ import annotations
 
@@ -10,7 +16,9 @@ import torch
 
 from ..layout import EncodedImage
 from ..selection import allocate, floor_fraction, keep_count, top_k_per_partition
-from .base import Method, check_layer, check_real, register
+from .base import Method, check_choice, check_layer, check_real, register
+
+ALLOCATIONS = ("mass", "count")
 
 
 @register("hired")
@@ -19,10 +27,12 @@ class HiRED(Method):
     alpha: float = 0.5  # share of the budget for the base view
     alloc_layer: int = 0  # CLS attention on the base decides the crop shares
     select_layer: int | None = None  # CLS attention ranks tokens; None: the model's feature layer
+    allocation: str = "mass"  # crop weights: "mass" (paper Eq. 1) or "count" (the reference code)
 
     def __post_init__(self):
         super().__post_init__()
         self.alpha = check_real("alpha", self.alpha, 0.0, 1.0)
+        check_choice("allocation", self.allocation, ALLOCATIONS)
 
     def resolve(self, adapter) -> "HiRED":
         select = adapter.feature_layer if self.select_layer is None else self.select_layer
@@ -36,12 +46,19 @@ class HiRED(Method):
         return {self.alloc_layer: "probs", self.select_layer: "probs"}
 
     def select(self, image: EncodedImage) -> torch.Tensor:
+        scores = image.layout.per_feature(image.cls_scores(self.select_layer))
+        return top_k_per_partition(scores, image.layout.partition, self.counts(image))
+
+    def counts(self, image: EncodedImage) -> torch.Tensor:
+        """(P,) tokens kept per partition, summing exactly to the budget's count."""
         layout = image.layout
         k = keep_count(self.budget, layout.n_features)
         n_base = min(floor_fraction(self.alpha, k), int(layout.capacity[0]))
-        crop_mass = layout.region_weights @ image.cls_scores(self.alloc_layer)[0]
-        crops = allocate(k - n_base, crop_mass, layout.capacity[1:])
+        signal = image.cls_scores(self.alloc_layer)[0]
+        if self.allocation == "count":
+            top = torch.sort(-signal, stable=True).indices[: floor_fraction(1 - self.alpha, layout.tile)]
+            signal = torch.zeros_like(signal).index_fill_(0, top, 1.0)
+        crop_weights = layout.region_weights @ signal
+        crops = allocate(k - n_base, crop_weights, layout.capacity[1:])
         # whatever the crops cannot hold returns to the base, so exactly k survive
-        base = torch.tensor([k - int(crops.sum())])
-        scores = layout.per_feature(image.cls_scores(self.select_layer))
-        return top_k_per_partition(scores, layout.partition, torch.cat([base, crops]))
+        return torch.cat([torch.tensor([k - int(crops.sum())]), crops])

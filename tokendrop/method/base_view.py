@@ -1,0 +1,41 @@
+"""Baseline "base": the base view only, every crop dropped. It asks whether the crops carry
+anything at all.
+
+Budgets: k = the budget's count of the image's N tokens. k <= the base view's size keeps the
+base's top k by CLS attention at the feature layer (exactly k); a larger k keeps the base
+view whole and nothing else (fewer than k). A full budget (k = N) keeps every token, so that,
+as for every method, budget 1.0 leaves the model unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..layout import EncodedImage
+from ..selection import keep_count, top_k_per_partition
+from .base import Method, check_layer, register
+
+
+@register("base")
+@dataclass
+class BaseView(Method):
+    select_layer: int | None = None  # CLS attention ranks base tokens; None: the model's feature layer
+
+    def resolve(self, adapter) -> "BaseView":
+        layer = adapter.feature_layer if self.select_layer is None else self.select_layer
+        return replace(self, select_layer=check_layer("select_layer", layer, adapter.n_vision_layers))
+
+    def signals(self) -> dict[int, str]:
+        return {self.select_layer: "probs"}
+
+    def select(self, image: EncodedImage) -> torch.Tensor:
+        layout = image.layout
+        k = keep_count(self.budget, layout.n_features)
+        if k >= layout.n_features:
+            return torch.arange(layout.n_features)
+        counts = torch.zeros_like(layout.capacity)
+        counts[0] = min(k, int(layout.capacity[0]))
+        scores = layout.per_feature(image.cls_scores(self.select_layer))
+        return top_k_per_partition(scores, layout.partition, counts)

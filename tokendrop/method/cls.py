@@ -1,0 +1,32 @@
+"""FasterVLM (Zhang et al., arXiv 2412.01818): the image's top tokens by [CLS] attention
+(probabilities, heads summed) at the feature layer, ranked over all partitions at once: no
+per-partition allocation, so a crop may keep many tokens and another none."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..layout import EncodedImage
+from ..selection import keep_count, top_k_per_partition
+from .base import Method, check_layer, register
+
+
+@register("cls")
+@dataclass
+class CLS(Method):
+    select_layer: int | None = None  # CLS attention ranks tokens; None: the model's feature layer
+
+    def resolve(self, adapter) -> "CLS":
+        layer = adapter.feature_layer if self.select_layer is None else self.select_layer
+        return replace(self, select_layer=check_layer("select_layer", layer, adapter.n_vision_layers))
+
+    def signals(self) -> dict[int, str]:
+        return {self.select_layer: "probs"}
+
+    def select(self, image: EncodedImage) -> torch.Tensor:
+        layout = image.layout
+        scores = layout.per_feature(image.cls_scores(self.select_layer))
+        k = keep_count(self.budget, layout.n_features)
+        return top_k_per_partition(scores, torch.zeros_like(layout.partition), torch.tensor([k]))

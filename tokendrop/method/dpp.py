@@ -1,0 +1,163 @@
+"""CDPruner (Zhang et al., NeurIPS 2025): keep the subset that a conditional DPP finds most
+probable, so the kept tokens are both relevant to the question and unlike each other.
+
+Kernel L = diag(r) S diag(r):
+- S_ij = cos(v_i, v_j) over the *projected* feature tokens (the LLM-side features, after the
+  projector), as the released code computes it (`image.features`).
+- r is each token's relevance, min-max normalised over the whole image (every partition at
+  once, as the released code normalises its batch of partitions):
+  r = (x - min x + 1e-6) / (max x - min x). x per `relevance`:
+  - "text" (the paper's setting): x_i = mean_j -cos(v_i, q_j) over the question's tokens q_j.
+    The question is found exactly as `text` finds it (explicit `questions=` or the prompt), so
+    it needs `processor=`. The released code uses CLIP's joint space (the vision tower's
+    patch features through CLIP's visual projection against CLIP text-encoder embeddings);
+    LLaVA-NeXT's Hugging Face checkpoints ship neither the projection nor the text encoder, so
+    tokendrop uses the projected visual tokens against the LLM's input embeddings of the
+    question, as `text` does. The sign is the released code's: it negates the cosine before
+    normalising.
+  - "cls": x_i = the token's CLS attention (probabilities) at the feature layer; no question.
+  - "none": r = 1, a plain DPP over S.
+The subset is greedy MAP inference by incremental Cholesky (Chen, Zhang & Zhou, NeurIPS 2018):
+O(N k^2) after one O(N D) kernel row per step, never a determinant. Each step adds the token
+with the largest conditional gain d_i^2 = L_ii - ||c_i||^2 (ties: the lower index). When every
+remaining gain is below 1e-6 of the largest initial one (the kept tokens already span the rest,
+as happens once k exceeds the features' rank), the rest are taken by relevance r (ties: the
+lower index), so budgets stay exact.
+
+`allocation` splits the budget over the AnyRes partitions: "global" runs one DPP over all of
+the image's tokens; "partition" gives each partition a share proportional to its size (the
+released code's fixed per-crop budget, with an exact total); "hired" / "globalcom2" take the
+per-partition counts those methods compute with their default options, then run a DPP inside
+each partition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import EncodedImage
+from ..selection import keep_count, proportional_counts
+from .base import Method, check_choice, register
+from .globalcom2 import GlobalCom2
+from .hired import HiRED
+from .text import Text
+
+RELEVANCES = ("text", "cls", "none")
+ALLOCATIONS = ("global", "partition", "hired", "globalcom2")
+ALLOCATORS = {"hired": HiRED, "globalcom2": GlobalCom2}
+
+
+@register("dpp")
+@dataclass
+class DPP(Method):
+    relevance: str = "text"  # r: "text" (the question), "cls" (CLS attention) or "none"
+    allocation: str = "global"  # budget split over partitions: global, partition, hired, globalcom2
+    processor: object = field(default=None, repr=False)  # needed by relevance="text" only
+    # filled at patch time
+    question: Text | None = field(init=False, repr=False, default=None)
+    allocator: Method | None = field(init=False, repr=False, default=None)
+    feature_layer: int = field(init=False, repr=False, default=-2)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("relevance", self.relevance, RELEVANCES)
+        check_choice("allocation", self.allocation, ALLOCATIONS)
+        if self.relevance == "text":
+            if self.processor is None:
+                raise ValueError(
+                    "dpp with relevance='text' needs processor= (the model's processor or tokenizer) to find "
+                    "and embed the question; relevance='cls' or 'none' needs none"
+                )
+            self.question = Text(processor=self.processor)  # the question rule, and its checks
+
+    def resolve(self, adapter) -> "DPP":
+        resolved = replace(self)
+        resolved.feature_layer = adapter.feature_layer
+        if resolved.question is not None:
+            resolved.question = resolved.question.resolve(adapter)
+        if self.allocation in ALLOCATORS:
+            resolved.allocator = ALLOCATORS[self.allocation](budget=self.budget).resolve(adapter)
+        return resolved
+
+    def signals(self) -> dict[int, str]:
+        wanted = dict(self.allocator.signals()) if self.allocator is not None else {}
+        if self.relevance == "cls":
+            if wanted.get(self.feature_layer, "probs") != "probs":
+                raise ValueError(f"dpp: relevance='cls' and allocation={self.allocation!r} need layer "
+                                 f"{self.feature_layer} as both probabilities and logits")
+            wanted[self.feature_layer] = "probs"
+        return wanted
+
+    @torch.no_grad()  # a discrete choice: no graph, even when called in a training forward
+    def select(self, image: EncodedImage) -> torch.Tensor:
+        layout = image.layout
+        features = F.normalize(image.features.float(), dim=-1)
+        relevance = self.relevance_scores(image, features)
+        k = keep_count(self.budget, layout.n_features)
+        if self.allocation == "global":
+            return torch.sort(greedy_map(features, relevance, k, unit=True)).values.cpu()
+        counts = proportional_counts(k, layout) if self.allocator is None else self.allocator.counts(image)
+        partition = layout.partition.to(features.device)
+        kept = []
+        for p, count in enumerate(counts.tolist()):
+            members = torch.nonzero(partition == p).flatten()
+            kept.append(members[greedy_map(features[members], relevance[members], count, unit=True)])
+        return torch.sort(torch.cat(kept)).values.cpu()
+
+    def relevance_scores(self, image: EncodedImage, features: torch.Tensor) -> torch.Tensor:
+        """(N,) r in (0, 1] on the features' device, fp32."""
+        if self.relevance == "none":
+            return torch.ones(features.shape[0], device=features.device)
+        if self.relevance == "cls":
+            x = image.layout.per_feature(image.cls_scores(self.feature_layer)).to(features.device).float()
+        else:
+            ids = self.question.question_ids(image).to(image.embed.weight.device)
+            question = F.normalize(image.embed(ids).float().to(features.device), dim=-1)
+            x = -(features @ question.T).mean(-1)
+        return min_max(x)
+
+
+def min_max(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(x - min + eps) / (max - min), as CDPruner normalises relevance; a constant x gives 1."""
+    low, high = x.min(), x.max()
+    return (x - low + eps) / (high - low).clamp(min=eps)
+
+
+def greedy_map(
+    features: torch.Tensor, quality: torch.Tensor, k: int, unit: bool = False, tol: float = 1e-6
+) -> torch.Tensor:
+    """Greedy MAP of the DPP with kernel L_ij = q_i q_j <f_i, f_j> (Chen, Zhang & Zhou 2018).
+
+    features: (n, D) rows, quality: (n,), k <= n; `unit`: the rows have unit length (cosine
+    similarity), so L_ii = q_i^2 exactly and equal qualities tie exactly (broken by index).
+    Returns (k,) long indices in the order chosen, on the features' device.
+    """
+    n = features.shape[0]
+    k = min(int(k), n)
+    chosen = torch.empty(k, dtype=torch.long, device=features.device)
+    if k == 0:
+        return chosen
+    quality = quality.float()
+    factors = features.new_zeros(k, n)  # c: row i is the i-th column of the Cholesky factor
+    norms = torch.ones_like(quality) if unit else (features * features).sum(-1)
+    gains = quality * quality * norms  # d_i^2, starting at L_ii
+    floor = tol * float(gains.max())
+    for i in range(k):
+        best, j = gains.max(0)
+        if float(best) <= floor:  # the kept tokens span the rest: fill by relevance
+            taken = torch.zeros(n, dtype=torch.bool, device=features.device)
+            taken[chosen[:i]] = True
+            rest = torch.nonzero(~taken).flatten()
+            order = torch.sort(-quality[rest], stable=True).indices
+            chosen[i:] = rest[order[: k - i]]
+            break
+        chosen[i] = j
+        row = quality[j] * quality * (features @ features[j])  # L_j,:
+        e = (row - factors[:i, j] @ factors[:i]) / best.sqrt()
+        factors[i] = e
+        gains = gains - e * e
+        gains[j] = float("-inf")
+    return chosen
