@@ -284,8 +284,7 @@ def run_train_router(args) -> None:
         source = args.validation
         validation = read_jsonl(source) if Path(source).is_file() else task_examples(source, None)
         validation = [validation[i] for i in range(min(args.validation_samples, len(validation)))]
-    if device_map_from_launch(args):
-        args.device_map = device_map_from_launch(args)
+    args.device_map = device_map_from_launch(args) or args.device_map
     processor = load_processor(args.model)
     model = loaded_model(args)
     out = train_router(model, processor, data, config, validation)
