@@ -9,26 +9,20 @@ as for every method, budget 1.0 leaves the model unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from ..layout import EncodedImage
 from ..selection import keep_count, top_k_per_partition
-from .base import Method, check_layer, register
+from .base import register
+from .cls import CLS
 
 
 @register("base")
 @dataclass
-class BaseView(Method):
-    select_layer: int | None = None  # CLS attention ranks base tokens; None: the model's feature layer
-
-    def resolve(self, adapter) -> "BaseView":
-        layer = adapter.feature_layer if self.select_layer is None else self.select_layer
-        return replace(self, select_layer=check_layer("select_layer", layer, adapter.n_vision_layers))
-
-    def signals(self) -> dict[int, str]:
-        return {self.select_layer: "probs"}
+class BaseView(CLS):
+    """`cls` restricted to the base view: the same option and signal, another candidate set."""
 
     def select(self, image: EncodedImage) -> torch.Tensor:
         layout = image.layout
