@@ -260,8 +260,8 @@ class SelectionTrainer:
         in_scope = self.in_scope(image)
         candidates, fixed = torch.nonzero(in_scope).flatten(), torch.nonzero(~in_scope).flatten()
         with torch.no_grad():  # the model's embeddings stay out of the router's graph
-            question = image.embed(self.question_rule.question_ids(image).to(image.embed.weight.device))
-        scores = router(image.features, question.to(image.features.device))
+            question = self.question_rule.question(image)
+        scores = router(image.features, question)
         return scores[candidates.to(scores.device)], candidates, fixed, keep_count(self.config.budget, candidates.numel())
 
     @staticmethod
