@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -27,7 +28,10 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+# the PIL (numpy) image processor: `...Pil` from 5.0, the plain class before; chosen by what
+# the installed release has, so that no torchvision is needed on any of them
+PilImageProcessor = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
 
 from .registry import Registry
 
@@ -99,6 +103,7 @@ def build_tokenizer(words=()) -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],  # 4.x adds token_type_ids, which generate refuses
     )
     fast.add_tokens([AddedToken(word, single_word=True) for word in words]
                     + [AddedToken(" " + word) for word in words])
@@ -108,7 +113,7 @@ def build_tokenizer(words=()) -> PreTrainedTokenizerFast:
 def build_processor(name: str) -> LlavaNextProcessor:
     spec = PRESETS.get(name)
     size = spec["vision"]["image_size"]
-    image_processor = LlavaNextImageProcessorPil(
+    image_processor = PilImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         image_grid_pinpoints=spec["pinpoints"],
     )
