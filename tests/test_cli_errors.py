@@ -40,7 +40,8 @@ def no_hub(monkeypatch):
         raise OSError(f"offline: {spec}")
 
     monkeypatch.setattr(loading.AutoProcessor, "from_pretrained", hub)
-    monkeypatch.setattr(loading.LlavaNextForConditionalGeneration, "from_pretrained", hub)
+    monkeypatch.setattr(loading.AutoConfig, "from_pretrained", hub)
+    monkeypatch.setattr(loading.AutoModelForImageTextToText, "from_pretrained", hub)
     return asked
 
 
