@@ -32,7 +32,7 @@ from torch import nn
 from transformers import Cache
 
 from .method import Method, build as build_method
-from .method.base import Merged
+from .method.base import Merged, check_signals
 from .adapters import adapter_for
 from .selection import merge_groups, packed_keep_mask
 
@@ -134,9 +134,9 @@ class Handle:
         if image_sizes is None:
             raise ValueError("pixel_values come with image_sizes (the processor returns both): pass them together")
         _check_prompt(input_ids, attention_mask, labels)
-        image_sizes = self.adapter.check_images(pixel_values, image_sizes)
+        image_sizes = self.adapter.check_images(pixel_values, image_sizes, **vision_kwargs)
         _check_questions(questions, input_ids.shape[0])
-        rows = self.adapter.image_rows(input_ids, image_sizes)
+        rows = self.adapter.image_rows(input_ids, image_sizes, **vision_kwargs)
         images = self.adapter.encode(pixel_values, image_sizes, self.method.signals(), **vision_kwargs)
         for image, row in zip(images, rows):
             image.prompt_ids = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row] == 1]
@@ -363,7 +363,8 @@ def _remember_shortened(output, cache, input_ids, compact_ids, compact_mask) -> 
 
 def _vision_kwargs(kwargs: dict) -> dict:
     """Per-call overrides of the vision pass, forwarded as the model would forward them."""
-    return {k: kwargs.pop(k) for k in ("vision_feature_layer", "vision_feature_select_strategy") if k in kwargs}
+    names = ("vision_feature_layer", "vision_feature_select_strategy", "batch_num_images")  # the last: OneVision
+    return {k: kwargs.pop(k) for k in names if k in kwargs}
 
 
 def padding_side(attention_mask, default: str) -> str:
@@ -417,6 +418,7 @@ def patch(model: nn.Module, method: str | Method, budget: float | int | None = N
         chosen = method.resolve(adapter)
     else:
         chosen = build_method(method, budget=1.0 if budget is None else budget, **options).resolve(adapter)
+    check_signals(chosen, adapter)
     unpatch(model)
     handle = Handle(model, chosen, adapter)
     handle._install()

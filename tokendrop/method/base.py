@@ -72,6 +72,18 @@ class Method:
         raise NotImplementedError
 
 
+def check_signals(method: Method, adapter) -> None:
+    """Raise if `method` needs a signal that `adapter` cannot supply (`adapter.signal_kinds`)."""
+    for layer, kind in method.signals().items():
+        if kind not in adapter.signal_kinds:
+            name = getattr(method, "name", type(method).__name__)
+            raise ValueError(
+                f"method {name!r} needs the {kind!r} signal of vision layer {layer}, which tokendrop cannot "
+                f"supply for a {adapter.model_class} (it supplies {', '.join(map(repr, adapter.signal_kinds))}): "
+                "pick a method that uses only those"
+            )
+
+
 def build(name: str, **options) -> Method:
     cls = METHODS.get(name)
     fields = [f.name for f in dataclasses.fields(cls) if f.init]
