@@ -7,12 +7,13 @@ compaction of the prompt and feeding the kept vectors to the LLM. What differs:
 - The tower is SigLIP: no CLS token, every patch is a feature (`vision_feature_select_strategy=
   "full"`, usually `vision_feature_layer=-1`). The two signal kinds have CLS-free equivalents:
   - "probs" (HiRED, `cls`, VisionZip's dominant tokens, ...): the attention each token
-    *receives*, averaged over all queries and heads, from the layer's q/k projections. This is
-    VisionZip's choice for encoders without a CLS token (Yang et al., "VisionZip: Longer is
-    Better but Not Necessary in Vision Language Models", CVPR 2025, arXiv 2412.04467, Sec. 3.2).
-    It costs an L x L map per head, built one tile at a time.
+    *receives*, averaged over all queries and heads, from the layer's q/k projections: the
+    dominant-token score VisionZip uses for towers without a CLS token such as SigLIP (Yang et
+    al., "VisionZip: Longer is Better but Not Necessary in Vision Language Models", CVPR 2025,
+    arXiv 2412.04467). It costs an L x L map per head, built one tile at a time.
   - "logits" (GlobalCom2): the negative cosine similarity of each token to the tile's mean token,
-    the CLS-free score of GlobalCom2 (Liu et al., AAAI-26, for SigLIP-based models), taken on
+    GlobalCom2's score for towers without CLS (Liu et al., AAAI-26, appendix on LLaVA-OneVision;
+    its code for OneVision is unreleased, xuyang-liu16/GlobalCom2 issue #1), taken on
     the *output* of the scored layer: with the default `score_layer=-1` that is exactly the
     hidden state the projector feeds the LLM, so the score judges the tokens the LLM would see.
 - `anyres_max_9` packing: where the unpadded crop canvas is larger than 9 tiles (by more than
