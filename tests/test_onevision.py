@@ -349,3 +349,44 @@ def test_multi_image_prompts(ov, ov_images, multi, method):
     two = processor(images=[[ov_images["wide"], ov_images["tall"]]], text=[prompt(processor, "Compare them.", 2)],
                     return_tensors="pt")
     assert torch.equal(greedy(model, two)[0, -6:], together[0, -6:])
+
+
+def ov_keep_mask(model, height, width, indices):
+    """Packed keep mask under the "rows" newline policy: base tokens, then each packed canvas
+    row of features followed by its newline, kept while the row keeps a feature."""
+    side, *_, (out_h, out_w) = canvas_geometry(model, height, width)
+    kept = set(indices)
+    mask = [i in kept for i in range(side * side)]
+    for row in range(out_h):
+        features = [side * side + row * out_w + j in kept for j in range(out_w)]
+        mask += features + [any(features)]
+    return torch.tensor(mask)
+
+
+def test_pruned_generation_equals_manual_reference(ov, ov_batch):
+    """Greedy generation equals decoding by hand, without cache, from inputs_embeds built from
+    the unpatched model's features of the recorded selection (resampled canvases included)."""
+    model, _ = ov
+    with torch.no_grad():
+        packed = model.model.get_image_features(ov_batch["pixel_values"], ov_batch["image_sizes"]).pooler_output
+    handle = tokendrop.patch(model, "hired", budget=0.25)
+    out = greedy(model, ov_batch, n=5)
+    token = model.config.image_token_id
+    for row, ((height, width), record, features) in enumerate(zip(ov_batch["image_sizes"].tolist(), handle.last, packed)):
+        mask = ov_keep_mask(model, height, width, record.indices)
+        assert record.n_newlines == int(mask.sum()) - record.n_kept
+        valid = ov_batch["input_ids"][row][ov_batch["attention_mask"][row] == 1]
+        keep = torch.ones_like(valid, dtype=torch.bool)
+        keep[(valid == token).nonzero().flatten()[~mask]] = False
+        embeds = reference.embed_prompt(model, valid[keep][None], [features[mask]])
+        assert reference.greedy_no_cache(model, embeds, 5) == out[row, -5:].tolist()
+
+
+def test_unsupported_configuration_fails_clearly(ov):
+    model, _ = ov
+    model.config.vision_feature_select_strategy = "default"
+    try:
+        with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
+            tokendrop.patch(model, "hired", budget=0.5)
+    finally:
+        model.config.vision_feature_select_strategy = "full"
