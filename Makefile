@@ -1,24 +1,41 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11 and make:
 #   make demo    the embedded demo: a LLaVA-NeXT-shaped model built offline, HiRED at 4 budgets
-#   make test    the test suite
-# Both create .venv on first use: torch only when the venv lacks it (TORCH picks the build;
+#   make test    the test suite: all of it on the newest transformers (.venv), then the core
+#                patch tests (identity, batches, references, errors) on the oldest supported
+#                4.x and on an early 5.x, each in its own venv
+# Every venv is created on first use: torch only when the venv lacks it (TORCH picks the build;
 # torch==2.13.0 is a CPU wheel on the project's machines), then tokendrop with its test extras.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
+# the ends of the supported range that the newest release does not cover
+OLDER_TRANSFORMERS ?= 4.56.0 5.5.4
+CORE_TESTS := tests/test_patch.py tests/test_patch_lifecycle.py tests/test_call_inputs.py tests/test_errors.py \
+	tests/test_hired.py tests/test_globalcom2_text.py tests/test_new_methods.py tests/test_merging.py tests/test_peft.py
 
 .PHONY: demo test
 demo: $(VENV)/.ready
 	$(BIN)/tokendrop demo $(ARGS)
 
-test: $(VENV)/.ready
+test: $(VENV)/.ready $(OLDER_TRANSFORMERS:%=.venv-transformers-%/.ready)
 	$(BIN)/pytest -q
+	for version in $(OLDER_TRANSFORMERS); do \
+		echo "core tests on transformers $$version"; \
+		.venv-transformers-$$version/bin/pytest -q -p no:cacheprovider $(CORE_TESTS) || exit 1; \
+	done
 
 $(VENV)/.ready: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+.venv-transformers-%/.ready: setup.cfg pyproject.toml
+	$(PYTHON) -m venv .venv-transformers-$*
+	.venv-transformers-$*/bin/python -m pip install -q --upgrade pip
+	.venv-transformers-$*/bin/python -c "import torch" 2>/dev/null || .venv-transformers-$*/bin/python -m pip install -q "$(TORCH)"
+	.venv-transformers-$*/bin/python -m pip install -q -e ".[test]" "transformers==$*"
 	touch $@

@@ -1,31 +1,45 @@
-"""LLaVA-NeXT (`transformers.LlavaNextForConditionalGeneration`, transformers 5.x).
+"""LLaVA-NeXT (`transformers.LlavaNextForConditionalGeneration`, transformers 4.56 to 5.x).
 
 The model packs each image as: base tile, then the unpadded crop canvas with one newline per
 row, and fills the prompt's `<image>` placeholders with those vectors in (batch, position)
 order. tokendrop runs the vision pass itself, keeps a subset of each packed sequence, removes
-the matching placeholders from `input_ids`, and hands the kept vectors to the model as
-`mm_encoder_outputs` (the precomputed-features input of 5.x), so the LLM only ever sees the
-short prompt and `generate` keeps its own mask and position bookkeeping consistent.
+the matching placeholders from `input_ids`, and feeds the LLM `inputs_embeds` made as the
+model makes them (its input embedding of the ids, the image vectors scattered into the
+placeholders). `inputs_embeds` is an input of every supported release, unlike the
+precomputed-features keywords, so the LLM only ever sees the short prompt on each of them,
+and `generate` (given the short ids too) keeps its mask and position bookkeeping consistent.
 """
 
 from __future__ import annotations
 
 import torch
 import transformers
-from packaging.version import Version
+from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from packaging.version import Version
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from tokendrop.layout import NEWLINE, EncodedImage, ImageLayout
 from tokendrop.scoring import SIGNAL_KINDS, capture_cls_scores
 
-SUPPORTED_TRANSFORMERS = (Version("5.0"), Version("6.0"))
+# The one statement of the supported range; setup.cfg and the README say the same.
+SUPPORTED_TRANSFORMERS = (Version("4.56"), Version("6.0"))
 IGNORE_INDEX = -100  # labels of padding added by compaction
 
 
 def installed_transformers() -> str:
     return transformers.__version__
+
+
+def check_transformers() -> None:
+    low, high = SUPPORTED_TRANSFORMERS
+    found = Version(installed_transformers())
+    if not low <= found < high:
+        raise ValueError(
+            f"tokendrop supports transformers >={low},<{high}; found {found}. "
+            f"Install a supported release: pip install 'transformers>={low},<{high}'"
+        )
 
 
 class LlavaNextAdapter:
@@ -37,12 +51,7 @@ class LlavaNextAdapter:
         return getattr(getattr(model, "config", None), "model_type", None) == "llava_next" and hasattr(model, "model")
 
     def __init__(self, model):
-        low, high = SUPPORTED_TRANSFORMERS
-        if not low <= Version(installed_transformers()) < high:
-            raise ValueError(
-                f"tokendrop's LLaVA-NeXT adapter needs transformers >={low},<{high}; "
-                f"found {installed_transformers()}. Install a supported one: pip install 'transformers>=5.23,<6'"
-            )
+        check_transformers()
         config = model.config
         if type(model).__name__ != self.model_class:
             raise ValueError(
@@ -131,14 +140,53 @@ class LlavaNextAdapter:
                                      f"pixel_values hold {pixel_values.shape[1]} per image: {expected}")
         return sizes
 
+    # --- the model's parts, for tools that time or inspect them ------------------------
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.vlm.vision_tower
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder the prompt's embeddings go through (its first call is the prefill)."""
+        return self.vlm.language_model
+
+    @property
+    def vision_entry(self) -> tuple[nn.Module, str]:
+        """(module, method name) through which the model runs its whole vision pass (tower,
+        projector, packing), patched or not: the place to time it."""
+        return self.vlm, "get_image_features"
+
     # --- vision pass ------------------------------------------------------------------
+
+    def image_features(self, pixel_values, image_sizes, **vision_kwargs) -> list[torch.Tensor]:
+        """The model's own vision pass: one packed (L, D) tensor per image, newlines included."""
+        output = self.vlm.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes, **vision_kwargs)
+        return list(getattr(output, "pooler_output", output))  # 5.x wraps the list in a model output
+
+    def vision_attentions(self, pixel_values, image_sizes) -> tuple[torch.Tensor, ...]:
+        """Every vision layer's attention maps, (tiles, heads, L, L) each, CLS first: what the
+        score hooks compute without; the tower must run eager attention to return them."""
+        needs = [self.layout(size).n_partitions for size in self.check_images(pixel_values, image_sizes).tolist()]
+        tiles = pixel_values if pixel_values.dim() == 4 else torch.cat([t[:n] for t, n in zip(pixel_values, needs)])
+        return self.vision_tower(tiles, output_attentions=True).attentions
+
+    def read(self, input_ids, attention_mask, pixel_values, image_sizes, questions, signals: dict[int, str],
+             vision_kwargs: dict) -> list[EncodedImage]:
+        """Every image of a call, checked against its prompt and encoded, with its prompt row
+        (padding removed) and the caller's question for that row, in placeholder order."""
+        sizes = self.check_images(pixel_values, image_sizes, **vision_kwargs)
+        rows = self.image_rows(input_ids, sizes, **vision_kwargs)
+        images = self.encode(pixel_values, sizes, signals, **vision_kwargs)
+        for image, row in zip(images, rows):
+            image.prompt_ids = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row] == 1]
+            image.question = None if questions is None else questions[row]
+        return images
 
     def encode(self, pixel_values, image_sizes, signals: dict[int, str], **vision_kwargs) -> list[EncodedImage]:
         """Run the vision tower and projector once, capturing the scores `signals` asks for."""
         with self.capture_scores(signals) as captured:
-            packed = self.vlm.get_image_features(
-                pixel_values=pixel_values, image_sizes=image_sizes, return_dict=True, **vision_kwargs
-            ).pooler_output
+            packed = self.image_features(pixel_values, image_sizes, **vision_kwargs)
         layouts = self.layouts(image_sizes, **vision_kwargs)
         splits = [layout.n_partitions for layout in layouts]
         per_layer = {
@@ -163,6 +211,16 @@ class LlavaNextAdapter:
         return capture_cls_scores(attention, kinds)
 
     # --- the LLM's side ---------------------------------------------------------------
+
+    def feed(self, input_ids, attention_mask, labels, keep_masks: list[torch.Tensor],
+             kept_features: list[torch.Tensor], pad_side: str, pad_token_id: int) -> tuple[torch.Tensor, dict]:
+        """(shortened input_ids, the LLM's keyword inputs): the prompt rows without the
+        placeholders of dropped tokens, and `inputs_embeds` holding `kept_features` in the
+        remaining placeholders, with the matching attention_mask (and labels, when given)."""
+        compact = self.compact(input_ids, attention_mask, labels, keep_masks, pad_side, pad_token_id)
+        ids = compact.pop("input_ids")
+        compact["inputs_embeds"] = self.embed_prompt(ids, kept_features)
+        return ids, compact
 
     def compact(self, input_ids, attention_mask, labels, keep_masks: list[torch.Tensor], pad_side: str, pad_token_id: int):
         """Drop the placeholders of dropped tokens from every row and re-pad the batch.
@@ -195,10 +253,27 @@ class LlavaNextAdapter:
             out["attention_mask"] = None
         return out
 
-    def llm_inputs(self, kept_features: list[torch.Tensor]) -> dict:
-        """Keyword arguments that feed the kept vectors to `forward`/`generate`."""
-        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=kept_features)}}
+    def embed_prompt(self, input_ids, image_features: list[torch.Tensor]) -> torch.Tensor:
+        """The LLM's input as the model builds it: the ids' embeddings, with the image vectors
+        scattered over the `<image>` placeholders in (row, position) order."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if not image_features:
+            return embeds
+        features = torch.cat(image_features).to(embeds.device, embeds.dtype)
+        placeholders = (input_ids == self.image_token_id).to(embeds.device)
+        if int(placeholders.sum()) != features.shape[0]:
+            raise RuntimeError(f"{int(placeholders.sum())} image placeholders for {features.shape[0]} image vectors")
+        return embeds.masked_scatter(placeholders.unsqueeze(-1).expand_as(embeds), features)
 
+    @staticmethod
+    def with_image_features(output, kept_features: list[torch.Tensor]):
+        """A forward's output carrying the vectors the LLM received, where the release's output
+        has a field for them (the unpatched model fills it with every vector)."""
+        if "image_outputs" in getattr(output, "__dataclass_fields__", {}):  # 5.x
+            output["image_outputs"] = BaseModelOutputWithPooling(pooler_output=kept_features)
+        elif "image_hidden_states" in getattr(output, "__dataclass_fields__", {}):  # 4.x: one tensor
+            output["image_hidden_states"] = torch.cat(kept_features)
+        return output
 
     def image_rows(self, input_ids, image_sizes: torch.Tensor, **vision_kwargs) -> list[int]:
         """The prompt row of every image. Each row's `<image>` placeholders must be exactly

@@ -1,4 +1,4 @@
-"""LLaVA-OneVision (`transformers.LlavaOnevisionForConditionalGeneration`, transformers 5.x).
+"""LLaVA-OneVision (`transformers.LlavaOnevisionForConditionalGeneration`).
 
 What it shares with LLaVA-NeXT (`LlavaNextAdapter`): AnyRes tiles (a base view, then crops
 stitched into an unpadded canvas with one newline per row), the placeholder bookkeeping,
@@ -35,14 +35,13 @@ regions use, comes from the same packing without the 9-tile cap.
 from __future__ import annotations
 
 import torch
-from packaging.version import Version
 from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 
 from tokendrop.layout import NEWLINE, ImageLayout
 from tokendrop.scoring import SIGNAL_KINDS, capture_siglip_scores
 
-from .llava_next import SUPPORTED_TRANSFORMERS, LlavaNextAdapter, installed_transformers
+from .llava_next import LlavaNextAdapter, check_transformers
 
 UNCAPPED = "anyres_max_1000000"  # a cap no canvas reaches: the packing without resampling
 TIE = 1e-6  # sample points exactly between two patches go to the upper/left one
@@ -57,12 +56,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return getattr(getattr(model, "config", None), "model_type", None) == "llava_onevision" and hasattr(model, "model")
 
     def __init__(self, model):
-        low, high = SUPPORTED_TRANSFORMERS
-        if not low <= Version(installed_transformers()) < high:
-            raise ValueError(
-                f"tokendrop's LLaVA-OneVision adapter needs transformers >={low},<{high}; "
-                f"found {installed_transformers()}. Install a supported one: pip install 'transformers>=5.23,<6'"
-            )
+        check_transformers()
         if type(model).__name__ != self.model_class:
             raise ValueError(
                 f"patch the generating model ({self.model_class}), not its {type(model).__name__} submodule"

@@ -55,7 +55,7 @@ def method_layers(model, method: str) -> tuple[dict[int, torch.nn.Module], dict[
 @contextmanager
 def eager_vision(model):
     """Switch the vision tower to eager attention (the only one that returns maps) for a block."""
-    tower = model.model.vision_tower
+    tower = adapter_for(model).vision_tower
     previous = tower.config._attn_implementation
     tower.set_attn_implementation("eager")
     try:
@@ -67,21 +67,21 @@ def eager_vision(model):
 def variants(model, pixel_values, image_sizes, scored: dict[str, tuple]) -> dict:
     """The plain pass, one hooked pass per method (`scored`: method -> (attention, kinds)),
     and the eager pass with attention maps."""
-    vlm = model.model
+    adapter = adapter_for(model)
 
     def plain():
-        return vlm.get_image_features(pixel_values, image_sizes)
+        return adapter.image_features(pixel_values, image_sizes)
 
     def hooked(attention, kinds):
         def run():
             with capture_cls_scores(attention, kinds):
-                return vlm.get_image_features(pixel_values, image_sizes)
+                return adapter.image_features(pixel_values, image_sizes)
 
         return run
 
     def eager_attentions():
         with eager_vision(model):
-            return vlm.get_image_features(pixel_values, image_sizes, output_attentions=True)
+            return adapter.vision_attentions(pixel_values, image_sizes)
 
     hooks = {f"hooks:{method}": hooked(*layers) for method, layers in scored.items()}
     return {"plain": plain, **hooks, "eager_attentions": eager_attentions}
@@ -103,7 +103,7 @@ def score_differences(model, pixel_values, image_sizes, attention, kinds) -> dic
     probabilities have an eager counterpart (logits are checked by the test suite)."""
     kinds = {layer: kind for layer, kind in kinds.items() if kind == "probs"}
     with capture_cls_scores(attention, kinds) as captured, eager_vision(model):
-        maps = model.model.get_image_features(pixel_values, image_sizes, output_attentions=True).attentions
+        maps = adapter_for(model).vision_attentions(pixel_values, image_sizes)
     differences = {}
     for layer in kinds:
         eager = maps[layer][:, :, 0, 1:].float().sum(1)  # CLS row, non-CLS keys, summed over heads
@@ -152,7 +152,7 @@ def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtyp
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "device_name": device_name(device),
-        "attn_implementation": model.model.vision_tower.config._attn_implementation,
+        "attn_implementation": adapter_for(model).vision_tower.config._attn_implementation,
         "versions": {"tokendrop": tokendrop.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "image_size": list(IMAGE_SIZE),

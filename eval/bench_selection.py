@@ -25,7 +25,7 @@ import torch
 from tokendrop.adapters import adapter_for
 from tokendrop.cli import positive_int
 from tokendrop.layout import EncodedImage
-from tokendrop.method import METHODS, with_processor
+from tokendrop.method import METHODS
 from tokendrop.method import build as build_method
 from tokendrop.method.base import Merged
 from tokendrop.presets import PRESETS, build_preset
@@ -76,7 +76,7 @@ def benchmark(preset: str, repeats: int, devices: list[torch.device], budgets=(0
         rows = {}
         for name in METHODS.names():
             for budget in budgets:
-                method = build_method(name, **with_processor(name, processor, {"budget": budget})).resolve(adapter)
+                method = build_method(name, budget=budget, processor=processor).resolve(adapter)
                 rows[f"{name}@{budget}"] = time_select(method, image, repeats, device)
         for key, row in rows.items():
             row["ratio_to_hired"] = row["median_s"] / rows[f"hired@{key.split('@')[1]}"]["median_s"]

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import tokendrop
 
-from ..method import build as build_method, with_processor
+from ..method import build as build_method
 from ..loading import load_model, load_processor
 from .generation import generate_answers
 
@@ -64,8 +64,7 @@ class LlavaHfTokendrop(lmms):
             raise ValueError(f"method=none (the unpatched model) takes no method options, got {', '.join(options)}")
         self.processor = load_processor(pretrained)
         if method != "none":  # a bad option fails before the model loads
-            options = with_processor(method, self.processor, options)
-            build_method(method, budget=budget, **options)
+            build_method(method, budget=budget, processor=self.processor, **options)
         from accelerate import PartialState
 
         state = PartialState()
@@ -76,7 +75,7 @@ class LlavaHfTokendrop(lmms):
             device_map = device
         self.pretrained = pretrained
         self.model = load_model(pretrained, dtype, device_map, load_in_4bit, load_in_8bit, attn_implementation)
-        self.handle = None if method == "none" else tokendrop.patch(self.model, method, budget=budget, **options)
+        self.handle = None if method == "none" else tokendrop.patch(self.model, method, budget=budget, processor=self.processor, **options)
 
     def generate_until(self, requests) -> list[str]:
         answers: list[str | None] = [None] * len(requests)

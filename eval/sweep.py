@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 import tokendrop
 
-from ..method import METHODS, build as build_method, with_processor
+from ..method import METHODS, build as build_method
 from ..selection import check_budget
 from .data import fingerprint, subset
 from ..cli import budget, grouped, key_value, method_option, positive_int
@@ -153,7 +153,7 @@ def cell_method(tasks, name: str, budget, processor, options: dict):
     for task in tasks:
         if name in task.methods:
             return task.methods[name](budget=budget, **options)
-    return build_method(name, budget=budget, **with_processor(name, processor, options))
+    return build_method(name, budget=budget, processor=processor, **options)
 
 
 def _source(source) -> str | None:

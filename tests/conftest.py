@@ -3,6 +3,7 @@ grids differ: a padded wide 1x2, a padded tall 2x1 and a padded 2x2 (sizes are (
 
 import pytest
 import torch
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 import tokendrop
 from tokendrop.presets import build_preset, synthetic_image
@@ -48,6 +49,14 @@ def singles(tiny, images):
 def never_left_patched(tiny):
     yield
     tokendrop.unpatch(tiny[0])
+
+
+# what generate calls its cache, in its output and as an argument: `cache` from 5.2x
+CACHE = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+
+
+def returned_cache(output):
+    return getattr(output, CACHE)
 
 
 def greedy(model, inputs, n=6, **kwargs):

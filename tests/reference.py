@@ -7,6 +7,7 @@ import math
 
 import torch
 from transformers.image_processing_utils import select_best_resolution
+from tokendrop.adapters import adapter_for
 
 
 def geometry(model, height, width):
@@ -186,7 +187,7 @@ def compact_batch(model, batch, records, newlines="rows", labels=None):
     """Left-padded prompts without the placeholders of dropped tokens, the kept feature
     vectors of the unpatched model, and labels compacted alike (-100 on added padding)."""
     with torch.no_grad():
-        packed = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+        packed = adapter_for(model).image_features(batch["pixel_values"], batch["image_sizes"])
     token = model.config.image_token_id
     masks = [
         keep_mask(model, height, width, record.indices, newlines)
@@ -320,7 +321,7 @@ def text_scores(model, processor, features_of_image, question):
 
 def text_select(model, processor, batch, questions, budget=None, threshold=None, scope="crops"):
     with torch.no_grad():
-        packed = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+        packed = adapter_for(model).image_features(batch["pixel_values"], batch["image_sizes"])
     result = []
     for (height, width), features_, question in zip(batch["image_sizes"].tolist(), packed, questions):
         feats, layout = features(model, height, width)

@@ -6,13 +6,15 @@ import random
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from tokenizers import Tokenizer, models
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 import reference
 import tokendrop
-from conftest import QUESTIONS, greedy, prompt
-from tokendrop.method import METHODS, with_processor
+from conftest import CACHE, QUESTIONS, greedy, prompt, returned_cache
+from tokendrop.method import METHODS
 from tokendrop.presets import synthetic_image
 
 ALL = METHODS.names()
@@ -62,6 +64,28 @@ def test_max_length_counts_the_callers_prompt(tiny, batch, model_generation_conf
         assert new_tokens() == 7
 
 
+def test_default_length_is_twenty_new_tokens_patched_too(tiny, batch):
+    """With no length given generate makes 20 new tokens, whatever the prompt; 4.x keeps that
+    default as max_length=20 in the model's config, which must not be read as a total length
+    (it was, and the shortened prompt made it negative)."""
+    model, _ = tiny
+    length = batch["input_ids"].shape[1]
+    eos = [model.config.text_config.eos_token_id]
+    assert greedy(model, batch, n=None, suppress_tokens=eos).shape[1] == length + 20
+    with tokendrop.patched(model, "hired", budget=0.2):
+        assert greedy(model, batch, n=None, suppress_tokens=eos).shape[1] == length + 20
+
+
+@pytest.mark.parametrize("source", ["kwarg", "generation_config", "model"])
+def test_max_new_tokens_wins_over_max_length(tiny, batch, model_generation_config, source):
+    model, _ = tiny
+    length = batch["input_ids"].shape[1]
+    eos = [model.config.text_config.eos_token_id]
+    kwargs = with_length(source, model_generation_config, "max_length", length + 2)
+    with tokendrop.patched(model, "hired", budget=0.2):
+        assert greedy(model, batch, n=5, suppress_tokens=eos, **kwargs).shape[1] == length + 5
+
+
 @pytest.mark.parametrize("source", ["kwarg", "generation_config", "model"])
 def test_min_length_counts_the_callers_prompt(tiny, batch, model_generation_config, source):
     model, _ = tiny
@@ -86,7 +110,7 @@ def continue_generation(model, batch, first, then, **extra):
     out = greedy(model, batch, n=first, return_dict_in_generate=True)
     mask = torch.cat([batch["attention_mask"], torch.ones(len(out.sequences), first, dtype=torch.long)], 1)
     inputs = dict(input_ids=out.sequences, attention_mask=mask) | extra
-    return greedy(model, inputs, n=then, cache=out.cache)
+    return greedy(model, inputs, n=then, **{CACHE: returned_cache(out)})
 
 
 def test_continue_from_a_patched_generation(tiny, batch):
@@ -100,12 +124,12 @@ def test_continue_from_a_patched_generation(tiny, batch):
         # a sequence that does not start with the returned one cannot use the cache
         out = greedy(model, batch, n=2, return_dict_in_generate=True)
         with pytest.raises(ValueError, match="start with the sequences"):
-            greedy(model, {"input_ids": out.sequences[:, 1:]}, n=1, cache=out.cache)
+            greedy(model, {"input_ids": out.sequences[:, 1:]}, n=1, **{CACHE: returned_cache(out)})
     # a cache that the unpatched model filled holds the whole prompt: patched, it continues as stock
     stock = greedy(model, batch, n=3, return_dict_in_generate=True)
     mask = torch.cat([batch["attention_mask"], torch.ones(3, 3, dtype=torch.long)], 1)
     with tokendrop.patched(model, "hired", budget=0.3):
-        continued = greedy(model, dict(input_ids=stock.sequences, attention_mask=mask), n=2, cache=stock.cache)
+        continued = greedy(model, dict(input_ids=stock.sequences, attention_mask=mask), n=2, **{CACHE: returned_cache(stock)})
     assert torch.equal(continued, greedy(model, batch, n=5))
 
 
@@ -125,14 +149,19 @@ def image_sizes_to_test():
 def test_every_geometry(tiny, height, width):
     """Budget 1.0 is the stock model for every image size it accepts; 0.3 keeps exact counts."""
     model, processor = tiny
-    inputs = single(processor, height, width)
+    try:
+        inputs = single(processor, height, width)
+    except ValueError as error:  # the processor of 4.x misreads images 1 or 3 pixels high or wide
+        if Version(transformers.__version__) >= Version("5"):
+            raise
+        pytest.skip(f"transformers {transformers.__version__}'s processor refuses a {height}x{width} image: {error}")
+    height, width = inputs["image_sizes"][0].tolist()  # as the model sees it (4.x may swap the sides of such images)
     expected = greedy(model, inputs, n=3)
     feats, _ = reference.features(model, height, width)
     for method in ALL:
-        options = with_processor(method, processor, {})
-        with tokendrop.patched(model, method, budget=1.0, **options) as handle:
+        with tokendrop.patched(model, method, budget=1.0, processor=processor) as handle:
             assert torch.equal(greedy(model, inputs, n=3), expected), method
-        with tokendrop.patched(model, method, budget=0.3, **options) as handle:
+        with tokendrop.patched(model, method, budget=0.3, processor=processor) as handle:
             greedy(model, inputs, n=1)
             whole = sum(1 for p, _ in feats if p == 0) if getattr(handle.method, "scope", "all") == "crops" else 0
             [record] = handle.last

@@ -48,9 +48,11 @@ def test_submodule_is_refused(tiny):
 
 
 def test_unsupported_transformers(tiny, monkeypatch):
-    monkeypatch.setattr("tokendrop.adapters.llava_next.installed_transformers", lambda: "4.46.0")
-    with pytest.raises(ValueError, match="needs transformers >=5.0,<6.0; found 4.46.0"):
-        tokendrop.patch(tiny[0], "hired")
+    for found in ("4.46.0", "6.0.1"):
+        monkeypatch.setattr("tokendrop.adapters.llava_next.installed_transformers", lambda: found)
+        with pytest.raises(ValueError, match=rf"supports transformers >=4.56,<6.0; found {found}\. Install a "
+                                             r"supported release: pip install 'transformers>=4.56,<6.0'"):
+            tokendrop.patch(tiny[0], "hired")
 
 
 def test_placeholder_mismatch_is_caught(tiny, batch):
@@ -81,3 +83,13 @@ def test_pixel_values_without_image_sizes(tiny, singles):
     inputs = {k: v for k, v in singles[0].items() if k != "image_sizes"}
     with pytest.raises(ValueError, match="image_sizes"):
         model.generate(**inputs, max_new_tokens=1)
+
+
+def test_a_checkpoint_of_another_family_fails_before_its_weights_load(tmp_path):
+    from transformers import LlavaConfig
+
+    from tokendrop.loading import load_model
+
+    LlavaConfig().save_pretrained(tmp_path)  # a config alone: the check must not need weights
+    with pytest.raises(ValueError, match=r"is a 'llava' model; tokendrop has adapters for llava_next"):
+        load_model(str(tmp_path))

@@ -29,28 +29,28 @@ def eager():
 
 
 def fed_to_llm(model, batch):
-    """Run the patched model once; the per-image vectors it hands the LLM as image features."""
+    """Run the patched model once; the per-image vectors the LLM received, read from its input
+    embeddings (the rows that are no text token's embedding), split by the kept counts."""
     seen = []
-
-    def grab(module, args, kwargs):
-        outputs = kwargs.get("mm_encoder_outputs")
-        if outputs is not None:
-            seen.append([x.clone() for x in outputs["image"].pooler_output])
-
-    hook = model.model.register_forward_pre_hook(grab, with_kwargs=True)
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["inputs_embeds"].clone()), with_kwargs=True
+    )
     try:
         with torch.no_grad():
             model(**batch)
     finally:
         hook.remove()
     assert len(seen) == 1
-    return seen[0]
+    table = model.get_input_embeddings().weight
+    vectors = torch.cat([row[~(row[:, None, :] == table[None]).all(-1).any(-1)] for row in seen[0]])
+    records = model.__dict__["_tokendrop_handle"].last
+    return list(vectors.split([record.n_kept + record.n_newlines for record in records]))
 
 
 def original_features(model, batch):
     """Per image: the unpatched model's feature vectors (newlines removed) and its packed sequence."""
     with torch.no_grad():
-        packed = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+        packed = adapter_for(model).image_features(batch["pixel_values"], batch["image_sizes"])
     result = []
     for (height, width), vectors in zip(batch["image_sizes"].tolist(), packed):
         _, layout = reference.features(model, height, width)
@@ -214,7 +214,7 @@ def reference_visionzip(model, eager, batch, budget, contextual=0.15625, layer=-
     floor(r / m)-th a target, each other joining its most cosine-similar target."""
     attention = reference.eager_cls_attention(eager, batch["pixel_values"], batch["image_sizes"], layer)
     with torch.no_grad():
-        packed = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+        packed = adapter_for(model).image_features(batch["pixel_values"], batch["image_sizes"])
     result = []
     for (height, width), attn, vectors in zip(batch["image_sizes"].tolist(), attention, packed):
         feats, layout = reference.features(model, height, width)

@@ -12,6 +12,7 @@ import tokendrop
 from conftest import QUESTIONS, greedy
 from tokendrop.method.dpp import greedy_map
 from tokendrop.presets import build_preset
+from tokendrop.adapters import adapter_for
 
 BUDGETS = [0.25, 0.1, 9]
 
@@ -25,7 +26,7 @@ def eager():
 def image_features(model, batch):
     """Per image: (N, D) float64 projected feature tokens, [(partition, local)] of each."""
     with torch.no_grad():
-        packed = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+        packed = adapter_for(model).image_features(batch["pixel_values"], batch["image_sizes"])
     out = []
     for (height, width), vectors in zip(batch["image_sizes"].tolist(), packed):
         feats, layout = reference.features(model, height, width)

@@ -13,7 +13,7 @@ import reference
 import tokendrop
 from conftest import greedy, prompt
 from tokendrop.adapters import LlavaOnevisionAdapter
-from tokendrop.method import METHODS, with_processor
+from tokendrop.method import METHODS
 from tokendrop.presets import build_preset, synthetic_image
 
 ALL = METHODS.names()
@@ -284,7 +284,7 @@ def test_full_budget_is_identical(ov, ov_batch, method):
     with torch.no_grad():
         expected_logits = model(**ov_batch).logits
     for budget in (1.0, 10**6):
-        with tokendrop.patched(model, method, budget=budget, **with_processor(method, processor, {})) as handle:
+        with tokendrop.patched(model, method, budget=budget, processor=processor) as handle:
             assert torch.equal(greedy(model, ov_batch), expected)
             assert [r.n_kept for r in handle.last] == [r.n_before for r in handle.last]
             with torch.no_grad():
@@ -295,7 +295,7 @@ def test_full_budget_is_identical(ov, ov_batch, method):
 @pytest.mark.parametrize("budget", [0.5, 0.1, 17])
 def test_exact_counts(ov, ov_batch, method, budget):
     model, processor = ov
-    handle = tokendrop.patch(model, method, budget=budget, **with_processor(method, processor, {}))
+    handle = tokendrop.patch(model, method, budget=budget, processor=processor)
     greedy(model, ov_batch, n=1)
     assert len(handle.last) == 3
     for (height, width), record in zip(ov_batch["image_sizes"].tolist(), handle.last):
@@ -312,7 +312,7 @@ def test_exact_counts(ov, ov_batch, method, budget):
 @pytest.mark.parametrize("method", ALL)
 def test_batched_equals_one_by_one(ov, ov_batch, ov_singles, method):
     model, processor = ov
-    handle = tokendrop.patch(model, method, budget=0.3, **with_processor(method, processor, {}))
+    handle = tokendrop.patch(model, method, budget=0.3, processor=processor)
     together = greedy(model, ov_batch)
     records = handle.last
     for row, single in enumerate(ov_singles):

@@ -6,8 +6,8 @@ import torch
 import reference
 import tokendrop
 from conftest import QUESTIONS, greedy, prompt
-from tokendrop.method import with_processor
 from tokendrop.method import METHODS
+from tokendrop.adapters import adapter_for
 
 ALL = METHODS.names()
 
@@ -19,7 +19,7 @@ def test_full_budget_is_identical(tiny, batch, method):
     with torch.no_grad():
         expected_logits = model(**batch).logits
     for budget in (1.0, 10**6):  # an int budget above every image's token count is full too
-        with tokendrop.patched(model, method, budget=budget, **with_processor(method, processor, {})) as handle:
+        with tokendrop.patched(model, method, budget=budget, processor=processor) as handle:
             assert torch.equal(greedy(model, batch), expected)
             assert [r.n_kept for r in handle.last] == [r.n_before for r in handle.last]
             with torch.no_grad():
@@ -61,7 +61,7 @@ def test_repatch_replaces_and_context_manager_restores(tiny, batch):
 @pytest.mark.parametrize("budget", [0.5, 0.1, 17])
 def test_exact_counts_and_records(tiny, batch, method, budget):
     model, processor = tiny
-    handle = tokendrop.patch(model, method, budget=budget, **with_processor(method, processor, {}))
+    handle = tokendrop.patch(model, method, budget=budget, processor=processor)
     out = greedy(model, batch, n=2)
     assert len(handle.last) == 3
     for (height, width), record in zip(batch["image_sizes"].tolist(), handle.last):
@@ -85,7 +85,7 @@ def test_exact_counts_and_records(tiny, batch, method, budget):
 @pytest.mark.parametrize("budget", [0.3, 0.05])
 def test_batched_equals_one_by_one(tiny, batch, singles, method, budget):
     model, processor = tiny
-    handle = tokendrop.patch(model, method, budget=budget, **with_processor(method, processor, {}))
+    handle = tokendrop.patch(model, method, budget=budget, processor=processor)
     together = greedy(model, batch)
     records = handle.last
     for row, single in enumerate(singles):
@@ -100,7 +100,7 @@ def test_pruned_generation_equals_manual_reference(tiny, batch, newlines):
     the unpatched model's features and the recorded selection."""
     model, _ = tiny
     with torch.no_grad():
-        packed = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+        packed = adapter_for(model).image_features(batch["pixel_values"], batch["image_sizes"])
     handle = tokendrop.patch(model, "hired", budget=0.25, newlines=newlines)
     out = greedy(model, batch, n=5)
     token = model.config.image_token_id
@@ -232,3 +232,22 @@ def test_generate_builds_no_autograd_graph(tiny, batch):
     finally:
         hook.remove()
     assert seen and not any(seen)
+
+
+def test_forward_reports_the_vectors_the_llm_received(tiny, batch):
+    """The output's image-feature field (5.x `image_outputs`, 4.x `image_hidden_states`) holds
+    what the LLM received: every vector at budget 1.0, as the stock model; the kept ones below."""
+    model, _ = tiny
+    with torch.no_grad():
+        stock = model(**batch)
+        field = "image_outputs" if "image_outputs" in type(stock).__dataclass_fields__ else "image_hidden_states"
+
+        def vectors(output):
+            value = output[field]
+            return torch.cat(value.pooler_output) if field == "image_outputs" else value
+
+        with tokendrop.patched(model, "hired", budget=1.0):
+            assert torch.equal(vectors(model(**batch)), vectors(stock))
+        with tokendrop.patched(model, "hired", budget=0.3) as handle:
+            kept = vectors(model(**batch))
+    assert kept.shape[0] == sum(record.n_kept + record.n_newlines for record in handle.last) < vectors(stock).shape[0]

@@ -18,6 +18,7 @@ from tokendrop.eval import testbed
 from tokendrop.method.router import SHIPPED, read_router
 from tokendrop.presets import build_preset, synthetic_image
 from tokendrop.selection import keep_count
+from tokendrop.adapters import adapter_for
 
 
 def toy_examples(n, split="train", start=0):
@@ -96,7 +97,7 @@ def router_reference(model, processor, inputs, questions, folder, budget):
     table = model.get_input_embeddings().weight.detach().float()
     tokenizer = processor.tokenizer
     with torch.no_grad():
-        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        packed = adapter_for(model).image_features(inputs["pixel_values"], inputs["image_sizes"])
     result = []
     for (height, width), vectors, question in zip(inputs["image_sizes"].tolist(), packed, questions):
         _, layout = reference.features(model, height, width)

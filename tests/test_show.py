@@ -6,7 +6,7 @@ import pytest
 import reference
 import tokendrop
 from tokendrop.adapters import adapter_for
-from tokendrop.method import METHODS, with_processor
+from tokendrop.method import METHODS
 from tokendrop.presets import synthetic_image
 from tokendrop.visualize import DIM, dimmed, kept_grids, show
 
@@ -21,7 +21,7 @@ def test_show_writes_a_figure_of_the_kept_tokens(tiny, tmp_path, method):
     base_title, canvas_title = (ax.get_title() for ax in figure.axes)
     assert method in figure._suptitle.get_text()
     # the titles count exactly the kept tokens: rerun the same selection through a plain patch
-    handle = tokendrop.patch(model, method, budget=0.25, **with_processor(method, processor, {}))
+    handle = tokendrop.patch(model, method, budget=0.25, processor=processor)
     inputs = processor(images=[image], text=[processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is red?"}]}],
         add_generation_prompt=True)], return_tensors="pt")

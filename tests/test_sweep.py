@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tokendrop
 from tokendrop.eval import sweep as sweep_module
 from tokendrop.eval.data import load_rows, open_image, subset
 from tokendrop.eval.generation import generate_answers
@@ -348,8 +349,12 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert errors[1].startswith(("OSError", "UnidentifiedImageError")) and errors[2].startswith("FileNotFoundError")
     assert errors[3] == "OutOfMemoryError: CUDA out of memory (simulated)"
     # the one good sample, answered after its batch failed, is as when it runs alone
-    alone = [r["prediction"] for r in read_records(tmp_path / "run") if r["index"] == 0]
-    assert alone == [real(*tiny_model(), [[pictures()[0]]], ["Fine."], 2)[0]] * 2
+    answered = {r["method"]: r["prediction"] for r in read_records(tmp_path / "run") if r["index"] == 0}
+    model, processor = tiny_model()
+    alone = {"none": real(model, processor, [[pictures()[0]]], ["Fine."], 2)[0]}
+    with tokendrop.patched(model, "random", budget=0.25):
+        alone["random"] = real(model, processor, [[pictures()[0]]], ["Fine."], 2)[0]
+    assert answered == alone
 
     # the same command keeps the failures; --retry-failed runs them again
     monkeypatch.setattr(sweep_module, "generate_answers", real)

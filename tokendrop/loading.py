@@ -1,5 +1,5 @@
-"""Loading a model and its processor: an embedded preset (built offline) or a LLaVA-NeXT
-checkpoint (a Hugging Face id or local path), in the dtype, placement and quantisation asked.
+"""Loading a model and its processor: an embedded preset (built offline) or a checkpoint of a
+supported family (a Hugging Face id or local path), in the dtype, placement and quantisation asked.
 Shared by the command-line tools and the evaluation code."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, BitsAndBytesConfig, LlavaNextForConditionalGeneration
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
+from .adapters import ADAPTERS
 from .presets import PRESETS, build_preset, build_processor
 from .registry import did_you_mean
 
@@ -57,7 +58,8 @@ def load_processor(spec: str):
 
 def load_model(spec: str, dtype: str = "auto", device_map=None, load_in_4bit: bool = False,
                load_in_8bit: bool = False, attn_implementation: str | None = None):
-    """An embedded preset or a LlavaNext checkpoint (Hugging Face id or local path).
+    """An embedded preset or a checkpoint of a family tokendrop has an adapter for (Hugging
+    Face id or local path); another family fails before its weights load.
 
     `device_map` is passed to `from_pretrained` ("auto", "cpu", {"": "cuda:1"}, ...); None
     means "auto" with a GPU, the CPU without. A preset is moved to the device it names."""
@@ -80,8 +82,12 @@ def load_model(spec: str, dtype: str = "auto", device_map=None, load_in_4bit: bo
                                           bnb_4bit_compute_dtype=compute)
     if device_map is None:
         device_map = "auto" if torch.cuda.is_available() else "cpu"
-    return LlavaNextForConditionalGeneration.from_pretrained(
-        spec, dtype=DTYPES[dtype], device_map=device_map, quantization_config=quantization, **attention
+    config = AutoConfig.from_pretrained(spec)
+    if config.model_type not in ADAPTERS.names():
+        raise ValueError(f"{spec} is a {config.model_type!r} model; tokendrop has adapters for "
+                         f"{', '.join(ADAPTERS.names())}")
+    return AutoModelForImageTextToText.from_pretrained(
+        spec, config=config, dtype=DTYPES[dtype], device_map=device_map, quantization_config=quantization, **attention
     ).eval()
 
 

@@ -3,11 +3,13 @@
 `patch(model, method, budget)` wraps the instance's `generate` and `forward`. When a call
 carries images, the wrapper runs once, before the LLM:
 
-    adapter.encode   vision tower + projector, with CLS-score hooks only for this pass
+    adapter.read     check the inputs, run vision tower + projector once (with score hooks
+                     only for this pass); each image with its prompt row and question
     method.select    per image: which feature tokens to keep (exact budget, spatial order)
     packed_keep_mask per image: plus the newlines the policy keeps
-    adapter.compact  drop the matching placeholders from input_ids/attention_mask/labels
-    original call    with the kept vectors as precomputed image features
+    adapter.feed     drop the matching placeholders from input_ids/attention_mask/labels and
+                     embed the short prompt with the kept vectors in its placeholders
+    original call    with those inputs_embeds (generate also gets the short input_ids)
 
 Decode steps and text-only calls pass straight through; a `generate` that continues from a
 patched call's cache feeds the shortened prompt that the cache holds. All state lives in one `Handle`
@@ -23,13 +25,14 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import Cache
+from transformers import Cache, GenerationConfig
 
 from .method import Method, build as build_method
 from .method.base import Merged, check_signals
@@ -123,7 +126,8 @@ class Handle:
     @torch.compiler.disable  # hooks added after torch.compile never fire in compiled code: run eagerly
     def prune(self, input_ids, attention_mask, labels, pixel_values, image_sizes, pad_default, vision_kwargs, questions):
         """Select tokens for every image of the batch and shorten the prompts to match.
-        Returns the compacted prompt tensors and the kwargs that feed the kept features.
+        Returns (shortened input_ids, the LLM's keyword inputs: inputs_embeds, attention_mask
+        and labels when given) and the kept vectors of each image.
         `pad_default`: the padding side of rows that became shorter, where the batch has none."""
         self.last = []  # a failing call leaves no earlier call's records behind
         if input_ids is None:
@@ -134,13 +138,9 @@ class Handle:
         if image_sizes is None:
             raise ValueError("pixel_values come with image_sizes (the processor returns both): pass them together")
         _check_prompt(input_ids, attention_mask, labels)
-        image_sizes = self.adapter.check_images(pixel_values, image_sizes, **vision_kwargs)
         _check_questions(questions, input_ids.shape[0])
-        rows = self.adapter.image_rows(input_ids, image_sizes, **vision_kwargs)
-        images = self.adapter.encode(pixel_values, image_sizes, self.method.signals(), **vision_kwargs)
-        for image, row in zip(images, rows):
-            image.prompt_ids = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row] == 1]
-            image.question = None if questions is None else questions[row]
+        images = self.adapter.read(input_ids, attention_mask, pixel_values, image_sizes, questions,
+                                   self.method.signals(), vision_kwargs)
         kept_features, keep_masks, records = [], [], []
         for image in images:
             kept = merged = self.method.select(image)
@@ -163,9 +163,11 @@ class Handle:
                 )
             )
         pad_side = padding_side(attention_mask, default=pad_default)
-        compact = self.adapter.compact(input_ids, attention_mask, labels, keep_masks, pad_side, self._pad_token_id())
+        compact_ids, llm_inputs = self.adapter.feed(
+            input_ids, attention_mask, labels, keep_masks, kept_features, pad_side, self._pad_token_id()
+        )
         self.last = records
-        return compact, self.adapter.llm_inputs(kept_features)
+        return compact_ids, llm_inputs, kept_features
 
     def _pad_token_id(self) -> int:
         for source in (self.model.generation_config, self.model.config.get_text_config()):
@@ -206,12 +208,11 @@ class Handle:
                 return generate(input_ids, **call)
             else:
                 with torch.no_grad():  # as stock generate: no autograd graph for the vision pass
-                    compact, feed = self.prune(
+                    compact_ids, llm_inputs, _ = self.prune(
                         input_ids, call.pop("attention_mask", None), None, call.pop("pixel_values"),
                         call.pop("image_sizes", None), "left", _vision_kwargs(call), questions,
                     )
-                compact_ids, call["attention_mask"] = compact["input_ids"], compact["attention_mask"]
-                call.update(feed)
+                call.update(llm_inputs)
             shift = input_ids.shape[1] - compact_ids.shape[1]
             _count_lengths_from_callers_prompt(call, self.model.generation_config, shift)
             output = generate(compact_ids, **call)
@@ -235,10 +236,10 @@ class Handle:
                 )
             pixel_values, image_sizes = call.pop("pixel_values"), call.pop("image_sizes", None)
             input_ids, attention_mask, labels = (call.pop(k, None) for k in ("input_ids", "attention_mask", "labels"))
-            compact, feed = self.prune(
+            _, llm_inputs, kept_features = self.prune(
                 input_ids, attention_mask, labels, pixel_values, image_sizes, "right", _vision_kwargs(call), questions
             )
-            return forward(**compact, **feed, **call)
+            return self.adapter.with_image_features(forward(**llm_inputs, **call), kept_features)
 
         return {"generate": patched_generate, "forward": patched_forward}
 
@@ -295,21 +296,29 @@ def _check_questions(questions, rows: int) -> None:
 def _count_lengths_from_callers_prompt(call: dict, model_config, shift: int) -> None:
     """generate's max_length/min_length count the prompt, which the LLM sees `shift` tokens
     shorter: lower them by as much, so that they allow exactly the new tokens they allow
-    unpatched. Each is read where generate reads it (the kwarg, else generation_config=, else
-    the model's) and written back where it wins."""
+    unpatched. Each is read where generate reads it and written back where it wins. Left
+    alone where generate does not count the prompt with it: a max_new_tokens/min_new_tokens
+    overrides it, or (4.x) it is the library's default from a config, read as new tokens."""
     given = call.get("generation_config")
     if given is not None:
         given = call["generation_config"] = copy.deepcopy(given)
-    for name in ("max_length", "min_length"):
-        sources = (call.get(name), getattr(given, name, None), getattr(model_config, name, None))
-        value = next((v for v in sources if v is not None), None)
-        if value is None:
-            continue  # generate's default: 20 new tokens, whatever the prompt
+    for name, new_tokens in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        value = _setting(name, call, given, model_config)
+        if value is None or _setting(new_tokens, call, given, model_config) is not None:
+            continue
+        if call.get(name) is None and value == getattr(GenerationConfig(), name):
+            continue
         value = value - shift if name == "max_length" else max(0, value - shift)
         if call.get(name) is None and given is not None:
             setattr(given, name, value)
         else:
             call[name] = value
+
+
+def _setting(name: str, call: dict, given, model_config):
+    """A generation setting where generate reads it: the kwarg, else generation_config=, else the model's."""
+    return next((v for v in (call.get(name), getattr(given, name, None), getattr(model_config, name, None))
+                 if v is not None), None)
 
 
 @dataclass(frozen=True)
@@ -352,7 +361,9 @@ def _shortened_prompt(cache) -> _Shortened | None:
 
 
 def _remember_shortened(output, cache, input_ids, compact_ids, compact_mask) -> None:
-    returned = getattr(output, "cache", None)
+    # the cache generate returns: `cache` from 5.2x, `past_key_values` before
+    returned = next((getattr(output, n) for n in ("cache", "past_key_values") if getattr(output, n, None) is not None),
+                    None)
     cache = cache if returned is None else returned
     if isinstance(cache, Cache):
         rows = _sequences(output).shape[0] // input_ids.shape[0]  # num_return_sequences repeats rows
@@ -396,28 +407,29 @@ def _sequences(output) -> torch.Tensor:
 # --- public API -----------------------------------------------------------------------
 
 
-def patch(model: nn.Module, method: str | Method, budget: float | int | None = None, **options) -> Handle:
+def patch(model: nn.Module, method: str | Method, budget: float | int | None = None, processor=None,
+          **options) -> Handle:
     """Make every later `model.generate(...)`/`model(...)` call feed the LLM only the visual
     tokens `method` keeps within `budget` (a fraction in (0, 1] or a token count per image;
     default 1.0). `method` is a registered name, or a `Method` object built with its budget
-    and options (one outside the registry, such as an evaluation oracle).
-    Everything is validated before the model is touched; patching a patched model replaces
-    the old patch."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"patch() takes a loaded Hugging Face model, got {type(model).__name__}")
-    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        raise TypeError(
-            "patch() takes the model, not its torch.compile wrapper: patch model._orig_mod (the compiled "
-            "module then runs the patched model), or patch before compiling"
-        )
+    and options (one outside the registry, such as an evaluation oracle). `processor`, the
+    model's processor, is needed by the methods that read the prompt (`text`, `router`,
+    `dpp`); any method accepts it.
+    A PEFT-wrapped model is patched on its base model. Everything is validated before the
+    model is touched; patching a patched model replaces the old patch."""
+    if _is_peft(model):
+        warnings.warn(f"patching the {type(model.get_base_model()).__name__} under the {type(model).__name__}: "
+                      "the PEFT model's calls run through it, so they are pruned too", stacklevel=2)
+    model = _base_model(model)
     adapter = adapter_for(model)
     if isinstance(method, Method):
-        if budget is not None or options:
+        if budget is not None or options or processor is not None:
             raise TypeError("a Method object carries its own budget and options: pass it alone, "
                             "e.g. patch(model, Oracle(budget=0.1))")
         chosen = method.resolve(adapter)
     else:
-        chosen = build_method(method, budget=1.0 if budget is None else budget, **options).resolve(adapter)
+        chosen = build_method(method, budget=1.0 if budget is None else budget, processor=processor,
+                              **options).resolve(adapter)
     check_signals(chosen, adapter)
     unpatch(model)
     handle = Handle(model, chosen, adapter)
@@ -425,20 +437,45 @@ def patch(model: nn.Module, method: str | Method, budget: float | int | None = N
     return handle
 
 
+def _base_model(model) -> nn.Module:
+    """The model to patch: a loaded HF model itself, or the one under a PEFT wrapper (whose
+    forward and generate end in the base model's, so patching that patches the wrapper too)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch() takes a loaded Hugging Face model, got {type(model).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise TypeError(
+            "patch() takes the model, not its torch.compile wrapper: patch model._orig_mod (the compiled "
+            "module then runs the patched model), or patch before compiling"
+        )
+    return model.get_base_model() if _is_peft(model) else model
+
+
+def _is_peft(model) -> bool:
+    return type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model")
+
+
+def adapter_of(model: nn.Module):
+    """The model's adapter (its patch's, when patched): the one way tools reach model details."""
+    model = _base_model(model)
+    handle = model.__dict__.get(ATTRIBUTE)
+    return handle.adapter if handle is not None else adapter_for(model)
+
+
 def unpatch(model: nn.Module) -> None:
     """Remove tokendrop's patch, if any; the model is exactly as before `patch`."""
-    handle = model.__dict__.get(ATTRIBUTE)
+    handle = _base_model(model).__dict__.get(ATTRIBUTE)
     if handle is not None:
         handle.remove()
 
 
 @contextmanager
-def patched(model: nn.Module, method: str | Method, budget: float | int | None = None, **options):
-    """`with tokendrop.patched(model, "hired", budget=0.2) as handle:` patch for a block.
-    Leaving the block restores the patch from before it (or none), even where the block
-    patched or unpatched the model itself."""
-    previous = model.__dict__.get(ATTRIBUTE)
-    handle = patch(model, method, budget=budget, **options)
+def patched(model: nn.Module, method: str | Method, budget: float | int | None = None, processor=None,
+            **options):
+    """`with tokendrop.patched(model, "hired", budget=0.2) as handle:` patch for a block, with
+    `patch`'s arguments. Leaving the block restores the patch from before it (or none), even
+    where the block patched or unpatched the model itself."""
+    previous = _base_model(model).__dict__.get(ATTRIBUTE)
+    handle = patch(model, method, budget=budget, processor=processor, **options)
     try:
         yield handle
     finally:

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-import transformers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -38,7 +38,12 @@ from transformers import (
     Qwen2Config,
     SiglipVisionConfig,
 )
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+# the PIL (numpy) image processor: `...Pil` from 5.0, the plain class before; chosen by what
+# the installed release has, so that no torchvision is needed on any of them
+PilImageProcessor = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
+OnevisionPilImageProcessor = (getattr(transformers, "LlavaOnevisionImageProcessorPil", None)
+                              or transformers.LlavaOnevisionImageProcessor)
 
 from .registry import Registry
 
@@ -112,7 +117,7 @@ PRESETS.register("onevision-shape")(
         text_class=Qwen2Config,
         text=QWEN2_05B,
         pinpoints=[[384, 384], [384, 768], [768, 384], [768, 768], [768, 1152], [1152, 768], [1152, 1152],
-                   [1536, 1536]],
+                   [768, 1536], [1536, 768], [1536, 1536]],
     )
 )
 
@@ -136,6 +141,7 @@ def build_tokenizer(words=()) -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],  # 4.x adds token_type_ids, which generate refuses
     )
     fast.add_tokens([AddedToken(word, single_word=True) for word in words]
                     + [AddedToken(" " + word) for word in words])
@@ -147,7 +153,7 @@ def build_processor(name: str) -> LlavaNextProcessor | LlavaOnevisionProcessor:
     size = spec["vision"]["image_size"]
     if spec.get("family") == "llava_onevision":
         return build_onevision_processor(spec)
-    image_processor = LlavaNextImageProcessorPil(
+    image_processor = PilImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         image_grid_pinpoints=spec["pinpoints"],
     )
@@ -171,11 +177,8 @@ class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
 
 def build_onevision_processor(spec: dict) -> LlavaOnevisionProcessor:
     size, patch = spec["vision"]["image_size"], spec["vision"]["patch_size"]
-    # transformers 5 names the PIL backend ...Pil; 4.x has only the one class
-    image_processor_class = (getattr(transformers, "LlavaOnevisionImageProcessorPil", None)
-                             or transformers.LlavaOnevisionImageProcessor)
-    image_processor = image_processor_class(size={"height": size, "width": size},
-                                            image_grid_pinpoints=spec["pinpoints"])
+    image_processor = OnevisionPilImageProcessor(size={"height": size, "width": size},
+                                                 image_grid_pinpoints=spec["pinpoints"])
     return ImageOnlyOnevisionProcessor(
         image_processor=image_processor, tokenizer=build_tokenizer(spec.get("words", ())),
         num_image_tokens=(size // patch) ** 2, vision_feature_select_strategy="full",

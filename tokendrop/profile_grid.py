@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .adapters import adapter_for
-from .method import METHODS, build as build_method, with_processor
+from .method import METHODS, build as build_method
 from .patch import ATTRIBUTE, patched, unpatch
 from .profiling import device_name, measure_generate, model_device
 from .registry import did_you_mean
@@ -114,7 +114,7 @@ def plan_grid(methods, budgets, options, processor, adapter=None) -> tuple[list,
                              "not as an option")
     for name in methods:
         for budget in budgets:
-            method = build_method(name, budget=budget, **with_processor(name, processor, options.get(name, {})))
+            method = build_method(name, budget=budget, processor=processor, **options.get(name, {}))
             if adapter is not None:
                 method.resolve(adapter)
     return methods, budgets, options
@@ -169,7 +169,7 @@ def run_cell(model, processor, cell: Cell, inputs, max_new_tokens, repeats, warm
                 model.generate(**inputs, **settings)
             samples = [measure_generate(model, inputs, **settings) for _ in range(repeats)]
         else:
-            with patched(model, cell.method, budget=cell.budget, **with_processor(cell.method, processor, options)) as handle:
+            with patched(model, cell.method, budget=cell.budget, processor=processor, **options) as handle:
                 for _ in range(warmup):
                     model.generate(**inputs, **settings)
                 samples = [measure_generate(model, inputs, **settings) for _ in range(repeats)]

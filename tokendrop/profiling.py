@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .patch import ATTRIBUTE, adapter_of
+
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -155,9 +157,11 @@ def stages(model: nn.Module):
     model's first call). Wrappers and hooks are removed on exit."""
     device = model_device(model)
     seen: dict[str, float] = {"vision_s": 0.0, "select_s": 0.0}
-    vlm, llm = model.model, model.model.language_model
-    handle = model.__dict__.get("_tokendrop_handle")
-    originals = {"vision": vlm.__dict__.get("get_image_features")}
+    adapter = adapter_of(model)
+    vision, entry = adapter.vision_entry
+    llm = adapter.language_model
+    handle = model.__dict__.get(ATTRIBUTE)
+    original_entry = vision.__dict__.get(entry)
 
     def timed(function, key):
         @functools.wraps(function)
@@ -184,7 +188,7 @@ def stages(model: nn.Module):
             seen["llm_prefill_s"] = time.perf_counter() - seen.pop("llm_start")
             seen["kv_cache_bytes"] = cache_bytes(output.past_key_values)
 
-    vlm.get_image_features = timed(vlm.get_image_features, "vision_s")
+    setattr(vision, entry, timed(getattr(vision, entry), "vision_s"))
     if handle is not None:
         handle.prune = timed(handle.prune, "prune_s")
     hooks = [llm.register_forward_pre_hook(before_prefill, with_kwargs=True),
@@ -196,10 +200,10 @@ def stages(model: nn.Module):
     finally:
         for hook in hooks:
             hook.remove()
-        if originals["vision"] is None:
-            del vlm.get_image_features
+        if original_entry is None:
+            delattr(vision, entry)
         else:
-            vlm.get_image_features = originals["vision"]
+            setattr(vision, entry, original_entry)
         if handle is not None:
             del handle.prune
 

@@ -247,8 +247,8 @@ class SelectionTrainer:
             images = self.adapter.encode(inputs["pixel_values"], inputs["image_sizes"], {})
             unpruned = None
             if self.config.loss != "ce":
-                logits = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                    **self.adapter.llm_inputs([image.packed for image in images])).logits
+                embeds = self.adapter.embed_prompt(inputs["input_ids"], [image.packed for image in images])
+                logits = self.model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
                 unpruned = logits[:, -width - 1].float().log_softmax(-1)
         for image, example in zip(images, examples):
             image.question = example.question
@@ -274,12 +274,13 @@ class SelectionTrainer:
     def rewards(self, inputs, labels, width, keep_masks, kept, unpruned, repeat: int) -> torch.Tensor:
         """(B * repeat,) reward of every selection, in (prompt, selection) order."""
         with torch.no_grad():
-            compact = self.adapter.compact(
+            _, llm_inputs = self.adapter.feed(
                 inputs["input_ids"].repeat_interleave(repeat, 0), inputs["attention_mask"].repeat_interleave(repeat, 0),
-                None if labels is None else labels.repeat_interleave(repeat, 0), keep_masks, "left", self.pad_token_id,
+                None if labels is None else labels.repeat_interleave(repeat, 0), keep_masks, kept, "left",
+                self.pad_token_id,
             )
-            targets = compact.pop("labels", None)
-            logits = self.model(**compact, **self.adapter.llm_inputs(kept)).logits.float()
+            targets = llm_inputs.pop("labels", None)
+            logits = self.model(**llm_inputs).logits.float()
             reward = torch.zeros(logits.shape[0], device=logits.device)
             if unpruned is not None:
                 teacher = unpruned.repeat_interleave(repeat, 0)

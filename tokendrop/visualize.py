@@ -10,8 +10,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .adapters import adapter_for
-from .method import with_processor
 from .patch import patched
 
 DIM = 0.25  # brightness of dropped patches
@@ -36,10 +34,10 @@ def show(model, processor, image, method: str, budget: float | int = 1.0, questi
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True)
     inputs = processor(images=[image], text=[text], return_tensors="pt").to(model.device)
-    with patched(model, method, budget=budget, **with_processor(method, processor, options)) as handle, torch.no_grad():
+    with patched(model, method, budget=budget, processor=processor, **options) as handle, torch.no_grad():
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
     record = handle.last[0]
-    layout = adapter_for(model).layout(inputs["image_sizes"][0].tolist())
+    layout = handle.adapter.layout(inputs["image_sizes"][0].tolist())
     base, canvas = kept_grids(layout, record.indices)
     labels = (None, None) if record.groups is None else group_labels(layout, record.groups)
 

@@ -2,6 +2,6 @@
 
 from . import globalcom2, hired, pool, random, router, text, uniform, visionzip  # noqa: F401  (registration)
 from . import dpp, divprune, cls, base_view  # noqa: F401,I001  (registered after, in this order)
-from .base import METHODS, Method, build, describe, with_processor
+from .base import METHODS, Method, build, describe
 
-__all__ = ["METHODS", "Method", "build", "describe", "with_processor"]
+__all__ = ["METHODS", "Method", "build", "describe"]

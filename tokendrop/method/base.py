@@ -58,6 +58,11 @@ class Method:
         self.budget = check_budget(self.budget)
         check_choice("newlines", self.newlines, NEWLINE_POLICIES)
 
+    @classmethod
+    def needs_processor(cls) -> bool:
+        """Whether the method reads the prompt (through the model's processor)."""
+        return any(f.name == "processor" for f in dataclasses.fields(cls))
+
     def resolve(self, adapter) -> "Method":
         """A copy with model-dependent defaults filled in and checked against the model."""
         return self
@@ -84,14 +89,19 @@ def check_signals(method: Method, adapter) -> None:
             )
 
 
-def build(name: str, **options) -> Method:
+def build(name: str, processor=None, **options) -> Method:
+    """The method `name` with `options`. `processor` (the model's processor) goes to the
+    methods that read the prompt and is ignored by the others, so that callers holding one
+    can build every method alike."""
     cls = METHODS.get(name)
-    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "processor"]
     for key in options:
         if key not in fields:
             raise ValueError(
                 f"method {name!r} has no option {key!r}.{did_you_mean(key, fields)} Its options: {', '.join(fields)}"
             )
+    if cls.needs_processor():
+        options["processor"] = processor
     return cls(**options)
 
 
@@ -123,10 +133,3 @@ def check_layer(option: str, layer, n_layers: int) -> int:
     if not -n_layers <= layer < n_layers:
         raise ValueError(f"{option}={layer} is out of range: the vision tower has {n_layers} layers")
     return layer
-
-
-def with_processor(name: str, processor, options: dict) -> dict:
-    """`options` plus `processor=` when method `name` reads the prompt (the text router), so
-    tools that hold a processor can run every method alike."""
-    takes_processor = any(f.name == "processor" for f in dataclasses.fields(METHODS.get(name)))
-    return {"processor": processor} | options if takes_processor else options

@@ -35,9 +35,24 @@ def load_testbed(dtype: torch.dtype = torch.float32, attn_implementation: str = 
     config._attn_implementation = attn_implementation
     model = LlavaNextForConditionalGeneration(config)
     try:
-        model.load_state_dict(load_file(WEIGHTS), strict=True)
+        model.load_state_dict(under_installed_names(load_file(WEIGHTS), model), strict=True)
     except RuntimeError as error:  # missing, unexpected or mis-shaped tensors
         raise ValueError(f"{WEIGHTS} does not fit {CONFIG}: {error}") from None
     model.to(dtype).eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor
+
+
+def under_installed_names(weights: dict, model) -> dict:
+    """The committed tensors (saved by 5.x) under the parameter names of the installed release:
+    4.x keeps the CLIP tower's parameters one level deeper, under `vision_model.`."""
+    names = set(model.state_dict())
+    tower = "model.vision_tower."
+    nested = tower + "vision_model."
+
+    def installed(name: str) -> str:
+        if name not in names and name.startswith(tower) and nested + name.removeprefix(tower) in names:
+            return nested + name.removeprefix(tower)
+        return name
+
+    return {installed(name): tensor for name, tensor in weights.items()}
