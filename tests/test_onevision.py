@@ -192,7 +192,7 @@ def test_layout_matches_processor_and_formulas(ov, size):
     assert layout.packed_source.numel() == n_placeholders == length
     assert list(zip(layout.partition.tolist(), layout.local.tolist())) == feats
     with torch.no_grad():
-        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
+        packed = LlavaOnevisionAdapter(model).image_features(inputs["pixel_values"], inputs["image_sizes"])[0]
     assert packed.shape[0] == length
     # newlines sit where the model put its image_newline vector
     is_newline = (packed == model.model.image_newline).all(-1)
@@ -217,7 +217,7 @@ def test_exact_layout_features_are_their_patches(ov, ov_images):
     inputs = processor(images=[ov_images["tall"]], text=[prompt(processor, "hi")], return_tensors="pt")
     layout = LlavaOnevisionAdapter(model).layout(SIZES["tall"])
     with torch.no_grad():
-        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
+        packed = LlavaOnevisionAdapter(model).image_features(inputs["pixel_values"], inputs["image_sizes"])[0]
         tiles = inputs["pixel_values"][0][: layout.n_partitions]
         hidden = model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[-1]
         projected = model.model.multi_modal_projector(hidden)
@@ -368,7 +368,7 @@ def test_pruned_generation_equals_manual_reference(ov, ov_batch):
     the unpatched model's features of the recorded selection (resampled canvases included)."""
     model, _ = ov
     with torch.no_grad():
-        packed = model.model.get_image_features(ov_batch["pixel_values"], ov_batch["image_sizes"]).pooler_output
+        packed = LlavaOnevisionAdapter(model).image_features(ov_batch["pixel_values"], ov_batch["image_sizes"])
     handle = tokendrop.patch(model, "hired", budget=0.25)
     out = greedy(model, ov_batch, n=5)
     token = model.config.image_token_id
