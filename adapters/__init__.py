@@ -8,9 +8,11 @@ from __future__ import annotations
 from tokendrop.registry import Registry
 
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 
 ADAPTERS = Registry("adapter")
 ADAPTERS.register("llava_next")(LlavaNextAdapter)
+ADAPTERS.register("llava_onevision")(LlavaOnevisionAdapter)
 
 
 def adapter_for(model):
@@ -22,4 +24,4 @@ def adapter_for(model):
     raise ValueError(f"tokendrop cannot patch a {type(model).__name__}; supported models: {supported}")
 
 
-__all__ = ["ADAPTERS", "adapter_for", "LlavaNextAdapter"]
+__all__ = ["ADAPTERS", "adapter_for", "LlavaNextAdapter", "LlavaOnevisionAdapter"]

@@ -21,7 +21,7 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from tokendrop.layout import NEWLINE, EncodedImage, ImageLayout
-from tokendrop.scoring import capture_cls_scores
+from tokendrop.scoring import SIGNAL_KINDS, capture_cls_scores
 
 # The one statement of the supported range; setup.cfg and the README say the same.
 SUPPORTED_TRANSFORMERS = (Version("4.56"), Version("6.0"))
@@ -44,6 +44,7 @@ def check_transformers() -> None:
 
 class LlavaNextAdapter:
     model_class = "LlavaNextForConditionalGeneration"
+    signal_kinds = SIGNAL_KINDS  # the signals `encode` can capture: CLS attention of any CLIP layer
 
     @classmethod
     def supports(cls, model) -> bool:
@@ -97,7 +98,11 @@ class LlavaNextAdapter:
             self._layouts[key] = ImageLayout(self.side, tuple(grid), packed[0][:, 0].round().long())
         return self._layouts[key]
 
-    def check_images(self, pixel_values, image_sizes) -> torch.Tensor:
+    def layouts(self, image_sizes: torch.Tensor, **vision_kwargs) -> list[ImageLayout]:
+        """The layout of every image of a call, in order."""
+        return [self.layout(size) for size in image_sizes.tolist()]
+
+    def check_images(self, pixel_values, image_sizes, **vision_kwargs) -> torch.Tensor:
         """`image_sizes` as an (n_images, 2) long tensor (from a tensor, an array or a list of
         pairs, as the model accepts), after checking that `pixel_values` hold every image's
         tiles as the processor lays them out, so bad input fails before the vision pass."""
@@ -120,7 +125,7 @@ class LlavaNextAdapter:
                 f"pixel_values must be (n_images, tiles, {tile[0]}, {tile[1]}, {tile[2]}), tiles of "
                 f"{tile[0]}x{tile[1]}x{tile[2]}, or 4-D with all tiles stacked; got {found}: {expected}"
             )
-        needs = [self.layout(size).n_partitions for size in sizes.tolist()]  # the base view plus the crops
+        needs = [layout.n_partitions for layout in self.layouts(sizes, **vision_kwargs)]  # the base view plus the crops
         if pixel_values.dim() == 4 and pixel_values.shape[0] != sum(needs):
             raise ValueError(f"4-D pixel_values hold {pixel_values.shape[0]} tiles, but images of sizes "
                              f"{sizes.tolist()} need {sum(needs)} ({needs}): {expected}")
@@ -170,8 +175,8 @@ class LlavaNextAdapter:
              vision_kwargs: dict) -> list[EncodedImage]:
         """Every image of a call, checked against its prompt and encoded, with its prompt row
         (padding removed) and the caller's question for that row, in placeholder order."""
-        sizes = self.check_images(pixel_values, image_sizes)
-        rows = self.image_rows(input_ids, sizes)
+        sizes = self.check_images(pixel_values, image_sizes, **vision_kwargs)
+        rows = self.image_rows(input_ids, sizes, **vision_kwargs)
         images = self.encode(pixel_values, sizes, signals, **vision_kwargs)
         for image, row in zip(images, rows):
             image.prompt_ids = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row] == 1]
@@ -179,12 +184,10 @@ class LlavaNextAdapter:
         return images
 
     def encode(self, pixel_values, image_sizes, signals: dict[int, str], **vision_kwargs) -> list[EncodedImage]:
-        """Run the vision tower and projector once, capturing the CLS scores `signals` asks for."""
-        attention = {layer % self.n_vision_layers: self.vision_layers[layer].self_attn for layer in signals}
-        kinds = {layer % self.n_vision_layers: kind for layer, kind in signals.items()}
-        with capture_cls_scores(attention, kinds) as captured:
+        """Run the vision tower and projector once, capturing the scores `signals` asks for."""
+        with self.capture_scores(signals) as captured:
             packed = self.image_features(pixel_values, image_sizes, **vision_kwargs)
-        layouts = [self.layout(size) for size in image_sizes.tolist()]
+        layouts = self.layouts(image_sizes, **vision_kwargs)
         splits = [layout.n_partitions for layout in layouts]
         per_layer = {
             layer: torch.cat(scores).cpu().split(splits) for layer, scores in captured.items()
@@ -199,6 +202,13 @@ class LlavaNextAdapter:
             )
             for i, (layout, features) in enumerate(zip(layouts, packed))
         ]
+
+    def capture_scores(self, signals: dict[int, str]):
+        """A context that captures `signals` ({layer: kind}) during the vision pass, keyed by
+        absolute layer: CLS-query scores of the CLIP layers."""
+        attention = {layer % self.n_vision_layers: self.vision_layers[layer].self_attn for layer in signals}
+        kinds = {layer % self.n_vision_layers: kind for layer, kind in signals.items()}
+        return capture_cls_scores(attention, kinds)
 
     # --- the LLM's side ---------------------------------------------------------------
 
@@ -265,12 +275,12 @@ class LlavaNextAdapter:
             output["image_hidden_states"] = torch.cat(kept_features)
         return output
 
-    def image_rows(self, input_ids, image_sizes: torch.Tensor) -> list[int]:
+    def image_rows(self, input_ids, image_sizes: torch.Tensor, **vision_kwargs) -> list[int]:
         """The prompt row of every image. Each row's `<image>` placeholders must be exactly
         the packed lengths of whole images, in order: the model itself checks only the batch
         total, which can silently move features between rows."""
         per_row = (input_ids == self.image_token_id).sum(1).tolist()
-        return assign_rows(per_row, [self.layout(size).packed_source.numel() for size in image_sizes.tolist()])
+        return assign_rows(per_row, [layout.packed_source.numel() for layout in self.layouts(image_sizes, **vision_kwargs)])
 
 
 def assign_rows(per_row: list[int], image_lengths: list[int]) -> list[int]:

@@ -221,7 +221,9 @@ def report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tokendrop.eval.bench_scoring", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=PRESETS.names(), default="llava-next-shape")
+    # the CLS hooks and eager CLS rows below are CLIP's: LLaVA-NeXT presets only
+    clip_presets = [name for name in PRESETS.names() if PRESETS.get(name).get("family", "llava_next") == "llava_next"]
+    parser.add_argument("--preset", choices=clip_presets, default="llava-next-shape")
     parser.add_argument("--methods", nargs="+", default=["hired", "globalcom2"],
                         choices=[m for m in METHODS.names() if METHODS.get(m).signals is not Method.signals],
                         help="methods whose score hooks are measured (those that score with CLS attention)")

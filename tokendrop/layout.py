@@ -30,6 +30,9 @@ class ImageLayout:
     side: int  # patches per tile side (24 for CLIP-L/336)
     grid: tuple[int, int]  # (n_h, n_w) crops
     packed_source: torch.Tensor  # (L,) long: partition * side**2 + local, or NEWLINE
+    # (y0, y1, x0, x1) of the unpadded canvas where the model resamples it (LLaVA-OneVision):
+    # packed tokens then stand for their nearest patch, whose extent can fall short of the canvas
+    unpadded_box: tuple[int, int, int, int] | None = None
 
     @property
     def tile(self) -> int:
@@ -79,14 +82,17 @@ class ImageLayout:
         """Canvas (y, x) patch coordinates of every feature; base tokens get their tile (y, x)."""
         crop = (self.partition - 1).clamp(min=0)
         in_crop = self.partition > 0
-        y = self.local // self.side + in_crop * (crop // self.grid[1]) * self.side
-        x = self.local % self.side + in_crop * (crop % self.grid[1]) * self.side
+        n_w = max(self.grid[1], 1)  # an image without crops (grid (0, 0)) has only base tokens
+        y = self.local // self.side + in_crop * (crop // n_w) * self.side
+        x = self.local % self.side + in_crop * (crop % n_w) * self.side
         return y, x
 
     @cached_property
     def valid_box(self) -> tuple[int, int, int, int]:
         """(y0, y1, x0, x1): the unpadded part of the crop canvas, in patches, end-exclusive;
         (0, 0, 0, 0) when unpadding leaves no crop token (a very thin image)."""
+        if self.unpadded_box is not None:
+            return self.unpadded_box
         y, x = self.canvas_yx
         y, x = y[self.partition > 0], x[self.partition > 0]
         if y.numel() == 0:

@@ -35,7 +35,7 @@ from torch import nn
 from transformers import Cache, GenerationConfig
 
 from .method import Method, build as build_method
-from .method.base import Merged
+from .method.base import Merged, check_signals
 from .adapters import adapter_for
 from .selection import merge_groups, packed_keep_mask
 
@@ -374,7 +374,8 @@ def _remember_shortened(output, cache, input_ids, compact_ids, compact_mask) -> 
 
 def _vision_kwargs(kwargs: dict) -> dict:
     """Per-call overrides of the vision pass, forwarded as the model would forward them."""
-    return {k: kwargs.pop(k) for k in ("vision_feature_layer", "vision_feature_select_strategy") if k in kwargs}
+    names = ("vision_feature_layer", "vision_feature_select_strategy", "batch_num_images")  # the last: OneVision
+    return {k: kwargs.pop(k) for k in names if k in kwargs}
 
 
 def padding_side(attention_mask, default: str) -> str:
@@ -429,6 +430,7 @@ def patch(model: nn.Module, method: str | Method, budget: float | int | None = N
     else:
         chosen = build_method(method, budget=1.0 if budget is None else budget, processor=processor,
                               **options).resolve(adapter)
+    check_signals(chosen, adapter)
     unpatch(model)
     handle = Handle(model, chosen, adapter)
     handle._install()

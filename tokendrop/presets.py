@@ -1,7 +1,8 @@
-"""LLaVA-NeXT models built offline from configs (random weights) with a matching processor.
+"""LLaVA-NeXT and LLaVA-OneVision models built offline from configs (random weights) with a
+matching processor.
 
 Nothing is downloaded: the tokenizer is a byte-level BPE with no merges (one token per byte),
-the image processor is transformers' PIL LLaVA-NeXT processor. Outputs of random weights are
+the image processor is transformers' PIL one of the family. Outputs of random weights are
 meaningless text; shapes, token counts and timings are real.
 
 - `tiny`: 48 px tiles of 6x6 patches, 3 CLIP layers, a 2-layer LLM: seconds, for tests.
@@ -10,6 +11,11 @@ meaningless text; shapes, token counts and timings are real.
 - `testbed`: 48 px tiles of 6x6 patches, 4 CLIP layers, a 3-layer LLM, with *trained* weights
   committed in `tokendrop.testbed`: it answers the testbed task (`tokendrop.eval.testbed`),
   whose words its tokenizer holds as whole tokens.
+- `tiny-onevision`: LLaVA-OneVision with a 48 px, 6x6-patch, 3-layer SigLIP and a 2-layer LLM:
+  seconds, for tests. Its largest pinpoints (4x4 and 3x6 tiles) exceed anyres_max_9, so their
+  canvases are resampled as in the real model.
+- `onevision-shape`: SigLIP-so400m/384 (27 layers, 27x27 patches) + a Qwen2-0.5B-shaped LLM, with
+  some of llava-onevision's anyres_max_9 pinpoints (up to 4x4 tiles).
 """
 
 from __future__ import annotations
@@ -25,13 +31,19 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    SiglipVisionConfig,
 )
 
 # the PIL (numpy) image processor: `...Pil` from 5.0, the plain class before; chosen by what
 # the installed release has, so that no torchvision is needed on any of them
 PilImageProcessor = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
+OnevisionPilImageProcessor = (getattr(transformers, "LlavaOnevisionImageProcessorPil", None)
+                              or transformers.LlavaOnevisionImageProcessor)
 
 from .registry import Registry
 
@@ -44,6 +56,9 @@ CHAT_TEMPLATE = (
     "{% else %}ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)
 
 PRESETS: Registry[dict] = Registry("preset")
 PRESETS.register("tiny")(
@@ -61,8 +76,7 @@ PRESETS.register("llava-next-shape")(
         vision=dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                     num_attention_heads=16, projection_dim=768),
         text_class=Qwen2Config,
-        text=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
+        text=QWEN2_05B,
         pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
     )
 )
@@ -80,6 +94,30 @@ PRESETS.register("testbed")(
                "cyan", "circle", "square", "triangle", "cross"),
         task="testbed",  # trained for this task: its weights are loaded, not drawn
         method_options={"router": {"router": "testbed"}},  # the router trained for it, shipped beside it
+    )
+)
+
+
+PRESETS.register("tiny-onevision")(
+    dict(
+        family="llava_onevision",
+        vision=dict(image_size=48, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                    num_attention_heads=4),
+        text_class=Qwen2Config,
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2),
+        pinpoints=[[48, 48], [48, 96], [96, 48], [96, 96], [144, 144], [192, 192], [144, 288]],
+    )
+)
+PRESETS.register("onevision-shape")(
+    dict(
+        family="llava_onevision",
+        vision=dict(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                    num_attention_heads=16),
+        text_class=Qwen2Config,
+        text=QWEN2_05B,
+        pinpoints=[[384, 384], [384, 768], [768, 384], [768, 768], [768, 1152], [1152, 768], [1152, 1152],
+                   [768, 1536], [1536, 768], [1536, 1536]],
     )
 )
 
@@ -110,9 +148,11 @@ def build_tokenizer(words=()) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_processor(name: str) -> LlavaNextProcessor:
+def build_processor(name: str) -> LlavaNextProcessor | LlavaOnevisionProcessor:
     spec = PRESETS.get(name)
     size = spec["vision"]["image_size"]
+    if spec.get("family") == "llava_onevision":
+        return build_onevision_processor(spec)
     image_processor = PilImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         image_grid_pinpoints=spec["pinpoints"],
@@ -124,10 +164,42 @@ def build_processor(name: str) -> LlavaNextProcessor:
     )
 
 
-def build_config(name: str, tokenizer: PreTrainedTokenizerFast) -> LlavaNextConfig:
+class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
+    """LlavaOnevisionProcessor without a video processor: transformers has none without
+    torchvision (not installable beside the CPU torch here), and the stock class check
+    rejects a missing one. The presets take images only."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+def build_onevision_processor(spec: dict) -> LlavaOnevisionProcessor:
+    size, patch = spec["vision"]["image_size"], spec["vision"]["patch_size"]
+    image_processor = OnevisionPilImageProcessor(size={"height": size, "width": size},
+                                                 image_grid_pinpoints=spec["pinpoints"])
+    return ImageOnlyOnevisionProcessor(
+        image_processor=image_processor, tokenizer=build_tokenizer(spec.get("words", ())),
+        num_image_tokens=(size // patch) ** 2, vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9", chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_config(name: str, tokenizer: PreTrainedTokenizerFast) -> LlavaNextConfig | LlavaOnevisionConfig:
     spec = PRESETS.get(name)
     text = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id) | spec["text"]
+    if spec.get("family") == "llava_onevision":
+        return LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(vision_use_head=False, **spec["vision"]),
+            text_config=spec["text_class"](**text),
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            image_grid_pinpoints=spec["pinpoints"],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+        )
     return LlavaNextConfig(
         vision_config=CLIPVisionConfig(**spec["vision"]),
         text_config=spec["text_class"](**text),
@@ -150,7 +222,9 @@ def build_preset(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     config = build_config(name, processor.tokenizer)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).to(dtype).eval()
+    model_class = (LlavaOnevisionForConditionalGeneration if isinstance(config, LlavaOnevisionConfig)
+                   else LlavaNextForConditionalGeneration)
+    model = model_class(config).to(dtype).eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor
 

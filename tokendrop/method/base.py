@@ -77,6 +77,18 @@ class Method:
         raise NotImplementedError
 
 
+def check_signals(method: Method, adapter) -> None:
+    """Raise if `method` needs a signal that `adapter` cannot supply (`adapter.signal_kinds`)."""
+    for layer, kind in method.signals().items():
+        if kind not in adapter.signal_kinds:
+            name = getattr(method, "name", type(method).__name__)
+            raise ValueError(
+                f"method {name!r} needs the {kind!r} signal of vision layer {layer}, which tokendrop cannot "
+                f"supply for a {adapter.model_class} (it supplies {', '.join(map(repr, adapter.signal_kinds))}): "
+                "pick a method that uses only those"
+            )
+
+
 def build(name: str, processor=None, **options) -> Method:
     """The method `name` with `options`. `processor` (the model's processor) goes to the
     methods that read the prompt and is ignored by the others, so that callers holding one

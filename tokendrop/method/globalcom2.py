@@ -49,6 +49,8 @@ class GlobalCom2(Method):
         n = layout.n_features
         k = keep_count(self.budget, n)
         ratio = k / n
+        if layout.n_partitions == 1:  # no crops (an image of a multi-image OneVision prompt)
+            return torch.tensor([k])
         n_base = min(floor_fraction(ratio, layout.tile), int(layout.capacity[0]))
         region_sums = layout.region_weights @ logits[0]
         sigma = torch.softmax((region_sums - region_sums.max()) / self.tau, dim=0)
