@@ -165,8 +165,8 @@ class LlavaNextAdapter:
         return list(getattr(output, "pooler_output", output))  # 5.x wraps the list in a model output
 
     def vision_attentions(self, pixel_values, image_sizes) -> tuple[torch.Tensor, ...]:
-        """Every vision layer's attention maps, (tiles, heads, L, L) each, CLS first: what the
-        score hooks compute without; the tower must run eager attention to return them."""
+        """Every vision layer's attention maps, (tiles, heads, L, L) each (CLIP's CLS token
+        first): what the score hooks compute without; the tower must run eager attention."""
         needs = [self.layout(size).n_partitions for size in self.check_images(pixel_values, image_sizes).tolist()]
         tiles = pixel_values if pixel_values.dim() == 4 else torch.cat([t[:n] for t, n in zip(pixel_values, needs)])
         return self.vision_tower(tiles, output_attentions=True).attentions
@@ -298,8 +298,8 @@ def assign_rows(per_row: list[int], image_lengths: list[int]) -> list[int]:
             raise ValueError(
                 f"row {row} of input_ids has {count} image placeholder tokens, which does not match its "
                 f"images' feature counts (images need {image_lengths} in order). Build the inputs with the "
-                "model's own processor (LlavaNextProcessor with num_additional_image_tokens=1 and "
-                "vision_feature_select_strategy='default') and one image per <image> in the text"
+                "model's own processor (the one loaded with it, e.g. AutoProcessor.from_pretrained) and one image "
+                "per <image> in the text"
             )
     if next(images, None) is not None:
         raise ValueError(

@@ -390,3 +390,34 @@ def test_unsupported_configuration_fails_clearly(ov):
             tokendrop.patch(model, "hired", budget=0.5)
     finally:
         model.config.vision_feature_select_strategy = "full"
+
+
+def test_a_onevision_checkpoint_loads_and_sweeps_and_profiles(ov, tmp_path):
+    """`--model` may name a OneVision checkpoint (the class comes from its config) or the
+    OneVision presets; `sweep` and `profile` run on them through the adapter."""
+    import json
+
+    from tokendrop.cli import main
+    from tokendrop.loading import load_model
+
+    model, _ = ov
+    model.save_pretrained(tmp_path / "checkpoint")
+    loaded = load_model(str(tmp_path / "checkpoint"))
+    assert type(loaded).__name__ == "LlavaOnevisionForConditionalGeneration"
+    with tokendrop.patched(loaded, "hired", budget=0.25) as handle:
+        assert isinstance(handle.adapter, LlavaOnevisionAdapter)
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "data.jsonl", "w") as file:
+        for i, (w, h) in enumerate([(90, 60), (200, 70)]):
+            synthetic_image(w, h, seed=i).save(data / f"{i}.png")
+            file.write(json.dumps({"id": f"q{i}", "image": f"{i}.png", "question": "What?", "answers": ["x"]}) + "\n")
+    assert main(["sweep", "--model", "tiny-onevision", "--tasks", "custom", "--data", f"custom={data / 'data.jsonl'}",
+                 "--methods", "hired", "globalcom2", "--budgets", "0.25", "--max-new-tokens", "2", "--no-progress",
+                 "--out", str(tmp_path / "sweep")]) == 0
+    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+    assert {(row["method"], row["n"]) for row in summary["cells"]} == {("none", 2), ("hired", 2), ("globalcom2", 2)}
+    assert main(["profile", "--model", "tiny-onevision", "--methods", "hired", "--budgets", "0.25", "--repeats", "1",
+                 "--warmup", "0", "--max-new-tokens", "2", "--out", str(tmp_path / "profile")]) == 0
+    assert (tmp_path / "profile" / "profile.json").is_file()
