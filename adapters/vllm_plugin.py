@@ -33,6 +33,7 @@ import os
 
 from tokendrop.layout import EncodedImage, ImageLayout
 from tokendrop.method import METHODS, Method, build
+from tokendrop.method.base import Merged
 from tokendrop.selection import NEWLINE_POLICIES, keep_count, packed_keep_mask
 
 ARCHITECTURE = "TokendropLlavaNextForConditionalGeneration"
@@ -136,7 +137,7 @@ def geometry_selection(method: Method, layout: ImageLayout):
         selected = method.select(image)
     except _DataNeeded:
         return None
-    return getattr(selected, "indices", selected)
+    return selected.indices if isinstance(selected, Merged) else selected
 
 
 def check_countable(method: Method, layout: ImageLayout) -> None:
