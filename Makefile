@@ -35,11 +35,11 @@ test: $(VENV)/.ready $(OLDER_TRANSFORMERS:%=.venv-transformers-%/.ready)
 	$(if $(SKIP_VLLM),@echo "vLLM plugin tests skipped (SKIP_VLLM)",$(MAKE) test-vllm)
 
 test-vllm: | $(VLLM_VENV)/.ready
-	timeout $(VLLM_TEST_TIMEOUT) $(VLLM_VENV)/bin/pytest -q -p no:cacheprovider tests/vllm
+	timeout $(VLLM_TEST_TIMEOUT) $(VLLM_VENV)/bin/pytest -q -p no:cacheprovider tests/vllm_plugin
 
 # order-only: made when missing, never remade because setup.cfg changed (delete it to remake)
 $(VLLM_VENV)/.ready:
-	timeout $(VLLM_SETUP_TIMEOUT) tests/vllm/setup_venv.sh $(VLLM_VENV) "$(TORCH)" "$(VLLM)" $(PYTHON)
+	timeout $(VLLM_SETUP_TIMEOUT) tests/vllm_plugin/setup_venv.sh $(VLLM_VENV) "$(TORCH)" "$(VLLM)" $(PYTHON)
 	touch $@
 
 $(VENV)/.ready: setup.cfg pyproject.toml

@@ -4,7 +4,7 @@
 # accepts, then tokendrop (editable: its vllm.general_plugins entry point) and pytest.
 # On machines whose package mirror has only the CUDA builds of torchvision/torchaudio, which
 # cannot load beside a CPU torch: torchaudio/torchcodec (unused for images) are removed and
-# torchvision gets the import shim of tests/vllm/torchvision_shim.py.
+# torchvision gets the import shim of tests/vllm_plugin/torchvision_shim.py.
 set -eu
 venv=$1 torch=$2 vllm=$3 python=$4
 rm -rf "$venv"
@@ -19,7 +19,7 @@ if ! $venv/bin/python -c "import torchaudio" 2>/dev/null; then
 fi
 if ! $venv/bin/python -c "import torchvision" 2>/dev/null; then
     site=$($venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-    cp tests/vllm/torchvision_shim.py "$site/_tokendrop_torchvision_shim.py"
+    cp tests/vllm_plugin/torchvision_shim.py "$site/_tokendrop_torchvision_shim.py"
     echo "import _tokendrop_torchvision_shim; _tokendrop_torchvision_shim.install()" > "$site/_tokendrop_torchvision_shim.pth"
 fi
 $venv/bin/python -c "import vllm, torchvision, tokendrop.adapters.vllm_plugin; print('vllm', vllm.__version__)"
