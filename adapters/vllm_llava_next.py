@@ -7,7 +7,9 @@
   attention score the CLS query against all keys (`tokendrop.scoring.cls_scores`, what the HF
   adapter captures); then, per image, the tokendrop method selects (`Method.select`),
   `packed_keep_mask` adds the newlines the policy keeps, and only those vectors are returned.
-  The count is checked against the processor's.
+  The count is checked against the processor's. vLLM builds the tower only up to the feature
+  layer; where a method scores deeper (globalcom2's last layer), the tower is built that deep
+  and still returns the feature layer's states, through vLLM's own `select_layers`.
 
 The layout of an image comes from vLLM's own packing (`_merge_image_patch_embeddings`)
 applied to an index tensor, as the HF adapter applies HF's, so positions agree with the model
