@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +35,7 @@ from tokendrop.cli import positive_int
 from tokendrop.method import METHODS, Method
 from tokendrop.method import build as build_method
 from tokendrop.presets import PRESETS, build_preset, synthetic_image
+from tokendrop.harness import spread
 from tokendrop.profiling import device_name, peak_memory, synchronize
 from tokendrop.scoring import capture_cls_scores
 
@@ -124,7 +124,7 @@ def interleaved(runs: dict, repeats: int, device) -> dict[str, list[dict]]:
 
 
 def summarise(samples: list[float]) -> dict:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
+    return spread(samples) | {"samples": samples}
 
 
 def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtype, methods=("hired",)) -> dict:

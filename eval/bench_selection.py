@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from tokendrop.method import METHODS
 from tokendrop.method import build as build_method
 from tokendrop.method.base import Merged
 from tokendrop.presets import PRESETS, build_preset
+from tokendrop.harness import spread
 from tokendrop.profiling import device_name, synchronize
 from tokendrop.selection import merge_groups, packed_keep_mask
 
@@ -63,7 +63,8 @@ def time_select(method, image: EncodedImage, repeats: int, device: torch.device)
 
     run()  # warm-up
     samples, kept = zip(*(run() for _ in range(repeats)))
-    return dict(median_s=statistics.median(samples), min_s=min(samples), max_s=max(samples), kept=kept[0])
+    stats = spread(samples)
+    return dict(median_s=stats["median"], min_s=stats["min"], max_s=stats["max"], kept=kept[0])
 
 
 def benchmark(preset: str, repeats: int, devices: list[torch.device], budgets=(0.1, 0.25)) -> dict:
