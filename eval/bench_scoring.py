@@ -31,11 +31,10 @@ import transformers
 
 import tokendrop
 from tokendrop.adapters import adapter_for
-from tokendrop.cli import positive_int
+from tokendrop.harness import spread
 from tokendrop.method import METHODS, Method
 from tokendrop.method import build as build_method
 from tokendrop.presets import PRESETS, build_preset, synthetic_image
-from tokendrop.harness import spread
 from tokendrop.profiling import device_name, peak_memory, synchronize
 from tokendrop.scoring import capture_cls_scores
 
@@ -142,7 +141,8 @@ def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtyp
             run()  # warm-up
         samples = interleaved(runs, repeats, device)
     stats = {
-        name: {key: summarise([s[key] for s in runs_of]) for key in ("time_s", "peak_memory_bytes", "added_memory_bytes")}
+        name: {key: summarise([s[key] for s in runs_of])
+               for key in ("time_s", "peak_memory_bytes", "added_memory_bytes")}
         for name, runs_of in samples.items()
     }
     return {
@@ -217,6 +217,13 @@ def report(result: dict) -> str:
             shown = ", ".join(f"layer {layer}: {diff:.1e}" for layer, diff in diffs.items())
             lines.append(f"{method} hook probabilities vs eager attention, max abs diff: {shown}")
     return "\n".join(lines)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:

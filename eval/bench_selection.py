@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 
 from tokendrop.adapters import adapter_for
-from tokendrop.cli import positive_int
+from tokendrop.harness import spread
 from tokendrop.layout import EncodedImage
 from tokendrop.method import METHODS
 from tokendrop.method import build as build_method
 from tokendrop.method.base import Merged
 from tokendrop.presets import PRESETS, build_preset
-from tokendrop.harness import spread
 from tokendrop.profiling import device_name, synchronize
 from tokendrop.selection import merge_groups, packed_keep_mask
 
@@ -102,8 +101,16 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tokendrop.eval.bench_selection", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tokendrop.eval.bench_selection",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=PRESETS.names(), default="llava-next-shape")
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench_selection.json"))
