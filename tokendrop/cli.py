@@ -44,7 +44,8 @@ def budget(text: str) -> float | int:
     try:
         value = int(text) if text.lstrip("+-").isdigit() else float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a fraction in (0, 1] or a token count >= 1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"budget must be a fraction in (0, 1] or a token count >= 1, "
+                                         f"got {text!r}") from None
     if isinstance(value, int) and value < 1:
         raise argparse.ArgumentTypeError(f"a token-count budget must be >= 1, got {value}")
     if isinstance(value, float) and not (math.isfinite(value) and 0 < value <= 1):
@@ -222,21 +223,21 @@ def add_profile(subcommands) -> None:
     images.add_argument("--images", nargs="+", type=image_file, help="image files, used round-robin per batch")
     add_input_arguments(images)
     parser.add_argument("--prompt", help='the question (default "Describe the image."; a task brings its own)')
-    add_timing_arguments(parser, repeats=3)
+    add_timing_arguments(parser, repeats=3, warmup=1)
     parser.add_argument("--out", type=Path, help="write profile.json, profile.csv and profile.png here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run_profile)
 
 
-def add_timing_arguments(parser, repeats: int) -> None:
+def add_timing_arguments(parser, repeats: int, warmup: int) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=8)
     parser.add_argument("--repeats", type=positive_int, default=repeats, help="measured runs per cell")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs per cell first")
+    parser.add_argument("--warmup", type=int, default=warmup, help="unmeasured runs per cell first")
 
 
 def profile_config(args, methods: list[str], options: dict):
-    from .profile_grid import ProfileConfig
     from .presets import with_preset_defaults
+    from .profile_grid import ProfileConfig
 
     check_methods(methods)
     return ProfileConfig(
@@ -290,7 +291,7 @@ def add_demo(subcommands) -> None:
     parser.add_argument("--examples", type=positive_int, default=3, help="test images whose answers are printed")
     parser.add_argument("--out", type=Path, default=Path("tokendrop-demo"),
                         help="the run's records and summary, and kept.png; rerun into it to resume")
-    add_timing_arguments(parser, repeats=1)
+    add_timing_arguments(parser, repeats=1, warmup=0)
     parser.set_defaults(max_new_tokens=None)
     add_input_arguments(parser.add_mutually_exclusive_group())
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -454,7 +455,8 @@ def add_sweep(subcommands) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument("--max-new-tokens", type=positive_int, help="default: per task (16; custom 32)")
-    parser.add_argument("--retry-failed", action="store_true", help="run failed samples again instead of keeping their error")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="run failed samples again instead of keeping their error")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run_sweep)
 
