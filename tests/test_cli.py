@@ -205,3 +205,13 @@ def test_show_and_profile_leave_the_backend_alone(tiny, tmp_path):
         assert (tmp_path / "k.png").stat().st_size > 0 and (tmp_path / "profile" / "profile.png").stat().st_size > 0
     finally:
         matplotlib.use(before)
+
+
+def test_a_resumed_sweep_says_how_far_it_got(capsys, tmp_path):
+    data = custom_data(tmp_path / "data")
+    sweep = ["sweep", "--model", "tiny", "--tasks", "custom", "--data", f"custom={data}", "--methods", "random",
+             "--budgets", "0.5", "--max-new-tokens", "1", "--out", str(tmp_path / "run")]
+    assert main([*sweep, "--no-progress"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+    assert main(sweep) == 0
+    assert "resuming: 2 of 2 records done" in capsys.readouterr().out
