@@ -61,7 +61,8 @@ class LlavaHfTokendrop(lmms):
         try:
             self.batch_size = int(batch_size)
         except ValueError:
-            raise ValueError(f"llava_hf_tokendrop takes a fixed batch size (e.g. --batch_size 4), got {batch_size!r}") from None
+            raise ValueError(f"llava_hf_tokendrop takes a fixed batch size (e.g. --batch_size 4), "
+                             f"got {batch_size!r}") from None
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if method == REFERENCE and options:
@@ -79,7 +80,8 @@ class LlavaHfTokendrop(lmms):
             device_map = device
         self.pretrained = pretrained
         self.model = load_model(pretrained, dtype, device_map, load_in_4bit, load_in_8bit, attn_implementation)
-        self.handle = None if method == REFERENCE else tokendrop.patch(self.model, method, budget=budget, processor=self.processor, **options)
+        self.handle = None if method == REFERENCE else tokendrop.patch(
+            self.model, method, budget=budget, processor=self.processor, **options)
 
     def generate_until(self, requests) -> list[str]:
         answers: list[str | None] = [None] * len(requests)

@@ -287,7 +287,8 @@ def claim_run(out: Path, plan: Plan) -> str:
         raise ValueError(f"{path} is not a sweep's run file (it is empty or cut short): delete {out} to start "
                          "the sweep over, or give it another output directory") from None
     if existing_id != run_id:
-        changed = ", ".join(f"{k}{WHY_CHANGED.get(k.split('.')[-1], '')}" for k in _differences(identity, existing_config))
+        changed = ", ".join(f"{k}{WHY_CHANGED.get(k.split('.')[-1], '')}"
+                            for k in _differences(identity, existing_config))
         raise ValueError(
             f"{out} holds run {existing_id}, whose configuration differs in: {changed}. "
             "Resume it with the same arguments, or give this sweep another output directory"
@@ -317,7 +318,8 @@ def _differences(new: dict, old: dict, prefix: str = "") -> list[str]:
 
 def read_records(out: Path) -> list[dict]:
     """Every complete record of every process."""
-    return [r for path in sorted(out.glob("records.rank*.jsonl")) for r in _parse(path, path.read_text(encoding="utf-8"))]
+    return [r for path in sorted(out.glob("records.rank*.jsonl"))
+            for r in _parse(path, path.read_text(encoding="utf-8"))]
 
 
 RECORD_KEYS = {"task", "method", "budget", "index", "error"}
@@ -369,7 +371,7 @@ class RecordLog:
                 os.replace(scratch, self.path)  # atomic: a kill leaves the old records or the new ones
         self.file = open(self.path, "a", encoding="utf-8")
 
-    def __enter__(self) -> "RecordLog":
+    def __enter__(self) -> RecordLog:
         return self
 
     def __exit__(self, *exc) -> None:

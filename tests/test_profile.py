@@ -8,9 +8,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import tokendrop
+from tokendrop import profile_grid
 from tokendrop.cli import main
 from tokendrop.presets import synthetic_image
-from tokendrop import profile_grid
 from tokendrop.profile_grid import REFERENCE, ProfileConfig, format_table, profile
 from tokendrop.profiling import measure_generate, peak_memory
 

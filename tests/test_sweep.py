@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import tokendrop
+from tokendrop.cli import main
 from tokendrop.eval import sweep as sweep_module
 from tokendrop.eval.data import load_rows, open_image, subset
 from tokendrop.eval.generation import generate_answers
-from tokendrop.loading import load_model, load_processor
-from tokendrop.cli import main
 from tokendrop.eval.sweep import REFERENCE, SweepConfig, read_records, sweep
 from tokendrop.eval.tasks import TASKS, build_task
+from tokendrop.loading import load_model, load_processor
 from tokendrop.method import METHODS
 from tokendrop.presets import synthetic_image
 

@@ -10,10 +10,9 @@ import threading
 import pytest
 
 import tokendrop
-from tokendrop.eval import sweep as sweep_module
-from tokendrop.eval.sweep import REFERENCE, SweepConfig, RecordLog, read_records, sweep
-
 from test_sweep import FAST, key, tiny_model, write_custom
+from tokendrop.eval import sweep as sweep_module
+from tokendrop.eval.sweep import REFERENCE, RecordLog, SweepConfig, read_records, sweep
 
 
 def custom(tmp_path, n=2, answers=None):

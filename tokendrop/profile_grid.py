@@ -264,7 +264,8 @@ COLUMNS = [  # (header, key, format)
     ("vision s", "vision_s", "{:.3f}"), ("select s", "select_s", "{:.4f}"), ("prefill s", "llm_prefill_s", "{:.3f}"),
     ("TTFT s", "ttft_s", "{:.3f}"), ("decode tok/s", "decode_tok_per_s", "{:.2f}"), ("e2e s", "generate_s", "{:.3f}"),
     ("peak MB", "peak_memory_bytes", "{:.0f}"), ("KV MB", "kv_cache_bytes", "{:.1f}"),
-    ("prefill x ideal", "prefill_speedup_ideal", "{:.2f}"), ("prefill x measured", "prefill_speedup_measured", "{:.2f}"),
+    ("prefill x ideal", "prefill_speedup_ideal", "{:.2f}"),
+    ("prefill x measured", "prefill_speedup_measured", "{:.2f}"),
     ("TTFT x", "ttft_speedup", "{:.2f}"),
 ]
 
