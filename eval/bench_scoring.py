@@ -32,8 +32,7 @@ import transformers
 import tokendrop
 from tokendrop.adapters import adapter_for
 from tokendrop.harness import spread
-from tokendrop.method import METHODS, Method
-from tokendrop.method import build as build_method
+from tokendrop.method import METHODS, Method, build as build_method
 from tokendrop.presets import PRESETS, build_preset, synthetic_image
 from tokendrop.profiling import device_name, peak_memory, synchronize
 from tokendrop.scoring import capture_cls_scores

@@ -24,8 +24,7 @@ import torch
 from tokendrop.adapters import adapter_for
 from tokendrop.harness import spread
 from tokendrop.layout import EncodedImage
-from tokendrop.method import METHODS
-from tokendrop.method import build as build_method
+from tokendrop.method import METHODS, build as build_method
 from tokendrop.method.base import Merged
 from tokendrop.presets import PRESETS, build_preset
 from tokendrop.profiling import device_name, synchronize
