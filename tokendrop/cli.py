@@ -285,7 +285,9 @@ def add_demo(subcommands) -> None:
         formatter_class=Formatter)
     parser.add_argument("--preset", "--model", dest="model", default="testbed", metavar="PRESET",
                         help=f"an embedded model: {', '.join(PRESET_NAMES)}")
-    add_methods(parser, ["hired", "random"])
+    add_methods(parser, None)
+    parser._option_string_actions["--methods"].help = (
+        "registered methods (default: hired and random on the testbed; hired alone for the timing demo)")
     add_budgets(parser, [0.4, 0.2, 0.1])
     parser.add_argument("--samples", type=positive_int, default=200, help="test samples scored per method and budget")
     parser.add_argument("--examples", type=positive_int, default=3, help="test images whose answers are printed")
@@ -303,7 +305,9 @@ def run_demo(args) -> None:
 
     trained = PRESETS.get(args.model).get("task") == "testbed"  # an unknown preset fails here
     if trained and args.image_size is None:
+        args.methods = args.methods or ["hired", "random"]
         return run_testbed_demo(args)
+    args.methods = args.methods or ["hired"]
     args.prompt, args.images = None, None
     args.max_new_tokens = args.max_new_tokens or 8
     return run_timing_demo(args)
