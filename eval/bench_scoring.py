@@ -31,7 +31,7 @@ import transformers
 
 import tokendrop
 from tokendrop.adapters import adapter_for
-from tokendrop.harness import spread
+from tokendrop.harness import spread, text_table
 from tokendrop.method import METHODS, Method, build as build_method
 from tokendrop.presets import PRESETS, build_preset, synthetic_image
 from tokendrop.profiling import device_name, peak_memory, synchronize
@@ -193,14 +193,13 @@ def report(result: dict) -> str:
         f"image = {result['tiles']} tiles, scored layers {result['scored_layers']}, "
         f"{result['repeats']} repeats, memory: {result['memory_kind']}, "
         f"load average {result['load_average_1m'][0]:.2f} before, {result['load_average_1m'][1]:.2f} after",
-        f"{'variant':>17}  {'time s (min-max)':>24}  {'peak MB':>8}  {'added MB':>8}",
     ]
+    rows = []
     for name, stats in result["variants"].items():
         time_s, peak, added = stats["time_s"], stats["peak_memory_bytes"], stats["added_memory_bytes"]
-        lines.append(
-            f"{name:>17}  {time_s['median']:8.3f} ({time_s['min']:.3f}-{time_s['max']:.3f})  "
-            f"{peak['median'] / mb:8.0f}  {added['median'] / mb:8.0f}"
-        )
+        rows.append([name, f"{time_s['median']:.3f} ({time_s['min']:.3f}-{time_s['max']:.3f})",
+                     f"{peak['median'] / mb:.0f}", f"{added['median'] / mb:.0f}"])
+    lines.append(text_table(["variant", "time s (min-max)", "peak MB", "added MB"], rows))
     for name, ratio in result["ratios"].items():
         lines.append(
             f"{name}: time x{ratio['time_s']:.3f} (fastest runs x{ratio['time_s_min']:.3f}), "

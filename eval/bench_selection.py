@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tokendrop.adapters import adapter_for
-from tokendrop.harness import spread
+from tokendrop.harness import spread, text_table
 from tokendrop.layout import EncodedImage
 from tokendrop.method import METHODS, build as build_method
 from tokendrop.method.base import Merged
@@ -92,11 +92,10 @@ def report(result: dict) -> str:
     lines = [f"select + keep mask, {result['preset']} {result['image_size']}, N = {result['n_features']}, "
              f"{result['repeats']} repeats"]
     for device, block in result["devices"].items():
-        lines.append(f"\n{device} ({block['device_name']})")
-        lines.append(f"{'method@budget':24} {'kept':>5} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'x hired':>8}")
-        for key, row in block["methods"].items():
-            lines.append(f"{key:24} {row['kept']:5d} {row['median_s'] * 1e3:10.2f} {row['min_s'] * 1e3:8.2f} "
-                         f"{row['max_s'] * 1e3:8.2f} {row['ratio_to_hired']:8.2f}")
+        rows = [[key, row["kept"], f"{row['median_s'] * 1e3:.2f}", f"{row['min_s'] * 1e3:.2f}",
+                 f"{row['max_s'] * 1e3:.2f}", f"{row['ratio_to_hired']:.2f}"] for key, row in block["methods"].items()]
+        lines.append("\n" + text_table(["method@budget", "kept", "median ms", "min ms", "max ms", "x hired"], rows,
+                                        title=f"{device} ({block['device_name']})"))
     return "\n".join(lines)
 
 

@@ -124,14 +124,15 @@ def jsonable(value):
 
 
 def text_table(columns, rows, title: str | None = None, caption: str | None = None) -> str:
-    """A table as plain text: `columns` are headers (right-aligned), `rows` lists of cells."""
+    """A table as plain text: `columns` are headers, `rows` lists of cells (None shows as -);
+    the first column (names) is left-aligned, the others (figures) right-aligned."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
     table = Table(*columns, title=title, caption=caption, box=box.SIMPLE_HEAD, title_justify="left",
                   caption_justify="left")
-    for column in table.columns:
+    for column in table.columns[1:]:
         column.justify = "right"
     for row in rows:
         table.add_row(*("-" if cell is None else str(cell) for cell in row))
