@@ -202,9 +202,7 @@ def plan_sweep(config: SweepConfig, processor, model: nn.Module | None = None) -
     """Check what needs the processor (every method built at every budget) and fix what the
     run's identity holds: the model's revision or weights, the data files. `model`: a loaded
     model, when the sweep was given one."""
-    options = config.options
-    if model is None:
-        options = with_preset_defaults(config.model, config.methods, options)
+    options = with_preset_defaults(config.model, config.methods, config.options)  # a preset's, for a preset name
     built = {name: build_task(name) for name in config.tasks}
     for name in config.methods:
         for budget in config.budgets:
