@@ -235,29 +235,26 @@ def add_timing_arguments(parser, repeats: int, warmup: int) -> None:
     parser.add_argument("--warmup", type=int, default=warmup, help="unmeasured runs per cell first")
 
 
-def profile_config(args, methods: list[str], options: dict):
+def profile_config(args, prompt: str, out: Path | None):
     from .presets import with_preset_defaults
     from .profile_grid import ProfileConfig
 
-    check_methods(methods)
+    check_methods(args.methods)
     return ProfileConfig(
-        methods=methods, budgets=args.budgets, batch_sizes=getattr(args, "batch_sizes", [1]),
-        options=with_preset_defaults(args.model, methods, options), prompt="",
-        max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup, out=args.out,
+        methods=args.methods, budgets=args.budgets, batch_sizes=getattr(args, "batch_sizes", [1]),
+        options=with_preset_defaults(args.model, args.methods, grouped(args.options)), prompt=prompt,
+        max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup, out=out,
         progress=not args.no_progress,
     )
 
 
 def run_profile(args) -> None:
-    from dataclasses import replace
-
     from .loading import check_model_name, load_processor
     from .profile_grid import format_table, profile, writable_folder
 
     check_model_name(args.model)
-    config = profile_config(args, args.methods, grouped(args.options))  # every value checked here
     images, prompt = profile_inputs(args)
-    config = replace(config, prompt=prompt)
+    config = profile_config(args, prompt, args.out)  # every value checked here
     processor = load_processor(args.model)
     config.check(processor)  # a bad option fails before the model loads
     if config.out:
@@ -315,15 +312,12 @@ def run_demo(args) -> None:
 
 def run_timing_demo(args) -> None:
     """A random-weight preset: the profile of one image, batch 1."""
-    from dataclasses import replace
-
     from .loading import load_processor
     from .presets import build_preset
     from .profile_grid import format_table, profile
 
-    config = profile_config(args, args.methods, grouped(args.options))
     images, prompt = profile_inputs(args)
-    config = replace(config, prompt=prompt, out=args.out / "profile")
+    config = profile_config(args, prompt, args.out / "profile")
     processor = load_processor(args.model)
     config.check(processor)
     model, _ = build_preset(args.model)
