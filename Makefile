@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11 and make:
-#   make demo    the embedded demo: a LLaVA-NeXT-shaped model built offline, HiRED at 4 budgets
-#   make test    the test suite: all of it on the newest transformers (.venv), then the core
+#   make demo    the embedded demo: the trained testbed model answers, whole and pruned (seconds)
+#   make test    ruff (make lint), then the test suite: all of it on the newest transformers (.venv), then the core
 #                patch tests (identity, batches, references, errors) on the oldest supported
 #                4.x and on an early 5.x, each in its own venv, then the vLLM plugin's tests
 #   make test-vllm  the vLLM plugin's tests alone (SKIP_VLLM=1 leaves them out of make test)
@@ -22,11 +22,16 @@ SKIP_VLLM ?=
 CORE_TESTS := tests/test_patch.py tests/test_patch_lifecycle.py tests/test_call_inputs.py tests/test_errors.py \
 	tests/test_hired.py tests/test_globalcom2_text.py tests/test_new_methods.py tests/test_merging.py tests/test_peft.py
 
-.PHONY: demo test test-vllm
+.PHONY: demo test test-vllm lint
 demo: $(VENV)/.ready
 	$(BIN)/tokendrop demo $(ARGS)
 
-test: $(VENV)/.ready $(OLDER_TRANSFORMERS:%=.venv-transformers-%/.ready)
+# lint and format check (ruff: pyflakes, pycodestyle, isort, pyupgrade, bugbear; pyproject.toml)
+lint: $(VENV)/.ready
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint $(VENV)/.ready $(OLDER_TRANSFORMERS:%=.venv-transformers-%/.ready)
 	$(BIN)/pytest -q
 	for version in $(OLDER_TRANSFORMERS); do \
 		echo "core tests on transformers $$version"; \

@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,9 +31,8 @@ import transformers
 
 import tokendrop
 from tokendrop.adapters import adapter_for
-from tokendrop.cli import positive_int
-from tokendrop.method import METHODS, Method
-from tokendrop.method import build as build_method
+from tokendrop.harness import spread, text_table
+from tokendrop.method import METHODS, Method, build as build_method
 from tokendrop.presets import PRESETS, build_preset, synthetic_image
 from tokendrop.profiling import device_name, peak_memory, synchronize
 from tokendrop.scoring import capture_cls_scores
@@ -124,7 +122,7 @@ def interleaved(runs: dict, repeats: int, device) -> dict[str, list[dict]]:
 
 
 def summarise(samples: list[float]) -> dict:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "samples": samples}
+    return spread(samples) | {"samples": samples}
 
 
 def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtype, methods=("hired",)) -> dict:
@@ -142,7 +140,8 @@ def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtyp
             run()  # warm-up
         samples = interleaved(runs, repeats, device)
     stats = {
-        name: {key: summarise([s[key] for s in runs_of]) for key in ("time_s", "peak_memory_bytes", "added_memory_bytes")}
+        name: {key: summarise([s[key] for s in runs_of])
+               for key in ("time_s", "peak_memory_bytes", "added_memory_bytes")}
         for name, runs_of in samples.items()
     }
     return {
@@ -194,14 +193,13 @@ def report(result: dict) -> str:
         f"image = {result['tiles']} tiles, scored layers {result['scored_layers']}, "
         f"{result['repeats']} repeats, memory: {result['memory_kind']}, "
         f"load average {result['load_average_1m'][0]:.2f} before, {result['load_average_1m'][1]:.2f} after",
-        f"{'variant':>17}  {'time s (min-max)':>24}  {'peak MB':>8}  {'added MB':>8}",
     ]
+    rows = []
     for name, stats in result["variants"].items():
         time_s, peak, added = stats["time_s"], stats["peak_memory_bytes"], stats["added_memory_bytes"]
-        lines.append(
-            f"{name:>17}  {time_s['median']:8.3f} ({time_s['min']:.3f}-{time_s['max']:.3f})  "
-            f"{peak['median'] / mb:8.0f}  {added['median'] / mb:8.0f}"
-        )
+        rows.append([name, f"{time_s['median']:.3f} ({time_s['min']:.3f}-{time_s['max']:.3f})",
+                     f"{peak['median'] / mb:.0f}", f"{added['median'] / mb:.0f}"])
+    lines.append(text_table(["variant", "time s (min-max)", "peak MB", "added MB"], rows))
     for name, ratio in result["ratios"].items():
         lines.append(
             f"{name}: time x{ratio['time_s']:.3f} (fastest runs x{ratio['time_s_min']:.3f}), "
@@ -217,6 +215,13 @@ def report(result: dict) -> str:
             shown = ", ".join(f"layer {layer}: {diff:.1e}" for layer, diff in diffs.items())
             lines.append(f"{method} hook probabilities vs eager attention, max abs diff: {shown}")
     return "\n".join(lines)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:

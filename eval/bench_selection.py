@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from tokendrop.adapters import adapter_for
-from tokendrop.cli import positive_int
+from tokendrop.harness import spread, text_table
 from tokendrop.layout import EncodedImage
-from tokendrop.method import METHODS
-from tokendrop.method import build as build_method
+from tokendrop.method import METHODS, build as build_method
 from tokendrop.method.base import Merged
 from tokendrop.presets import PRESETS, build_preset
 from tokendrop.profiling import device_name, synchronize
@@ -63,7 +61,8 @@ def time_select(method, image: EncodedImage, repeats: int, device: torch.device)
 
     run()  # warm-up
     samples, kept = zip(*(run() for _ in range(repeats)))
-    return dict(median_s=statistics.median(samples), min_s=min(samples), max_s=max(samples), kept=kept[0])
+    stats = spread(samples)
+    return dict(median_s=stats["median"], min_s=stats["min"], max_s=stats["max"], kept=kept[0])
 
 
 def benchmark(preset: str, repeats: int, devices: list[torch.device], budgets=(0.1, 0.25)) -> dict:
@@ -93,16 +92,23 @@ def report(result: dict) -> str:
     lines = [f"select + keep mask, {result['preset']} {result['image_size']}, N = {result['n_features']}, "
              f"{result['repeats']} repeats"]
     for device, block in result["devices"].items():
-        lines.append(f"\n{device} ({block['device_name']})")
-        lines.append(f"{'method@budget':24} {'kept':>5} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'x hired':>8}")
-        for key, row in block["methods"].items():
-            lines.append(f"{key:24} {row['kept']:5d} {row['median_s'] * 1e3:10.2f} {row['min_s'] * 1e3:8.2f} "
-                         f"{row['max_s'] * 1e3:8.2f} {row['ratio_to_hired']:8.2f}")
+        rows = [[key, row["kept"], f"{row['median_s'] * 1e3:.2f}", f"{row['min_s'] * 1e3:.2f}",
+                 f"{row['max_s'] * 1e3:.2f}", f"{row['ratio_to_hired']:.2f}"] for key, row in block["methods"].items()]
+        lines.append("\n" + text_table(["method@budget", "kept", "median ms", "min ms", "max ms", "x hired"], rows,
+                                        title=f"{device} ({block['device_name']})"))
     return "\n".join(lines)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tokendrop.eval.bench_selection", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tokendrop.eval.bench_selection",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=PRESETS.names(), default="llava-next-shape")
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench_selection.json"))

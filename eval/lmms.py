@@ -20,14 +20,18 @@ from tqdm.auto import tqdm
 
 import tokendrop
 
-from ..method import build as build_method
+from ..harness import REFERENCE
 from ..loading import load_model, load_processor
+from ..method import build as build_method
 from .generation import generate_answers
 
 try:
     from lmms_eval.api.model import lmms
-except ImportError:
-    raise ImportError("the lmms-eval model needs lmms-eval: pip install 'tokendrop[lmms]'") from None
+except ImportError as error:
+    if error.name in ("lmms_eval", "lmms_eval.api", "lmms_eval.api.model"):
+        raise ImportError("the lmms-eval model needs lmms-eval: pip install 'tokendrop[lmms]'") from error
+    # lmms-eval is there, but one of its own imports failed: that is the cause to show
+    raise ImportError(f"lmms-eval is installed, but importing it failed: {error}") from error
 
 MODEL_ID = "llava_hf_tokendrop"
 IMAGE_TOKEN = "<image>"
@@ -57,13 +61,14 @@ class LlavaHfTokendrop(lmms):
         try:
             self.batch_size = int(batch_size)
         except ValueError:
-            raise ValueError(f"llava_hf_tokendrop takes a fixed batch size (e.g. --batch_size 4), got {batch_size!r}") from None
+            raise ValueError(f"llava_hf_tokendrop takes a fixed batch size (e.g. --batch_size 4), "
+                             f"got {batch_size!r}") from None
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if method == "none" and options:
+        if method == REFERENCE and options:
             raise ValueError(f"method=none (the unpatched model) takes no method options, got {', '.join(options)}")
         self.processor = load_processor(pretrained)
-        if method != "none":  # a bad option fails before the model loads
+        if method != REFERENCE:  # a bad option fails before the model loads
             build_method(method, budget=budget, processor=self.processor, **options)
         from accelerate import PartialState
 
@@ -75,7 +80,8 @@ class LlavaHfTokendrop(lmms):
             device_map = device
         self.pretrained = pretrained
         self.model = load_model(pretrained, dtype, device_map, load_in_4bit, load_in_8bit, attn_implementation)
-        self.handle = None if method == "none" else tokendrop.patch(self.model, method, budget=budget, processor=self.processor, **options)
+        self.handle = None if method == REFERENCE else tokendrop.patch(
+            self.model, method, budget=budget, processor=self.processor, **options)
 
     def generate_until(self, requests) -> list[str]:
         answers: list[str | None] = [None] * len(requests)
@@ -87,7 +93,10 @@ class LlavaHfTokendrop(lmms):
             settings = dict(requests[members[0]].args[1])
             until = settings.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            generation = _generation_settings(settings)
+            generation = _generation_settings(settings) | {"stop_strings": until}
+            # longest prompts first, as lmms-eval's own models batch: similar lengths pad little,
+            # and an out-of-memory batch shows at once
+            members = sorted(members, key=lambda i: -len(requests[i].args[0]))
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start : start + self.batch_size]
                 images, questions = [], []
@@ -97,8 +106,8 @@ class LlavaHfTokendrop(lmms):
                     images.append([v.convert("RGB") for v in visuals])
                     questions.append(context.replace(IMAGE_TOKEN, "").strip())  # images go first, once
                 texts = generate_answers(self.model, self.processor, images, questions, **generation)
-                for i, text in zip(chunk, texts):
-                    answers[i] = cut(text, until)
+                for i, text in zip(chunk, texts):  # generation stopped at, and cut before, `until`
+                    answers[i] = text
                     self.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]),
                                                 answers[i])
                 bar.update(len(chunk))
@@ -125,11 +134,3 @@ def _generation_settings(gen_kwargs: dict) -> dict:
         if gen_kwargs.get("top_p") is not None:
             settings["top_p"] = float(gen_kwargs["top_p"])
     return settings
-
-
-def cut(text: str, until: list[str]) -> str:
-    """The text before the first stop string."""
-    for stop in until:
-        if stop:
-            text = text.split(stop)[0]
-    return text

@@ -7,7 +7,9 @@
 Cells are (task, method, budget), plus one unpatched reference cell per task (method
 "none"). The output directory holds:
 
-    run.json                  the configuration, its hash (the run id), versions
+    run.json                  the run's identity (model revision or weights, data, methods,
+                              tokendrop version; hashed, the run id) and provenance (the
+                              configuration as given, git revision, versions, device)
     records.rank<R>.jsonl     one record per (task, method, budget, sample): prompt id,
                               prediction, reference, score (or error), tokens kept;
                               appended and flushed one by one by process R
@@ -25,127 +27,215 @@ goes on.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import datetime
 import fcntl
 import hashlib
 import json
 import os
-import sys
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
 import tokendrop
 
+from ..harness import REFERENCE, jsonable, provenance, text_table
+from ..loading import DTYPES, check_device_map, check_model_name, load_model, load_processor
 from ..method import METHODS, build as build_method
+from ..patch import ATTRIBUTE
+from ..presets import with_preset_defaults
 from ..selection import check_budget
 from .data import fingerprint, subset
-from ..cli import budget, grouped, key_value, method_option, positive_int
-from ..loading import DTYPES, load_model, load_processor
-from ..patch import ATTRIBUTE
-from ..presets import PRESETS, with_preset_defaults
 from .generation import generate_answers
 from .tasks import TASKS, Sample, Task, build_task
 
-REFERENCE = "none"  # the method name of the unpatched cell
 TASK_METHODS = sorted({name for _, task in TASKS.items() for name in task.methods})
 DEFAULT_BUDGETS = (0.1, 0.2, 0.4)
+
+
+@dataclass
+class SweepConfig:
+    """Everything a sweep is asked to do, checked when made (before any model or data loads);
+    errors name the valid choices. The command line builds one from its arguments; run.json
+    records it.
+
+        sweep(SweepConfig("testbed", ["testbed"], "runs/x", methods=["hired"], budgets=[0.2], limit=200))
+
+    `model`: an embedded preset, a Hugging Face id or a local path (for a loaded model, pass
+    it to `sweep(config, model=..., processor=...)` and name it here). `methods`: default every
+    registered method. `options`: {method: {option: value}}. `data`: {task: local path or hub
+    id}. `limit`: that many samples per task, the same ones (drawn with `seed`) in every cell.
+    `rank`/`world_size`: this process's shard; by default taken from `accelerate launch`."""
+
+    model: str
+    tasks: list[str]
+    out: Path
+    methods: list[str] | None = None
+    budgets: list[float | int] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
+    options: dict[str, dict] = field(default_factory=dict)
+    data: dict[str, str] = field(default_factory=dict)
+    limit: int | None = None
+    seed: int = 0
+    batch_size: int = 1
+    max_new_tokens: int | None = None
+    dtype: str = "auto"
+    device_map: str | dict | None = None
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    attn_implementation: str | None = None
+    rank: int | None = None
+    world_size: int | None = None
+    retry_failed: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.model, str):
+            raise TypeError(f"model must be a preset name or a Hugging Face id/path (pass a loaded model to "
+                            f"sweep(config, model=...)), got {type(self.model).__name__}")
+        if isinstance(self.tasks, str) or not isinstance(self.tasks, (list, tuple)) or not self.tasks:
+            raise TypeError(f"tasks must be a non-empty list of task names ({', '.join(TASKS.names())}), "
+                            f"got {self.tasks!r}")
+        self.tasks = list(self.tasks)
+        for name in self.tasks:
+            TASKS.get(name)
+        if self.methods is not None and not isinstance(self.methods, (list, tuple)):
+            raise TypeError(f"methods must be a list of method names ({', '.join(METHODS.names())}), "
+                            f"got {self.methods!r}")
+        self.methods = list(METHODS.names() if self.methods is None else self.methods)
+        if REFERENCE in self.methods:
+            raise ValueError(f"{REFERENCE!r} is the unpatched reference, evaluated in every sweep: leave it out of "
+                             "methods")
+        for name in self.methods:
+            owners = [t for t, task in TASKS.items() if name in task.methods]
+            if not owners:
+                METHODS.get(name)
+            elif any(t not in owners for t in self.tasks):
+                raise ValueError(f"method {name!r} is evaluation-only, offered by the {', '.join(owners)} task; "
+                                 f"this sweep also runs {', '.join(t for t in self.tasks if t not in owners)}: "
+                                 "sweep it separately")
+        if not isinstance(self.budgets, (list, tuple)):
+            raise TypeError(f"budgets must be a list of fractions in (0, 1] and/or token counts, e.g. [0.1, 64]; "
+                            f"got {self.budgets!r}")
+        self.budgets = [check_budget(b) for b in self.budgets]
+        if not self.budgets or len(set(map(repr, self.budgets))) != len(self.budgets):
+            raise ValueError(f"budgets must be a non-empty list without repeats, got {self.budgets!r}")
+        self.options = {m: dict(o) for m, o in (self.options or {}).items()}
+        for name, opts in self.options.items():
+            if name not in self.methods:
+                raise ValueError(f"options given for method {name!r}, which this sweep does not run "
+                                 f"({', '.join(self.methods)})")
+            if "budget" in opts:
+                raise ValueError(f"options for {name!r}: the budget is swept; set it with budgets, not options")
+            try:
+                json.dumps(opts)
+            except TypeError:
+                raise TypeError(f"options for {name!r} must be plain values (numbers, strings, lists): they are "
+                                f"recorded in run.json; got {opts!r}") from None
+        self.data = dict(self.data or {})
+        for name in self.data:
+            if name not in self.tasks:
+                raise ValueError(f"--data names task {name!r}, which this sweep does not run "
+                                 f"({', '.join(self.tasks)})")
+        for value, what in ((self.limit, "limit"), (self.max_new_tokens, "max_new_tokens")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{what} must be an int >= 1 (or None), got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("pick one of load_in_4bit and load_in_8bit")
+        check_device_map(self.device_map)
+        if (self.rank is None) != (self.world_size is None) or (
+                self.rank is not None and not 0 <= self.rank < self.world_size):
+            raise ValueError(f"give both rank and world_size, with 0 <= rank < world_size; got {self.rank!r}, "
+                             f"{self.world_size!r}")
+        self.out = Path(self.out)
+
+    @property
+    def quantization(self) -> str | None:
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
 
 
 @dataclass(frozen=True)
 class Plan:
     """A validated sweep: everything that decides which records exist and what they hold."""
 
-    model: str
+    config: SweepConfig
+    model: dict  # model_identity: the name and the revision or weights fingerprint
     tasks: dict[str, Task]
     data: dict[str, str | None]
     data_files: dict[str, str | None]  # data.fingerprint of each local source
-    methods: list[str]
-    budgets: list[float | int]
-    options: dict[str, dict]
-    limit: int | None
-    seed: int
+    options: dict[str, dict]  # the config's, with the preset's defaults
     max_new_tokens: dict[str, int]
-    dtype: str
-    quantization: str | None
+
+    @property
+    def methods(self) -> list[str]:
+        return self.config.methods
+
+    @property
+    def budgets(self) -> list[float | int]:
+        return self.config.budgets
 
     def cells(self) -> list[tuple[str, float | int | None]]:
         return [(REFERENCE, None)] + [(m, b) for m in self.methods for b in self.budgets]
 
-    def config(self) -> dict:
+    def identity(self) -> dict:
+        """What decides the records: its hash is the run id. A change here (another model
+        revision, other data files, another tokendrop) never resumes into the same records."""
+        c = self.config
         return dict(
-            model=self.model, dtype=self.dtype, quantization=self.quantization,
+            model=self.model, dtype=c.dtype, quantization=c.quantization,
             tasks={t: {"data": self.data[t] or task.hub[0], "data_files": self.data_files[t],
                        "max_new_tokens": self.max_new_tokens[t]} for t, task in self.tasks.items()},
-            methods=self.methods, budgets=self.budgets, options=self.options, limit=self.limit, seed=self.seed,
+            methods=c.methods, budgets=c.budgets, options=self.options, limit=c.limit, seed=c.seed,
             generation="greedy", tokendrop=tokendrop.__version__,
         )
 
 
-def plan_sweep(model_name: str, processor, tasks, methods=None, budgets=DEFAULT_BUDGETS, options=None, data=None,
-               limit=None, seed=0, max_new_tokens=None, dtype="auto", quantization=None) -> Plan:
-    """Check every argument before the model or any data loads; errors name the valid
-    choices. `processor` is the model's, for the methods that read the prompt."""
-    if isinstance(tasks, str) or not tasks:
-        raise TypeError(f"tasks must be a non-empty list of task names ({', '.join(TASKS.names())}), got {tasks!r}")
-    built = {name: build_task(name) for name in tasks}
-    if methods is not None and not isinstance(methods, (list, tuple)):
-        raise TypeError(f"methods must be a list of method names ({', '.join(METHODS.names())}), got {methods!r}")
-    if not isinstance(budgets, (list, tuple)):
-        raise TypeError(f"budgets must be a list of fractions in (0, 1] and/or token counts, e.g. [0.1, 64]; "
-                        f"got {budgets!r}")
-    methods = list(METHODS.names() if methods is None else methods)
-    if REFERENCE in methods:
-        raise ValueError(f"{REFERENCE!r} is the unpatched reference, evaluated in every sweep: leave it out of methods")
-    for name in methods:
-        owners = [t for t, task in TASKS.items() if name in task.methods]
-        if not owners:
-            METHODS.get(name)
-        elif any(t not in owners for t in built):
-            raise ValueError(f"method {name!r} is evaluation-only, offered by the {', '.join(owners)} task; this "
-                             f"sweep also runs {', '.join(t for t in built if t not in owners)}: sweep it separately")
-    budgets = [check_budget(b) for b in budgets]
-    if not budgets or len(set(map(repr, budgets))) != len(budgets):
-        raise ValueError(f"budgets must be a non-empty list without repeats, got {budgets!r}")
-    options = {m: dict(o) for m, o in (options or {}).items()}
-    for name, opts in options.items():
-        if name not in methods:
-            raise ValueError(f"options given for method {name!r}, which this sweep does not run ({', '.join(methods)})")
-        if "budget" in opts:
-            raise ValueError(f"options for {name!r}: the budget is swept; set it with budgets, not options")
-        try:
-            json.dumps(opts)
-        except TypeError:
-            raise TypeError(f"options for {name!r} must be plain values (numbers, strings, lists): they are "
-                            f"recorded in run.json; got {opts!r}") from None
-    for name in methods:
-        for budget in budgets:
+def plan_sweep(config: SweepConfig, processor, model: nn.Module | None = None) -> Plan:
+    """Check what needs the processor (every method built at every budget) and fix what the
+    run's identity holds: the model's revision or weights, the data files. `model`: a loaded
+    model, when the sweep was given one."""
+    options = with_preset_defaults(config.model, config.methods, config.options)  # a preset's, for a preset name
+    built = {name: build_task(name) for name in config.tasks}
+    for name in config.methods:
+        for budget in config.budgets:
             cell_method(built.values(), name, budget, processor, options.get(name, {}))
-    data = dict(data or {})
-    for name in data:
-        if name not in built:
-            raise ValueError(f"--data names task {name!r}, which this sweep does not run ({', '.join(built)})")
-    for value, what in ((limit, "limit"), (max_new_tokens, "max_new_tokens")):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{what} must be an int >= 1 (or None), got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    sources = {t: _source(data.get(t)) for t in built}
+    sources = {t: _source(config.data.get(t)) for t in built}
     return Plan(
-        model=model_name, tasks=built, methods=methods, budgets=budgets, options=options, limit=limit, seed=seed,
+        config=config, model=model_identity(config.model, model), tasks=built, options=options,
         data=sources, data_files={t: fingerprint(source) for t, source in sources.items()},
-        max_new_tokens={t: max_new_tokens or task.max_new_tokens for t, task in built.items()},
-        dtype=dtype, quantization=quantization,
+        max_new_tokens={t: config.max_new_tokens or task.max_new_tokens for t, task in built.items()},
     )
+
+
+def model_identity(name: str, model: nn.Module | None = None) -> dict:
+    """What tells one model's weights from another's, cheaply: a preset's committed weights
+    file or its seed, a local checkpoint's files (names, sizes, modification times), a hub
+    checkpoint's commit. Part of the run id: new weights never resume into old records."""
+    from ..presets import PRESETS
+
+    if model is None and name in PRESETS.names():
+        if PRESETS.get(name).get("task"):
+            from ..testbed import WEIGHTS
+
+            return {"name": name, "weights": hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()[:16]}
+        return {"name": name, "weights": "random, seed 0"}
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return {"name": str(path.resolve()), "weights": fingerprint(str(path))}
+    revision = None if model is None else getattr(model.config, "_commit_hash", None)
+    if model is None:
+        from transformers import AutoConfig
+
+        revision = getattr(AutoConfig.from_pretrained(name), "_commit_hash", None)
+    return {"name": name, "revision": revision}
 
 
 def cell_method(tasks, name: str, budget, processor, options: dict):
@@ -169,16 +259,19 @@ def _source(source) -> str | None:
 
 
 def claim_run(out: Path, plan: Plan) -> str:
-    """Create run.json, or check that the one there describes the same sweep; the run id."""
-    config = plan.config()
-    run_id = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-    out.mkdir(parents=True, exist_ok=True)
+    """Create run.json, or check that the one there describes the same sweep; the run id.
+    run.json: {run_id, identity (what the id hashes), provenance (the config as given, date,
+    git revision, versions, device)}."""
+    identity = jsonable(plan.identity())
+    run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        scratch = out / f".run.json.{os.getpid()}"
+        run = dict(run_id=run_id, identity=identity, provenance=provenance(plan.config))
+        scratch.write_text(json.dumps(run, indent=2) + "\n")
+    except OSError as error:
+        raise ValueError(f"cannot write to {out}: {error.strerror or error}; pick a folder you can write") from None
     path = out / "run.json"
-    run = dict(run_id=run_id, config=config, created=datetime.datetime.now().astimezone().isoformat(),
-               versions=dict(tokendrop=tokendrop.__version__, torch=torch.__version__,
-                             transformers=transformers.__version__, python=sys.version.split()[0]))
-    scratch = out / f".run.json.{os.getpid()}"
-    scratch.write_text(json.dumps(run, indent=2) + "\n")
     try:
         os.link(scratch, path)  # atomic create-if-absent: the first process of a launch wins
     except FileExistsError:
@@ -187,12 +280,13 @@ def claim_run(out: Path, plan: Plan) -> str:
         scratch.unlink()
     try:
         existing = json.loads(path.read_text())
-        existing_id, existing_config = existing["run_id"], existing["config"]
+        existing_id, existing_config = existing["run_id"], existing["identity"]
     except (ValueError, TypeError, KeyError):
         raise ValueError(f"{path} is not a sweep's run file (it is empty or cut short): delete {out} to start "
                          "the sweep over, or give it another output directory") from None
     if existing_id != run_id:
-        changed = ", ".join(f"{k}{WHY_CHANGED.get(k.split('.')[-1], '')}" for k in _differences(config, existing_config))
+        changed = ", ".join(f"{k}{WHY_CHANGED.get(k.split('.')[-1], '')}"
+                            for k in _differences(identity, existing_config))
         raise ValueError(
             f"{out} holds run {existing_id}, whose configuration differs in: {changed}. "
             "Resume it with the same arguments, or give this sweep another output directory"
@@ -203,6 +297,8 @@ def claim_run(out: Path, plan: Plan) -> str:
 WHY_CHANGED = {  # what a changed key means, where its name does not say
     "data_files": " (the data changed since the run began: its records would be stale)",
     "tokendrop": " (another tokendrop version: its records may differ)",
+    "revision": " (another revision of the model: its records would be stale)",
+    "weights": " (the model's weights changed: its records would be stale)",
 }
 
 
@@ -220,7 +316,8 @@ def _differences(new: dict, old: dict, prefix: str = "") -> list[str]:
 
 def read_records(out: Path) -> list[dict]:
     """Every complete record of every process."""
-    return [r for path in sorted(out.glob("records.rank*.jsonl")) for r in _parse(path, path.read_text(encoding="utf-8"))]
+    return [r for path in sorted(out.glob("records.rank*.jsonl"))
+            for r in _parse(path, path.read_text(encoding="utf-8"))]
 
 
 RECORD_KEYS = {"task", "method", "budget", "index", "error"}
@@ -272,7 +369,7 @@ class RecordLog:
                 os.replace(scratch, self.path)  # atomic: a kill leaves the old records or the new ones
         self.file = open(self.path, "a", encoding="utf-8")
 
-    def __enter__(self) -> "RecordLog":
+    def __enter__(self) -> RecordLog:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -298,65 +395,59 @@ def _budget_id(budget) -> str | None:
 # --- running --------------------------------------------------------------------------
 
 
-def sweep(model: str | nn.Module, tasks, out: str | Path, *, processor=None, methods=None,
-          budgets=DEFAULT_BUDGETS, options: dict[str, dict] | None = None, data: dict[str, str] | None = None,
-          limit: int | None = None, seed: int = 0, batch_size: int = 1, max_new_tokens: int | None = None,
-          dtype: str = "auto", device_map=None, load_in_4bit: bool = False, load_in_8bit: bool = False,
-          rank: int | None = None, world_size: int | None = None, retry_failed: bool = False,
-          progress: bool = True) -> dict | None:
-    """Evaluate `methods` x `budgets` x `tasks` (plus the unpatched model) and write records,
-    summary and plots to `out`. Returns the summary on the process that writes it (rank 0),
-    None on the others.
-
-    `model`: an embedded preset name, a Hugging Face id or local path, or a loaded
-    LlavaNext model (then pass its `processor`). `methods` defaults to every registered
-    method. `options`: {method: {option: value}}. `data`: {task: local path or hub id}.
-    `limit`: evaluate that many samples per task, the same ones (drawn with `seed`) in every
-    cell. `rank`/`world_size`: this process's shard; by default taken from `accelerate launch`
-    (one process: everything)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if isinstance(model, nn.Module):
+def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -> dict | None:
+    """Evaluate `config.methods` x `config.budgets` x `config.tasks` (plus the unpatched model)
+    and write records, summary and plots to `config.out`. Returns the summary on the process
+    that writes it (rank 0), None on the others. `model`/`processor`: a model already loaded
+    (`config.model` then only names it); by default `config.model` is loaded."""
+    if not isinstance(config, SweepConfig):
+        raise TypeError(f"sweep takes a SweepConfig, e.g. sweep(SweepConfig('testbed', ['testbed'], 'runs/x')); "
+                        f"got {type(config).__name__}")
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a loaded model (or None to load config.model), got {type(model).__name__}")
         if processor is None:
-            raise TypeError("a loaded model needs its processor: sweep(model, ..., processor=processor)")
-        name = getattr(model, "name_or_path", "") or type(model).__name__
+            raise TypeError("a loaded model needs its processor: sweep(config, model=model, processor=processor)")
         handle = model.__dict__.get(ATTRIBUTE)
         if handle is not None:  # its reference cell would not be the unpatched model
             raise ValueError(f"the model is patched ({handle!r}): a sweep patches it itself, cell by cell, and "
                              "runs it unpatched for the reference. Call tokendrop.unpatch(model) first")
-    elif isinstance(model, str):
-        name = model
     else:
-        raise TypeError(f"model must be a preset name, a Hugging Face id/path or a loaded model, got {type(model).__name__}")
-    quantization = "4bit" if load_in_4bit else "8bit" if load_in_8bit else None
-    if isinstance(model, str):
-        processor = load_processor(model)  # small, and some methods need it to validate their options
-        options = with_preset_defaults(model, METHODS.names() if methods is None else methods, options or {})
-    plan = plan_sweep(name, processor, tasks, methods, budgets, options, data, limit, seed, max_new_tokens, dtype,
-                      quantization)
-    rank, world_size, state = _shard(rank, world_size)
+        check_model_name(config.model)
+        processor = load_processor(config.model)  # small, and some methods need it to validate their options
+    plan = plan_sweep(config, processor, model)
+    rank, world_size, state = _shard(config.rank, config.world_size)
     subsets, samples = {}, {}
     for task_name, task in plan.tasks.items():  # data problems surface before the model loads
         source = plan.data[task_name] or task.hub[0]
         rows, image_of = task.load(plan.data[task_name])
         if len(rows) == 0:
             raise ValueError(f"{task_name}: {source} holds no rows: point --data {task_name}=... at the data")
-        subsets[task_name] = subset(len(rows), plan.limit, plan.seed)
+        subsets[task_name] = subset(len(rows), config.limit, config.seed)
         mine = subsets[task_name][rank::world_size]
         samples[task_name] = [_sample(task, source, rows[i], i, image_of) for i in mine]
-    out = Path(out)
+    out = config.out
     claim_run(out, plan)
-    with _locked(out, rank), RecordLog(out, rank, retry_failed) as log:
-        if isinstance(model, str):
+    show = config.progress and rank == 0
+    with _locked(out, rank), RecordLog(out, rank, config.retry_failed) as log:
+        done = {key(r["task"], r["method"], r["budget"], r["index"]) for r in read_records(out)}
+        total = sum(len(samples[t]) for t in plan.tasks) * len(plan.cells())
+        finished = sum(1 for t in plan.tasks for m, b in plan.cells() for s in samples[t]
+                       if key(t, m, b, s.index) in done)
+        if finished and show:
+            print(f"resuming: {finished} of {total} records done", flush=True)
+        if model is None:
+            device_map = config.device_map
             if state is not None and device_map is None:
                 device_map = {"": state.device}  # data-parallel: a whole model per process
-            model = load_model(model, dtype, device_map, load_in_4bit, load_in_8bit)
-        done = {key(r["task"], r["method"], r["budget"], r["index"]) for r in read_records(out)}
+            model = load_model(config.model, config.dtype, device_map, config.load_in_4bit, config.load_in_8bit,
+                               config.attn_implementation)
+        overall = tqdm(total=total, initial=finished, desc="sweep", unit="sample", disable=not show, position=0)
         for task_name, task in plan.tasks.items():
             for method, budget in plan.cells():
                 pending = [s for s in samples[task_name] if key(task_name, method, budget, s.index) not in done]
-                _run_cell(model, processor, task, plan, method, budget, pending, batch_size, log,
-                          progress and rank == 0)
+                _run_cell(model, processor, task, plan, method, budget, pending, log, show, overall)
+        overall.close()
     if state is not None:
         state.wait_for_everyone()
     if rank != 0:
@@ -374,7 +465,8 @@ def _sample(task: Task, source: str, row: dict, index: int, image_of) -> Sample:
 
 
 def _shard(rank, world_size):
-    """(rank, world_size, accelerate state or None): explicit, or from `accelerate launch`."""
+    """(rank, world_size, accelerate state or None): explicit (checked by SweepConfig), or from
+    `accelerate launch`."""
     if rank is None and world_size is None:
         from accelerate import PartialState
 
@@ -382,17 +474,19 @@ def _shard(rank, world_size):
         cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
         state = PartialState(cpu=cpu)
         return state.process_index, state.num_processes, state if state.num_processes > 1 else None
-    if rank is None or world_size is None or not 0 <= rank < world_size:
-        raise ValueError(f"give both rank and world_size, with 0 <= rank < world_size; got {rank!r}, {world_size!r}")
     return rank, world_size, None
 
 
 def _run_cell(model, processor, task: Task, plan: Plan, method: str, budget, pending: list[Sample],
-              batch_size: int, log: RecordLog, show: bool) -> None:
-    label = f"{task.name} {method}" + ("" if budget is None else f" {budget}")
-    bar = tqdm(total=len(pending), desc=label, disable=not show or not pending, leave=True)
+              log: RecordLog, show: bool, overall) -> None:
+    label = f"{task.name} {method}" + ("" if budget is None else f" budget {budget}")
+    if not pending:
+        return
+    overall.set_description(f"sweep: {label}")
+    bar = tqdm(total=len(pending), desc=label, disable=not show, leave=False, position=1)
     patching = nullcontext() if method == REFERENCE else tokendrop.patched(
         model, cell_method([task], method, budget, processor, plan.options.get(method, {})))
+    batch_size = plan.config.batch_size
     with patching as handle:
         for start in range(0, len(pending), batch_size):
             for record in run_batch(model, processor, task, pending[start : start + batch_size], handle,
@@ -401,6 +495,7 @@ def _run_cell(model, processor, task: Task, plan: Plan, method: str, budget, pen
                 if record["error"] is not None:
                     bar.write(f"{label}: sample {record['id']} failed: {record['error']}")
                 bar.update(1)
+                overall.update(1)
     bar.close()
 
 
@@ -504,21 +599,16 @@ def format_summary(summary: dict) -> str:
     """The summary as one plain-text table per task."""
     blocks = []
     header = ("method", "budget", "n", "failed", "missing", "score", "% unpatched", "tokens kept %")
-    tasks = dict.fromkeys(r["task"] for r in summary["cells"])
-    for task in tasks:
+    for task in dict.fromkeys(r["task"] for r in summary["cells"]):
         rows = [r for r in summary["cells"] if r["task"] == task]
-        lines = [header] + [(
-            r["method"], "-" if r["budget"] is None else str(r["budget"]), str(r["n"]), str(r["failed"]),
-            str(r["missing"]), _fmt(r["score"]), _fmt(r["pct_of_unpatched"], "{:.1f}"), _fmt(r["kept_pct"], "{:.1f}"),
-        ) for r in rows]
-        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-        table = "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
-        blocks.append(f"{task} ({rows[0]['metric']})\n{table}")
+        lines = [(r["method"], r["budget"], r["n"], r["failed"], r["missing"], _fmt(r["score"]),
+                  _fmt(r["pct_of_unpatched"], "{:.1f}"), _fmt(r["kept_pct"], "{:.1f}")) for r in rows]
+        blocks.append(text_table(header, lines, title=f"{task} ({rows[0]['metric']})"))
     return "\n\n".join(blocks)
 
 
-def _fmt(value, pattern="{:.2f}") -> str:
-    return "-" if value is None else pattern.format(value)
+def _fmt(value, pattern="{:.2f}") -> str | None:
+    return None if value is None else pattern.format(value)
 
 
 def plot(folder: Path, rows: list[dict]) -> None:
@@ -544,66 +634,3 @@ def plot(folder: Path, rows: list[dict]) -> None:
         axes.grid(alpha=0.3)
         axes.legend()
         figure.savefig(folder / f"{task}.png", dpi=120)
-
-
-# --- command line ---------------------------------------------------------------------
-
-
-def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `sweep` on an argparse subparsers object."""
-    help = "evaluate methods x budgets x tasks on a model: records, summary table and plots"
-    parser = subparsers.add_parser("sweep", help=help, description=help)
-    parser.add_argument("--model", required=True,
-                        help=f"a Hugging Face id or local path of a LlavaNext checkpoint, or a preset "
-                             f"({', '.join(PRESETS.names())}; testbed is trained for --tasks testbed)")
-    parser.add_argument("--tasks", nargs="+", required=True, choices=TASKS.names())
-    parser.add_argument("--out", required=True, type=Path, help="output directory; rerun into it to resume")
-    parser.add_argument("--methods", nargs="+", choices=METHODS.names() + TASK_METHODS,
-                        help="default: every registered method; oracle (testbed only, evaluation only) keeps the "
-                             "queried object's tokens first")
-    parser.add_argument("--budgets", nargs="+", type=budget, default=list(DEFAULT_BUDGETS),
-                        help="fractions in (0, 1], or token counts per image (integers without a dot)")
-    parser.add_argument("--option", dest="options", action="append", type=method_option, default=[],
-                        metavar="METHOD.OPTION=VALUE", help="a method option, e.g. hired.alpha=0.3; repeatable")
-    parser.add_argument("--data", action="append", type=key_value, default=[], metavar="TASK=PATH",
-                        help="a local copy (parquet, save_to_disk, JSONL) or hub id for a task; repeatable")
-    parser.add_argument("--limit", type=positive_int, help="samples per task, drawn with --seed (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=positive_int, default=1)
-    parser.add_argument("--max-new-tokens", type=positive_int, help="default: per task (16; custom 32)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="auto")
-    parser.add_argument("--device-map", help='passed to from_pretrained, e.g. auto, cpu, cuda:0 (default: auto with a GPU)')
-    quantize = parser.add_mutually_exclusive_group()
-    quantize.add_argument("--load-in-4bit", action="store_true")
-    quantize.add_argument("--load-in-8bit", action="store_true")
-    parser.add_argument("--retry-failed", action="store_true", help="run failed samples again instead of keeping their error")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(run=run_command)
-    return parser
-
-
-def run_command(args) -> None:
-    options = grouped(args.options)
-    summary = sweep(
-        args.model, args.tasks, args.out, methods=args.methods, budgets=args.budgets, options=options,
-        data=dict(args.data), limit=args.limit, seed=args.seed, batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, dtype=args.dtype, device_map=args.device_map,
-        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, retry_failed=args.retry_failed,
-        progress=not args.no_progress,
-    )
-    if summary is not None:  # the process that merged
-        print(format_summary(summary))
-        print(f"\nrecords, summary.json, summary.csv and plots/ in {args.out}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m tokendrop.eval.sweep ...`, the same as `tokendrop sweep ...`."""
-    parser = argparse.ArgumentParser(prog="tokendrop")
-    add_sweep_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
-    args.run(args)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

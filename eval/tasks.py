@@ -9,9 +9,10 @@ points a task at a local copy (see `tokendrop.eval.data` for the layouts read).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from PIL import Image
 

@@ -54,7 +54,8 @@ def testbed_sample(split: str, index: int, seed: int = 0) -> dict:
     check_count("seed", seed)
     rng = np.random.default_rng([SPLITS.index(split), seed, index])
     n = int(rng.integers(OBJECTS[0], OBJECTS[1] + 1))
-    pairs = list(zip((str(c) for c in rng.permutation(list(COLOURS))[:n]), (str(s) for s in rng.permutation(SHAPES)[:n])))
+    colours, shapes = rng.permutation(list(COLOURS))[:n], rng.permutation(SHAPES)[:n]
+    pairs = list(zip((str(c) for c in colours), (str(s) for s in shapes)))
     image, boxes = render(pairs, rng)
     colour, shape = pairs[0]
     return dict(
@@ -165,7 +166,7 @@ def chance_accuracy(train: list[dict], test: list[dict]) -> float:
     return sum(score(guess.get(s["question"], overall), s["answer"]) for s in test) / len(test)
 
 
-def evaluate(model, processor, samples: list[dict], batch_size: int = 32, oracle: "Oracle | None" = None) -> dict:
+def evaluate(model, processor, samples: list[dict], batch_size: int = 32, oracle: Oracle | None = None) -> dict:
     """Greedy answers to `samples` in left-padded batches: accuracy in percent and the
     predictions. `oracle`: the Oracle the model is patched with, given each batch's targets."""
     predictions = []
@@ -224,7 +225,7 @@ class Oracle(Method):
     targets: list = field(default_factory=list, repr=False)
     layer: int = field(init=False, default=-2, repr=False)
 
-    def resolve(self, adapter) -> "Oracle":
+    def resolve(self, adapter) -> Oracle:
         self.layer = adapter.feature_layer
         return self
 

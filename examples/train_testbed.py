@@ -44,8 +44,17 @@ from transformers import LlavaNextForConditionalGeneration
 
 import tokendrop
 from tokendrop.eval.testbed import (
-    COLOURS, SHAPES, SIZE, TILE, Oracle, chance_accuracy, evaluate, object_features, questions_about,
-    testbed_sample, testbed_samples,
+    COLOURS,
+    SHAPES,
+    SIZE,
+    TILE,
+    Oracle,
+    chance_accuracy,
+    evaluate,
+    object_features,
+    questions_about,
+    testbed_sample,
+    testbed_samples,
 )
 from tokendrop.method import Method
 from tokendrop.presets import build_config, build_processor
@@ -364,8 +373,8 @@ def main() -> None:
 def model_card(model, args, vision: dict, vision_s: float, language_s: float, results: dict) -> str:
     tower = sum(p.numel() for p in model.model.vision_tower.parameters())
     total = sum(p.numel() for p in model.parameters())
-    command = " ".join(["python examples/train_testbed.py", *(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                                                             if k != "out")])
+    flags = (f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+    command = " ".join(["python examples/train_testbed.py", *flags])
     return f"""# The tokendrop testbed model
 
 A tiny LLaVA-NeXT (`LlavaNextForConditionalGeneration`: a CLIP vision tower with a CLS token,

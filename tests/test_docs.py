@@ -26,3 +26,25 @@ def test_quickstart_example_runs_offline():
     assert result.returncode == 0, result.stderr
     assert "budget 1.0: kept 180/180 visual tokens" in result.stdout
     assert "budget 0.2: kept 36/180 visual tokens" in result.stdout
+
+
+def test_readme_first_snippet_runs_as_written(tmp_path):
+    """The README's first code block, run as it is written, with two literals replaced: the hub
+    id by a checkpoint of the tiny preset saved here, the image URL by a local image."""
+    import re
+
+    from tokendrop.presets import build_preset, synthetic_image
+
+    snippet = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    model, processor = build_preset("tiny")
+    model.save_pretrained(tmp_path / "checkpoint")
+    processor.save_pretrained(tmp_path / "checkpoint")
+    synthetic_image(200, 150).save(tmp_path / "view.jpg")
+    hub_id, = re.findall(r'model_id = "([^"]+)"', snippet)
+    url, = re.findall(r'load_image\("([^"]+)"\)', snippet)
+    snippet = snippet.replace(hub_id, str(tmp_path / "checkpoint")).replace(url, str(tmp_path / "view.jpg"))
+    scope = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert len(scope["answers"]) == 1 and isinstance(scope["answers"][0], str)
+    assert scope["handle"].last[0].n_kept == int(0.2 * scope["handle"].last[0].n_before)
+    assert not hasattr(scope["model"], "_tokendrop_handle")  # unpatched at the end

@@ -143,7 +143,8 @@ def test_generate_until_answers_in_batches_as_one_by_one(api):
     with tokendrop.patched(model, "hired", budget=0.25, alpha=0.25):
         for i, request in enumerate(reqs):
             doc = task_dict["shapes"]["test"][i]
-            expected += generate_answers(model, processor, [[doc["image"]]], [request.args[0]], 2 + i % 2)
+            expected += generate_answers(model, processor, [[doc["image"]]], [request.args[0]], 2 + i % 2,
+                                         stop_strings=["ASSISTANT:"])
     assert answers["1"] == expected
 
 
@@ -162,7 +163,8 @@ def test_method_none_is_the_unpatched_model(api):
 
 
 def test_bad_model_args_fail_before_the_model_loads(api):
-    from tokendrop.eval.lmms import LlavaHfTokendrop, cut
+    from tokendrop.eval.generation import cut
+    from tokendrop.eval.lmms import LlavaHfTokendrop
 
     for kwargs, message in [
         (dict(method="hired", alpah=0.5), "no option 'alpah'"),
@@ -177,3 +179,44 @@ def test_bad_model_args_fail_before_the_model_loads(api):
     with pytest.raises(NotImplementedError, match="generation tasks"):
         lm.loglikelihood([])
     assert cut("yes ASSISTANT: no", ["ASSISTANT:"]) == "yes " and cut("yes", []) == "yes"
+
+
+def test_until_stops_generation_and_requests_are_batched_longest_first(api, monkeypatch):
+    """lmms-eval's `until` reaches `generate` as stop_strings (with the tokenizer), instead of
+    a long generation cut afterwards; each batch holds prompts of similar length."""
+    from tokendrop.eval.lmms import LlavaHfTokendrop
+
+    _, Instance, _ = api
+    task_dict, reqs = requests(Instance, lambda i: {"until": ["\n\n", "ASSISTANT:"], "max_new_tokens": 3})
+    reqs = [Instance("generate_until", ("Q" * (10 * i + 1),) + r.args[1:], i) for i, r in enumerate(reqs)]
+    lm = LlavaHfTokendrop(pretrained="tiny", method="random", budget=4, batch_size=2)
+    lm.task_dict = task_dict
+    calls, real = [], lm.model.generate
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["input_ids"].shape[0], kwargs.get("stop_strings"), kwargs.get("tokenizer")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm.model, "generate", spy)
+    answers = lm.generate_until(reqs)
+    assert len(answers) == len(reqs) and all(isinstance(a, str) for a in answers)
+    assert all(stops == ["\n\n", "ASSISTANT:"] and tokenizer is lm.processor.tokenizer for _, stops, tokenizer in calls)
+    assert [n for n, _, _ in calls] == [2, 2, 1]
+
+
+def test_a_broken_lmms_eval_shows_its_own_import_error(monkeypatch, tmp_path):
+    """lmms-eval installed, one of its dependencies missing: the message names that dependency."""
+    package = tmp_path / "lmms_eval"
+    (package / "api").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "api" / "__init__.py").write_text("")
+    (package / "api" / "model.py").write_text("import a_dependency_that_is_missing\n")
+    for name in [m for m in sys.modules if m == "lmms_eval" or m.startswith("lmms_eval.")] + ["tokendrop.eval.lmms"]:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError, match="lmms-eval is installed, but importing it failed: No module named "
+                                          "'a_dependency_that_is_missing'") as info:
+        importlib.import_module("tokendrop.eval.lmms")
+    assert info.value.__cause__.name == "a_dependency_that_is_missing"
+    for name in [m for m in sys.modules if m == "lmms_eval" or m.startswith("lmms_eval.")]:
+        monkeypatch.delitem(sys.modules, name, raising=False)

@@ -8,10 +8,10 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import tokendrop
+from tokendrop import profile_grid
 from tokendrop.cli import main
 from tokendrop.presets import synthetic_image
-from tokendrop import profile_grid
-from tokendrop.profile_grid import REFERENCE, format_table, profile
+from tokendrop.profile_grid import REFERENCE, ProfileConfig, format_table, profile
 from tokendrop.profiling import measure_generate, peak_memory
 
 
@@ -28,8 +28,8 @@ def one_image(tiny):
 def test_profile_records_are_complete_and_consistent(tiny, tmp_path):
     model, processor = tiny
     images = [synthetic_image(672, 672), synthetic_image(100, 60, seed=1)]
-    rows = profile(model, processor, ["hired", "uniform"], [1.0, 0.25], [1, 2], images, max_new_tokens=3,
-                   repeats=2, warmup=0, out=tmp_path, progress=False)
+    rows = profile(model, processor, images, ProfileConfig(["hired", "uniform"], [1.0, 0.25], [1, 2], max_new_tokens=3,
+                                                           repeats=2, warmup=0, out=tmp_path, progress=False))
     assert [(r["method"], r["budget"], r["batch_size"]) for r in rows] == [
         (REFERENCE, None, 1), (REFERENCE, None, 2),
         *[(m, b, n) for n in (1, 2) for m in ("hired", "uniform") for b in (1.0, 0.25)],
@@ -55,7 +55,9 @@ def test_profile_records_are_complete_and_consistent(tiny, tmp_path):
                 r["kv_cache_bytes"] for r in rows if r["method"] == REFERENCE and r["batch_size"] == row["batch_size"])
     saved = json.loads((tmp_path / "profile.json").read_text())
     assert saved["cells"] == json.loads(json.dumps(rows))
-    assert {"device", "versions", "dtype", "quantization", "attn_implementation", "images"} <= saved["provenance"].keys()
+    assert {"date", "git", "device", "versions", "model", "config", "images"} <= saved["provenance"].keys()
+    assert {"dtype", "quantization", "attn_implementation"} <= saved["provenance"]["model"].keys()
+    assert saved["provenance"]["config"]["budgets"] == [1.0, 0.25]
     assert saved["provenance"]["images"][0]["grid"] == [2, 2]
     assert (tmp_path / "profile.csv").read_text().count("\n") == len(rows) + 1
     assert (tmp_path / "profile.png").stat().st_size > 10_000
@@ -83,8 +85,9 @@ def test_oom_and_errors_are_recorded_and_the_grid_goes_on(tiny, monkeypatch):
         return real(model, method, budget=budget, **options)
 
     monkeypatch.setattr(profile_grid, "patched", failing)
-    rows = profile(model, processor, ["hired", "random"], [0.5, 0.2], [1], [synthetic_image(90, 60)],
-                   max_new_tokens=2, repeats=1, warmup=0, progress=False)
+    rows = profile(model, processor, [synthetic_image(90, 60)],
+                   ProfileConfig(["hired", "random"], [0.5, 0.2], [1], max_new_tokens=2, repeats=1, warmup=0,
+                                 progress=False))
     status = {(r["method"], r["budget"]): (r["status"], r["error"]) for r in rows}
     assert status[("hired", 0.5)] == ("oom", "CUDA out of memory. Tried to allocate 2.00 GiB")
     assert status[("random", 0.2)] == ("error", "RuntimeError: something else broke")
@@ -99,8 +102,10 @@ def table_rows(output: str) -> list[list[str]]:
     return [line.split() for line in lines[start:] if line.split() and line.split()[0] in ("none", "hired")]
 
 
-def test_demo_is_a_profile_preset(capsys):
-    assert main(["demo", "--preset", "tiny", "--budgets", "1.0", "0.4", "0.1", "16", "--max-new-tokens", "2"]) == 0
+def test_demo_of_a_random_preset_is_a_profile(capsys, tmp_path):
+    assert main(["demo", "--preset", "tiny", "--methods", "hired", "--budgets", "1.0", "0.4", "0.1", "16",
+                 "--max-new-tokens", "2", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "profile" / "profile.json").is_file()
     output = capsys.readouterr().out
     assert "random weights" in output
     rows = table_rows(output)
@@ -110,10 +115,10 @@ def test_demo_is_a_profile_preset(capsys):
     assert after[0] == after[1] > after[2] > after[3] and prompt[1] > prompt[2] > prompt[3]
 
 
-@pytest.mark.parametrize("bad", [["--budgets", "0"], ["--budgets", "1.5"], ["--image-size", "672"], ["--method", "x"]])
-def test_demo_rejects_bad_arguments(bad):
+@pytest.mark.parametrize("bad", [["--budgets", "0"], ["--budgets", "1.5"], ["--image-size", "672"], ["--methods", "x"]])
+def test_demo_rejects_bad_arguments(bad, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--preset", "tiny", *bad])
+        main(["demo", "--preset", "tiny", "--out", str(tmp_path), *bad])
     assert exit_info.value.code == 2
 
 

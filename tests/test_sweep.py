@@ -13,12 +13,13 @@ import pytest
 import torch
 
 import tokendrop
+from tokendrop.cli import main
 from tokendrop.eval import sweep as sweep_module
 from tokendrop.eval.data import load_rows, open_image, subset
 from tokendrop.eval.generation import generate_answers
-from tokendrop.loading import load_model, load_processor
-from tokendrop.eval.sweep import REFERENCE, main, read_records, sweep
+from tokendrop.eval.sweep import REFERENCE, SweepConfig, read_records, sweep
 from tokendrop.eval.tasks import TASKS, build_task
+from tokendrop.loading import load_model, load_processor
 from tokendrop.method import METHODS
 from tokendrop.presets import synthetic_image
 
@@ -179,8 +180,8 @@ def test_subset_is_fixed_by_the_seed():
 
 def test_sweep_every_task_end_to_end(bench, tmp_path):
     out = tmp_path / "run"
-    summary = sweep("tiny", list(TASKS.names()), out, methods=["hired"], budgets=[0.25, 8],
-                    data={t: str(p) for t, p in bench.items()}, limit=3, batch_size=2, **FAST)
+    summary = sweep(SweepConfig("tiny", list(TASKS.names()), out, methods=["hired"], budgets=[0.25, 8],
+                    data={t: str(p) for t, p in bench.items()}, limit=3, batch_size=2, **FAST))
     records = read_records(out)
     cells = 1 + 2
     assert len(records) == len({key(r) for r in records}) == len(TASKS.names()) * cells * 3
@@ -246,8 +247,8 @@ def test_scores_against_known_answers(tmp_path):
     questions = ["Name it.", "What is this?", "Which color?"]
     predicted = unpatched_answers(questions)
     data = write_custom(tmp_path / "data", questions, [[predicted[0]], [predicted[1], "other"], ["zzz-never"]])
-    summary = sweep("tiny", ["custom"], tmp_path / "run", methods=["hired"], budgets=[1.0, 0.25],
-                    data={"custom": str(data)}, **FAST)
+    summary = sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", methods=["hired"], budgets=[1.0, 0.25],
+                    data={"custom": str(data)}, **FAST))
     rows = {(r["method"], r["budget"]): r for r in summary["cells"]}
     assert rows[(REFERENCE, None)]["score"] == pytest.approx(200 / 3)
     assert rows[("hired", 1.0)]["score"] == pytest.approx(200 / 3)
@@ -264,8 +265,8 @@ def test_a_checkpoint_directory_loads_like_the_preset(tmp_path):
     processor.save_pretrained(tmp_path / "checkpoint")
     data = write_custom(tmp_path / "data", ["Say it.", "Say that."], [["x"]] * 2)
     args = dict(methods=["hired"], budgets=[0.25], data={"custom": str(data)}, **FAST)
-    sweep("tiny", ["custom"], tmp_path / "preset", **args)
-    sweep(str(tmp_path / "checkpoint"), ["custom"], tmp_path / "loaded", **args)
+    sweep(SweepConfig("tiny", ["custom"], tmp_path / "preset", **args))
+    sweep(SweepConfig(str(tmp_path / "checkpoint"), ["custom"], tmp_path / "loaded", **args))
     preset, loaded = read_records(tmp_path / "preset"), read_records(tmp_path / "loaded")
     assert [(key(r), r["prediction"]) for r in preset] == [(key(r), r["prediction"]) for r in loaded]
 
@@ -273,8 +274,8 @@ def test_a_checkpoint_directory_loads_like_the_preset(tmp_path):
 def test_batched_equals_one_by_one_for_every_method(bench, tmp_path):
     runs = {}
     for batch_size in (1, 4):
-        sweep("tiny", ["pope"], tmp_path / f"b{batch_size}", budgets=[0.25], data={"pope": str(bench["pope"])},
-              batch_size=batch_size, **FAST)
+        sweep(SweepConfig("tiny", ["pope"], tmp_path / f"b{batch_size}", budgets=[0.25], data={"pope": str(bench["pope"])},
+              batch_size=batch_size, **FAST))
         runs[batch_size] = {key(r): (r["prediction"], r["kept"]) for r in read_records(tmp_path / f"b{batch_size}")}
     assert runs[1] == runs[4]
     assert {k[1] for k in runs[1]} == {REFERENCE, *METHODS.names()}  # every registered method by default
@@ -284,7 +285,7 @@ def test_batched_equals_one_by_one_for_every_method(bench, tmp_path):
 def test_resume_after_an_interrupted_run(tmp_path, monkeypatch):
     data = write_custom(tmp_path / "data", [f"Say {i}." for i in range(5)], [["x"]] * 5)
     args = dict(methods=["random"], budgets=[0.25, 8], data={"custom": str(data)}, batch_size=2, **FAST)
-    whole = sweep("tiny", ["custom"], tmp_path / "whole", **args)
+    whole = sweep(SweepConfig("tiny", ["custom"], tmp_path / "whole", **args))
     expected = {key(r): r["prediction"] for r in read_records(tmp_path / "whole")}
 
     write = sweep_module.RecordLog.write
@@ -298,14 +299,14 @@ def test_resume_after_an_interrupted_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sweep_module.RecordLog, "write", killed_after_seven)
     with pytest.raises(KeyboardInterrupt):
-        sweep("tiny", ["custom"], tmp_path / "cut", **args)
+        sweep(SweepConfig("tiny", ["custom"], tmp_path / "cut", **args))
     monkeypatch.setattr(sweep_module.RecordLog, "write", write)
     log = tmp_path / "cut" / "records.rank0.jsonl"
     with open(log, "a") as file:  # a kill in the middle of a write
         file.write('{"index": 4, "id": "q4", "predic')
     assert len(read_records(tmp_path / "cut")) == 7
 
-    resumed = sweep("tiny", ["custom"], tmp_path / "cut", **args)
+    resumed = sweep(SweepConfig("tiny", ["custom"], tmp_path / "cut", **args))
     records = read_records(tmp_path / "cut")
     assert {key(r): r["prediction"] for r in records} == expected
     assert len(records) == len(expected)  # no duplicate
@@ -316,13 +317,13 @@ def test_resume_after_an_interrupted_run(tmp_path, monkeypatch):
 def test_a_changed_configuration_is_refused(tmp_path):
     data = write_custom(tmp_path / "data", ["Say it."] * 2, [["x"]] * 2)
     args = dict(methods=["random"], data={"custom": str(data)}, **FAST)
-    sweep("tiny", ["custom"], tmp_path / "run", budgets=[0.25], **args)
+    sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", budgets=[0.25], **args))
     before = (tmp_path / "run" / "run.json").read_text(), read_records(tmp_path / "run")
     with pytest.raises(ValueError, match=r"holds run \w+, whose configuration differs in: budgets\. Resume"):
-        sweep("tiny", ["custom"], tmp_path / "run", budgets=[0.5], **args)
+        sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", budgets=[0.5], **args))
     assert ((tmp_path / "run" / "run.json").read_text(), read_records(tmp_path / "run")) == before
     # what does not change a record (batch size) resumes the same run
-    sweep("tiny", ["custom"], tmp_path / "run", budgets=[0.25], batch_size=2, **args)
+    sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", budgets=[0.25], batch_size=2, **args))
     assert read_records(tmp_path / "run") == before[1]
 
 
@@ -341,7 +342,7 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sweep_module, "generate_answers", out_of_memory_on_too_big)
     args = dict(methods=["random"], budgets=[0.25], data={"custom": str(data)}, **FAST)
-    summary = sweep("tiny", ["custom"], tmp_path / "run", batch_size=4, **args)
+    summary = sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", batch_size=4, **args))
     for row in summary["cells"]:
         assert (row["n"], row["failed"], row["missing"]) == (1, 3, 0)
     errors = {r["index"]: r["error"] for r in read_records(tmp_path / "run")}
@@ -360,8 +361,8 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_module, "generate_answers", real)
     (data.parent / "1.png").write_bytes(good_png)
     pictures()[2].save(data.parent / "2.png")
-    assert sweep("tiny", ["custom"], tmp_path / "run", **args)["cells"][0]["failed"] == 3
-    summary = sweep("tiny", ["custom"], tmp_path / "run", retry_failed=True, **args)
+    assert sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))["cells"][0]["failed"] == 3
+    summary = sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", retry_failed=True, **args))
     assert [(row["n"], row["failed"]) for row in summary["cells"]] == [(4, 0), (4, 0)]
     assert len(read_records(tmp_path / "run")) == 8
 
@@ -369,19 +370,19 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
 def test_shards_merge_into_the_single_process_result(tmp_path):
     data = write_custom(tmp_path / "data", [f"Say {i}." for i in range(5)], [["x"]] * 5)
     args = dict(methods=["hired"], budgets=[0.25], data={"custom": str(data)}, **FAST)
-    single = sweep("tiny", ["custom"], tmp_path / "single", **args)
+    single = sweep(SweepConfig("tiny", ["custom"], tmp_path / "single", **args))
     expected = {key(r): r["prediction"] for r in read_records(tmp_path / "single")}
 
-    assert sweep("tiny", ["custom"], tmp_path / "sharded", rank=1, world_size=2, **args) is None
-    merged = sweep("tiny", ["custom"], tmp_path / "sharded", rank=0, world_size=2, **args)
+    assert sweep(SweepConfig("tiny", ["custom"], tmp_path / "sharded", rank=1, world_size=2, **args)) is None
+    merged = sweep(SweepConfig("tiny", ["custom"], tmp_path / "sharded", rank=0, world_size=2, **args))
     files = [read_records_file(tmp_path / "sharded" / f"records.rank{r}.jsonl") for r in (0, 1)]
     assert {r["index"] for r in files[0]} == {0, 2, 4} and {r["index"] for r in files[1]} == {1, 3}
     assert {key(r): r["prediction"] for r in files[0] + files[1]} == expected
     assert merged["cells"] == single["cells"]
 
     # a shard run alone, then one process: it does only what is left
-    sweep("tiny", ["custom"], tmp_path / "half", rank=0, world_size=2, **args)
-    assert sweep("tiny", ["custom"], tmp_path / "half", **args)["cells"] == single["cells"]
+    sweep(SweepConfig("tiny", ["custom"], tmp_path / "half", rank=0, world_size=2, **args))
+    assert sweep(SweepConfig("tiny", ["custom"], tmp_path / "half", **args))["cells"] == single["cells"]
     assert len(read_records(tmp_path / "half")) == len(expected)
 
 
@@ -393,7 +394,7 @@ def test_two_processes_under_torchrun(tmp_path):
     """Real data parallelism: two CPU processes joined over gloo, one shard each, merged once."""
     data = write_custom(tmp_path / "data", [f"Say {i}." for i in range(4)], [["x"]] * 4)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "tokendrop.eval.sweep", "--model", "tiny", "--tasks", "custom", "--data", f"custom={data}",
+               "-m", "tokendrop", "sweep", "--model", "tiny", "--tasks", "custom", "--data", f"custom={data}",
                "--methods", "random", "--budgets", "0.25", "--max-new-tokens", "2", "--out", str(tmp_path / "run"),
                "--no-progress"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -427,22 +428,24 @@ def test_bad_arguments_fail_before_anything_is_written(tmp_path):
     ]
     for kwargs, error, message in bad:
         with pytest.raises(error, match=message):
-            sweep("tiny", out=out, **kwargs)
+            sweep(SweepConfig("tiny", out=out, **kwargs))
     assert not out.exists()
     with pytest.raises(TypeError, match="needs its processor"):
-        sweep(torch.nn.Linear(1, 1), ["textvqa"], out)
+        sweep(SweepConfig("loaded", ["textvqa"], out), model=torch.nn.Linear(1, 1))
+    with pytest.raises(TypeError, match="model must be a preset name"):
+        SweepConfig(torch.nn.Linear(1, 1), ["textvqa"], out)
 
 
 def test_command_line(tmp_path, capsys):
     data = write_custom(tmp_path / "data", ["Say it.", "Say that."], [["x"]] * 2)
-    assert main(["--model", "tiny", "--tasks", "custom", "--data", f"custom={data}", "--methods", "hired", "random",
+    assert main(["sweep", "--model", "tiny", "--tasks", "custom", "--data", f"custom={data}", "--methods", "hired", "random",
                  "--budgets", "0.5", "4", "--option", "hired.alpha=0.25", "--option", "random.seed=3",
                  "--out", str(tmp_path / "run"), "--max-new-tokens", "2", "--no-progress"]) == 0
     output = capsys.readouterr().out
     assert "custom (accuracy)" in output and "hired" in output and "summary.json" in output
-    config = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    config = json.loads((tmp_path / "run" / "run.json").read_text())["provenance"]["config"]
     assert config["budgets"] == [0.5, 4] and config["options"] == {"hired": {"alpha": 0.25}, "random": {"seed": 3}}
     for bad in (["--budgets", "0"], ["--option", "alpha=0.3"], ["--tasks", "nope"], ["--data", "custom"], ["--limit", "0"]):
         with pytest.raises(SystemExit) as exit_info:
-            main(["--model", "tiny", "--tasks", "custom", "--out", str(tmp_path / "x"), *bad])
+            main(["sweep", "--model", "tiny", "--tasks", "custom", "--out", str(tmp_path / "x"), *bad])
         assert exit_info.value.code == 2

@@ -10,10 +10,9 @@ import threading
 import pytest
 
 import tokendrop
-from tokendrop.eval import sweep as sweep_module
-from tokendrop.eval.sweep import REFERENCE, RecordLog, read_records, sweep
-
 from test_sweep import FAST, key, tiny_model, write_custom
+from tokendrop.eval import sweep as sweep_module
+from tokendrop.eval.sweep import REFERENCE, RecordLog, SweepConfig, read_records, sweep
 
 
 def custom(tmp_path, n=2, answers=None):
@@ -66,23 +65,23 @@ def test_a_kill_while_rewriting_the_records_loses_none(tmp_path, monkeypatch):
 
 def test_resume_refuses_records_of_changed_data(tmp_path, monkeypatch):
     args, data = custom(tmp_path)
-    sweep("tiny", ["custom"], tmp_path / "run", **args)
+    sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))
     before = read_records(tmp_path / "run")
     data.write_text(data.read_text().replace('"x"', '"y"'))  # same path and size, other answers
     with pytest.raises(ValueError, match=r"differs in: tasks\.custom\.data_files \(the data changed"):
-        sweep("tiny", ["custom"], tmp_path / "run", **args)
+        sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))
     assert read_records(tmp_path / "run") == before
-    sweep("tiny", ["custom"], tmp_path / "fresh", **args)
+    sweep(SweepConfig("tiny", ["custom"], tmp_path / "fresh", **args))
 
     monkeypatch.setattr(tokendrop, "__version__", "0.0.1")
     with pytest.raises(ValueError, match=r"differs in: .*tokendrop \(another tokendrop version"):
-        sweep("tiny", ["custom"], tmp_path / "fresh", **args)
+        sweep(SweepConfig("tiny", ["custom"], tmp_path / "fresh", **args))
 
 
 def test_int_and_float_budgets_stay_apart(tmp_path):
     args, _ = custom(tmp_path)
     args["budgets"] = [1, 1.0]  # one token; all tokens
-    summary = sweep("tiny", ["custom"], tmp_path / "run", **args)
+    summary = sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))
     assert [(c["method"], c["budget"], type(c["budget"]), c["n"]) for c in summary["cells"]] == [
         (REFERENCE, None, type(None), 2), ("random", 1, int, 2), ("random", 1.0, float, 2)]
     one, whole = summary["cells"][1:]
@@ -91,7 +90,7 @@ def test_int_and_float_budgets_stay_apart(tmp_path):
     assert sorted(type(r["budget"]).__name__ for r in records) == ["NoneType"] * 2 + ["float"] * 2 + ["int"] * 2
     assert {r["kept"] for r in records if r["budget"] == 1 and isinstance(r["budget"], int)} == {1}
 
-    sweep("tiny", ["custom"], tmp_path / "run", **args)  # resumes: nothing left to do
+    sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))  # resumes: nothing left to do
     assert read_records(tmp_path / "run") == records
     with open(tmp_path / "run" / "summary.csv") as file:
         assert [row["budget"] for row in csv.DictReader(file)] == ["", "1", "1.0000"]
@@ -111,7 +110,7 @@ def test_a_second_sweep_into_the_same_directory_fails_at_once(tmp_path, monkeypa
 
     def run_first():
         try:
-            sweep("tiny", ["custom"], out, rank=0, world_size=2, **args)
+            sweep(SweepConfig("tiny", ["custom"], out, rank=0, world_size=2, **args))
         except BaseException as error:
             errors.append(error)
 
@@ -121,8 +120,8 @@ def test_a_second_sweep_into_the_same_directory_fails_at_once(tmp_path, monkeypa
     try:
         assert started.wait(timeout=120)
         with pytest.raises(ValueError, match=r"another sweep is writing .*records\.rank0\.jsonl.*another output"):
-            sweep("tiny", ["custom"], out, rank=0, world_size=2, **args)
-        assert sweep("tiny", ["custom"], out, rank=1, world_size=2, **args) is None  # a data-parallel peer
+            sweep(SweepConfig("tiny", ["custom"], out, rank=0, world_size=2, **args))
+        assert sweep(SweepConfig("tiny", ["custom"], out, rank=1, world_size=2, **args)) is None  # a data-parallel peer
     finally:
         release.set()
         first.join()
@@ -136,7 +135,7 @@ def test_a_model_the_user_patched_is_refused(tmp_path):
     model, processor = tiny_model()
     handle = tokendrop.patch(model, "random", budget=0.25)
     with pytest.raises(ValueError, match=r"model is patched .*tokendrop\.unpatch\(model\)"):
-        sweep(model, ["custom"], tmp_path / "run", processor=processor, **args)
+        sweep(SweepConfig("loaded", ["custom"], tmp_path / "run", **args), model=model, processor=processor)
     assert model._tokendrop_handle is handle and not (tmp_path / "run").exists()
 
 
@@ -146,7 +145,7 @@ def test_an_image_that_is_not_a_regular_file_fails_its_sample(tmp_path):
     fifo.unlink()
     os.mkfifo(fifo)
     done = []
-    running = threading.Thread(target=lambda: done.append(sweep("tiny", ["custom"], tmp_path / "run", **args)),
+    running = threading.Thread(target=lambda: done.append(sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))),
                                daemon=True)
     running.start()
     running.join(timeout=90)
@@ -176,13 +175,13 @@ def test_empty_data_and_empty_answers_fail_before_the_model_loads(tmp_path, no_m
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match=r"empty\.jsonl holds no rows"):
-        sweep("tiny", ["custom"], tmp_path / "run", **dict(args, data={"custom": str(empty)}))
+        sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **dict(args, data={"custom": str(empty)})))
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     for bad in ({"answer": ""}, {"answers": []}, {"answers": ["", " "]}, {"answers": "x"}):
         row = {k: v for k, v in rows[1].items() if k not in ("answer", "answers")} | bad
         data.write_text("".join(json.dumps(r) + "\n" for r in (rows[0], row, rows[2])))
         with pytest.raises(ValueError, match=r"data\.jsonl: custom row 1: .*answer"):
-            sweep("tiny", ["custom"], tmp_path / "run", **args)
+            sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))
 
 
 def test_broken_input_names_the_file_and_line(tmp_path, no_model_load):
@@ -190,34 +189,34 @@ def test_broken_input_names_the_file_and_line(tmp_path, no_model_load):
     rows = data.read_text().splitlines()
     data.write_text("\n".join([rows[0], '["a list", "not a row"]', rows[2]]) + "\n")
     with pytest.raises(ValueError, match=r"data\.jsonl, line 2: expected a JSON object"):
-        sweep("tiny", ["custom"], tmp_path / "run", **args)
+        sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))
     data.write_text("\n".join([rows[0], json.dumps({"image": "1.png", "answer": "x"}), rows[2]]) + "\n")
     with pytest.raises(ValueError, match=r"data\.jsonl: custom row 1: no `question`"):
-        sweep("tiny", ["custom"], tmp_path / "run", **args)
+        sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))
 
 
 def test_broken_run_files_say_how_to_recover(tmp_path):
     args, _ = custom(tmp_path, n=3)
     out = tmp_path / "run"
-    sweep("tiny", ["custom"], out, **args)
+    sweep(SweepConfig("tiny", ["custom"], out, **args))
     log = out / "records.rank0.jsonl"
     good = log.read_text()
     lines = good.splitlines(keepends=True)
     log.write_text(lines[0] + "garbage\n" + "".join(lines[1:]))
-    for call in (lambda: read_records(out), lambda: sweep("tiny", ["custom"], out, **args)):
+    for call in (lambda: read_records(out), lambda: sweep(SweepConfig("tiny", ["custom"], out, **args))):
         with pytest.raises(ValueError, match=r"records\.rank0\.jsonl, line 2: not a record.*delete that line"):
             call()
     log.write_text(good)
     for text in ("", "{}", "[1]"):
         (out / "run.json").write_text(text)
         with pytest.raises(ValueError, match=r"run\.json is not a sweep's run file.*delete"):
-            sweep("tiny", ["custom"], out, **args)
+            sweep(SweepConfig("tiny", ["custom"], out, **args))
 
 
 def test_arguments_of_the_wrong_type_say_what_was_expected(tmp_path):
     with pytest.raises(TypeError, match=r"methods must be a list of method names.*got 'hired'"):
-        sweep("tiny", ["textvqa"], tmp_path / "run", methods="hired")
+        sweep(SweepConfig("tiny", ["textvqa"], tmp_path / "run", methods="hired"))
     with pytest.raises(TypeError, match=r"budgets must be a list .*got 0\.5"):
-        sweep("tiny", ["textvqa"], tmp_path / "run", budgets=0.5)
+        sweep(SweepConfig("tiny", ["textvqa"], tmp_path / "run", budgets=0.5))
     assert not (tmp_path / "run").exists()
 

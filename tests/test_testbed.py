@@ -16,7 +16,7 @@ import tokendrop
 from tokendrop import testbed as testbed_model
 from tokendrop.cli import main
 from tokendrop.eval import testbed
-from tokendrop.eval.sweep import sweep
+from tokendrop.eval.sweep import SweepConfig, sweep
 from tokendrop.presets import build_preset, build_processor
 from tokendrop.selection import keep_count
 
@@ -138,8 +138,8 @@ def test_loader_names_a_missing_or_foreign_weights_file(tmp_path, monkeypatch):
 
 def test_sweep_of_the_testbed_scores_as_the_task_does(trained, tmp_path):
     model, processor = trained
-    summary = sweep("testbed", ["testbed"], tmp_path / "sweep", methods=["hired", "random"], budgets=[0.1], limit=24,
-                    progress=False)
+    summary = sweep(SweepConfig("testbed", ["testbed"], tmp_path / "sweep", methods=["hired", "random"], budgets=[0.1], limit=24,
+                    progress=False))
     cells = {(c["method"], c["budget"]): c for c in summary["cells"]}
     records = [json.loads(line) for line in (tmp_path / "sweep" / "records.rank0.jsonl").read_text().splitlines()]
     indices = sorted({r["index"] for r in records})
@@ -151,14 +151,29 @@ def test_sweep_of_the_testbed_scores_as_the_task_does(trained, tmp_path):
 
 def test_sweep_refuses_the_train_split(tmp_path):
     with pytest.raises(ValueError, match="takes validation or test"):
-        sweep("testbed", ["testbed"], tmp_path, methods=["random"], budgets=[0.1], data={"testbed": "train"},
-              limit=2, progress=False)
+        sweep(SweepConfig("testbed", ["testbed"], tmp_path, methods=["random"], budgets=[0.1], data={"testbed": "train"},
+              limit=2, progress=False))
 
 
-def test_profile_and_demo_take_the_testbed(capsys, tmp_path):
-    assert main(["demo", "--model", "testbed", "--budgets", "0.5", "--max-new-tokens", "2"]) == 0
+def test_the_demo_answers_on_the_testbed(capsys, tmp_path):
+    """The default demo: answers next to the truth, the accuracy per method and budget, the picture."""
+    assert main(["demo", "--budgets", "0.5", "0.1", "--samples", "20", "--examples", "2", "--out", str(tmp_path),
+                 "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "random weights" not in out and "0.5" in out
+    assert "random weights" not in out and "Answers on test images" in out
+    answers = out.split("Answers on test images")[1].split("testbed (accuracy)")[0]
+    assert answers.count("What colour is the") == 2
+    accuracy = [line.split() for line in out.split("testbed (accuracy)")[1].splitlines()]
+    cells = [(row[0], row[1], row[2]) for row in accuracy if row[:1] and row[0] in ("none", "hired", "random")][:5]
+    assert cells == [("none", "-", "20"), ("hired", "0.5", "20"), ("hired", "0.1", "20"), ("random", "0.5", "20"),
+                     ("random", "0.1", "20")]
+    assert (tmp_path / "kept.png").stat().st_size > 5_000
+    assert main(["demo", "--budgets", "0.5", "0.1", "--samples", "20", "--examples", "2", "--out", str(tmp_path),
+                 "--no-progress"]) == 0  # again: resumed, nothing to redo
+    assert "resuming" not in capsys.readouterr().out  # --no-progress: quiet
+
+
+def test_profile_takes_the_testbed(capsys, tmp_path):
     assert main(["profile", "--model", "testbed", "--task", "testbed", "--budgets", "0.25", "--repeats", "1",
                  "--max-new-tokens", "2", "--out", str(tmp_path)]) == 0
     cells = json.loads((tmp_path / "profile.json").read_text())["cells"]
@@ -221,9 +236,9 @@ def encode_sample(model, processor, sample):
 
 
 def chat_prompt(processor, question):
-    from tokendrop.eval.generation import prompt_text
+    from tokendrop.harness import chat_prompt as render
 
-    return prompt_text(processor, question)
+    return render(processor, question)
 
 
 def test_object_tokens_match_the_pixel_geometry(trained):
@@ -256,13 +271,13 @@ def test_oracle_keeps_the_object_first_then_cls_attention(trained, budget):
 
 def test_oracle_in_a_sweep_and_refused_elsewhere(trained, tmp_path):
     model, processor = trained
-    summary = sweep(model, ["testbed"], tmp_path / "run", processor=processor, methods=["oracle"], budgets=[0.05],
-                    limit=8, batch_size=4, progress=False)
+    summary = sweep(SweepConfig("loaded", ["testbed"], tmp_path / "run", methods=["oracle"], budgets=[0.05],
+                    limit=8, batch_size=4, progress=False), model=model, processor=processor)
     cell = next(c for c in summary["cells"] if c["method"] == "oracle")
     assert cell["n"] == 8 and cell["kept_pct"] == 5.0
     with pytest.raises(ValueError, match="evaluation-only, offered by the testbed task"):
-        sweep(model, ["testbed", "custom"], tmp_path / "other", processor=processor, methods=["oracle"],
-              data={"custom": str(tmp_path / "x.jsonl")}, progress=False)
+        sweep(SweepConfig("loaded", ["testbed", "custom"], tmp_path / "other", methods=["oracle"],
+              data={"custom": str(tmp_path / "x.jsonl")}, progress=False), model=model, processor=processor)
     with pytest.raises(TypeError, match="carries its own budget"):
         tokendrop.patch(model, testbed.Oracle(budget=0.1), budget=0.2)
     with pytest.raises(ValueError, match="no target box left"):

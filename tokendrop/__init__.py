@@ -4,15 +4,44 @@
     model.generate(**processor(images=..., text=..., return_tensors="pt"))
     handle.last        # what was kept, per image
     tokendrop.unpatch(model)
+
+The names below load on first use, so that `import tokendrop.cli` (the `tokendrop` command,
+which answers `--help` and argument errors at once) does not import torch.
 """
 
-__version__ = "0.1.0"  # before the imports: modules below record it in their outputs
+import importlib
+import sys
+import types
 
-from .method import describe as methods
-from .patch import Handle, ImageRecord, patch, patched, unpatch
-from .profile_grid import profile
-from .training import Example, RouterTraining, train_router
-from .visualize import show
+__version__ = "0.1.0"
 
-__all__ = ["patch", "unpatch", "patched", "methods", "profile", "show", "train_router", "RouterTraining", "Example",
-           "Handle", "ImageRecord", "__version__"]
+_EXPORTS = {  # name -> the module that defines it
+    "patch": "patch", "unpatch": "patch", "patched": "patch", "Handle": "patch", "ImageRecord": "patch",
+    "methods": "method", "profile": "profile_grid", "ProfileConfig": "profile_grid", "show": "visualize",
+    "train_router": "training", "RouterTraining": "training", "Example": "training",
+}
+_SOURCE_NAMES = {"methods": "describe"}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+
+class _Package(types.ModuleType):
+    def __getattr__(self, name: str):
+        if name not in _EXPORTS:
+            raise AttributeError(f"module 'tokendrop' has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), _SOURCE_NAMES.get(name, name))
+        super().__setattr__(name, value)
+        return value
+
+    def __setattr__(self, name: str, value) -> None:
+        # importing the submodule `tokendrop.patch` sets the attribute `patch` to the module:
+        # the function of that name stays what `tokendrop.patch` means, as with eager imports
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(_EXPORTS))
+
+
+sys.modules[__name__].__class__ = _Package

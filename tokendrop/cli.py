@@ -1,30 +1,57 @@
 """The `tokendrop` command. Each subcommand is one `add_*` function that declares its
-arguments and sets `run` to the function that carries it out."""
+arguments and sets `run` to the function that carries it out.
+
+The command line is the top layer: it may import every other module, the evaluation code
+included, and nothing imports it. It imports torch and transformers only inside `run_*`, so
+that `--help`, `--version` and argument errors answer at once. Names that live in registries
+(methods, presets, tasks) are therefore checked after parsing, before any model loads, with
+the registry's did-you-mean message.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
+import math
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
+from . import __version__
 
-from .loading import DTYPES, check_device_map, load_model, load_processor
-from .method import METHODS
-from .presets import PRESETS, synthetic_image, with_preset_defaults
-from .selection import check_budget
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")  # loading.DTYPES (a test checks)
+PRESET_NAMES = ("tiny", "llava-next-shape", "testbed")  # presets.PRESETS (a test checks)
+BUDGET_HELP = ("fractions in (0, 1] of each image's tokens (0.2, 1.0), or token counts per image "
+               "(integers without a dot: 1 is one token, 1.0 every token)")
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown in help, but not for flags and options without one."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, [], argparse.SUPPRESS) or isinstance(action, argparse._VersionAction):
+            return action.help
+        return super()._get_help_string(action)
+
 
 # --- argument types: a ValueError/TypeError becomes argparse's usage error --------------
 
 
 def budget(text: str) -> float | int:
-    """'0.2' is a fraction, '64' (no dot) a token count, as `patch(budget=...)` reads them."""
+    """'0.2' is a fraction, '64' (no dot) a token count, as `patch(budget=...)` reads them.
+    Checked here as `selection.check_budget` checks it, without importing torch."""
     try:
-        return check_budget(int(text) if text.lstrip("+-").isdigit() else float(text))
-    except (TypeError, ValueError) as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+        value = int(text) if text.lstrip("+-").isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a fraction in (0, 1] or a token count >= 1, "
+                                         f"got {text!r}") from None
+    if isinstance(value, int) and value < 1:
+        raise argparse.ArgumentTypeError(f"a token-count budget must be >= 1, got {value}")
+    if isinstance(value, float) and not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"a fractional budget must be in (0, 1], got {value}; a token count is an "
+                                         "integer without a dot")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -71,6 +98,8 @@ def image_size(text: str) -> tuple[int, int]:
 
 
 def device_map(text: str) -> str:
+    from .loading import check_device_map  # torch: only when the flag is given
+
     try:
         check_device_map(text)
     except ValueError as error:
@@ -78,18 +107,23 @@ def device_map(text: str) -> str:
     return text
 
 
-def image_file(text: str) -> Image.Image:
+def image_file(text: str):
+    from PIL import Image
+
     try:
         return Image.open(text).convert("RGB")
     except OSError as error:
         raise argparse.ArgumentTypeError(f"cannot read image {text!r}: {error}") from None
 
 
+# --- arguments shared by the subcommands ------------------------------------------------
+
+
 def add_model_arguments(parser, default=None) -> None:
     parser.add_argument("--model", default=default, required=default is None,
-                        help=f"a Hugging Face id or local path of a LLaVA-NeXT checkpoint, or a preset "
-                             f"({', '.join(PRESETS.names())})")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="auto")
+                        help=f"a Hugging Face id or local path of a LLaVA-NeXT checkpoint, or an embedded preset "
+                             f"({', '.join(PRESET_NAMES)}; testbed is trained, the others have random weights)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
     parser.add_argument("--device-map", type=device_map,
                         help="passed to from_pretrained: auto, cpu, cuda:0 (default: auto with a GPU)")
     parser.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"])
@@ -98,19 +132,56 @@ def add_model_arguments(parser, default=None) -> None:
     quantize.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes LLM.int8 weights")
 
 
+def add_methods(parser, default: list[str], plural: bool = True) -> None:
+    if plural:
+        parser.add_argument("--methods", nargs="+", default=default, metavar="METHOD",
+                            help="registered methods (tokendrop.methods() lists them, with their options)")
+    else:
+        parser.add_argument("--method", default=default[0], metavar="METHOD",
+                            help="a registered method (tokendrop.methods() lists them, with their options)")
+    parser.add_argument("--option", dest="options", action="append", type=method_option, default=[],
+                        metavar="METHOD.OPTION=VALUE", help="a method option, e.g. hired.alpha=0.3; repeatable")
+
+
+def add_budgets(parser, default) -> None:
+    if isinstance(default, list):
+        parser.add_argument("--budgets", nargs="+", type=budget, default=default, help=BUDGET_HELP)
+    else:
+        parser.add_argument("--budget", type=budget, default=default, help=BUDGET_HELP)
+
+
+def check_budgets(budgets) -> None:
+    """Warn where `1` (one token) most likely meant 1.0 (every token)."""
+    if any(b == 1 and isinstance(b, int) for b in budgets) and any(isinstance(b, float) for b in budgets):
+        print("tokendrop: warning: budget 1 (no dot) keeps one token per image; write 1.0 to keep every token",
+              file=sys.stderr)
+
+
+def check_methods(methods, extra=()) -> None:
+    from .method import METHODS
+
+    for name in methods:
+        if name not in extra:
+            METHODS.get(name)
+
+
 def loaded_model(args):
+    from .loading import load_model
+
     return load_model(args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit,
                       args.attn_implementation)
 
 
 def random_weights_note(model_name: str) -> str:
+    from .presets import PRESETS
+
     if model_name in PRESETS.names() and not PRESETS.get(model_name).get("task"):
         return (f"Preset {model_name!r} has random weights: the generated text is meaningless. "
                 "Only shapes, token counts, timings and memory are real.")
     return ""
 
 
-# --- profile and demo -------------------------------------------------------------------
+# --- profile ------------------------------------------------------------------------------
 
 
 def add_input_arguments(group) -> None:
@@ -118,127 +189,301 @@ def add_input_arguments(group) -> None:
     group.add_argument("--image-size", type=image_size, metavar="WxH",
                        help="a synthetic image of this size (default 672x672)")
     group.add_argument("--task", choices=["testbed"],
-                       help="the task's first test image and its question, in place of an image and --prompt "
+                       help="the testbed task's first test image and its question, in place of an image and --prompt "
                             "(the default for --model testbed, which knows only its task's images)")
 
 
-def profile_inputs(args) -> tuple[list[Image.Image], str]:
+def profile_inputs(args) -> tuple[list, str]:
     """The images and the prompt that `args` ask to profile."""
-    trained_for = PRESETS.get(args.model).get("task") if args.model in PRESETS.names() else None
-    task = args.task or (None if args.images or args.image_size else trained_for)
-    if task == "testbed":
-        from .eval.testbed import testbed_sample
+    from .presets import PRESETS, synthetic_image
 
+    trained_for = PRESETS.get(args.model).get("task") if args.model in PRESETS.names() else None
+    task = args.task or (None if getattr(args, "images", None) or args.image_size else trained_for)
+    if task == "testbed":
         if args.prompt is not None:
             raise ValueError("--prompt asks about your image; the testbed task brings its own question: drop one")
+        from .eval.testbed import testbed_sample
+
         sample = testbed_sample("test", 0)
         return [sample["image"]], sample["question"]
-    return args.images or [synthetic_image(*(args.image_size or (672, 672)))], args.prompt or "Describe the image."
+    images = getattr(args, "images", None) or [synthetic_image(*(args.image_size or (672, 672)))]
+    return images, args.prompt or "Describe the image."
 
 
 def add_profile(subcommands) -> None:
     parser = subcommands.add_parser(
         "profile", help="time and meter methods x budgets x batch sizes: TTFT, decode speed, memory",
-        description="Profile a model over methods x budgets x batch sizes, with the unpatched model as reference.")
+        description="Profile a model over methods x budgets x batch sizes, with the unpatched model as reference.",
+        formatter_class=Formatter)
     add_model_arguments(parser)
-    parser.add_argument("--methods", nargs="+", choices=METHODS.names(), default=["hired"])
-    parser.add_argument("--budgets", nargs="+", type=budget, default=[1.0, 0.4, 0.2, 0.1],
-                        help="fractions in (0, 1], or token counts per image (integers without a dot)")
+    add_methods(parser, ["hired"])
+    add_budgets(parser, [1.0, 0.4, 0.2, 0.1])
     parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1])
     images = parser.add_mutually_exclusive_group()
     images.add_argument("--images", nargs="+", type=image_file, help="image files, used round-robin per batch")
     add_input_arguments(images)
-    parser.add_argument("--option", dest="options", action="append", type=method_option, default=[],
-                        metavar="METHOD.OPTION=VALUE", help="a method option, e.g. hired.alpha=0.3; repeatable")
     parser.add_argument("--prompt", help='the question (default "Describe the image."; a task brings its own)')
-    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
-    parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    add_timing_arguments(parser, repeats=3, warmup=1)
     parser.add_argument("--out", type=Path, help="write profile.json, profile.csv and profile.png here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run_profile)
 
 
-def run_profile(args) -> None:
-    from .profile_grid import format_table, plan_grid, profile, writable_folder
+def add_timing_arguments(parser, repeats: int, warmup: int) -> None:
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
+    parser.add_argument("--repeats", type=positive_int, default=repeats, help="measured runs per cell")
+    parser.add_argument("--warmup", type=int, default=warmup, help="unmeasured runs per cell first")
 
-    processor = load_processor(args.model)
+
+def profile_config(args, prompt: str, out: Path | None):
+    from .presets import with_preset_defaults
+    from .profile_grid import ProfileConfig
+
+    check_methods(args.methods)
+    return ProfileConfig(
+        methods=args.methods, budgets=args.budgets, batch_sizes=getattr(args, "batch_sizes", [1]),
+        options=with_preset_defaults(args.model, args.methods, grouped(args.options)), prompt=prompt,
+        max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup, out=out,
+        progress=not args.no_progress,
+    )
+
+
+def run_profile(args) -> None:
+    from .loading import check_model_name, load_processor
+    from .profile_grid import format_table, profile, writable_folder
+
+    check_model_name(args.model)
     images, prompt = profile_inputs(args)
-    options = with_preset_defaults(args.model, args.methods, grouped(args.options))
-    plan_grid(args.methods, args.budgets, options, processor)  # a bad option fails before the model loads
-    if args.out:
-        writable_folder(args.out)
+    config = profile_config(args, prompt, args.out)  # every value checked here
+    processor = load_processor(args.model)
+    config.check(processor)  # a bad option fails before the model loads
+    if config.out:
+        writable_folder(config.out)
     model = loaded_model(args)
-    print(random_weights_note(args.model), flush=True)
-    rows = profile(model, processor, args.methods, args.budgets, args.batch_sizes, images, prompt,
-                   args.max_new_tokens, args.repeats, args.warmup, args.out, options)
+    note = random_weights_note(args.model)
+    if note:
+        print(note, flush=True)
+    rows = profile(model, processor, images, config)
     print(format_table(rows))
-    if args.out:
-        print(f"\nprofile.json, profile.csv and profile.png in {args.out}")
+    if config.out:
+        print(f"\nprofile.json, profile.csv and profile.png in {config.out}")
+
+
+# --- demo ---------------------------------------------------------------------------------
 
 
 def add_demo(subcommands) -> None:
     parser = subcommands.add_parser(
-        "demo", help="profile an embedded preset offline: HiRED at several budgets, one image",
-        description="`tokendrop profile` preset: an offline model, one image (a synthetic 672x672 one, or a "
-                    "testbed one for --model testbed), batch 1, one measured run per budget.")
-    parser.add_argument("--model", "--preset", dest="preset", choices=PRESETS.names(), default="llava-next-shape",
-                        help="the embedded model: random weights but testbed, which is trained (default llava-next-shape)")
-    parser.add_argument("--method", choices=METHODS.names(), default="hired")
-    parser.add_argument("--budgets", nargs="+", type=budget, default=[1.0, 0.4, 0.2, 0.1],
-                        help="fractions in (0, 1], or token counts per image (integers without a dot)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
+        "demo", help="see tokendrop work offline: real answers and accuracy on the trained testbed model",
+        description="With the trained testbed model (the default): each method's answers at each budget next to the "
+                    "truth for a few test images, the accuracy on --samples test samples, and a picture of the kept "
+                    "tokens (seconds on a CPU). With a random-weight preset (--preset llava-next-shape: a "
+                    "LLaVA-NeXT-sized model, a few minutes on 2 CPU cores): the timing profile instead.",
+        formatter_class=Formatter)
+    parser.add_argument("--preset", "--model", dest="model", default="testbed", metavar="PRESET",
+                        help=f"an embedded model: {', '.join(PRESET_NAMES)}")
+    add_methods(parser, None)
+    parser._option_string_actions["--methods"].help = (
+        "registered methods (default: hired and random on the testbed; hired alone for the timing demo)")
+    add_budgets(parser, [0.4, 0.2, 0.1])
+    parser.add_argument("--samples", type=positive_int, default=200, help="test samples scored per method and budget")
+    parser.add_argument("--examples", type=positive_int, default=3, help="test images whose answers are printed")
+    parser.add_argument("--out", type=Path, default=Path("tokendrop-demo"),
+                        help="the run's records and summary, and kept.png; rerun into it to resume")
+    add_timing_arguments(parser, repeats=1, warmup=0)
+    parser.set_defaults(max_new_tokens=None)
     add_input_arguments(parser.add_mutually_exclusive_group())
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run_demo)
 
 
 def run_demo(args) -> None:
-    run_profile(argparse.Namespace(
-        model=args.preset, dtype="auto", device_map=None, attn_implementation=None, load_in_4bit=False,
-        load_in_8bit=False, methods=[args.method], budgets=args.budgets, batch_sizes=[1], images=None,
-        image_size=args.image_size, task=args.task, prompt=None, max_new_tokens=args.max_new_tokens,
-        repeats=1, warmup=1, out=None, options=[],
-    ))
+    from .presets import PRESETS
+
+    trained = PRESETS.get(args.model).get("task") == "testbed"  # an unknown preset fails here
+    if trained and args.image_size is None:
+        args.methods = args.methods or ["hired", "random"]
+        return run_testbed_demo(args)
+    args.methods = args.methods or ["hired"]
+    args.prompt, args.images = None, None
+    args.max_new_tokens = args.max_new_tokens or 8
+    return run_timing_demo(args)
 
 
-# --- show -------------------------------------------------------------------------------
+def run_timing_demo(args) -> None:
+    """A random-weight preset: the profile of one image, batch 1."""
+    from .loading import load_processor
+    from .presets import build_preset
+    from .profile_grid import format_table, profile
+
+    images, prompt = profile_inputs(args)
+    config = profile_config(args, prompt, args.out / "profile")
+    processor = load_processor(args.model)
+    config.check(processor)
+    model, _ = build_preset(args.model)
+    note = random_weights_note(args.model)
+    if note:
+        print(note, flush=True)
+    print(format_table(profile(model, processor, images, config)))
+    print(f"\nprofile.json, profile.csv and profile.png in {config.out}")
+
+
+def run_testbed_demo(args) -> None:
+    """The trained testbed: answers, accuracy, and what was kept."""
+    from .eval.sweep import SweepConfig, format_summary, read_records, sweep
+    from .eval.testbed import MAX_NEW_TOKENS, testbed_sample
+    from .harness import REFERENCE, text_table
+    from .presets import build_preset, with_preset_defaults
+    from .visualize import show
+
+    check_methods(args.methods)
+    config = SweepConfig(
+        model=args.model, tasks=["testbed"], out=args.out / "sweep", methods=args.methods, budgets=args.budgets,
+        options=grouped(args.options), limit=args.samples, batch_size=50,
+        max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS, progress=not args.no_progress,
+    )
+    model, processor = build_preset(args.model)
+    summary = sweep(config, model=model, processor=processor)
+
+    # a few test images: each cell's answer next to the truth
+    cells = [(REFERENCE, None)] + [(m, b) for m in config.methods for b in config.budgets]
+    records = {(r["method"], repr(r["budget"]), r["index"]): r for r in read_records(config.out)}
+    indices = sorted({r["index"] for r in records.values()})[: args.examples]
+    header = ["sample", "question", "truth"] + [m if b is None else f"{m} {b}" for m, b in cells]
+    rows = []
+    for index in indices:
+        first = records[(REFERENCE, "None", index)]
+        answers = [_answer(records.get((m, repr(b), index))) for m, b in cells]
+        rows.append([index, first["question"], first["reference"], *answers])
+    print()
+    print(text_table(header, rows, title="Answers on test images (* = wrong)"))
+    print()
+    print(format_summary(summary))
+
+    # the kept tokens of the first example, at the last budget (the lowest, as listed), by the first method
+    sample = testbed_sample("test", indices[0]) if indices else testbed_sample("test", 0)
+    method, last = config.methods[0], config.budgets[-1]
+    out = args.out / "kept.png"
+    options = with_preset_defaults(config.model, [method], config.options).get(method, {})
+    show(model, processor, sample["image"], method, last, sample["question"], out=out, **options)
+    print(f"\n{method} at budget {last} on test sample {sample['id']}: {out}")
+    print(f"records, summary.json and plots in {config.out}. The same on any model: tokendrop sweep --help")
+
+
+def _answer(record) -> str:
+    """A prediction as the demo prints it: marked * when wrong."""
+    if record is None:
+        return "?"
+    if record["error"] is not None:
+        return "error"
+    prediction = record["prediction"] or "''"
+    return prediction if record["score"] else prediction + " *"
+
+
+# --- show ---------------------------------------------------------------------------------
 
 
 def add_show(subcommands) -> None:
     parser = subcommands.add_parser(
         "show", help="draw an image with the patches a method keeps highlighted",
-        description="Draw IMAGE twice, base view and crop canvas, kept patches bright and dropped ones dimmed.")
+        description="Draw IMAGE twice, base view and crop canvas, kept patches bright and dropped ones dimmed.",
+        formatter_class=Formatter)
     parser.add_argument("image", type=image_file)
     add_model_arguments(parser)
-    parser.add_argument("--method", choices=METHODS.names(), required=True)
-    parser.add_argument("--budget", type=budget, default=1.0)
+    add_methods(parser, ["hired"], plural=False)
+    add_budgets(parser, 0.2)
     parser.add_argument("--question", default="Describe the image.")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     parser.set_defaults(run=run_show)
 
 
 def run_show(args) -> None:
+    from .loading import check_model_name, load_processor
+    from .method import build as build_method
+    from .presets import with_preset_defaults
     from .visualize import check_figure_path, show
 
+    check_model_name(args.model)
+    check_methods([args.method])
+    options = grouped(args.options)
+    for name in options:
+        if name != args.method:
+            raise ValueError(f"options given for method {name!r}, which show does not run ({args.method})")
+    options = with_preset_defaults(args.model, [args.method], options).get(args.method, {})
     check_figure_path(args.out)
     processor = load_processor(args.model)
+    build_method(args.method, budget=args.budget, processor=processor, **options)  # before the model loads
     model = loaded_model(args)
-    options = with_preset_defaults(args.model, [args.method], {}).get(args.method, {})
     show(model, processor, args.image, args.method, args.budget, args.question, out=args.out, **options)
     print(f"wrote {args.out}")
 
 
-# --- train-router -----------------------------------------------------------------------
+# --- sweep --------------------------------------------------------------------------------
+
+
+def add_sweep(subcommands) -> None:
+    help = "evaluate methods x budgets x tasks on a model: records, summary table and plots"
+    parser = subcommands.add_parser("sweep", help=help, description=help, formatter_class=Formatter)
+    add_model_arguments(parser)
+    parser.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
+                        help="vqav2, textvqa, gqa, pope, scienceqa_img, mme, custom, testbed (see the README)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory; rerun into it to resume")
+    add_methods(parser, None)
+    parser.set_defaults(methods=None)
+    parser._option_string_actions["--methods"].help = (
+        "default: every registered method; oracle (testbed only, evaluation only) keeps the queried object's "
+        "tokens first")
+    add_budgets(parser, [0.1, 0.2, 0.4])
+    parser.add_argument("--data", action="append", type=key_value, default=[], metavar="TASK=PATH",
+                        help="a local copy (parquet, save_to_disk, JSONL) or hub id for a task; repeatable")
+    parser.add_argument("--limit", type=positive_int, help="samples per task, drawn with --seed (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--max-new-tokens", type=positive_int, help="default: per task (16; custom 32)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="run failed samples again instead of keeping their error")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(run=run_sweep)
+
+
+def sweep_config(args):
+    from .eval.sweep import TASK_METHODS, SweepConfig
+
+    if args.methods is not None:
+        check_methods(args.methods, extra=TASK_METHODS)
+    return SweepConfig(
+        model=args.model, tasks=args.tasks, out=args.out, methods=args.methods, budgets=args.budgets,
+        options=grouped(args.options), data=dict(args.data), limit=args.limit, seed=args.seed,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype=args.dtype, device_map=args.device_map,
+        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
+        attn_implementation=args.attn_implementation, retry_failed=args.retry_failed, progress=not args.no_progress,
+    )
+
+
+def run_sweep(args) -> None:
+    from .eval.sweep import format_summary, sweep
+
+    config = sweep_config(args)
+    summary = sweep(config)
+    if summary is not None:  # the process that merged
+        print(format_summary(summary))
+        print(f"\nrecords, summary.json, summary.csv and plots/ in {config.out}")
+
+
+# --- train-router -------------------------------------------------------------------------
+
+
+# RouterTraining's defaults (tokendrop.training imports torch; a test checks they agree)
+TRAINING_DEFAULTS = dict(budget=0.05, loss="kl", steps=1000, batch_size=8, accumulate=1, samples=8, lr=1e-2, rank=8,
+                         scope="all", seed=0, checkpoint_every=100, validate_every=100, prompt_template=None)
 
 
 def add_train_router(subcommands) -> None:
-    from .training import LOSSES, RouterTraining
-
-    defaults = {f.name: f.default for f in dataclasses.fields(RouterTraining)}
     parser = subcommands.add_parser(
         "train-router", help="train the learned router (method router) for a model, the model frozen",
         description="Train a router for --model on --data and write router.safetensors and router.json to "
                     "--out. Rerun the same command to resume from the last checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=Formatter)
     add_model_arguments(parser)
     parser.add_argument("--data", required=True,
                         help="a JSONL file of {image, question, answer?} lines (image paths relative to it), or "
@@ -248,8 +493,9 @@ def add_train_router(subcommands) -> None:
                              "TASK=SPLIT as sweep's --data reads it (e.g. testbed=validation)")
     parser.add_argument("--validation-samples", type=positive_int, default=200, help="the first N of --validation")
     parser.add_argument("--out", type=Path, required=True, help="the router folder to write")
-    parser.add_argument("--budget", type=budget, default=defaults["budget"], help="the budget it trains at")
-    parser.add_argument("--loss", choices=LOSSES, default=defaults["loss"],
+    d = TRAINING_DEFAULTS
+    parser.add_argument("--budget", type=budget, default=d["budget"], help="the budget it trains at")
+    parser.add_argument("--loss", choices=("kl", "ce", "mix"), default=d["loss"],
                         help="kl: match the unpruned model's answer (no labels); ce: the data's answers; mix: both")
     for name, kind, help in (
         ("steps", positive_int, "optimizer updates"),
@@ -262,22 +508,21 @@ def add_train_router(subcommands) -> None:
         ("checkpoint_every", positive_int, "steps between checkpoints in OUT/checkpoint"),
         ("validate_every", positive_int, "steps between validation scores"),
     ):
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults[name], help=help)
-    parser.add_argument("--scope", choices=["all", "crops"], default=defaults["scope"])
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=d[name], help=help)
+    parser.add_argument("--scope", choices=["all", "crops"], default=d["scope"])
     parser.add_argument("--prompt-template", help='for a processor without a chat template: "... {question} ..."')
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run_train_router)
 
 
+
+
 def run_train_router(args) -> None:
+    from .loading import load_processor
     from .training import RouterTraining, read_jsonl, train_router
 
-    config = RouterTraining(
-        out=args.out, budget=args.budget, loss=args.loss, steps=args.steps, batch_size=args.batch_size,
-        accumulate=args.accumulate, samples=args.samples, lr=args.lr, rank=args.rank, scope=args.scope,
-        seed=args.seed, checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
-        prompt_template=args.prompt_template, progress=not args.no_progress,
-    )
+    given = {name: getattr(args, name) for name in TRAINING_DEFAULTS}
+    config = RouterTraining(out=args.out, progress=not args.no_progress, **given)
     data = read_jsonl(args.data) if Path(args.data).is_file() else task_examples(args.data, "train")
     validation = None
     if args.validation:
@@ -292,7 +537,7 @@ def run_train_router(args) -> None:
           f"--method router --option router.router={out}")
 
 
-def task_examples(spec: str, split: str | None) -> "TaskExamples":
+def task_examples(spec: str, split: str | None) -> TaskExamples:
     """The examples of a sweep task: TASK (its evaluated split, or `split`), or TASK=SOURCE."""
     from .eval.tasks import TASKS, build_task
 
@@ -324,8 +569,6 @@ class TaskExamples(Sequence):
 
 def device_map_from_launch(args):
     """Under `accelerate launch`, a whole model per process, on that process's device."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.device_map is None:
         from accelerate import PartialState
 
@@ -333,15 +576,14 @@ def device_map_from_launch(args):
     return None
 
 
-# --- entry point ----------------------------------------------------------------------
+# --- entry point --------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .eval.sweep import add_sweep_parser  # evaluation code loads only with the command list
-
     parser = argparse.ArgumentParser(prog="tokendrop", description="Drop visual tokens before the LLM.")
+    parser.add_argument("--version", action="version", version=f"tokendrop {__version__}")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_demo, add_profile, add_show, add_sweep_parser, add_train_router):
+    for add in (add_demo, add_profile, add_show, add_sweep, add_train_router):
         add(subcommands)
     return parser
 
@@ -349,8 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_budgets(getattr(args, "budgets", None) or [])
     try:
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        parser.error(str(error))  # bad input found after parsing: a usage error (exit 2), not a traceback
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        # bad input found after parsing (a name, a path, a missing package, data or model that
+        # cannot be read): a usage error, exit 2, not a traceback
+        parser.error(str(error))
     return 0

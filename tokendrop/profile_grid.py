@@ -12,32 +12,83 @@ unpatched prompt to the pruned one, next to the measured prefill speedup.
 from __future__ import annotations
 
 import csv
-import datetime
 import gc
 import json
 import numbers
-import statistics
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import transformers
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__
 from .adapters import adapter_for
+from .harness import REFERENCE, chat_prompt, provenance, spread, text_table
 from .method import METHODS, build as build_method
 from .patch import ATTRIBUTE, patched, unpatch
-from .profiling import device_name, measure_generate, model_device
+from .profiling import measure_generate, model_device
 from .registry import did_you_mean
 from .selection import check_budget
 
-REFERENCE = "none"  # the unpatched model's cells
 TIMED = ("ttft_s", "generate_s", "decode_tok_per_s", "vision_s", "select_s", "llm_prefill_s",
          "peak_memory_bytes", "added_memory_bytes")
+
+
+@dataclass
+class ProfileConfig:
+    """What `profile` measures: methods x budgets x batch sizes (plus the unpatched model per
+    batch size), how, and where the results go. Checked when made, so that a bad value fails
+    before any model runs; `check(processor)` also builds every method once."""
+
+    methods: list[str] = field(default_factory=lambda: ["hired"])
+    budgets: list[float | int] = field(default_factory=lambda: [1.0, 0.4, 0.2, 0.1])
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    options: dict[str, dict] = field(default_factory=dict)  # {method: {option: value}}
+    prompt: str = "Describe the image."
+    max_new_tokens: int = 8
+    repeats: int = 3
+    warmup: int = 1
+    out: Path | None = None  # profile.json, profile.csv and profile.png go here
+    progress: bool = True
+
+    def __post_init__(self):
+        self.methods = as_list(self.methods, "methods", "['hired']")
+        for name in self.methods:
+            METHODS.get(name)
+        self.budgets = [check_budget(b) for b in as_list(self.budgets, "budgets", "[1.0, 0.2]")]
+        if not self.methods or not self.budgets:
+            raise ValueError("methods and budgets must each name at least one")
+        self.batch_sizes = as_list(self.batch_sizes, "batch_sizes", "[1, 4]")
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be ints >= 1, got {self.batch_sizes}")
+        for name, least in (("repeats", 1), ("max_new_tokens", 1), ("warmup", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        if not isinstance(self.prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
+        self.options = {name: dict(opts) for name, opts in (self.options or {}).items()}
+        for name, opts in self.options.items():
+            if name not in self.methods:
+                raise ValueError(f"options given for method {name!r}, which this profile does not run "
+                                 f"({', '.join(self.methods)}).{did_you_mean(name, self.methods)}")
+            if "budget" in opts:
+                raise ValueError(f"options for {name!r}: the budget is profiled; set it with budgets (--budgets), "
+                                 "not as an option")
+        if self.out is not None:
+            self.out = Path(self.out)
+
+    def check(self, processor, adapter=None) -> None:
+        """Build every method x budget once (and, given the model's `adapter`, resolve it
+        against the model): a bad option fails here, not in every cell. Needs only the
+        processor, so the command line calls it before the model loads."""
+        for name in self.methods:
+            for budget in self.budgets:
+                method = build_method(name, budget=budget, processor=processor, **self.options.get(name, {}))
+                if adapter is not None:
+                    method.resolve(adapter)
 
 
 @dataclass
@@ -59,65 +110,44 @@ class Cell:
         return flat
 
 
-def profile(model, processor, methods=("hired",), budgets=(1.0, 0.4, 0.2, 0.1), batch_sizes=(1,), images=None,
-            prompt: str = "Describe the image.", max_new_tokens: int = 8, repeats: int = 3, warmup: int = 1,
-            out=None, options: dict | None = None, progress: bool = True) -> list[dict]:
-    """Profile `model` (with `processor`) over methods x budgets x batch sizes; returns one
-    record per cell (see `Cell.row`), and writes profile.json, profile.csv and plots to `out`
-    when given. `images`: PIL images, used round-robin to fill each batch. `options`: method
-    options, {method: {option: value}}. A patch already on `model` is lifted for the grid (the
-    reference cells run unpatched) and put back afterwards."""
+def profile(model, processor, images, config: ProfileConfig | None = None) -> list[dict]:
+    """Profile `model` (with `processor`) over `config`'s methods x budgets x batch sizes;
+    returns one record per cell (see `Cell.row`), and writes profile.json, profile.csv and
+    profile.png to `config.out` when set. `images`: PIL images, used round-robin to fill each
+    batch. A patch already on `model` is lifted for the grid (the reference cells run
+    unpatched) and put back afterwards.
+
+        rows = tokendrop.profile(model, processor, [image], tokendrop.ProfileConfig(budgets=[0.2, 0.1]))
+    """
+    config = ProfileConfig() if config is None else config
+    if not isinstance(config, ProfileConfig):
+        raise TypeError(f"config must be a tokendrop.ProfileConfig, got {type(config).__name__}")
     adapter = adapter_for(model)
-    methods, budgets, options = plan_grid(methods, budgets, options, processor, adapter)
+    config.check(processor, adapter)
     images = check_images(images)
-    for name, value in (("repeats", repeats), ("max_new_tokens", max_new_tokens)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    batch_sizes = as_list(batch_sizes, "batch_sizes", "[1, 4]")
-    if any(not isinstance(b, int) or b < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be ints >= 1, got {batch_sizes}")
-    if out is not None:
-        out = writable_folder(out)
-    grid = [Cell(REFERENCE, None, b) for b in batch_sizes]
-    grid += [Cell(m, v, b) for b in batch_sizes for m in methods for v in budgets]
+    if config.out is not None:
+        writable_folder(config.out)
+    grid = [Cell(REFERENCE, None, b) for b in config.batch_sizes]
+    grid += [Cell(m, v, b) for b in config.batch_sizes for m in config.methods for v in config.budgets]
     users_patch = model.__dict__.get(ATTRIBUTE)
     unpatch(model)
     try:
-        for cell in tqdm(grid, desc="profile", disable=not progress):
-            inputs = batch_inputs(processor, images, prompt, cell.batch_size, model)
-            run_cell(model, processor, cell, inputs, max_new_tokens, repeats, warmup, options.get(cell.method, {}))
+        bar = tqdm(grid, desc="profile", disable=not config.progress)
+        for cell in bar:
+            bar.set_description(f"profile {cell.method}" + ("" if cell.budget is None else f" {cell.budget}")
+                                + f" batch {cell.batch_size}")
+            inputs = batch_inputs(processor, images, config.prompt, cell.batch_size, model)
+            run_cell(model, processor, cell, inputs, config, config.options.get(cell.method, {}))
     finally:
         if users_patch is not None:
             users_patch._install()  # the user's own handle back in force, as `patched` restores one
     rows = [cell.row() for cell in grid]
     add_ratios(rows, model.config.get_text_config())
-    if out is not None:
-        write(out, rows, provenance(model, adapter, images, prompt, max_new_tokens, repeats, warmup, options))
+    if config.out is not None:
+        images_seen = [{"size": list(image.size), "grid": list(adapter.layout((image.height, image.width)).grid)}
+                       for image in images]
+        write(config.out, rows, provenance(config, model, images=images_seen))
     return rows
-
-
-def plan_grid(methods, budgets, options, processor, adapter=None) -> tuple[list, list, dict]:
-    """Check the methods, budgets and options by building every method x budget once (and,
-    given the model's `adapter`, resolving it against the model): a bad option fails here,
-    not in every cell. Needs only the processor, so the CLI calls it before the model loads."""
-    methods = as_list(methods, "methods", "['hired']")
-    for name in methods:
-        METHODS.get(name)
-    budgets = [check_budget(b) for b in as_list(budgets, "budgets", "[1.0, 0.2]")]
-    options = {name: dict(opts) for name, opts in (options or {}).items()}
-    for name, opts in options.items():
-        if name not in methods:
-            raise ValueError(f"options given for method {name!r}, which this profile does not run "
-                             f"({', '.join(methods)}).{did_you_mean(name, methods)}")
-        if "budget" in opts:
-            raise ValueError(f"options for {name!r}: the budget is profiled; set it with budgets (--budgets), "
-                             "not as an option")
-    for name in methods:
-        for budget in budgets:
-            method = build_method(name, budget=budget, processor=processor, **options.get(name, {}))
-            if adapter is not None:
-                method.resolve(adapter)
-    return methods, budgets, options
 
 
 def as_list(value, name: str, example: str) -> list:
@@ -152,15 +182,15 @@ def writable_folder(out) -> Path:
 
 
 def batch_inputs(processor, images, prompt, batch_size, model) -> dict:
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    text = chat_prompt(processor, prompt)
     chosen = [images[i % len(images)] for i in range(batch_size)]
     inputs = processor(images=chosen, text=[text] * batch_size, return_tensors="pt", padding=True)
     return inputs.to(model_device(model), model.dtype)  # casts the pixels only
 
 
-def run_cell(model, processor, cell: Cell, inputs, max_new_tokens, repeats, warmup, options) -> None:
-    settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+def run_cell(model, processor, cell: Cell, inputs, config: ProfileConfig, options: dict) -> None:
+    settings = dict(max_new_tokens=config.max_new_tokens, min_new_tokens=config.max_new_tokens, do_sample=False)
+    repeats, warmup = config.repeats, config.warmup
     samples = []
     try:
         if cell.method == REFERENCE:
@@ -183,7 +213,7 @@ def run_cell(model, processor, cell: Cell, inputs, max_new_tokens, repeats, warm
             torch.cuda.empty_cache()
     if cell.status != "ok":
         return
-    cell.figures = {key: summary([s[key] for s in samples]) for key in TIMED if samples[0][key] is not None}
+    cell.figures = {key: spread(s[key] for s in samples) for key in TIMED if samples[0][key] is not None}
     image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
     first = samples[0]
     cell.tokens = {
@@ -197,10 +227,6 @@ def run_cell(model, processor, cell: Cell, inputs, max_new_tokens, repeats, warm
         "kv_cache_bytes": first["kv_cache_bytes"],
         "memory_kind": first["memory_kind"],
     }
-
-
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def prefill_flops(length: int, batch: int, text_config) -> float:
@@ -232,46 +258,24 @@ def add_ratios(rows: list[dict], text_config) -> None:
         row["ttft_speedup"] = ref["ttft_s"] / row["ttft_s"] if ok else None
 
 
-def provenance(model, adapter, images, prompt, max_new_tokens, repeats, warmup, options) -> dict:
-    device = model_device(model)
-    quant = getattr(model.config, "quantization_config", None)
-    try:
-        import bitsandbytes
-
-        bnb_version = bitsandbytes.__version__
-    except ImportError:
-        bnb_version = None
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": device_name(device),
-        "versions": {"tokendrop": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "bitsandbytes": bnb_version},
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "quantization": quant.to_dict() if hasattr(quant, "to_dict") else quant,
-        "attn_implementation": model.config.get_text_config()._attn_implementation,
-        "images": [{"size": list(image.size), "grid": list(adapter.layout((image.height, image.width)).grid)}
-                   for image in images],
-        "prompt": prompt, "max_new_tokens": max_new_tokens, "repeats": repeats, "warmup": warmup,
-        "options": {m: {k: v for k, v in o.items() if k != "processor"} for m, o in options.items()},
-    }
-
-
 COLUMNS = [  # (header, key, format)
     ("method", "method", "{}"), ("budget", "budget", "{}"), ("batch", "batch_size", "{}"),
     ("visual tokens", None, None), ("LLM prompt", "llm_prompt_len", "{}"),
     ("vision s", "vision_s", "{:.3f}"), ("select s", "select_s", "{:.4f}"), ("prefill s", "llm_prefill_s", "{:.3f}"),
     ("TTFT s", "ttft_s", "{:.3f}"), ("decode tok/s", "decode_tok_per_s", "{:.2f}"), ("e2e s", "generate_s", "{:.3f}"),
     ("peak MB", "peak_memory_bytes", "{:.0f}"), ("KV MB", "kv_cache_bytes", "{:.1f}"),
-    ("prefill x ideal", "prefill_speedup_ideal", "{:.2f}"), ("prefill x measured", "prefill_speedup_measured", "{:.2f}"),
+    ("prefill x ideal", "prefill_speedup_ideal", "{:.2f}"),
+    ("prefill x measured", "prefill_speedup_measured", "{:.2f}"),
     ("TTFT x", "ttft_speedup", "{:.2f}"),
 ]
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [[header for header, _, _ in COLUMNS]]
+    lines = []
     for row in rows:
         if row["status"] != "ok":
-            lines.append([row["method"], str(row["budget"]), str(row["batch_size"]), f"{row['status'].upper()}: {row['error']}"])
+            message = f"{row['status'].upper()}: {row['error']}"
+            lines.append([row["method"], row["budget"], row["batch_size"], message] + [""] * (len(COLUMNS) - 4))
             continue
         cells = []
         for _, key, fmt in COLUMNS:
@@ -284,19 +288,11 @@ def format_table(rows: list[dict]) -> str:
             else:
                 cells.append(fmt.format(row[key]))
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines if i < len(line) and len(line) == len(COLUMNS)) for i in range(len(COLUMNS))]
-    text = []
-    for line in lines:
-        if len(line) < len(COLUMNS):  # a failed cell: its message after the key columns
-            text.append("  ".join(c.rjust(w) for c, w in zip(line[:3], widths)) + "  " + line[3])
-        else:
-            text.append("  ".join(c.rjust(w) for c, w in zip(line, widths)))
     memory = next((r["memory_kind"] for r in rows if r["status"] == "ok"), "-")
-    return "\n".join(text) + (
-        f"\nMedians of the repeats. TTFT includes the vision pass and selection; decode tok/s excludes "
-        f"prefill; peak memory: {memory}. prefill x: LLM prefill speedup over the unpatched model, "
-        "ideal (FLOP ratio) and measured."
-    )
+    caption = (f"Medians of the repeats. TTFT includes the vision pass and selection; decode tok/s excludes "
+               f"prefill; peak memory: {memory}. prefill x: LLM prefill speedup over the unpatched model, "
+               "ideal (FLOP ratio) and measured.")
+    return text_table([header for header, _, _ in COLUMNS], lines) + "\n" + caption
 
 
 def write(out: Path, rows: list[dict], meta: dict) -> None:
@@ -313,12 +309,10 @@ def write(out: Path, rows: list[dict], meta: dict) -> None:
 def plot(path: Path, rows: list[dict], device: str) -> None:
     """Latency and peak memory against budget, one line per method and batch size, the
     unpatched model dashed."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    figure = Figure(figsize=(16, 4.8), layout="tight")
+    axes = figure.subplots(1, 3)
     panels = (("ttft_s", "time to first token (s)"), ("generate_s", "end-to-end latency (s)"),
               ("peak_memory_bytes", "peak memory (MB)"))
     ok = [r for r in rows if r["status"] == "ok"]
@@ -337,6 +331,4 @@ def plot(path: Path, rows: list[dict], device: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.suptitle(f"tokendrop profile on {device}")
-    figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)

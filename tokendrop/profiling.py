@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import gc
-import platform
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .harness import device_name  # noqa: F401  (the benchmarks import it from here)
 from .patch import ATTRIBUTE, adapter_of
 
 PROC_STATUS = Path("/proc/self/status")
@@ -36,17 +36,6 @@ def synchronize(device: torch.device | str) -> None:
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def device_name(device: torch.device | str) -> str:
-    """The GPU's name, or the CPU model and torch's thread count: provenance for a timing."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
-    return f"CPU {model or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 # --- peak memory ----------------------------------------------------------------------

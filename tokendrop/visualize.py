@@ -10,13 +10,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .harness import chat_prompt
 from .patch import patched
 
 DIM = 0.25  # brightness of dropped patches
 MERGED = 0.6  # brightness of patches merged into a kept token
 
 
-def show(model, processor, image, method: str, budget: float | int = 1.0, question: str = "Describe the image.",
+def show(model, processor, image, method: str, budget: float | int = 0.2, question: str = "Describe the image.",
          out=None, **options):
     """Patch `model` with `method` for one request on `image`, and draw what it kept.
     Returns the matplotlib figure (and saves it to `out` if given)."""
@@ -25,15 +26,10 @@ def show(model, processor, image, method: str, budget: float | int = 1.0, questi
                         f"got a {type(image).__name__}")
     if out is not None:
         check_figure_path(out)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
     image = image.convert("RGB")
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    inputs = processor(images=[image], text=[text], return_tensors="pt").to(model.device)
+    inputs = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt").to(model.device)
     with patched(model, method, budget=budget, processor=processor, **options) as handle, torch.no_grad():
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
     record = handle.last[0]
@@ -41,7 +37,8 @@ def show(model, processor, image, method: str, budget: float | int = 1.0, questi
     base, canvas = kept_grids(layout, record.indices)
     labels = (None, None) if record.groups is None else group_labels(layout, record.groups)
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    figure = Figure(figsize=(12, 5.5), layout="tight")
+    axes = figure.subplots(1, 2)
     for ax, grid, label, name in ((axes[0], base, labels[0], "base view"), (axes[1], canvas, labels[1], "crop canvas")):
         ax.imshow(dimmed(image, grid, None if label is None else label >= 0))
         kept = int(grid.sum())
@@ -55,7 +52,6 @@ def show(model, processor, image, method: str, budget: float | int = 1.0, questi
         f"{method}, budget {budget}: {record.n_kept}/{record.n_before} visual tokens kept, "
         f"{record.n_newlines} newlines; per partition {record.partitions}"
     )
-    figure.tight_layout()
     if out is not None:
         figure.savefig(out, dpi=100)
     return figure
