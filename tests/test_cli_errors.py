@@ -8,7 +8,7 @@ import tokendrop
 from tokendrop import loading, profile_grid
 from tokendrop.cli import main
 from tokendrop.presets import PRESETS, synthetic_image
-from tokendrop.profile_grid import REFERENCE, profile
+from tokendrop.profile_grid import REFERENCE, ProfileConfig, profile
 from tokendrop.visualize import show
 
 QUICK = ["--budgets", "0.5", "--max-new-tokens", "1", "--repeats", "1", "--warmup", "0", "--image-size", "90x60"]
@@ -40,8 +40,8 @@ def no_hub(monkeypatch):
         raise OSError(f"offline: {spec}")
 
     monkeypatch.setattr(loading.AutoProcessor, "from_pretrained", hub)
-    monkeypatch.setattr(loading.AutoConfig, "from_pretrained", hub)
     monkeypatch.setattr(loading.AutoModelForImageTextToText, "from_pretrained", hub)
+    monkeypatch.setattr(loading.AutoConfig, "from_pretrained", hub)
     return asked
 
 
@@ -76,7 +76,8 @@ def test_profile_command_refuses_bad_options(capsys, grid_never_runs, option, me
 def test_profile_refuses_bad_options(tiny, grid_never_runs, options, error, message):
     model, processor = tiny
     with pytest.raises(error, match=message):
-        profile(model, processor, ["hired"], [0.5], images=[synthetic_image(90, 60)], options=options, progress=False)
+        profile(model, processor, [synthetic_image(90, 60)], ProfileConfig(["hired"], [0.5], options=options,
+                                                                           progress=False))
 
 
 # --- 2. the reference cells run unpatched, and the user's patch comes back ---------------
@@ -85,8 +86,8 @@ def test_profile_refuses_bad_options(tiny, grid_never_runs, options, error, mess
 def test_profile_of_a_patched_model_measures_the_unpatched_reference(tiny):
     model, processor = tiny
     handle = tokendrop.patch(model, "hired", budget=0.2)
-    rows = profile(model, processor, ["uniform"], [1.0], images=[synthetic_image(90, 60)], max_new_tokens=1,
-                   repeats=1, warmup=0, progress=False)
+    rows = profile(model, processor, [synthetic_image(90, 60)],
+                   ProfileConfig(["uniform"], [1.0], max_new_tokens=1, repeats=1, warmup=0, progress=False))
     reference = next(r for r in rows if r["method"] == REFERENCE)
     assert reference["status"] == "ok" and reference["llm_prompt_len"] == reference["prompt_len"]
     assert rows[1]["prefill_speedup_ideal"] == pytest.approx(1.0)  # budget 1.0 against the true reference
@@ -107,7 +108,7 @@ def test_profile_restores_the_users_patch_after_a_failure(tiny, monkeypatch):
 
     monkeypatch.setattr(profile_grid, "run_cell", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        profile(model, processor, ["uniform"], [1.0], images=[synthetic_image(90, 60)], progress=False)
+        profile(model, processor, [synthetic_image(90, 60)], ProfileConfig(["uniform"], [1.0], progress=False))
     assert model.__dict__["_tokendrop_handle"] is handle
 
 
@@ -118,13 +119,22 @@ def test_profile_restores_the_users_patch_after_a_failure(tiny, monkeypatch):
     (dict(methods="hired"), r"methods must be a list, e.g. methods=\['hired'\]; got 'hired'"),
     (dict(budgets=0.5), r"budgets must be a list, e.g. budgets=\[1.0, 0.2\]; got 0.5"),
     (dict(batch_sizes=2), r"batch_sizes must be a list, e.g. batch_sizes=\[1, 4\]; got 2"),
-    (dict(images="photo.png"), r"images must be a list of PIL images.*got 'photo.png'"),
-    (dict(images=["photo.png"]), r"images must be a list of PIL images.*got a str"),
 ])
-def test_profile_type_errors(tiny, grid_never_runs, kwargs, message):
-    model, processor = tiny
+def test_profile_config_type_errors(kwargs, message):
     with pytest.raises(TypeError, match=message):
-        profile(model, processor, **({"images": [synthetic_image(90, 60)]} | kwargs), progress=False)
+        ProfileConfig(**kwargs)
+
+
+@pytest.mark.parametrize("images, message", [
+    ("photo.png", r"images must be a list of PIL images.*got 'photo.png'"),
+    (["photo.png"], r"images must be a list of PIL images.*got a str"),
+    ([synthetic_image(90, 60)], r"config must be a tokendrop.ProfileConfig, got dict"),
+])
+def test_profile_type_errors(tiny, grid_never_runs, images, message):
+    model, processor = tiny
+    config = {"methods": ["hired"]} if "config" in message else ProfileConfig(progress=False)
+    with pytest.raises(TypeError, match=message):
+        profile(model, processor, images, config)
 
 
 def test_show_wants_a_pil_image(tiny, photo):

@@ -21,7 +21,7 @@ from pathlib import Path
 from . import __version__
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")  # loading.DTYPES (a test checks)
-PRESET_NAMES = ("tiny", "llava-next-shape", "testbed")  # presets.PRESETS (a test checks)
+PRESET_NAMES = ("tiny", "llava-next-shape", "testbed", "tiny-onevision", "onevision-shape")  # presets.PRESETS (a test checks)
 BUDGET_HELP = ("fractions in (0, 1] of each image's tokens (0.2, 1.0), or token counts per image "
                "(integers without a dot: 1 is one token, 1.0 every token)")
 
