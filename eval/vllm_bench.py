@@ -27,7 +27,8 @@ import torch
 
 from tokendrop.adapters.vllm_plugin import ARCHITECTURE, RECORD_ENV
 
-from .generation import generate_answers, prompt_text
+from ..harness import chat_prompt
+from .generation import generate_answers
 from .testbed import MAX_NEW_TOKENS, score, testbed_samples
 
 VISION_TOWER = "vision_tower."
@@ -68,7 +69,7 @@ def engine(path, tokendrop: dict | None = None, max_num_seqs: int = 16, **settin
 
 
 def requests(processor, samples) -> list[dict]:
-    return [{"prompt": prompt_text(processor, s["question"]), "multi_modal_data": {"image": s["image"]}}
+    return [{"prompt": chat_prompt(processor, s["question"]), "multi_modal_data": {"image": s["image"]}}
             for s in samples]
 
 

@@ -21,7 +21,7 @@ import tokendrop  # noqa: E402
 from tokendrop.adapters import LlavaNextAdapter  # noqa: E402
 from tokendrop.adapters import vllm_plugin  # noqa: E402
 from tokendrop.adapters.vllm_llava_next import layout as vllm_layout  # noqa: E402
-from tokendrop.eval.generation import prompt_text  # noqa: E402
+from tokendrop.harness import chat_prompt  # noqa: E402
 from tokendrop.eval import testbed as testbed_task  # noqa: E402
 from tokendrop.eval.vllm_bench import answer, engine, hf_answers, requests, save_for_vllm  # noqa: E402
 from tokendrop.presets import build_preset, synthetic_image  # noqa: E402
@@ -157,7 +157,7 @@ def test_accepted_configurations_count_as_the_hf_patch_keeps(testbed, options):
     finally:
         del model.config.tokendrop
     images = [synthetic_image(w, h, seed=i) for i, (h, w) in enumerate(MIXED)]
-    texts = [prompt_text(processor, "What colour is the circle?")] * len(images)
+    texts = [chat_prompt(processor, "What colour is the circle?")] * len(images)
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
     rest = {k: v for k, v in options.items() if k not in ("method", "budget")} | {"newlines": method.newlines}
     with tokendrop.patched(model, options["method"], budget=options["budget"], **rest) as handle:
@@ -194,7 +194,7 @@ def test_mixed_sizes_prompt_counts(pruned, stock, testbed, mixed):
     _, outputs = results["mixed"]
     _, stock_outputs = stock["mixed"]
     for (h, w), out, stock_out in zip(MIXED, outputs, stock_outputs):
-        text_tokens = len(processor.tokenizer(prompt_text(processor, "What colour is the circle?"))["input_ids"]) - 1
+        text_tokens = len(processor.tokenizer(chat_prompt(processor, "What colour is the circle?"))["input_ids"]) - 1
         image = adapter.layout((h, w))
         expected = text_tokens + keep_count(BUDGET, image.n_features) + image.newline_positions.numel()
         assert len(out.prompt_token_ids) == expected
@@ -248,7 +248,7 @@ def test_tiny_random_mixed_batch_keeps_what_the_hf_patch_keeps(options, tmp_path
     ours = {tuple(r["image_size"]): r for r in map(json.loads, record.read_text().splitlines())}
     rest = {k: v for k, v in options.items() if k not in ("method", "budget")} | {"newlines": "all"} | {
         k: v for k, v in options.items() if k == "newlines"}
-    texts = [prompt_text(processor, s["question"]) for s in batch]
+    texts = [chat_prompt(processor, s["question"]) for s in batch]
     text_tokens = len(processor.tokenizer(texts[0])["input_ids"]) - 1
     with tokendrop.patched(model, options["method"], budget=options["budget"], **rest) as handle:
         for sample, out in zip(batch, outputs):  # one by one: the HF records are per call

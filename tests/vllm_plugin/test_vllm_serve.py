@@ -18,7 +18,7 @@ pytest.importorskip("vllm")
 
 from tokendrop.adapters import LlavaNextAdapter  # noqa: E402
 from tokendrop.eval import testbed as testbed_task  # noqa: E402
-from tokendrop.eval.generation import prompt_text  # noqa: E402
+from tokendrop.harness import chat_prompt  # noqa: E402
 from tokendrop.eval.vllm_bench import save_for_vllm  # noqa: E402
 from tokendrop.presets import build_preset  # noqa: E402
 from tokendrop.selection import keep_count  # noqa: E402
@@ -68,7 +68,7 @@ def test_vllm_serve_chat_with_an_image(tmp_path):
         reply = json.loads(urllib.request.urlopen(request, timeout=120).read())
         assert testbed_task.score(reply["choices"][0]["message"]["content"], sample["answer"]) == 1.0, reply
         image = LlavaNextAdapter(model).layout((sample["image"].height, sample["image"].width))
-        text_tokens = len(processor.tokenizer(prompt_text(processor, sample["question"]))["input_ids"]) - 1
+        text_tokens = len(processor.tokenizer(chat_prompt(processor, sample["question"]))["input_ids"]) - 1
         assert reply["usage"]["prompt_tokens"] == (
             text_tokens + keep_count(0.25, image.n_features) + image.newline_positions.numel()
         ), reply["usage"]
