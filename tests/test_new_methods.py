@@ -134,7 +134,7 @@ def test_dpp_global_equals_reference(tiny, eager, batch, budget, relevance):
             r = min_max([float(prob[p, j]) for p, j in feats])
         else:
             ids = [i for i in tokenizer(question, add_special_tokens=False).input_ids if i not in tokenizer.all_special_ids]
-            r = min_max([-sum(cosine(v, table[i]) for i in ids) / len(ids) for v in features])
+            r = min_max([sum(cosine(v, table[i]) for i in ids) / len(ids) for v in features])  # the paper's sign
         assert record.indices == reference_dpp(features, feats, r, reference.keep_count(budget, len(feats)))
 
 

@@ -7,14 +7,28 @@ Kernel L = diag(r) S diag(r):
 - r is each token's relevance, min-max normalised over the whole image (every partition at
   once, as the released code normalises its batch of partitions; "allocator": per partition):
   r = (x - min x + 1e-6) / (max x - min x). x per `relevance`:
-  - "text" (the paper's setting): x_i = mean_j -cos(v_i, q_j) over the question's tokens q_j.
+  - "text" (the paper's setting): x_i = mean_j cos(v_i, q_j) over the question's tokens q_j.
     The question is found exactly as `text` finds it (explicit `questions=` or the prompt), so
-    it needs `processor=`. The released code uses CLIP's joint space (the vision tower's
-    patch features through CLIP's visual projection against CLIP text-encoder embeddings);
-    LLaVA-NeXT's Hugging Face checkpoints ship neither the projection nor the text encoder, so
-    tokendrop uses the projected visual tokens against the LLM's input embeddings of the
-    question, as `text` does. The sign is the released code's: it negates the cosine before
-    normalising.
+    it needs `processor=`. Features: the released code compares CLIP-joint-space embeddings
+    (the vision tower's penultimate-layer patch features put through the last layer's
+    post-LayerNorm and CLIP's visual projection, against CLIPTextModelWithProjection's pooled
+    embedding of the instruction, one per 77-token segment); LLaVA-NeXT's Hugging Face
+    checkpoints ship neither the projection nor the text encoder, so tokendrop uses the
+    projected visual tokens against the LLM's input embeddings of the question's tokens, the
+    space `text` scores in.
+    Sign: the paper presents relevance as the instruction-visual similarity, high = relevant
+    (arXiv 2506.10967, Sec. 3.3, which the authors cite for it in issue #5; issue #22 reads it
+    the same way). The released code negates the cosine before normalising
+    (Theia-4869/CDPruner, llava/model/llava_arch.py, `relevance = (-relevance).mean(dim=-1)`),
+    which ranks the tokens least similar to the instruction highest; users asked why (issues
+    #14, #19, #22: "exactly the opposite of the paper's description"), and the authors answer
+    that it is a phenomenon they observed only with CLIP as LLaVA uses it (#14, pointing to
+    #9): their mixed features (penultimate layer through the last layer's head) anti-align
+    with the text embedding. tokendrop keeps the paper's sign, because it does not use that
+    space: in the LLM embedding space the positive cosine is what `text` ranks by, and it is
+    informative there (on the testbed's validation split, 500 samples, dpp with the positive
+    sign scored 98.6 / 97.8 / 82.0 / 42.4 at 25 / 10 / 5 / 2%, with the code's negated sign
+    95.0 / 86.8 / 76.8 / 58.2).
   - "cls": x_i = the token's CLS attention (probabilities) at the feature layer; no question.
   - "none": r = 1, a plain DPP over S.
   - "allocator" (the default with allocation="hired" / "globalcom2", and only there): x_i =
@@ -145,7 +159,7 @@ class DPP(Method):
         else:
             ids = self.question.question_ids(image).to(image.embed.weight.device)
             question = F.normalize(image.embed(ids).float().to(features.device), dim=-1)
-            x = -(features @ question.T).mean(-1)
+            x = (features @ question.T).mean(-1)  # the paper's sign (see the module docstring)
         return min_max(x)
 
 
