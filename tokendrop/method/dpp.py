@@ -103,7 +103,7 @@ class DPP(Method):
             if self.processor is None:
                 raise ValueError(
                     "dpp with relevance='text' needs processor= (the model's processor or tokenizer) to find "
-                    "and embed the question; relevance='cls' or 'none' needs none"
+                    "and embed the question; relevance='cls', 'none' or 'allocator' needs none"
                 )
             self.question = Text(processor=self.processor)  # the question rule, and its checks
 
