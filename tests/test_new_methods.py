@@ -134,7 +134,7 @@ def test_dpp_global_equals_reference(tiny, eager, batch, budget, relevance):
             r = min_max([float(prob[p, j]) for p, j in feats])
         else:
             ids = [i for i in tokenizer(question, add_special_tokens=False).input_ids if i not in tokenizer.all_special_ids]
-            r = min_max([-sum(cosine(v, table[i]) for i in ids) / len(ids) for v in features])
+            r = min_max([sum(cosine(v, table[i]) for i in ids) / len(ids) for v in features])  # the paper's sign
         assert record.indices == reference_dpp(features, feats, r, reference.keep_count(budget, len(feats)))
 
 
@@ -160,6 +160,65 @@ def test_dpp_allocations_equal_reference(tiny, eager, batch, budget, allocation)
         r = min_max([float(prob[p, j]) for p, j in feats])
         assert record.indices == reference_dpp(features, feats, r, counts)
         assert record.partitions == counts
+
+
+def globalcom2_token_scores(model, batch, layer=-1):
+    """Per image, GlobalCom2's in-partition ranking score from its formula: a base token its own
+    CLS logit; a crop token its logit plus the base logit map bilinearly resized to the unpadded
+    canvas at its position, each L2-normalised over the crop's tokens."""
+    out = []
+    logits_of = reference.cls_logits(model, batch["pixel_values"], batch["image_sizes"], layer)
+    for (height, width), logits in zip(batch["image_sizes"].tolist(), logits_of):
+        side, _, _, (y0, y1, x0, x1) = reference.geometry(model, height, width)
+        feats, _ = reference.features(model, height, width)
+        base = [float(v) for v in logits[0]]
+        canvas = reference.bilinear([base[r * side : (r + 1) * side] for r in range(side)], y1 - y0, x1 - x0)
+        local = [float(logits[p, j]) for p, j in feats]
+        global_ = [0.0 if p == 0 else canvas[(i - side * side) // (x1 - x0)][(i - side * side) % (x1 - x0)]
+                   for i, (p, _) in enumerate(feats)]
+        scores = []
+        for i, (p, _) in enumerate(feats):
+            members = [m for m, (q, _) in enumerate(feats) if q == p]
+            if p == 0:
+                scores.append(local[i])
+            else:
+                scores.append(local[i] / math.sqrt(sum(local[m] ** 2 for m in members))
+                              + global_[i] / math.sqrt(sum(global_[m] ** 2 for m in members)))
+        out.append(scores)
+    return out
+
+
+@pytest.mark.parametrize("budget", BUDGETS + [0.02])
+@pytest.mark.parametrize("allocation", ["hired", "globalcom2"])
+def test_dpp_allocator_relevance_equals_reference(tiny, eager, batch, budget, allocation):
+    """The default with an allocator: r is that method's own ranking score, min-max normalised
+    within each partition, and the DPP runs on the allocator's counts."""
+    model, processor = tiny
+    handle = tokendrop.patch(model, "dpp", budget=budget, allocation=allocation)  # no processor needed
+    assert handle.method.relevance == "allocator"
+    greedy(model, batch, n=1)
+    if allocation == "hired":
+        splits = reference.hired(eager, batch["pixel_values"], batch["image_sizes"], budget)
+        probs = reference.eager_cls_attention(eager, batch["pixel_values"], batch["image_sizes"], -2)
+        scores_of = [[float(prob[p, j]) for p, j in reference.features(model, h, w)[0]]
+                     for (h, w), prob in zip(batch["image_sizes"].tolist(), probs)]
+    else:
+        splits = reference.globalcom2(model, batch["pixel_values"], batch["image_sizes"], budget)
+        scores_of = globalcom2_token_scores(model, batch)
+    for row, ((features, feats), record, scores) in enumerate(zip(image_features(model, batch), handle.last, scores_of)):
+        n_parts = 1 + max(p for p, _ in feats)
+        counts = [sum(1 for i in splits[row] if feats[i][0] == p) for p in range(n_parts)]
+        r = [0.0] * len(feats)
+        for p in range(n_parts):
+            members = [i for i, (q, _) in enumerate(feats) if q == p]
+            for i, v in zip(members, min_max([scores[i] for i in members])):
+                r[i] = v
+        assert record.indices == reference_dpp(features, feats, r, counts)
+        assert record.partitions == counts
+        # a partition that keeps one token keeps the allocator's own top token
+        for p, count in enumerate(counts):
+            if count == 1:
+                assert [i for i in record.indices if feats[i][0] == p] == [i for i in splits[row] if feats[i][0] == p]
 
 
 @pytest.mark.parametrize("budget", BUDGETS + [0.5])
@@ -220,7 +279,8 @@ def test_hired_count_allocation_equals_reference(tiny, eager, batch, budget, alp
 @pytest.mark.parametrize(
     "method, options, error, message",
     [
-        ("dpp", dict(relevance="clip", processor=None), ValueError, "'text', 'cls', 'none'"),
+        ("dpp", dict(relevance="clip", processor=None), ValueError, "'text', 'cls', 'none', 'allocator'"),
+        ("dpp", dict(relevance="allocator", allocation="partition"), ValueError, "needs allocation='hired' or"),
         ("dpp", dict(relevance="cls", allocation="crops"), ValueError, "'global', 'partition', 'hired', 'globalcom2'"),
         ("dpp", dict(), ValueError, "needs processor="),
         ("dpp", dict(processor=42), TypeError, "processor="),

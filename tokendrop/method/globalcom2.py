@@ -39,8 +39,11 @@ class GlobalCom2(Method):
         return {self.score_layer: "logits"}
 
     def select(self, image: EncodedImage) -> torch.Tensor:
-        logits = image.cls_scores(self.score_layer)
-        return top_k_per_partition(self.token_scores(image.layout, logits), image.layout.partition, self.counts(image))
+        return top_k_per_partition(self.scores(image), image.layout.partition, self.counts(image))
+
+    def scores(self, image: EncodedImage) -> torch.Tensor:
+        """(N,) the importance each partition's tokens are ranked by (see `token_scores`)."""
+        return self.token_scores(image.layout, image.cls_scores(self.score_layer))
 
     def counts(self, image: EncodedImage) -> torch.Tensor:
         """(P,) tokens kept per partition, summing exactly to the budget's count."""

@@ -46,8 +46,11 @@ class HiRED(Method):
         return {self.alloc_layer: "probs", self.select_layer: "probs"}
 
     def select(self, image: EncodedImage) -> torch.Tensor:
-        scores = image.layout.per_feature(image.cls_scores(self.select_layer))
-        return top_k_per_partition(scores, image.layout.partition, self.counts(image))
+        return top_k_per_partition(self.scores(image), image.layout.partition, self.counts(image))
+
+    def scores(self, image: EncodedImage) -> torch.Tensor:
+        """(N,) the importance each partition's tokens are ranked by: CLS attention at select_layer."""
+        return image.layout.per_feature(image.cls_scores(self.select_layer))
 
     def counts(self, image: EncodedImage) -> torch.Tensor:
         """(P,) tokens kept per partition, summing exactly to the budget's count."""
