@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 import transformers
+from packaging.version import Version
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from packaging.version import Version
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
@@ -93,7 +93,10 @@ class LlavaNextAdapter:
             n_partitions = 1 + grid[0] * grid[1]
             source = torch.arange(n_partitions * tile, dtype=torch.float64).view(n_partitions, tile, 1)
             packed, _ = self.vlm.pack_image_features(
-                [source], torch.tensor([key]), "default", image_newline=torch.tensor([float(NEWLINE)], dtype=torch.float64)
+                [source],
+                torch.tensor([key]),
+                "default",
+                image_newline=torch.tensor([float(NEWLINE)], dtype=torch.float64),
             )
             self._layouts[key] = ImageLayout(self.side, tuple(grid), packed[0][:, 0].round().long())
         return self._layouts[key]
@@ -112,7 +115,9 @@ class LlavaNextAdapter:
         except (TypeError, ValueError, RuntimeError):
             sizes = None
         if sizes is None or sizes.dim() != 2 or sizes.shape[1] != 2:
-            raise ValueError(f"image_sizes must be (n_images, 2), each image's (height, width); got {image_sizes!r:.200}")
+            raise ValueError(
+                f"image_sizes must be (n_images, 2), each image's (height, width); got {image_sizes!r:.200}"
+            )
         if not torch.equal(sizes.double(), sizes.double().round()) or (sizes < 1).any():
             raise ValueError(f"image_sizes must hold positive integers (height, width in pixels), got {sizes.tolist()}")
         sizes = sizes.long()
@@ -127,8 +132,10 @@ class LlavaNextAdapter:
             )
         needs = [layout.n_partitions for layout in self.layouts(sizes, **vision_kwargs)]  # the base view plus the crops
         if pixel_values.dim() == 4 and pixel_values.shape[0] != sum(needs):
-            raise ValueError(f"4-D pixel_values hold {pixel_values.shape[0]} tiles, but images of sizes "
-                             f"{sizes.tolist()} need {sum(needs)} ({needs}): {expected}")
+            raise ValueError(
+                f"4-D pixel_values hold {pixel_values.shape[0]} tiles, but images of sizes "
+                f"{sizes.tolist()} need {sum(needs)} ({needs}): {expected}"
+            )
         if pixel_values.dim() == 5:
             if pixel_values.shape[0] != len(sizes):
                 raise ValueError(
@@ -136,8 +143,10 @@ class LlavaNextAdapter:
                 )
             for size, need in zip(sizes.tolist(), needs):
                 if need > pixel_values.shape[1]:
-                    raise ValueError(f"an image of size {size} needs {need} tiles (the base view and its crops), but "
-                                     f"pixel_values hold {pixel_values.shape[1]} per image: {expected}")
+                    raise ValueError(
+                        f"an image of size {size} needs {need} tiles (the base view and its crops), but "
+                        f"pixel_values hold {pixel_values.shape[1]} per image: {expected}"
+                    )
         return sizes
 
     # --- the model's parts, for tools that time or inspect them ------------------------
@@ -171,8 +180,16 @@ class LlavaNextAdapter:
         tiles = pixel_values if pixel_values.dim() == 4 else torch.cat([t[:n] for t, n in zip(pixel_values, needs)])
         return self.vision_tower(tiles, output_attentions=True).attentions
 
-    def read(self, input_ids, attention_mask, pixel_values, image_sizes, questions, signals: dict[int, str],
-             vision_kwargs: dict) -> list[EncodedImage]:
+    def read(
+        self,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        image_sizes,
+        questions,
+        signals: dict[int, str],
+        vision_kwargs: dict,
+    ) -> list[EncodedImage]:
         """Every image of a call, checked against its prompt and encoded, with its prompt row
         (padding removed) and the caller's question for that row, in placeholder order."""
         sizes = self.check_images(pixel_values, image_sizes, **vision_kwargs)
@@ -189,9 +206,7 @@ class LlavaNextAdapter:
             packed = self.image_features(pixel_values, image_sizes, **vision_kwargs)
         layouts = self.layouts(image_sizes, **vision_kwargs)
         splits = [layout.n_partitions for layout in layouts]
-        per_layer = {
-            layer: torch.cat(scores).cpu().split(splits) for layer, scores in captured.items()
-        }
+        per_layer = {layer: torch.cat(scores).cpu().split(splits) for layer, scores in captured.items()}
         return [
             EncodedImage(
                 layout=layout,
@@ -212,8 +227,16 @@ class LlavaNextAdapter:
 
     # --- the LLM's side ---------------------------------------------------------------
 
-    def feed(self, input_ids, attention_mask, labels, keep_masks: list[torch.Tensor],
-             kept_features: list[torch.Tensor], pad_side: str, pad_token_id: int) -> tuple[torch.Tensor, dict]:
+    def feed(
+        self,
+        input_ids,
+        attention_mask,
+        labels,
+        keep_masks: list[torch.Tensor],
+        kept_features: list[torch.Tensor],
+        pad_side: str,
+        pad_token_id: int,
+    ) -> tuple[torch.Tensor, dict]:
         """(shortened input_ids, the LLM's keyword inputs): the prompt rows without the
         placeholders of dropped tokens, and `inputs_embeds` holding `kept_features` in the
         remaining placeholders, with the matching attention_mask (and labels, when given)."""
@@ -222,7 +245,9 @@ class LlavaNextAdapter:
         compact["inputs_embeds"] = self.embed_prompt(ids, kept_features)
         return ids, compact
 
-    def compact(self, input_ids, attention_mask, labels, keep_masks: list[torch.Tensor], pad_side: str, pad_token_id: int):
+    def compact(
+        self, input_ids, attention_mask, labels, keep_masks: list[torch.Tensor], pad_side: str, pad_token_id: int
+    ):
         """Drop the placeholders of dropped tokens from every row and re-pad the batch.
 
         `keep_masks[i]` covers image i's packed sequence; images are numbered in (row,
@@ -280,7 +305,9 @@ class LlavaNextAdapter:
         the packed lengths of whole images, in order: the model itself checks only the batch
         total, which can silently move features between rows."""
         per_row = (input_ids == self.image_token_id).sum(1).tolist()
-        return assign_rows(per_row, [layout.packed_source.numel() for layout in self.layouts(image_sizes, **vision_kwargs)])
+        return assign_rows(
+            per_row, [layout.packed_source.numel() for layout in self.layouts(image_sizes, **vision_kwargs)]
+        )
 
 
 def assign_rows(per_row: list[int], image_lengths: list[int]) -> list[int]:

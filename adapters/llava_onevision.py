@@ -53,7 +53,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     @classmethod
     def supports(cls, model) -> bool:
-        return getattr(getattr(model, "config", None), "model_type", None) == "llava_onevision" and hasattr(model, "model")
+        return getattr(getattr(model, "config", None), "model_type", None) == "llava_onevision" and hasattr(
+            model, "model"
+        )
 
     def __init__(self, model):
         check_transformers()
@@ -119,20 +121,21 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def _crops_layout(self, image_size) -> ImageLayout:
         config = self.model.config
-        grid = tuple(get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints,
-                                                 config.vision_config.image_size))
+        grid = tuple(
+            get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints, config.vision_config.image_size)
+        )
         s, (n_h, n_w) = self.side, grid
         # (y, x) canvas patch coordinates of every crop patch; the base tile's are unused
         a, b = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
         tiles = [torch.stack([a, b], -1).flatten(0, 1)]
         tiles += [torch.stack([a + i * s, b + j * s], -1).flatten(0, 1) for i in range(n_h) for j in range(n_w)]
         coords = torch.stack(tiles).double()
-        canvas = self._pack(coords, image_size, config.vision_aspect_ratio)[s * s:]
+        canvas = self._pack(coords, image_size, config.vision_aspect_ratio)[s * s :]
         is_newline = canvas[:, 0] == NEWLINE
         y, x = (torch.floor(canvas[:, c] + 0.5 - TIE).long() for c in (0, 1))
         source = (1 + (y // s) * n_w + x // s) * s * s + (y % s) * s + x % s
         packed_source = torch.cat([torch.arange(s * s), torch.where(is_newline, NEWLINE, source)])
-        uncapped = self._pack(coords, image_size, UNCAPPED)[s * s:]
+        uncapped = self._pack(coords, image_size, UNCAPPED)[s * s :]
         resampled = uncapped.shape[0] != canvas.shape[0]
         box = None
         if resampled:

@@ -50,8 +50,10 @@ def resolved_method(hf_config):
             f"{hf_config.vision_feature_layer!r}"
         )
     if "clip" not in hf_config.vision_config.model_type:
-        raise ValueError(f"tokendrop scores tokens by CLS attention of a CLIP vision tower; this model's tower is "
-                         f"{hf_config.vision_config.model_type!r}")
+        raise ValueError(
+            f"tokendrop scores tokens by CLS attention of a CLIP vision tower; this model's tower is "
+            f"{hf_config.vision_config.model_type!r}"
+        )
     hidden = hf_config.vision_feature_layer
     geometry = SimpleNamespace(  # what Method.resolve reads of the HF adapter, from the same config
         n_vision_layers=hf_config.vision_config.num_hidden_layers,
@@ -106,8 +108,10 @@ class TokendropProcessingInfo(LlavaNextProcessingInfo):
         full = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
         image = layout(self.get_hf_config(), (image_height, image_width))
         if image.packed_source.numel() != full:
-            raise RuntimeError(f"tokendrop's layout of a {image_height}x{image_width} image has "
-                               f"{image.packed_source.numel()} tokens, vLLM counts {full}")
+            raise RuntimeError(
+                f"tokendrop's layout of a {image_height}x{image_width} image has "
+                f"{image.packed_source.numel()} tokens, vLLM counts {full}"
+            )
         return vllm_plugin.placeholder_count(self.tokendrop_method(), image)
 
 
@@ -127,8 +131,10 @@ class TokendropLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
         for index in wanted:
             attention = layers[index].self_attn
             if attention.num_heads_per_partition != attention.num_heads:
-                raise ValueError("the tokendrop vLLM plugin needs the vision tower unsharded (tensor_parallel_size=1, "
-                                 "or mm_encoder_tp_mode='data'): CLS scores sum over all heads")
+                raise ValueError(
+                    "the tokendrop vLLM plugin needs the vision tower unsharded (tensor_parallel_size=1, "
+                    "or mm_encoder_tp_mode='data'): CLS scores sum over all heads"
+                )
             self._attention[index] = attention
 
     def _build_deeper_tower(self, vllm_config, prefix: str, n_layers: int) -> None:
@@ -143,15 +149,20 @@ class TokendropLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
             raise ValueError(f"tokendrop scores with a CLIP tower; this model's is {type(self.vision_tower).__name__}")
         with self._mark_tower_model(vllm_config, "image"):
             self.vision_tower = CLIPVisionModel(
-                self.config.vision_config, quant_config=vllm_config.quant_config, num_hidden_layers_override=n_layers,
-                require_post_norm=False, prefix=maybe_prefix(prefix, "vision_tower"),
+                self.config.vision_config,
+                quant_config=vllm_config.quant_config,
+                num_hidden_layers_override=n_layers,
+                require_post_norm=False,
+                prefix=maybe_prefix(prefix, "vision_tower"),
             )
         self.select_layers = [self.config.vision_feature_layer]
 
     def _process_image_input(self, image_input):
         if isinstance(image_input, LlavaNextImageEmbeddingInputs):
-            raise ValueError("the tokendrop vLLM model prunes images from their pixels; precomputed image_embeds "
-                             "carry no CLS attention to select by: send the image itself")
+            raise ValueError(
+                "the tokendrop vLLM model prunes images from their pixels; precomputed image_embeds "
+                "carry no CLS attention to select by: send the image itself"
+            )
         method = self.tokendrop_method
         kinds = {layer % self.n_vision_layers: kind for layer, kind in method.signals().items()}
         with self._capture(kinds) as captured:
@@ -167,8 +178,9 @@ class TokendropLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
             packed = self._merge_image_patch_embeddings(size, embeddings, strategy="spatial_unpad")
             image_layout = layout(self.config, size.tolist())
             if packed.shape[0] != image_layout.packed_source.numel():
-                raise RuntimeError(f"vLLM packed {packed.shape[0]} tokens, tokendrop's layout has "
-                                   f"{image_layout.packed_source.numel()}")
+                raise RuntimeError(
+                    f"vLLM packed {packed.shape[0]} tokens, tokendrop's layout has {image_layout.packed_source.numel()}"
+                )
             p = image_layout.n_partitions
             image = EncodedImage(
                 layout=image_layout,
@@ -184,14 +196,22 @@ class TokendropLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
             mask = packed_keep_mask(image_layout, kept, method.newlines)
             expected = vllm_plugin.placeholder_count(method, image_layout)
             if int(mask.sum()) != expected:
-                raise RuntimeError(f"{method.name} kept {int(mask.sum())} tokens of an image the processor gave "
-                                   f"{expected} placeholders")
+                raise RuntimeError(
+                    f"{method.name} kept {int(mask.sum())} tokens of an image the processor gave "
+                    f"{expected} placeholders"
+                )
             kept_vectors.append(packed[mask.to(packed.device)])
-            vllm_plugin.record(dict(
-                image_size=[int(v) for v in size.tolist()], method=method.name, budget=method.budget,
-                n_before=image_layout.n_features, n_kept=int(kept.numel()),
-                n_newlines=int(mask[image_layout.newline_positions].sum()), indices=kept.tolist(),
-            ))
+            vllm_plugin.record(
+                dict(
+                    image_size=[int(v) for v in size.tolist()],
+                    method=method.name,
+                    budget=method.budget,
+                    n_before=image_layout.n_features,
+                    n_kept=int(kept.numel()),
+                    n_newlines=int(mask[image_layout.newline_positions].sum()),
+                    indices=kept.tolist(),
+                )
+            )
         return kept_vectors
 
     @contextmanager

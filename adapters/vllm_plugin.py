@@ -64,17 +64,20 @@ def server_options(hf_config) -> dict:
     if raw is None or raw == "":
         raise ValueError(
             f"the tokendrop vLLM model needs a method: pass hf_overrides={{'{CONFIG_KEY}': {{'method': 'hired', "
-            f"'budget': 0.25}}}} or set {ENV}='{{\"method\": \"hired\", \"budget\": 0.25}}'"
+            f'\'budget\': 0.25}}}} or set {ENV}=\'{{"method": "hired", "budget": 0.25}}\''
         )
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{source} must be a JSON object such as {{\"method\": \"hired\", \"budget\": 0.25}}: "
-                             f"{error}") from None
+            raise ValueError(
+                f'{source} must be a JSON object such as {{"method": "hired", "budget": 0.25}}: {error}'
+            ) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("method"), str):
-        raise ValueError(f"{source} must be an object with a 'method' name, e.g. {{\"method\": \"hired\", "
-                         f"\"budget\": 0.25}}; got {raw!r}")
+        raise ValueError(
+            f'{source} must be an object with a \'method\' name, e.g. {{"method": "hired", '
+            f'"budget": 0.25}}; got {raw!r}'
+        )
     return dict(raw)
 
 
@@ -100,7 +103,9 @@ def build_method(options: dict) -> Method:
         )
     options.setdefault("newlines", DEFAULT_NEWLINES)
     if options["newlines"] not in NEWLINE_POLICIES:
-        raise ValueError(f"newlines must be one of {', '.join(map(repr, NEWLINE_POLICIES))}, got {options['newlines']!r}")
+        raise ValueError(
+            f"newlines must be one of {', '.join(map(repr, NEWLINE_POLICIES))}, got {options['newlines']!r}"
+        )
     return build(name, **options)
 
 

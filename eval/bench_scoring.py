@@ -92,8 +92,12 @@ def measure(run, device) -> dict:
         run()
         synchronize(device)
         seconds = time.perf_counter() - start
-    return {"time_s": seconds, "peak_memory_bytes": memory.peak_bytes, "added_memory_bytes": memory.added_bytes,
-            "memory_kind": memory.kind}
+    return {
+        "time_s": seconds,
+        "peak_memory_bytes": memory.peak_bytes,
+        "added_memory_bytes": memory.added_bytes,
+        "memory_kind": memory.kind,
+    }
 
 
 def score_differences(model, pixel_values, image_sizes, attention, kinds) -> dict[int, float]:
@@ -134,14 +138,16 @@ def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtyp
     scored = {method: method_layers(model, method) for method in methods}
     runs = variants(model, pixel_values, image_sizes, scored)
     with torch.inference_mode():
-        differences = {method: score_differences(model, pixel_values, image_sizes, *layers)
-                       for method, layers in scored.items()}
+        differences = {
+            method: score_differences(model, pixel_values, image_sizes, *layers) for method, layers in scored.items()
+        }
         for run in runs.values():
             run()  # warm-up
         samples = interleaved(runs, repeats, device)
     stats = {
-        name: {key: summarise([s[key] for s in runs_of])
-               for key in ("time_s", "peak_memory_bytes", "added_memory_bytes")}
+        name: {
+            key: summarise([s[key] for s in runs_of]) for key in ("time_s", "peak_memory_bytes", "added_memory_bytes")
+        }
         for name, runs_of in samples.items()
     }
     return {
@@ -152,8 +158,11 @@ def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtyp
         "device": str(device),
         "device_name": device_name(device),
         "attn_implementation": adapter_for(model).vision_tower.config._attn_implementation,
-        "versions": {"tokendrop": tokendrop.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
+        "versions": {
+            "tokendrop": tokendrop.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
         "image_size": list(IMAGE_SIZE),
         "tiles": int(pixel_values.shape[1]),
         "scored_layers": {method: kinds for method, (_, kinds) in scored.items()},
@@ -164,7 +173,8 @@ def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtyp
         "ratios": {f"{name}/plain": ratios(stats[name], stats["plain"]) for name in runs if name != "plain"},
         "hooks_extra_memory_bytes": {
             name: stats[name]["added_memory_bytes"]["median"] - stats["plain"]["added_memory_bytes"]["median"]
-            for name in runs if name.startswith("hooks:")
+            for name in runs
+            if name.startswith("hooks:")
         },
         "score_max_abs_diff": differences,
         "target": TARGET,
@@ -182,8 +192,10 @@ def ratios(variant: dict, plain: dict) -> dict:
 
 
 def meets_target(result: dict, name: str) -> bool:
-    return (result["ratios"][f"{name}/plain"]["time_s"] <= TARGET["time_ratio"]
-            and result["hooks_extra_memory_bytes"][name] <= TARGET["extra_memory_bytes"])
+    return (
+        result["ratios"][f"{name}/plain"]["time_s"] <= TARGET["time_ratio"]
+        and result["hooks_extra_memory_bytes"][name] <= TARGET["extra_memory_bytes"]
+    )
 
 
 def report(result: dict) -> str:
@@ -197,8 +209,14 @@ def report(result: dict) -> str:
     rows = []
     for name, stats in result["variants"].items():
         time_s, peak, added = stats["time_s"], stats["peak_memory_bytes"], stats["added_memory_bytes"]
-        rows.append([name, f"{time_s['median']:.3f} ({time_s['min']:.3f}-{time_s['max']:.3f})",
-                     f"{peak['median'] / mb:.0f}", f"{added['median'] / mb:.0f}"])
+        rows.append(
+            [
+                name,
+                f"{time_s['median']:.3f} ({time_s['min']:.3f}-{time_s['max']:.3f})",
+                f"{peak['median'] / mb:.0f}",
+                f"{added['median'] / mb:.0f}",
+            ]
+        )
     lines.append(text_table(["variant", "time s (min-max)", "peak MB", "added MB"], rows))
     for name, ratio in result["ratios"].items():
         lines.append(
@@ -229,9 +247,13 @@ def main(argv: list[str] | None = None) -> None:
     # the CLS hooks and eager CLS rows below are CLIP's: LLaVA-NeXT presets only
     clip_presets = [name for name in PRESETS.names() if PRESETS.get(name).get("family", "llava_next") == "llava_next"]
     parser.add_argument("--preset", choices=clip_presets, default="llava-next-shape")
-    parser.add_argument("--methods", nargs="+", default=["hired", "globalcom2"],
-                        choices=[m for m in METHODS.names() if METHODS.get(m).signals is not Method.signals],
-                        help="methods whose score hooks are measured (those that score with CLS attention)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["hired", "globalcom2"],
+        choices=[m for m in METHODS.names() if METHODS.get(m).signals is not Method.signals],
+        help="methods whose score hooks are measured (those that score with CLS attention)",
+    )
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench_scoring.json"))
     parser.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")

@@ -42,8 +42,9 @@ def encoded_image(model, adapter, device: torch.device, seed: int = 0) -> Encode
     probs = torch.rand(adapter.n_vision_layers, layout.n_partitions, layout.tile, generator=generator)
     cls = {layer: probs[layer] / probs[layer].sum(-1, keepdim=True) for layer in range(adapter.n_vision_layers)}
     embedding = model.get_input_embeddings()
-    return EncodedImage(layout=layout, packed=packed, cls=cls, n_layers=adapter.n_vision_layers,
-                        embed=embedding, question=QUESTION)
+    return EncodedImage(
+        layout=layout, packed=packed, cls=cls, n_layers=adapter.n_vision_layers, embed=embedding, question=QUESTION
+    )
 
 
 def time_select(method, image: EncodedImage, repeats: int, device: torch.device) -> dict:
@@ -82,20 +83,43 @@ def benchmark(preset: str, repeats: int, devices: list[torch.device], budgets=(0
         results[str(device)] = dict(device_name=device_name(device), methods=rows)
     layout = adapter.layout(IMAGE_SIZE)
     return dict(
-        preset=preset, image_size=list(IMAGE_SIZE), n_features=layout.n_features, repeats=repeats,
-        budgets=list(budgets), torch=torch.__version__, threads=torch.get_num_threads(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), devices=results,
+        preset=preset,
+        image_size=list(IMAGE_SIZE),
+        n_features=layout.n_features,
+        repeats=repeats,
+        budgets=list(budgets),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        devices=results,
     )
 
 
 def report(result: dict) -> str:
-    lines = [f"select + keep mask, {result['preset']} {result['image_size']}, N = {result['n_features']}, "
-             f"{result['repeats']} repeats"]
+    lines = [
+        f"select + keep mask, {result['preset']} {result['image_size']}, N = {result['n_features']}, "
+        f"{result['repeats']} repeats"
+    ]
     for device, block in result["devices"].items():
-        rows = [[key, row["kept"], f"{row['median_s'] * 1e3:.2f}", f"{row['min_s'] * 1e3:.2f}",
-                 f"{row['max_s'] * 1e3:.2f}", f"{row['ratio_to_hired']:.2f}"] for key, row in block["methods"].items()]
-        lines.append("\n" + text_table(["method@budget", "kept", "median ms", "min ms", "max ms", "x hired"], rows,
-                                        title=f"{device} ({block['device_name']})"))
+        rows = [
+            [
+                key,
+                row["kept"],
+                f"{row['median_s'] * 1e3:.2f}",
+                f"{row['min_s'] * 1e3:.2f}",
+                f"{row['max_s'] * 1e3:.2f}",
+                f"{row['ratio_to_hired']:.2f}",
+            ]
+            for key, row in block["methods"].items()
+        ]
+        lines.append(
+            "\n"
+            + text_table(
+                ["method@budget", "kept", "median ms", "min ms", "max ms", "x hired"],
+                rows,
+                title=f"{device} ({block['device_name']})",
+            )
+        )
     return "\n".join(lines)
 
 
@@ -107,8 +131,9 @@ def positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tokendrop.eval.bench_selection",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tokendrop.eval.bench_selection", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--preset", choices=PRESETS.names(), default="llava-next-shape")
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench_selection.json"))

@@ -85,9 +85,7 @@ def _split_files(path: Path, split: str) -> list[Path]:
                 f"{path} holds {len(files)} {suffix} files, none named after split {split!r} "
                 f"({split}-*{suffix} or a {split}/ folder): point at one file, or a folder of that split only"
             )
-    raise ValueError(
-        f"{path} holds no dataset: expected a save_to_disk directory, .parquet files or .jsonl files"
-    )
+    raise ValueError(f"{path} holds no dataset: expected a save_to_disk directory, .parquet files or .jsonl files")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -100,8 +98,10 @@ def _read_jsonl(path: Path) -> list[dict]:
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
                 if not isinstance(row, dict):
-                    raise ValueError(f"{path}, line {number}: expected a JSON object ({{\"image\": ..., "
-                                     f"\"question\": ...}}), got a {type(row).__name__}")
+                    raise ValueError(
+                        f'{path}, line {number}: expected a JSON object ({{"image": ..., '
+                        f'"question": ...}}), got a {type(row).__name__}'
+                    )
                 rows.append(row)
     return rows
 

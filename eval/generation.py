@@ -8,8 +8,9 @@ from PIL import Image
 from ..harness import chat_prompt
 
 
-def generate_answers(model, processor, images: list[list[Image.Image]], questions: list[str],
-                     max_new_tokens: int, **generation) -> list[str]:
+def generate_answers(
+    model, processor, images: list[list[Image.Image]], questions: list[str], max_new_tokens: int, **generation
+) -> list[str]:
     """One answer per question (each with its own images), generated as one left-padded batch;
     greedy unless `generation` says otherwise. Only the new tokens are decoded. `stop_strings`
     in `generation` end a row at any of them (the tokenizer is passed for it), and the text
@@ -24,7 +25,7 @@ def generate_answers(model, processor, images: list[list[Image.Image]], question
         settings |= {"stop_strings": stops, "tokenizer": processor.tokenizer}
     with torch.no_grad():
         out = model.generate(**inputs, **settings)
-    new = out[:, inputs["input_ids"].shape[1]:]  # a patched generate returns the original prompt first
+    new = out[:, inputs["input_ids"].shape[1] :]  # a patched generate returns the original prompt first
     return [cut(text, stops).strip() for text in processor.batch_decode(new, skip_special_tokens=True)]
 
 

@@ -52,17 +52,29 @@ class LlavaHfTokendrop(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str = "llava-hf/llava-v1.6-vicuna-7b-hf", method: str = "hired",
-                 budget: float | int = 0.2, dtype: str = "auto", device: str | None = None, device_map=None,
-                 batch_size: int | str = 1, max_batch_size: int | None = None, load_in_4bit: bool = False,
-                 load_in_8bit: bool = False, attn_implementation: str | None = None, **options):
+    def __init__(
+        self,
+        pretrained: str = "llava-hf/llava-v1.6-vicuna-7b-hf",
+        method: str = "hired",
+        budget: float | int = 0.2,
+        dtype: str = "auto",
+        device: str | None = None,
+        device_map=None,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
+        attn_implementation: str | None = None,
+        **options,
+    ):
         # max_batch_size: lmms-eval passes it for --batch_size auto, which this model does not do
         super().__init__()
         try:
             self.batch_size = int(batch_size)
         except ValueError:
-            raise ValueError(f"llava_hf_tokendrop takes a fixed batch size (e.g. --batch_size 4), "
-                             f"got {batch_size!r}") from None
+            raise ValueError(
+                f"llava_hf_tokendrop takes a fixed batch size (e.g. --batch_size 4), got {batch_size!r}"
+            ) from None
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if method == REFERENCE and options:
@@ -80,8 +92,11 @@ class LlavaHfTokendrop(lmms):
             device_map = device
         self.pretrained = pretrained
         self.model = load_model(pretrained, dtype, device_map, load_in_4bit, load_in_8bit, attn_implementation)
-        self.handle = None if method == REFERENCE else tokendrop.patch(
-            self.model, method, budget=budget, processor=self.processor, **options)
+        self.handle = (
+            None
+            if method == REFERENCE
+            else tokendrop.patch(self.model, method, budget=budget, processor=self.processor, **options)
+        )
 
     def generate_until(self, requests) -> list[str]:
         answers: list[str | None] = [None] * len(requests)
@@ -108,8 +123,9 @@ class LlavaHfTokendrop(lmms):
                 texts = generate_answers(self.model, self.processor, images, questions, **generation)
                 for i, text in zip(chunk, texts):  # generation stopped at, and cut before, `until`
                     answers[i] = text
-                    self.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]),
-                                                answers[i])
+                    self.cache_hook.add_partial(
+                        "generate_until", (requests[i].args[0], requests[i].args[1]), answers[i]
+                    )
                 bar.update(len(chunk))
         bar.close()
         return answers
@@ -127,8 +143,11 @@ def _generation_settings(gen_kwargs: dict) -> dict:
     """lmms-eval's generation kwargs as `generate` takes them: greedy unless temperature > 0.
     Other keys are settings for other models (e.g. llava's image_aspect_ratio) and are ignored."""
     temperature = float(gen_kwargs.get("temperature") or 0)
-    settings = dict(max_new_tokens=int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
-                    num_beams=int(gen_kwargs.get("num_beams") or 1), do_sample=temperature > 0)
+    settings = dict(
+        max_new_tokens=int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+        num_beams=int(gen_kwargs.get("num_beams") or 1),
+        do_sample=temperature > 0,
+    )
     if temperature > 0:
         settings["temperature"] = temperature
         if gen_kwargs.get("top_p") is not None:

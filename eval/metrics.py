@@ -21,7 +21,7 @@ from collections import defaultdict
 # --- VQA answer normalisation (the EvalAI processor used by VQAv2's and TextVQA's servers) ---
 
 # `p` is deleted when it touches a space somewhere in the text, else replaced by a space.
-PUNCTUATION = ";/[]\"{}()=+\\_-><@`,?!"
+PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
 PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("3.5" keeps its own)
 NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 NUMBERS["none"] = "0"  # as the official table: "none" and "0" are the same answer
@@ -146,13 +146,23 @@ def pope_metrics(predictions: list[str], references: list[str]) -> dict[str, flo
 
 # --- MME --------------------------------------------------------------------------------
 
-MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
-                  "artwork", "OCR")
+MME_PERCEPTION = (
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+)
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
 def mme_answer(prediction: str) -> str:
-    """"yes", "no" or "other", as MME's evaluation tool reads an answer: lower-cased, "yes" or
+    """ "yes", "no" or "other", as MME's evaluation tool reads an answer: lower-cased, "yes" or
     "no" itself, else whichever of them occurs in its first four characters."""
     text = prediction.lower().strip()
     if text in ("yes", "no"):

@@ -93,52 +93,63 @@ class SweepConfig:
 
     def __post_init__(self):
         if not isinstance(self.model, str):
-            raise TypeError(f"model must be a preset name or a Hugging Face id/path (pass a loaded model to "
-                            f"sweep(config, model=...)), got {type(self.model).__name__}")
+            raise TypeError(
+                f"model must be a preset name or a Hugging Face id/path (pass a loaded model to "
+                f"sweep(config, model=...)), got {type(self.model).__name__}"
+            )
         if isinstance(self.tasks, str) or not isinstance(self.tasks, (list, tuple)) or not self.tasks:
-            raise TypeError(f"tasks must be a non-empty list of task names ({', '.join(TASKS.names())}), "
-                            f"got {self.tasks!r}")
+            raise TypeError(
+                f"tasks must be a non-empty list of task names ({', '.join(TASKS.names())}), got {self.tasks!r}"
+            )
         self.tasks = list(self.tasks)
         for name in self.tasks:
             TASKS.get(name)
         if self.methods is not None and not isinstance(self.methods, (list, tuple)):
-            raise TypeError(f"methods must be a list of method names ({', '.join(METHODS.names())}), "
-                            f"got {self.methods!r}")
+            raise TypeError(
+                f"methods must be a list of method names ({', '.join(METHODS.names())}), got {self.methods!r}"
+            )
         self.methods = list(METHODS.names() if self.methods is None else self.methods)
         if REFERENCE in self.methods:
-            raise ValueError(f"{REFERENCE!r} is the unpatched reference, evaluated in every sweep: leave it out of "
-                             "methods")
+            raise ValueError(
+                f"{REFERENCE!r} is the unpatched reference, evaluated in every sweep: leave it out of methods"
+            )
         for name in self.methods:
             owners = [t for t, task in TASKS.items() if name in task.methods]
             if not owners:
                 METHODS.get(name)
             elif any(t not in owners for t in self.tasks):
-                raise ValueError(f"method {name!r} is evaluation-only, offered by the {', '.join(owners)} task; "
-                                 f"this sweep also runs {', '.join(t for t in self.tasks if t not in owners)}: "
-                                 "sweep it separately")
+                raise ValueError(
+                    f"method {name!r} is evaluation-only, offered by the {', '.join(owners)} task; "
+                    f"this sweep also runs {', '.join(t for t in self.tasks if t not in owners)}: "
+                    "sweep it separately"
+                )
         if not isinstance(self.budgets, (list, tuple)):
-            raise TypeError(f"budgets must be a list of fractions in (0, 1] and/or token counts, e.g. [0.1, 64]; "
-                            f"got {self.budgets!r}")
+            raise TypeError(
+                f"budgets must be a list of fractions in (0, 1] and/or token counts, e.g. [0.1, 64]; "
+                f"got {self.budgets!r}"
+            )
         self.budgets = [check_budget(b) for b in self.budgets]
         if not self.budgets or len(set(map(repr, self.budgets))) != len(self.budgets):
             raise ValueError(f"budgets must be a non-empty list without repeats, got {self.budgets!r}")
         self.options = {m: dict(o) for m, o in (self.options or {}).items()}
         for name, opts in self.options.items():
             if name not in self.methods:
-                raise ValueError(f"options given for method {name!r}, which this sweep does not run "
-                                 f"({', '.join(self.methods)})")
+                raise ValueError(
+                    f"options given for method {name!r}, which this sweep does not run ({', '.join(self.methods)})"
+                )
             if "budget" in opts:
                 raise ValueError(f"options for {name!r}: the budget is swept; set it with budgets, not options")
             try:
                 json.dumps(opts)
             except TypeError:
-                raise TypeError(f"options for {name!r} must be plain values (numbers, strings, lists): they are "
-                                f"recorded in run.json; got {opts!r}") from None
+                raise TypeError(
+                    f"options for {name!r} must be plain values (numbers, strings, lists): they are "
+                    f"recorded in run.json; got {opts!r}"
+                ) from None
         self.data = dict(self.data or {})
         for name in self.data:
             if name not in self.tasks:
-                raise ValueError(f"--data names task {name!r}, which this sweep does not run "
-                                 f"({', '.join(self.tasks)})")
+                raise ValueError(f"--data names task {name!r}, which this sweep does not run ({', '.join(self.tasks)})")
         for value, what in ((self.limit, "limit"), (self.max_new_tokens, "max_new_tokens")):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{what} must be an int >= 1 (or None), got {value!r}")
@@ -152,9 +163,11 @@ class SweepConfig:
             raise ValueError("pick one of load_in_4bit and load_in_8bit")
         check_device_map(self.device_map)
         if (self.rank is None) != (self.world_size is None) or (
-                self.rank is not None and not 0 <= self.rank < self.world_size):
-            raise ValueError(f"give both rank and world_size, with 0 <= rank < world_size; got {self.rank!r}, "
-                             f"{self.world_size!r}")
+            self.rank is not None and not 0 <= self.rank < self.world_size
+        ):
+            raise ValueError(
+                f"give both rank and world_size, with 0 <= rank < world_size; got {self.rank!r}, {self.world_size!r}"
+            )
         self.out = Path(self.out)
 
     @property
@@ -190,11 +203,24 @@ class Plan:
         revision, other data files, another tokendrop) never resumes into the same records."""
         c = self.config
         return dict(
-            model=self.model, dtype=c.dtype, quantization=c.quantization,
-            tasks={t: {"data": self.data[t] or task.hub[0], "data_files": self.data_files[t],
-                       "max_new_tokens": self.max_new_tokens[t]} for t, task in self.tasks.items()},
-            methods=c.methods, budgets=c.budgets, options=self.options, limit=c.limit, seed=c.seed,
-            generation="greedy", tokendrop=tokendrop.__version__,
+            model=self.model,
+            dtype=c.dtype,
+            quantization=c.quantization,
+            tasks={
+                t: {
+                    "data": self.data[t] or task.hub[0],
+                    "data_files": self.data_files[t],
+                    "max_new_tokens": self.max_new_tokens[t],
+                }
+                for t, task in self.tasks.items()
+            },
+            methods=c.methods,
+            budgets=c.budgets,
+            options=self.options,
+            limit=c.limit,
+            seed=c.seed,
+            generation="greedy",
+            tokendrop=tokendrop.__version__,
         )
 
 
@@ -209,8 +235,12 @@ def plan_sweep(config: SweepConfig, processor, model: nn.Module | None = None) -
             cell_method(built.values(), name, budget, processor, options.get(name, {}))
     sources = {t: _source(config.data.get(t)) for t in built}
     return Plan(
-        config=config, model=model_identity(config.model, model), tasks=built, options=options,
-        data=sources, data_files={t: fingerprint(source) for t, source in sources.items()},
+        config=config,
+        model=model_identity(config.model, model),
+        tasks=built,
+        options=options,
+        data=sources,
+        data_files={t: fingerprint(source) for t, source in sources.items()},
         max_new_tokens={t: config.max_new_tokens or task.max_new_tokens for t, task in built.items()},
     )
 
@@ -282,11 +312,14 @@ def claim_run(out: Path, plan: Plan) -> str:
         existing = json.loads(path.read_text())
         existing_id, existing_config = existing["run_id"], existing["identity"]
     except (ValueError, TypeError, KeyError):
-        raise ValueError(f"{path} is not a sweep's run file (it is empty or cut short): delete {out} to start "
-                         "the sweep over, or give it another output directory") from None
+        raise ValueError(
+            f"{path} is not a sweep's run file (it is empty or cut short): delete {out} to start "
+            "the sweep over, or give it another output directory"
+        ) from None
     if existing_id != run_id:
-        changed = ", ".join(f"{k}{WHY_CHANGED.get(k.split('.')[-1], '')}"
-                            for k in _differences(identity, existing_config))
+        changed = ", ".join(
+            f"{k}{WHY_CHANGED.get(k.split('.')[-1], '')}" for k in _differences(identity, existing_config)
+        )
         raise ValueError(
             f"{out} holds run {existing_id}, whose configuration differs in: {changed}. "
             "Resume it with the same arguments, or give this sweep another output directory"
@@ -316,8 +349,9 @@ def _differences(new: dict, old: dict, prefix: str = "") -> list[str]:
 
 def read_records(out: Path) -> list[dict]:
     """Every complete record of every process."""
-    return [r for path in sorted(out.glob("records.rank*.jsonl"))
-            for r in _parse(path, path.read_text(encoding="utf-8"))]
+    return [
+        r for path in sorted(out.glob("records.rank*.jsonl")) for r in _parse(path, path.read_text(encoding="utf-8"))
+    ]
 
 
 RECORD_KEYS = {"task", "method", "budget", "index", "error"}
@@ -335,8 +369,10 @@ def _parse(path: Path, text: str) -> list[dict]:
         except ValueError:
             record = None
         if not isinstance(record, dict) or not RECORD_KEYS <= record.keys():
-            raise ValueError(f"{path}, line {number}: not a record. To redo only its sample, delete that line; "
-                             "to start the sweep over, delete the directory")
+            raise ValueError(
+                f"{path}, line {number}: not a record. To redo only its sample, delete that line; "
+                "to start the sweep over, delete the directory"
+            )
         records.append(record)
     return records
 
@@ -349,8 +385,10 @@ def _locked(out: Path, rank: int):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(f"another sweep is writing {out / f'records.rank{rank}.jsonl'} now: wait for it to end, "
-                             "or give this sweep another output directory") from None
+            raise ValueError(
+                f"another sweep is writing {out / f'records.rank{rank}.jsonl'} now: wait for it to end, "
+                "or give this sweep another output directory"
+            ) from None
         yield  # the lock goes with the file: closed here, or by the system when the process dies
 
 
@@ -401,8 +439,10 @@ def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -
     that writes it (rank 0), None on the others. `model`/`processor`: a model already loaded
     (`config.model` then only names it); by default `config.model` is loaded."""
     if not isinstance(config, SweepConfig):
-        raise TypeError(f"sweep takes a SweepConfig, e.g. sweep(SweepConfig('testbed', ['testbed'], 'runs/x')); "
-                        f"got {type(config).__name__}")
+        raise TypeError(
+            f"sweep takes a SweepConfig, e.g. sweep(SweepConfig('testbed', ['testbed'], 'runs/x')); "
+            f"got {type(config).__name__}"
+        )
     if model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a loaded model (or None to load config.model), got {type(model).__name__}")
@@ -410,8 +450,10 @@ def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -
             raise TypeError("a loaded model needs its processor: sweep(config, model=model, processor=processor)")
         handle = model.__dict__.get(ATTRIBUTE)
         if handle is not None:  # its reference cell would not be the unpatched model
-            raise ValueError(f"the model is patched ({handle!r}): a sweep patches it itself, cell by cell, and "
-                             "runs it unpatched for the reference. Call tokendrop.unpatch(model) first")
+            raise ValueError(
+                f"the model is patched ({handle!r}): a sweep patches it itself, cell by cell, and "
+                "runs it unpatched for the reference. Call tokendrop.unpatch(model) first"
+            )
     else:
         check_model_name(config.model)
         processor = load_processor(config.model)  # small, and some methods need it to validate their options
@@ -432,16 +474,23 @@ def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -
     with _locked(out, rank), RecordLog(out, rank, config.retry_failed) as log:
         done = {key(r["task"], r["method"], r["budget"], r["index"]) for r in read_records(out)}
         total = sum(len(samples[t]) for t in plan.tasks) * len(plan.cells())
-        finished = sum(1 for t in plan.tasks for m, b in plan.cells() for s in samples[t]
-                       if key(t, m, b, s.index) in done)
+        finished = sum(
+            1 for t in plan.tasks for m, b in plan.cells() for s in samples[t] if key(t, m, b, s.index) in done
+        )
         if finished and show:
             print(f"resuming: {finished} of {total} records done", flush=True)
         if model is None:
             device_map = config.device_map
             if state is not None and device_map is None:
                 device_map = {"": state.device}  # data-parallel: a whole model per process
-            model = load_model(config.model, config.dtype, device_map, config.load_in_4bit, config.load_in_8bit,
-                               config.attn_implementation)
+            model = load_model(
+                config.model,
+                config.dtype,
+                device_map,
+                config.load_in_4bit,
+                config.load_in_8bit,
+                config.attn_implementation,
+            )
         overall = tqdm(total=total, initial=finished, desc="sweep", unit="sample", disable=not show, position=0)
         for task_name, task in plan.tasks.items():
             for method, budget in plan.cells():
@@ -477,20 +526,34 @@ def _shard(rank, world_size):
     return rank, world_size, None
 
 
-def _run_cell(model, processor, task: Task, plan: Plan, method: str, budget, pending: list[Sample],
-              log: RecordLog, show: bool, overall) -> None:
+def _run_cell(
+    model,
+    processor,
+    task: Task,
+    plan: Plan,
+    method: str,
+    budget,
+    pending: list[Sample],
+    log: RecordLog,
+    show: bool,
+    overall,
+) -> None:
     label = f"{task.name} {method}" + ("" if budget is None else f" budget {budget}")
     if not pending:
         return
     overall.set_description(f"sweep: {label}")
     bar = tqdm(total=len(pending), desc=label, disable=not show, leave=False, position=1)
-    patching = nullcontext() if method == REFERENCE else tokendrop.patched(
-        model, cell_method([task], method, budget, processor, plan.options.get(method, {})))
+    patching = (
+        nullcontext()
+        if method == REFERENCE
+        else tokendrop.patched(model, cell_method([task], method, budget, processor, plan.options.get(method, {})))
+    )
     batch_size = plan.config.batch_size
     with patching as handle:
         for start in range(0, len(pending), batch_size):
-            for record in run_batch(model, processor, task, pending[start : start + batch_size], handle,
-                                    plan.max_new_tokens[task.name]):
+            for record in run_batch(
+                model, processor, task, pending[start : start + batch_size], handle, plan.max_new_tokens[task.name]
+            ):
                 log.write(dict(record, task=task.name, method=method, budget=budget))
                 if record["error"] is not None:
                     bar.write(f"{label}: sample {record['id']} failed: {record['error']}")
@@ -513,8 +576,9 @@ def run_batch(model, processor, task: Task, samples: list[Sample], handle, max_n
         return records
     task.before_batch(None if handle is None else handle.method, ready)
     try:
-        answers = generate_answers(model, processor, [[image] for image in images], [s.question for s in ready],
-                                   max_new_tokens)
+        answers = generate_answers(
+            model, processor, [[image] for image in images], [s.question for s in ready], max_new_tokens
+        )
     except Exception as error:  # out of memory, or one sample the model cannot take
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -529,8 +593,12 @@ def run_batch(model, processor, task: Task, samples: list[Sample], handle, max_n
 
 def _record(sample: Sample, prediction=None, score=None, image_record=None, error=None) -> dict:
     return dict(
-        index=sample.index, id=sample.id, question=sample.question, prediction=prediction,
-        reference=sample.reference, score=score,
+        index=sample.index,
+        id=sample.id,
+        question=sample.question,
+        prediction=prediction,
+        reference=sample.reference,
+        score=score,
         error=None if error is None else f"{type(error).__name__}: {error}",
         kept=None if image_record is None else image_record.n_kept,
         before=None if image_record is None else image_record.n_before,
@@ -557,13 +625,20 @@ def summarize(out: Path, plan: Plan, subsets: dict[str, list[int]]) -> dict:
         good = [r for r in by_index.values() if r["error"] is None]
         counted = [r for r in good if r["kept"] is not None]
         metrics = task.metrics(good) if good else {}
-        rows.append(dict(
-            task=task_name, method=method, budget=budget, n=len(good), failed=len(by_index) - len(good),
-            missing=len(wanted[(task_name, method, budget_id)]) - len(by_index), metric=task.headline,
-            score=metrics.get(task.headline),
-            kept_pct=100 * sum(r["kept"] for r in counted) / sum(r["before"] for r in counted) if counted else None,
-            metrics=metrics,
-        ))
+        rows.append(
+            dict(
+                task=task_name,
+                method=method,
+                budget=budget,
+                n=len(good),
+                failed=len(by_index) - len(good),
+                missing=len(wanted[(task_name, method, budget_id)]) - len(by_index),
+                metric=task.headline,
+                score=metrics.get(task.headline),
+                kept_pct=100 * sum(r["kept"] for r in counted) / sum(r["before"] for r in counted) if counted else None,
+                metrics=metrics,
+            )
+        )
     reference = {r["task"]: r["score"] for r in rows if r["method"] == REFERENCE}
     for row in rows:
         row["unpatched"] = reference[row["task"]]
@@ -576,8 +651,19 @@ def summarize(out: Path, plan: Plan, subsets: dict[str, list[int]]) -> dict:
     return summary
 
 
-COLUMNS = ("task", "method", "budget", "n", "failed", "missing", "metric", "score", "unpatched", "pct_of_unpatched",
-           "kept_pct")
+COLUMNS = (
+    "task",
+    "method",
+    "budget",
+    "n",
+    "failed",
+    "missing",
+    "metric",
+    "score",
+    "unpatched",
+    "pct_of_unpatched",
+    "kept_pct",
+)
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -601,8 +687,19 @@ def format_summary(summary: dict) -> str:
     header = ("method", "budget", "n", "failed", "missing", "score", "% unpatched", "tokens kept %")
     for task in dict.fromkeys(r["task"] for r in summary["cells"]):
         rows = [r for r in summary["cells"] if r["task"] == task]
-        lines = [(r["method"], r["budget"], r["n"], r["failed"], r["missing"], _fmt(r["score"]),
-                  _fmt(r["pct_of_unpatched"], "{:.1f}"), _fmt(r["kept_pct"], "{:.1f}")) for r in rows]
+        lines = [
+            (
+                r["method"],
+                r["budget"],
+                r["n"],
+                r["failed"],
+                r["missing"],
+                _fmt(r["score"]),
+                _fmt(r["pct_of_unpatched"], "{:.1f}"),
+                _fmt(r["kept_pct"], "{:.1f}"),
+            )
+            for r in rows
+        ]
         blocks.append(text_table(header, lines, title=f"{task} ({rows[0]['metric']})"))
     return "\n\n".join(blocks)
 
@@ -623,8 +720,11 @@ def plot(folder: Path, rows: list[dict]) -> None:
         figure = Figure(figsize=(6, 4), layout="constrained")
         axes = figure.add_subplot()
         for method in dict.fromkeys(r["method"] for r in cells if r["method"] != REFERENCE):
-            points = sorted((r["kept_pct"], r["score"]) for r in cells
-                            if r["method"] == method and r["score"] is not None and r["kept_pct"] is not None)
+            points = sorted(
+                (r["kept_pct"], r["score"])
+                for r in cells
+                if r["method"] == method and r["score"] is not None and r["kept_pct"] is not None
+            )
             if points:
                 axes.plot(*zip(*points), marker="o", label=method)
         unpatched = cells[0]["unpatched"]

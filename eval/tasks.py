@@ -69,7 +69,7 @@ class Task:
 
 def own_images(rows, root):
     """image_of for rows that hold their image in an `image` field."""
-    return lambda row, index: (lambda: open_image(rows[index]["image"], root))
+    return lambda row, index: lambda: open_image(rows[index]["image"], root)
 
 
 TASKS: Registry[type[Task]] = Registry("task")
@@ -106,8 +106,9 @@ class TextVQA(VQAv2):
 
     def sample(self, row, index, image):
         # capitalize() as lmms-eval's textvqa prompt, which the published numbers used
-        return Sample(index, str(row["question_id"]), row["question"].capitalize() + SHORT_ANSWER,
-                      list(row["answers"]), image)
+        return Sample(
+            index, str(row["question_id"]), row["question"].capitalize() + SHORT_ANSWER, list(row["answers"]), image
+        )
 
 
 @register("gqa")
@@ -167,8 +168,14 @@ class POPE(Task):
     METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
     def sample(self, row, index, image):
-        return Sample(index, str(row["question_id"]), row["question"].strip() + SHORT_ANSWER,
-                      row["answer"].strip().lower(), image, {"category": row.get("category")})
+        return Sample(
+            index,
+            str(row["question_id"]),
+            row["question"].strip() + SHORT_ANSWER,
+            row["answer"].strip().lower(),
+            image,
+            {"category": row.get("category")},
+        )
 
     def score(self, prediction, sample):
         return float(pope_answer(prediction) == sample.reference)
@@ -198,8 +205,9 @@ class ScienceQAImg(Task):
         options = "\n".join(f"{chr(ord('A') + i)}. {c}" for i, c in enumerate(choices))
         context = f"Context: {row['hint']}\n" if row.get("hint") else ""
         question = f"{context}{row['question']}\n{options}{OPTION_LETTER}"
-        return Sample(index, str(row.get("id", index)), question, chr(ord("A") + int(row["answer"])), image,
-                      {"choices": choices})
+        return Sample(
+            index, str(row.get("id", index)), question, chr(ord("A") + int(row["answer"])), image, {"choices": choices}
+        )
 
     def score(self, prediction, sample):
         return float(option_letter(prediction, sample.meta["choices"]) == sample.reference)
@@ -249,8 +257,10 @@ class Custom(Task):
         answers = row["answers"] if "answers" in row else [row["answer"]]
         if not isinstance(answers, list) or not any(str(a).strip() for a in answers):
             # an empty answer would score 0 whatever the model says
-            raise ValueError(f"custom row {index}: `answer` must be a non-empty string, or `answers` a list holding "
-                             f"one, got {answers!r}")
+            raise ValueError(
+                f"custom row {index}: `answer` must be a non-empty string, or `answers` a list holding "
+                f"one, got {answers!r}"
+            )
         return Sample(index, str(row.get("id", index)), row["question"], [str(a) for a in answers], image)
 
     def score(self, prediction, sample):
@@ -272,12 +282,14 @@ class Testbed(Task):
 
     def load(self, source, split=None):
         if split == "train":
-            return testbed.Split("train", self.TRAIN_SIZE), lambda row, index: (lambda: row["image"])
+            return testbed.Split("train", self.TRAIN_SIZE), lambda row, index: lambda: row["image"]
         split = source or "test"
         if split not in ("validation", "test"):
-            raise ValueError(f"testbed: --data testbed=SPLIT takes validation or test (the testbed model "
-                             f"learnt from train), got {split!r}")
-        return testbed.Split(split, self.TEST_SIZE), lambda row, index: (lambda: row["image"])
+            raise ValueError(
+                f"testbed: --data testbed=SPLIT takes validation or test (the testbed model "
+                f"learnt from train), got {split!r}"
+            )
+        return testbed.Split(split, self.TEST_SIZE), lambda row, index: lambda: row["image"]
 
     def sample(self, row, index, image):
         box = list(row["objects"][0][2])  # where the object asked about is: the oracle reads it

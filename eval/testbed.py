@@ -59,7 +59,10 @@ def testbed_sample(split: str, index: int, seed: int = 0) -> dict:
     image, boxes = render(pairs, rng)
     colour, shape = pairs[0]
     return dict(
-        id=f"testbed-{split}-{seed}-{index}", image=image, question=QUESTION.format(shape=shape), answer=colour,
+        id=f"testbed-{split}-{seed}-{index}",
+        image=image,
+        question=QUESTION.format(shape=shape),
+        answer=colour,
         objects=[(c, s, box) for (c, s), box in zip(pairs, boxes)],
     )
 
@@ -174,8 +177,9 @@ def evaluate(model, processor, samples: list[dict], batch_size: int = 32, oracle
         batch = samples[start : start + batch_size]
         if oracle is not None:
             oracle.targets = [s["objects"][0][2] for s in batch]
-        predictions += generate_answers(model, processor, [[s["image"]] for s in batch], [s["question"] for s in batch],
-                                        MAX_NEW_TOKENS)
+        predictions += generate_answers(
+            model, processor, [[s["image"]] for s in batch], [s["question"] for s in batch], MAX_NEW_TOKENS
+        )
     right = [score(p, s["answer"]) for p, s in zip(predictions, samples)]
     return dict(accuracy=100 * sum(right) / len(right), n=len(right), predictions=predictions)
 

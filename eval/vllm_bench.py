@@ -7,8 +7,8 @@ Runs in a venv with vLLM (`make .venv-vllm/.ready`). Each configuration gets its
 to a local directory; all requests of a configuration go to `generate` at once, so requests/s
 is the engine's offline throughput (preprocessing, vision, prefill and 3 greedy decode steps)
 on this machine's CPU: every engine is built first, then they are timed in turns and the
-median call counts, so that load from other processes falls on each alike. The HF-patched answers at each budget are recorded beside, so the
-agreement of the two engines is measured on the same samples.
+median call counts, so that load from other processes falls on each alike. The HF-patched
+answers at each budget are recorded beside, so the agreement of the two engines is measured on the same samples.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def save_for_vllm(model, processor, path) -> Path:
 
         def legacy(name: str) -> str:
             if name.startswith(VISION_TOWER) and not name.startswith(VISION_TOWER + "vision_model."):
-                return VISION_TOWER + "vision_model." + name[len(VISION_TOWER):]
+                return VISION_TOWER + "vision_model." + name[len(VISION_TOWER) :]
             return name
 
         save_file({legacy(name): tensor for name, tensor in weights.items()}, file, metadata={"format": "pt"})
@@ -62,15 +62,27 @@ def engine(path, tokendrop: dict | None = None, max_num_seqs: int = 16, **settin
     from vllm import LLM
 
     overrides = None if tokendrop is None else {"architectures": [ARCHITECTURE], "tokendrop": tokendrop}
-    options = dict(model=str(path), enforce_eager=True, dtype="float32", max_model_len=512,
-                   kv_cache_memory_bytes=64 << 20, max_num_seqs=max_num_seqs, limit_mm_per_prompt={"image": 1},
-                   seed=0, hf_overrides=overrides) | settings
+    options = (
+        dict(
+            model=str(path),
+            enforce_eager=True,
+            dtype="float32",
+            max_model_len=512,
+            kv_cache_memory_bytes=64 << 20,
+            max_num_seqs=max_num_seqs,
+            limit_mm_per_prompt={"image": 1},
+            seed=0,
+            hf_overrides=overrides,
+        )
+        | settings
+    )
     return LLM(**options)
 
 
 def requests(processor, samples) -> list[dict]:
-    return [{"prompt": chat_prompt(processor, s["question"]), "multi_modal_data": {"image": s["image"]}}
-            for s in samples]
+    return [
+        {"prompt": chat_prompt(processor, s["question"]), "multi_modal_data": {"image": s["image"]}} for s in samples
+    ]
 
 
 def answer(llm, processor, samples, cpu: list | None = None) -> tuple[list[str], list, float]:
@@ -87,21 +99,24 @@ def answer(llm, processor, samples, cpu: list | None = None) -> tuple[list[str],
     return [o.outputs[0].text.strip() for o in outputs], outputs, seconds
 
 
-def hf_answers(model, processor, samples, method: str | None, budget: float, options: dict,
-               batch_size: int = 32) -> tuple[list[str], list]:
+def hf_answers(
+    model, processor, samples, method: str | None, budget: float, options: dict, batch_size: int = 32
+) -> tuple[list[str], list]:
     """The HF model's answers, patched with `method` (None: unpatched), and each image's record."""
     import tokendrop
 
     answers, records = [], []
     for start in range(0, len(samples), batch_size):
-        batch = samples[start:start + batch_size]
+        batch = samples[start : start + batch_size]
         if method is None:
-            answers += generate_answers(model, processor, [[s["image"]] for s in batch], [s["question"] for s in batch],
-                                        MAX_NEW_TOKENS)
+            answers += generate_answers(
+                model, processor, [[s["image"]] for s in batch], [s["question"] for s in batch], MAX_NEW_TOKENS
+            )
             continue
         with tokendrop.patched(model, method, budget=budget, **options) as handle:
-            answers += generate_answers(model, processor, [[s["image"]] for s in batch],
-                                        [s["question"] for s in batch], MAX_NEW_TOKENS)
+            answers += generate_answers(
+                model, processor, [[s["image"]] for s in batch], [s["question"] for s in batch], MAX_NEW_TOKENS
+            )
             records += handle.last
     return answers, records
 
@@ -128,20 +143,26 @@ def main(argv=None) -> dict:
     # a fresh set of images for every timed round: vLLM would otherwise serve repeats from its
     # caches (encoder outputs, processed inputs, prefixes); accuracy is on the first set
     rounds = list(testbed_samples("test", args.n * args.repeats))
-    rounds = [rounds[r * args.n:(r + 1) * args.n] for r in range(args.repeats)]
+    rounds = [rounds[r * args.n : (r + 1) * args.n] for r in range(args.repeats)]
     samples = rounds[0]
     options = {"newlines": "all"}  # the plugin's default: a count known before the tower runs
     configs = [("stock", None, 1.0)] + [(f"{args.method}@{b}", args.method, b) for b in args.budgets]
     # every engine at once, timed in turns (one generate call of all samples each), so that
     # other load on the machine falls on every configuration alike; the median call counts
-    engines = {name: engine(path, None if method is None else {"method": method, "budget": budget, **options},
-                            enable_prefix_caching=False, mm_processor_cache_gb=0)
-               for name, method, budget in configs}
+    engines = {
+        name: engine(
+            path,
+            None if method is None else {"method": method, "budget": budget, **options},
+            enable_prefix_caching=False,
+            mm_processor_cache_gb=0,
+        )
+        for name, method, budget in configs
+    }
     timings: dict[str, list[float]] = {name: [] for name in engines}
     cpu: dict[str, list[float]] = {name: [] for name in engines}
     outputs: dict[str, tuple] = {}
     warm_up = list(testbed_samples("validation", 4))
-    for name, llm in engines.items():
+    for llm in engines.values():
         answer(llm, processor, warm_up)
     for r, batch in enumerate(rounds):
         for name, llm in engines.items():
@@ -155,27 +176,53 @@ def main(argv=None) -> dict:
     for name, method, budget in configs:
         answers, outs = outputs[name]
         hf, _ = hf_answers(model, processor, samples, method, budget, options)
-        results.append(dict(
-            config=name, method=method, budget=budget, options=options if method else {},
-            accuracy_vllm=accuracy(answers, samples), accuracy_hf=accuracy(hf, samples),
-            agreement_with_hf=100 * sum(a == b for a, b in zip(answers, hf)) / len(samples),
-            requests_per_s=len(samples) / statistics.median(timings[name]), seconds=timings[name],
-            # CPU time is what other load on a shared machine disturbs least
-            requests_per_cpu_s=len(samples) / statistics.median(cpu[name]), cpu_seconds=cpu[name],
-            mean_prompt_tokens=sum(len(o.prompt_token_ids) for o in outs) / len(outs),
-        ))
+        results.append(
+            dict(
+                config=name,
+                method=method,
+                budget=budget,
+                options=options if method else {},
+                accuracy_vllm=accuracy(answers, samples),
+                accuracy_hf=accuracy(hf, samples),
+                agreement_with_hf=100 * sum(a == b for a, b in zip(answers, hf)) / len(samples),
+                requests_per_s=len(samples) / statistics.median(timings[name]),
+                seconds=timings[name],
+                # CPU time is what other load on a shared machine disturbs least
+                requests_per_cpu_s=len(samples) / statistics.median(cpu[name]),
+                cpu_seconds=cpu[name],
+                mean_prompt_tokens=sum(len(o.prompt_token_ids) for o in outs) / len(outs),
+            )
+        )
         print(json.dumps(results[-1]), flush=True)
-    import vllm
     import transformers
+    import vllm
 
     report = dict(
-        task="testbed", split="test", n=args.n, max_new_tokens=MAX_NEW_TOKENS, greedy=True,
-        engine=dict(enforce_eager=True, dtype="float32", max_num_seqs=16, in_process=True, enable_prefix_caching=False,
-                    mm_processor_cache_gb=0, timed_rounds=args.repeats, samples_per_round=args.n),
-        versions=dict(vllm=vllm.__version__, torch=torch.__version__, transformers=transformers.__version__,
-                      python=platform.python_version()),
+        task="testbed",
+        split="test",
+        n=args.n,
+        max_new_tokens=MAX_NEW_TOKENS,
+        greedy=True,
+        engine=dict(
+            enforce_eager=True,
+            dtype="float32",
+            max_num_seqs=16,
+            in_process=True,
+            enable_prefix_caching=False,
+            mm_processor_cache_gb=0,
+            timed_rounds=args.repeats,
+            samples_per_round=args.n,
+        ),
+        versions=dict(
+            vllm=vllm.__version__,
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            python=platform.python_version(),
+        ),
         machine=dict(cpu_count=os.cpu_count(), processor=platform.processor() or platform.machine()),
-        git=_git_hash(), results=results, record_env=RECORD_ENV,
+        git=_git_hash(),
+        results=results,
+        record_env=RECORD_ENV,
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -1,7 +1,7 @@
 """Patch a LLaVA-NeXT model in one line and see what reaches the LLM.
 
-    python examples/quickstart.py                                   # offline, the tiny preset
-    python examples/quickstart.py --model llava-hf/llava-v1.6-vicuna-7b-hf --image photo.jpg
+python examples/quickstart.py                                   # offline, the tiny preset
+python examples/quickstart.py --model llava-hf/llava-v1.6-vicuna-7b-hf --image photo.jpg
 """
 
 import argparse
@@ -28,8 +28,10 @@ inputs = processor(images=[image], text=[prompt], return_tensors="pt").to(model.
 for budget in (1.0, 0.2):
     with tokendrop.patched(model, "hired", budget=budget) as handle, torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-    answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     record = handle.last[0]
-    print(f"budget {budget}: kept {record.n_kept}/{record.n_before} visual tokens "
-          f"(+{record.n_newlines} newlines), per partition {record.partitions}")
+    print(
+        f"budget {budget}: kept {record.n_kept}/{record.n_before} visual tokens "
+        f"(+{record.n_newlines} newlines), per partition {record.partitions}"
+    )
     print(f"  answer: {answer!r}")

@@ -74,7 +74,7 @@ def tile_labels(sample: dict, side: int) -> tuple[torch.Tensor, torch.Tensor, to
     per_row = SIZE // TILE
     tiles = 1 + per_row**2
     presence, mask = torch.zeros(tiles, N_LABELS), torch.ones(tiles, N_LABELS)
-    mask[0, :PAIRS] = mask[0, PAIRS + len(COLOURS):] = 0
+    mask[0, :PAIRS] = mask[0, PAIRS + len(COLOURS) :] = 0
     patches = torch.zeros(tiles, side, side, dtype=torch.long)
     patches[0] = -100
     patch_px = TILE // side
@@ -85,10 +85,14 @@ def tile_labels(sample: dict, side: int) -> tuple[torch.Tensor, torch.Tensor, to
         crop = 1 + row * per_row + col
         for tile in (0, crop):
             presence[tile, [c * len(SHAPES) + s, PAIRS + c, PAIRS + len(COLOURS) + s]] = 1
-        cover_x = (torch.minimum(edges + patch_px, torch.tensor(x1 - col * TILE))
-                   - torch.maximum(edges, torch.tensor(x0 - col * TILE))).clamp(min=0)
-        cover_y = (torch.minimum(edges + patch_px, torch.tensor(y1 - row * TILE))
-                   - torch.maximum(edges, torch.tensor(y0 - row * TILE))).clamp(min=0)
+        cover_x = (
+            torch.minimum(edges + patch_px, torch.tensor(x1 - col * TILE))
+            - torch.maximum(edges, torch.tensor(x0 - col * TILE))
+        ).clamp(min=0)
+        cover_y = (
+            torch.minimum(edges + patch_px, torch.tensor(y1 - row * TILE))
+            - torch.maximum(edges, torch.tensor(y0 - row * TILE))
+        ).clamp(min=0)
         cover = cover_y[:, None] * cover_x[None, :]
         patches[crop][cover > 0] = -100
         patches[crop][cover >= MIN_COVER] = 1 + c * len(SHAPES) + s
@@ -147,8 +151,9 @@ def train_vision(model, processor, samples, args):
     for step in range(args.vision_steps):
         pixels, presence, mask, patches = vision_batch(processor, [next(samples) for _ in range(args.batch)], side)
         presence_logits, patch_logits = heads(tower, pixels, config.vision_feature_layer)
-        loss = (nn.functional.binary_cross_entropy_with_logits(presence_logits, presence, reduction="none")
-                * mask).sum() / mask.sum()
+        loss = (
+            nn.functional.binary_cross_entropy_with_logits(presence_logits, presence, reduction="none") * mask
+        ).sum() / mask.sum()
         loss = loss + nn.functional.cross_entropy(patch_logits.flatten(0, 1), patches.flatten())
         update(optimizer, parameters, loss, args.vision_lr * schedule(step, args.vision_steps, args.warmup))
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
@@ -169,8 +174,10 @@ def vision_accuracy(model, heads, processor, samples: list[dict]) -> dict[str, f
     crops = torch.arange(len(pixels)) % (len(pixels) // len(samples)) != 0
     sets = ((presence_logits[crops, :PAIRS] > 0) == (presence[crops, :PAIRS] > 0)).all(-1)
     objects = patches > 0
-    return dict(crop_sets=100 * sets.float().mean().item(),
-                object_patches=100 * (patch_logits.argmax(-1)[objects] == patches[objects]).float().mean().item())
+    return dict(
+        crop_sets=100 * sets.float().mean().item(),
+        object_patches=100 * (patch_logits.argmax(-1)[objects] == patches[objects]).float().mean().item(),
+    )
 
 
 def questions(sample: dict, n: int, rng: np.random.Generator, objects: list | None = None) -> list[tuple[str, str]]:
@@ -230,8 +237,10 @@ class Chats:
 
     def __init__(self, processor):
         self.processor, self.tokenizer = processor, processor.tokenizer
-        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{question}"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "{answer}"}]}]
+        turn = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{question}"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "{answer}"}]},
+        ]
         self.prefix, self.rest = processor.apply_chat_template(turn).split("{question}")
         self.marker = self.tokenizer.convert_tokens_to_ids(" ASSISTANT:")
 
@@ -239,16 +248,16 @@ class Chats:
         """(prefix inputs, one per image; continuations, n per image in order; their labels).
         `spell`: the answers repeat the shape first ("triangle red"). `kept`: per image, the
         objects its pruned prompt keeps, which the questions then ask about."""
-        prefix = self.processor(images=[s["image"] for s in samples], text=[self.prefix] * len(samples),
-                                return_tensors="pt")
+        prefix = self.processor(
+            images=[s["image"] for s in samples], text=[self.prefix] * len(samples), return_tensors="pt"
+        )
         texts = []
         for i, sample in enumerate(samples):
             for question, answer in questions(sample, n, rng, None if kept is None else kept[i]):
                 if spell:
                     answer = f"{question.split()[-1].rstrip('?')} {answer}"
                 texts.append(question + self.rest.format(answer=answer))
-        rest = self.tokenizer(texts, add_special_tokens=False, padding=True, padding_side="right",
-                              return_tensors="pt")
+        rest = self.tokenizer(texts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
         return prefix, rest, answer_labels(rest["input_ids"], self.marker, self.tokenizer.eos_token_id)
 
 
@@ -257,8 +266,16 @@ def continued(model, prefix, rest, n: int, labels=None, handle=None):
     With a tokendrop `handle`, the prefix is pruned as a patched model prunes a prompt, left
     padded so that the continuations follow every row's end."""
     if handle is not None:
-        _, prefix, _ = handle.prune(prefix["input_ids"], prefix["attention_mask"], None, prefix["pixel_values"],
-                                    prefix["image_sizes"], "left", {}, None)
+        _, prefix, _ = handle.prune(
+            prefix["input_ids"],
+            prefix["attention_mask"],
+            None,
+            prefix["pixel_values"],
+            prefix["image_sizes"],
+            "left",
+            {},
+            None,
+        )
     cache = model(**prefix, use_cache=True).past_key_values
     cache.batch_repeat_interleave(n)
     mask = torch.cat([prefix["attention_mask"].repeat_interleave(n, 0), rest["attention_mask"]], 1)
@@ -305,8 +322,11 @@ def train_language(model, processor, samples, args) -> float:
             accuracy = probe(model, chats, validation)
             model.train()
             model.model.vision_tower.eval()
-            print(f"language step {step:4d}  loss {running:.4f}  validation {accuracy:5.1f}%  "
-                  f"{time.perf_counter() - start:6.0f} s", flush=True)
+            print(
+                f"language step {step:4d}  loss {running:.4f}  validation {accuracy:5.1f}%  "
+                f"{time.perf_counter() - start:6.0f} s",
+                flush=True,
+            )
     model.eval()
     return time.perf_counter() - start
 
@@ -318,10 +338,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--vision-steps", type=int, default=1500)
     parser.add_argument("--language-steps", type=int, default=2400)
-    parser.add_argument("--spell-steps", type=int, default=600,
-                        help="language steps whose answers repeat the shape first")
-    parser.add_argument("--drop-share", type=float, default=0.5,
-                        help="share of the language steps after --spell-steps whose prompts are pruned")
+    parser.add_argument(
+        "--spell-steps", type=int, default=600, help="language steps whose answers repeat the shape first"
+    )
+    parser.add_argument(
+        "--drop-share",
+        type=float,
+        default=0.5,
+        help="share of the language steps after --spell-steps whose prompts are pruned",
+    )
     parser.add_argument("--vision-lr", type=float, default=3e-3)
     parser.add_argument("--language-lr", type=float, default=2e-3)
     parser.add_argument("--questions", type=int, default=8, help="questions per image in a language step")
@@ -346,8 +371,11 @@ def main() -> None:
     language_images = train_samples(seen, args.language_steps * args.batch, args.seed)
     language_s = train_language(model, processor, language_images, args)
     total_s = vision_s + language_s
-    print(f"training: vision {vision_s:.0f} s + language {language_s:.0f} s = {total_s / 60:.1f} min "
-          f"on {args.threads} threads", flush=True)
+    print(
+        f"training: vision {vision_s:.0f} s + language {language_s:.0f} s = {total_s / 60:.1f} min "
+        f"on {args.threads} threads",
+        flush=True,
+    )
 
     validation = list(testbed_samples("validation", args.eval_samples))
     test = list(testbed_samples("test", args.eval_samples))
@@ -363,8 +391,11 @@ def main() -> None:
     print(json.dumps(results, indent=1), flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out / "model.safetensors",
-              metadata={"format": "pt", "seed": str(args.seed)})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        args.out / "model.safetensors",
+        metadata={"format": "pt", "seed": str(args.seed)},
+    )
     config.to_json_file(args.out / "config.json")
     (args.out / "MODEL_CARD.md").write_text(model_card(model, args, vision, vision_s, language_s, results))
     print(f"wrote model.safetensors, config.json and MODEL_CARD.md in {args.out}", flush=True)
@@ -432,6 +463,7 @@ Greedy answers, exact match, on the first {args.eval_samples} samples of each sp
 
 The budget sweep of every method is in the README ("The testbed").
 """
+
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ import math
 
 import torch
 from transformers.image_processing_utils import select_best_resolution
+
 from tokendrop.adapters import adapter_for
 
 
@@ -150,7 +151,10 @@ def hired(eager_model, pixel_values, image_sizes, budget, alpha=0.5, alloc_layer
         n_parts = alloc_attn.shape[0]
         capacity = [sum(1 for p, _ in feats if p == q) for q in range(n_parts)]
         n_base = min(math.floor(alpha * k + 1e-9), capacity[0])
-        mass = [sum(w * float(a) for w, a in zip(weights, alloc_attn[0])) for weights in region_weights(eager_model, height, width)]
+        mass = [
+            sum(w * float(a) for w, a in zip(weights, alloc_attn[0]))
+            for weights in region_weights(eager_model, height, width)
+        ]
         crops = allocate(k - n_base, mass, capacity[1:])
         counts = [k - sum(crops)] + crops
         scores = [float(select_attn[p, j]) for p, j in feats]

@@ -6,8 +6,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 FOLDERS = {"tokendrop": "tokendrop", "eval": "tokendrop.eval", "adapters": "tokendrop.adapters"}
-CORE = ("tokendrop.patch", "tokendrop.method", "tokendrop.selection", "tokendrop.scoring", "tokendrop.layout",
-        "tokendrop.registry", "tokendrop.adapters")
+CORE = (
+    "tokendrop.patch",
+    "tokendrop.method",
+    "tokendrop.selection",
+    "tokendrop.scoring",
+    "tokendrop.layout",
+    "tokendrop.registry",
+    "tokendrop.adapters",
+)
 COMMAND_LINE = ("tokendrop.cli", "tokendrop.__main__")
 
 
@@ -56,6 +63,9 @@ def test_the_core_loads_no_plotting_or_table_library():
     heavy = []
     for name, path, is_package in modules():
         if layer(name) == 0 and name != "tokendrop":
-            heavy += [f"{name} imports {t}" for t in imports(name, path, is_package)
-                      if t.split(".")[0] in ("matplotlib", "rich", "datasets")]
+            heavy += [
+                f"{name} imports {t}"
+                for t in imports(name, path, is_package)
+                if t.split(".")[0] in ("matplotlib", "rich", "datasets")
+            ]
     assert not heavy, "\n".join(heavy)

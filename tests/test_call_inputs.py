@@ -129,7 +129,9 @@ def test_continue_from_a_patched_generation(tiny, batch):
     stock = greedy(model, batch, n=3, return_dict_in_generate=True)
     mask = torch.cat([batch["attention_mask"], torch.ones(3, 3, dtype=torch.long)], 1)
     with tokendrop.patched(model, "hired", budget=0.3):
-        continued = greedy(model, dict(input_ids=stock.sequences, attention_mask=mask), n=2, **{CACHE: returned_cache(stock)})
+        continued = greedy(
+            model, dict(input_ids=stock.sequences, attention_mask=mask), n=2, **{CACHE: returned_cache(stock)}
+        )
     assert torch.equal(continued, greedy(model, batch, n=5))
 
 
@@ -198,8 +200,10 @@ MALFORMED = {  # case: (change to the batch, expected message)
     "too few tiles": (lambda b: {"pixel_values": b["pixel_values"][:, :2]}, "needs 3 tiles"),
     "wrong tile size": (lambda b: {"pixel_values": b["pixel_values"][..., :40, :40]}, "tiles of 3x48x48"),
     "4-D tiles miscounted": (lambda b: {"pixel_values": b["pixel_values"][0]}, "4-D pixel_values hold 5 tiles"),
-    "1-D input_ids": (lambda b: {"input_ids": b["input_ids"][0], "attention_mask": b["attention_mask"][0]},
-                      r"2-D \(batch, sequence\)"),
+    "1-D input_ids": (
+        lambda b: {"input_ids": b["input_ids"][0], "attention_mask": b["attention_mask"][0]},
+        r"2-D \(batch, sequence\)",
+    ),
     "mask of another shape": (lambda b: {"attention_mask": b["attention_mask"][:, 1:]}, "attention_mask has shape"),
 }
 
@@ -238,8 +242,9 @@ def test_random_seed_range(tiny, singles):
 def foreign_tokenizer(extra_tokens=()):
     """A tokenizer of another model: no `<image>`, or `<image>` at another id."""
     vocab = {"<unk>": 0, "a": 1, "b": 2}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-                                        unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>"
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": list(extra_tokens)})
     return tokenizer
 

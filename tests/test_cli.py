@@ -51,8 +51,22 @@ def custom_data(folder: Path) -> Path:
 
 def test_out_holding_another_configuration(capsys, tmp_path):
     data = custom_data(tmp_path / "data")
-    sweep = ["sweep", "--model", "tiny", "--tasks", "custom", "--data", f"custom={data}", "--methods", "random",
-             "--max-new-tokens", "1", "--out", str(tmp_path / "run"), "--no-progress"]
+    sweep = [
+        "sweep",
+        "--model",
+        "tiny",
+        "--tasks",
+        "custom",
+        "--data",
+        f"custom={data}",
+        "--methods",
+        "random",
+        "--max-new-tokens",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
     assert main([*sweep, "--budgets", "0.5"]) == 0
     error = cli_error(capsys, *sweep, "--budgets", "0.25")
     assert error.startswith(f"tokendrop: error: {tmp_path / 'run'} holds run ") and "differs in: budgets" in error
@@ -76,15 +90,17 @@ def test_offline_dataset(capsys, monkeypatch, no_model, tmp_path):
         raise ConnectionError("Couldn't reach 'lmms-lab/textvqa' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    error = cli_error(capsys, "sweep", "--model", "tiny", "--tasks", "textvqa", "--methods", "random",
-                      "--out", str(tmp_path / "run"))
+    error = cli_error(
+        capsys, "sweep", "--model", "tiny", "--tasks", "textvqa", "--methods", "random", "--out", str(tmp_path / "run")
+    )
     assert error.startswith("tokendrop: error: ") and "lmms-lab/textvqa" in error
 
 
 def test_prompt_together_with_a_task(capsys, no_model):
     error = cli_error(capsys, "profile", "--model", "testbed", "--task", "testbed", "--prompt", "What?")
-    assert error == ("tokendrop: error: --prompt asks about your image; the testbed task brings its own question: "
-                     "drop one")
+    assert error == (
+        "tokendrop: error: --prompt asks about your image; the testbed task brings its own question: drop one"
+    )
 
 
 @pytest.mark.parametrize("command", ["profile", "sweep"])
@@ -96,9 +112,23 @@ def test_unwritable_out(capsys, tmp_path, no_model, command):
         error = cli_error(capsys, "profile", "--model", "tiny", *QUICK, "--out", str(out))
     else:
         data = custom_data(tmp_path / "data")
-        error = cli_error(capsys, "sweep", "--model", "tiny", "--tasks", "custom", "--data", f"custom={data}",
-                          "--methods", "random", "--out", str(out))
-    assert error.startswith(f"tokendrop: error: cannot write to {out}: ") and error.endswith("pick a folder you can write")
+        error = cli_error(
+            capsys,
+            "sweep",
+            "--model",
+            "tiny",
+            "--tasks",
+            "custom",
+            "--data",
+            f"custom={data}",
+            "--methods",
+            "random",
+            "--out",
+            str(out),
+        )
+    assert error.startswith(f"tokendrop: error: cannot write to {out}: ") and error.endswith(
+        "pick a folder you can write"
+    )
 
 
 # --- everything is checked before a model loads --------------------------------------------
@@ -112,15 +142,27 @@ def test_a_misspelt_option_fails_before_the_model_loads(capsys, no_model):
 @pytest.mark.parametrize("command", [["profile", "--model", "tiny", *QUICK], ["demo", "--preset", "tiny"]])
 def test_an_option_for_a_method_not_run_is_refused(capsys, no_model, command, tmp_path):
     error = cli_error(capsys, *command, "--methods", "hired", "--option", "globalcom2.tau=5", "--out", str(tmp_path))
-    assert error == ("tokendrop: error: options given for method 'globalcom2', which this profile does not run "
-                     "(hired).")
+    assert error == (
+        "tokendrop: error: options given for method 'globalcom2', which this profile does not run (hired)."
+    )
 
 
 def test_show_refuses_an_option_for_another_method(capsys, no_model, tmp_path):
     image = tmp_path / "photo.png"
     synthetic_image(90, 60).save(image)
-    error = cli_error(capsys, "show", str(image), "--model", "tiny", "--method", "hired", "--option",
-                      "globalcom2.tau=5", "--out", str(tmp_path / "k.png"))
+    error = cli_error(
+        capsys,
+        "show",
+        str(image),
+        "--model",
+        "tiny",
+        "--method",
+        "hired",
+        "--option",
+        "globalcom2.tau=5",
+        "--out",
+        str(tmp_path / "k.png"),
+    )
     assert error == "tokendrop: error: options given for method 'globalcom2', which show does not run (hired)"
 
 
@@ -145,11 +187,13 @@ def test_budget_help_says_what_1_means():
 
 
 def test_help_and_argument_errors_do_not_import_torch():
-    code = ("import sys\nfrom tokendrop.cli import main\n"
-            "for argv in (['--help'], ['sweep', '--help'], ['demo', '--help'], ['profile', '--budgets', '0']):\n"
-            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
-            "print('HEAVY', heavy)\n")
+    code = (
+        "import sys\nfrom tokendrop.cli import main\n"
+        "for argv in (['--help'], ['sweep', '--help'], ['demo', '--help'], ['profile', '--budgets', '0']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+        "print('HEAVY', heavy)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
 
@@ -199,8 +243,14 @@ def test_show_and_profile_leave_the_backend_alone(tiny, tmp_path):
         model, processor = tiny
         tokendrop.show(model, processor, synthetic_image(90, 60), "hired", 0.5, out=tmp_path / "k.png")
         assert matplotlib.get_backend() == "pdf"
-        tokendrop.profile(model, processor, [synthetic_image(90, 60)], tokendrop.ProfileConfig(
-            budgets=[0.5], max_new_tokens=1, repeats=1, warmup=0, out=tmp_path / "profile", progress=False))
+        tokendrop.profile(
+            model,
+            processor,
+            [synthetic_image(90, 60)],
+            tokendrop.ProfileConfig(
+                budgets=[0.5], max_new_tokens=1, repeats=1, warmup=0, out=tmp_path / "profile", progress=False
+            ),
+        )
         assert matplotlib.get_backend() == "pdf"
         assert (tmp_path / "k.png").stat().st_size > 0 and (tmp_path / "profile" / "profile.png").stat().st_size > 0
     finally:
@@ -209,8 +259,23 @@ def test_show_and_profile_leave_the_backend_alone(tiny, tmp_path):
 
 def test_a_resumed_sweep_says_how_far_it_got(capsys, tmp_path):
     data = custom_data(tmp_path / "data")
-    sweep = ["sweep", "--model", "tiny", "--tasks", "custom", "--data", f"custom={data}", "--methods", "random",
-             "--budgets", "0.5", "--max-new-tokens", "1", "--out", str(tmp_path / "run")]
+    sweep = [
+        "sweep",
+        "--model",
+        "tiny",
+        "--tasks",
+        "custom",
+        "--data",
+        f"custom={data}",
+        "--methods",
+        "random",
+        "--budgets",
+        "0.5",
+        "--max-new-tokens",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert main([*sweep, "--no-progress"]) == 0
     assert "resuming" not in capsys.readouterr().out
     assert main(sweep) == 0

@@ -55,29 +55,43 @@ def photo(tmp_path):
 # --- 1. profile options are validated before anything runs -----------------------------
 
 
-@pytest.mark.parametrize("option, message", [
-    ("hird.alpha=0.3", "options given for method 'hird', which this profile does not run (hired). "
-                       "Did you mean 'hired'?"),
-    ("uniform.newlines=none", "options given for method 'uniform', which this profile does not run (hired)."),
-    ("hired.alpha=2.0", "alpha must be a number in [0.0, 1.0], got 2.0"),
-    ("hired.budget=0.1", "options for 'hired': the budget is profiled; set it with budgets (--budgets), "
-                         "not as an option"),
-])
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (
+            "hird.alpha=0.3",
+            "options given for method 'hird', which this profile does not run (hired). Did you mean 'hired'?",
+        ),
+        ("uniform.newlines=none", "options given for method 'uniform', which this profile does not run (hired)."),
+        ("hired.alpha=2.0", "alpha must be a number in [0.0, 1.0], got 2.0"),
+        (
+            "hired.budget=0.1",
+            "options for 'hired': the budget is profiled; set it with budgets (--budgets), not as an option",
+        ),
+    ],
+)
 def test_profile_command_refuses_bad_options(capsys, grid_never_runs, option, message):
     error = cli_error(capsys, "profile", "--model", "tiny", "--methods", "hired", *QUICK, "--option", option)
     assert error == f"tokendrop: error: {message}"
 
 
-@pytest.mark.parametrize("options, error, message", [
-    ({"hird": {"alpha": 0.3}}, ValueError, "Did you mean 'hired'"),
-    ({"hired": {"alpha": 2.0}}, ValueError, "alpha must be a number"),
-    ({"hired": {"select_layer": 7}}, ValueError, "has 3 layers"),  # only the model can tell
-])
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"hird": {"alpha": 0.3}}, ValueError, "Did you mean 'hired'"),
+        ({"hired": {"alpha": 2.0}}, ValueError, "alpha must be a number"),
+        ({"hired": {"select_layer": 7}}, ValueError, "has 3 layers"),  # only the model can tell
+    ],
+)
 def test_profile_refuses_bad_options(tiny, grid_never_runs, options, error, message):
     model, processor = tiny
     with pytest.raises(error, match=message):
-        profile(model, processor, [synthetic_image(90, 60)], ProfileConfig(["hired"], [0.5], options=options,
-                                                                           progress=False))
+        profile(
+            model,
+            processor,
+            [synthetic_image(90, 60)],
+            ProfileConfig(["hired"], [0.5], options=options, progress=False),
+        )
 
 
 # --- 2. the reference cells run unpatched, and the user's patch comes back ---------------
@@ -86,15 +100,26 @@ def test_profile_refuses_bad_options(tiny, grid_never_runs, options, error, mess
 def test_profile_of_a_patched_model_measures_the_unpatched_reference(tiny):
     model, processor = tiny
     handle = tokendrop.patch(model, "hired", budget=0.2)
-    rows = profile(model, processor, [synthetic_image(90, 60)],
-                   ProfileConfig(["uniform"], [1.0], max_new_tokens=1, repeats=1, warmup=0, progress=False))
+    rows = profile(
+        model,
+        processor,
+        [synthetic_image(90, 60)],
+        ProfileConfig(["uniform"], [1.0], max_new_tokens=1, repeats=1, warmup=0, progress=False),
+    )
     reference = next(r for r in rows if r["method"] == REFERENCE)
     assert reference["status"] == "ok" and reference["llm_prompt_len"] == reference["prompt_len"]
     assert rows[1]["prefill_speedup_ideal"] == pytest.approx(1.0)  # budget 1.0 against the true reference
     assert model.__dict__["_tokendrop_handle"] is handle
-    inputs = processor(images=[synthetic_image(90, 60)], text=[processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
-        add_generation_prompt=True)], return_tensors="pt")
+    inputs = processor(
+        images=[synthetic_image(90, 60)],
+        text=[
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
+                add_generation_prompt=True,
+            )
+        ],
+        return_tensors="pt",
+    )
     model.generate(**inputs, max_new_tokens=1)
     assert handle.last and handle.last[0].n_kept < handle.last[0].n_before  # the user's patch is in force
 
@@ -115,21 +140,27 @@ def test_profile_restores_the_users_patch_after_a_failure(tiny, monkeypatch):
 # --- 3. Python API type errors ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(methods="hired"), r"methods must be a list, e.g. methods=\['hired'\]; got 'hired'"),
-    (dict(budgets=0.5), r"budgets must be a list, e.g. budgets=\[1.0, 0.2\]; got 0.5"),
-    (dict(batch_sizes=2), r"batch_sizes must be a list, e.g. batch_sizes=\[1, 4\]; got 2"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(methods="hired"), r"methods must be a list, e.g. methods=\['hired'\]; got 'hired'"),
+        (dict(budgets=0.5), r"budgets must be a list, e.g. budgets=\[1.0, 0.2\]; got 0.5"),
+        (dict(batch_sizes=2), r"batch_sizes must be a list, e.g. batch_sizes=\[1, 4\]; got 2"),
+    ],
+)
 def test_profile_config_type_errors(kwargs, message):
     with pytest.raises(TypeError, match=message):
         ProfileConfig(**kwargs)
 
 
-@pytest.mark.parametrize("images, message", [
-    ("photo.png", r"images must be a list of PIL images.*got 'photo.png'"),
-    (["photo.png"], r"images must be a list of PIL images.*got a str"),
-    ([synthetic_image(90, 60)], r"config must be a tokendrop.ProfileConfig, got dict"),
-])
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        ("photo.png", r"images must be a list of PIL images.*got 'photo.png'"),
+        (["photo.png"], r"images must be a list of PIL images.*got a str"),
+        ([synthetic_image(90, 60)], r"config must be a tokendrop.ProfileConfig, got dict"),
+    ],
+)
 def test_profile_type_errors(tiny, grid_never_runs, images, message):
     model, processor = tiny
     config = {"methods": ["hired"]} if "config" in message else ProfileConfig(progress=False)
@@ -149,8 +180,9 @@ def test_show_wants_a_pil_image(tiny, photo):
 
 def test_show_out_is_a_folder(capsys, tmp_path, photo):
     error = cli_error(capsys, "show", str(photo), "--model", "tiny", "--method", "uniform", "--out", str(tmp_path))
-    assert error == (f"tokendrop: error: the figure path {tmp_path} is a folder: name the PNG to write, "
-                     f"e.g. {tmp_path / 'kept.png'}")
+    assert error == (
+        f"tokendrop: error: the figure path {tmp_path} is a folder: name the PNG to write, e.g. {tmp_path / 'kept.png'}"
+    )
 
 
 def test_show_out_in_a_missing_folder(capsys, tmp_path, photo):
@@ -170,23 +202,29 @@ def test_show_checks_out_before_running(tiny, tmp_path, monkeypatch):
 def test_device_map_banana(capsys, photo, tmp_path, command):
     command = [str(photo) if a == "IMAGE" else str(tmp_path / "k.png") if a == "OUT" else a for a in command]
     error = cli_error(capsys, *command, "--model", "tiny", "--device-map", "banana")
-    assert error.endswith("argument --device-map: device_map must be auto, balanced, balanced_low_0, sequential, "
-                          "cpu, cuda, cuda:N or a dict of module -> device; got 'banana'")
+    assert error.endswith(
+        "argument --device-map: device_map must be auto, balanced, balanced_low_0, sequential, "
+        "cpu, cuda, cuda:N or a dict of module -> device; got 'banana'"
+    )
 
 
 def test_device_map_names_a_missing_gpu(capsys, monkeypatch):
     monkeypatch.setattr(loading.torch.cuda, "is_available", lambda: False)
     error = cli_error(capsys, "profile", "--model", "tiny", *QUICK, "--device-map", "cuda:0")
-    assert error.endswith("argument --device-map: device_map 'cuda:0' needs a GPU that torch does not see "
-                          "(it sees none): use cpu, or leave it out")
+    assert error.endswith(
+        "argument --device-map: device_map 'cuda:0' needs a GPU that torch does not see "
+        "(it sees none): use cpu, or leave it out"
+    )
     with pytest.raises(ValueError, match="needs a GPU"):
         loading.load_model("tiny", device_map="cuda:0")
 
 
 def test_model_typo_does_not_reach_the_hub(capsys, no_hub):
     error = cli_error(capsys, "profile", "--model", "tinny", *QUICK)
-    assert error == (f"tokendrop: error: no preset or local path named 'tinny'; presets: {', '.join(PRESETS.names())}. "
-                     "Did you mean 'tiny'? A Hugging Face id has the form org/name")
+    assert error == (
+        f"tokendrop: error: no preset or local path named 'tinny'; presets: {', '.join(PRESETS.names())}. "
+        "Did you mean 'tiny'? A Hugging Face id has the form org/name"
+    )
     assert no_hub == []
 
 

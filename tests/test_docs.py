@@ -40,8 +40,8 @@ def test_readme_first_snippet_runs_as_written(tmp_path):
     model.save_pretrained(tmp_path / "checkpoint")
     processor.save_pretrained(tmp_path / "checkpoint")
     synthetic_image(200, 150).save(tmp_path / "view.jpg")
-    hub_id, = re.findall(r'model_id = "([^"]+)"', snippet)
-    url, = re.findall(r'load_image\("([^"]+)"\)', snippet)
+    (hub_id,) = re.findall(r'model_id = "([^"]+)"', snippet)
+    (url,) = re.findall(r'load_image\("([^"]+)"\)', snippet)
     snippet = snippet.replace(hub_id, str(tmp_path / "checkpoint")).replace(url, str(tmp_path / "view.jpg"))
     scope = {}
     exec(compile(snippet, "README.md", "exec"), scope)

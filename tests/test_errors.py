@@ -34,8 +34,9 @@ def test_bad_options(tiny, kwargs, error, message):
 
 
 def test_not_a_vlm():
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2))
+    llm = LlamaForCausalLM(
+        LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
     with pytest.raises(ValueError, match="supported models: llava_next"):
         tokendrop.patch(llm, "hired", budget=0.2)
     with pytest.raises(TypeError, match="loaded Hugging Face model"):
@@ -49,9 +50,12 @@ def test_submodule_is_refused(tiny):
 
 def test_unsupported_transformers(tiny, monkeypatch):
     for found in ("4.46.0", "6.0.1"):
-        monkeypatch.setattr("tokendrop.adapters.llava_next.installed_transformers", lambda: found)
-        with pytest.raises(ValueError, match=rf"supports transformers >=4.56,<6.0; found {found}\. Install a "
-                                             r"supported release: pip install 'transformers>=4.56,<6.0'"):
+        monkeypatch.setattr("tokendrop.adapters.llava_next.installed_transformers", lambda found=found: found)
+        with pytest.raises(
+            ValueError,
+            match=rf"supports transformers >=4.56,<6.0; found {found}\. Install a "
+            r"supported release: pip install 'transformers>=4.56,<6.0'",
+        ):
             tokendrop.patch(tiny[0], "hired")
 
 

@@ -69,9 +69,17 @@ def stand_in_modules() -> dict[str, types.ModuleType]:
         chat_class_path: str | None = None
         aliases: tuple = ()
 
-    modules = {name: types.ModuleType(name) for name in
-               ("lmms_eval", "lmms_eval.api", "lmms_eval.api.model", "lmms_eval.api.instance", "lmms_eval.models",
-                "lmms_eval.models.registry_v2")}
+    modules = {
+        name: types.ModuleType(name)
+        for name in (
+            "lmms_eval",
+            "lmms_eval.api",
+            "lmms_eval.api.model",
+            "lmms_eval.api.instance",
+            "lmms_eval.models",
+            "lmms_eval.models.registry_v2",
+        )
+    }
     modules["lmms_eval.api.model"].lmms = lmms
     modules["lmms_eval.api.instance"].Instance = Instance
     modules["lmms_eval.models.registry_v2"].ModelManifest = ModelManifest
@@ -111,11 +119,23 @@ def test_the_entry_point_registers_the_model(api):
 
 
 def requests(Instance, gen_kwargs_of):
-    docs = [{"image": synthetic_image(w, h, seed=i), "question": f"What is shape {i}?"} for i, (w, h) in enumerate(SIZES)]
+    docs = [
+        {"image": synthetic_image(w, h, seed=i), "question": f"What is shape {i}?"} for i, (w, h) in enumerate(SIZES)
+    ]
     made = [
-        Instance("generate_until", (f"{d['question']}\nAnswer the question using a single word or phrase.",
-                                    gen_kwargs_of(i), lambda doc: [doc["image"]], i, "shapes", "test"),
-                 idx=0, metadata={"task": "shapes", "doc_id": i, "repeats": 1})
+        Instance(
+            "generate_until",
+            (
+                f"{d['question']}\nAnswer the question using a single word or phrase.",
+                gen_kwargs_of(i),
+                lambda doc: [doc["image"]],
+                i,
+                "shapes",
+                "test",
+            ),
+            idx=0,
+            metadata={"task": "shapes", "doc_id": i, "repeats": 1},
+        )
         for i, d in enumerate(docs)
     ]
     return {"shapes": {"test": docs}}, made
@@ -126,12 +146,14 @@ def test_generate_until_answers_in_batches_as_one_by_one(api):
 
     _, Instance, _ = api
     # two generation settings interleaved: batched per setting, answered in request order
-    task_dict, reqs = requests(Instance, lambda i: {"until": ["ASSISTANT:"], "max_new_tokens": 2 + i % 2,
-                                                    "temperature": 0, "do_sample": False})
+    task_dict, reqs = requests(
+        Instance, lambda i: {"until": ["ASSISTANT:"], "max_new_tokens": 2 + i % 2, "temperature": 0, "do_sample": False}
+    )
     answers = {}
     for batch_size in ("1", "3"):  # lmms-eval passes its --batch_size as given
-        lm = LlavaHfTokendrop(pretrained="tiny", method="hired", budget=0.25, alpha=0.25, batch_size=batch_size,
-                              device="cpu")
+        lm = LlavaHfTokendrop(
+            pretrained="tiny", method="hired", budget=0.25, alpha=0.25, batch_size=batch_size, device="cpu"
+        )
         lm.task_dict = task_dict
         answers[batch_size] = lm.generate_until(reqs)
         assert [r.n_kept for r in lm.handle.last] == [max(1, math.floor(0.25 * r.n_before)) for r in lm.handle.last]
@@ -143,8 +165,9 @@ def test_generate_until_answers_in_batches_as_one_by_one(api):
     with tokendrop.patched(model, "hired", budget=0.25, alpha=0.25):
         for i, request in enumerate(reqs):
             doc = task_dict["shapes"]["test"][i]
-            expected += generate_answers(model, processor, [[doc["image"]]], [request.args[0]], 2 + i % 2,
-                                         stop_strings=["ASSISTANT:"])
+            expected += generate_answers(
+                model, processor, [[doc["image"]]], [request.args[0]], 2 + i % 2, stop_strings=["ASSISTANT:"]
+            )
     assert answers["1"] == expected
 
 
@@ -157,8 +180,9 @@ def test_method_none_is_the_unpatched_model(api):
     lm.task_dict = task_dict
     assert lm.handle is None and not hasattr(lm.model, "_tokendrop_handle")
     model, processor = load_model("tiny"), load_processor("tiny")
-    expected = generate_answers(model, processor, [[d["image"]] for d in task_dict["shapes"]["test"]],
-                                [r.args[0] for r in reqs], 2)
+    expected = generate_answers(
+        model, processor, [[d["image"]] for d in task_dict["shapes"]["test"]], [r.args[0] for r in reqs], 2
+    )
     assert lm.generate_until(reqs) == expected
 
 
@@ -214,8 +238,10 @@ def test_a_broken_lmms_eval_shows_its_own_import_error(monkeypatch, tmp_path):
     for name in [m for m in sys.modules if m == "lmms_eval" or m.startswith("lmms_eval.")] + ["tokendrop.eval.lmms"]:
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ImportError, match="lmms-eval is installed, but importing it failed: No module named "
-                                          "'a_dependency_that_is_missing'") as info:
+    with pytest.raises(
+        ImportError,
+        match="lmms-eval is installed, but importing it failed: No module named 'a_dependency_that_is_missing'",
+    ) as info:
         importlib.import_module("tokendrop.eval.lmms")
     assert info.value.__cause__.name == "a_dependency_that_is_missing"
     for name in [m for m in sys.modules if m == "lmms_eval" or m.startswith("lmms_eval.")]:

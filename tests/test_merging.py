@@ -170,7 +170,7 @@ def reference_pool(model, height, width, budget):
         rows = sorted({feats[i][1] // side for i in members})
         h = len(rows)
         w = len(members) // h
-        grid = [members[r * w:(r + 1) * w] for r in range(h)]
+        grid = [members[r * w : (r + 1) * w] for r in range(h)]
         g = min(h, c, max(math.ceil(c / w), round(math.sqrt(c * h / w))))
         edges = [i * h // g for i in range(g + 1)]
         extra = reference.allocate(c - g, [edges[i + 1] - edges[i] for i in range(g)], [w - 1] * g)
@@ -178,7 +178,9 @@ def reference_pool(model, height, width, budget):
             n = 1 + extra[i]
             cuts = [j * w // n for j in range(n + 1)]
             for j in range(n):
-                groups.append(sorted(grid[r][x] for r in range(edges[i], edges[i + 1]) for x in range(cuts[j], cuts[j + 1])))
+                groups.append(
+                    sorted(grid[r][x] for r in range(edges[i], edges[i + 1]) for x in range(cuts[j], cuts[j + 1]))
+                )
     groups.sort()
     return [g[0] for g in groups], groups
 
@@ -200,8 +202,11 @@ def test_pool_equals_reference(tiny, batch, budget):
 def test_pool_is_plain_a_by_a_pooling_when_the_share_allows(count, window):
     grid = torch.arange(576).view(24, 24)
     cells = pool_cells(grid, count)
-    expected = sorted(grid[r:r + window, c:c + window].flatten().tolist()
-                      for r in range(0, 24, window) for c in range(0, 24, window))
+    expected = sorted(
+        grid[r : r + window, c : c + window].flatten().tolist()
+        for r in range(0, 24, window)
+        for c in range(0, 24, window)
+    )
     assert sorted(cell.tolist() for cell in cells) == expected
 
 
@@ -230,7 +235,7 @@ def reference_visionzip(model, eager, batch, budget, contextual=0.15625, layer=-
             groups += [[i] for i in by_score[: c - m]]
             if m == 0:
                 continue
-            rest = sorted(by_score[c - m:])
+            rest = sorted(by_score[c - m :])
             step = max(1, len(rest) // m)
             targets = [rest[t] for t in range(0, len(rest), step)][:m]
             joined = {t: [t] for t in targets}

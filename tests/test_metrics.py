@@ -72,11 +72,20 @@ def test_exact_match():
 
 @pytest.mark.parametrize(
     "prediction, letter",
-    [("B", "B"), ("B.", "B"), ("B. cat", "B"), ("(A) dog", "A"), ("C)", "C"), ("cat", "B"), ("The cow", "C"),
-     ("A cat", "B"),  # "A" is an article here: the text says "cat"
-     ("A large cat", None),
-     ("D", None),  # only three choices
-     ("b", None), ("", None)],
+    [
+        ("B", "B"),
+        ("B.", "B"),
+        ("B. cat", "B"),
+        ("(A) dog", "A"),
+        ("C)", "C"),
+        ("cat", "B"),
+        ("The cow", "C"),
+        ("A cat", "B"),  # "A" is an article here: the text says "cat"
+        ("A large cat", None),
+        ("D", None),  # only three choices
+        ("b", None),
+        ("", None),
+    ],
 )
 def test_option_letter(prediction, letter):
     assert option_letter(prediction, ["dog", "cat", "cow"]) == letter
@@ -84,10 +93,18 @@ def test_option_letter(prediction, letter):
 
 @pytest.mark.parametrize(
     "prediction, answer",
-    [("Yes", "yes"), ("Yes, there is a cat.", "yes"), ("No", "no"), ("no.", "no"), ("There is no cat", "no"),
-     ("I do not see one", "no"), ("No, there is not.", "no"), ("Yes. No.", "yes"),  # the first sentence only
-     ("There is a dog, not a cat", "no"),
-     ("NO", "yes")],  # POPE's rule knows "no", "No" and "not" only
+    [
+        ("Yes", "yes"),
+        ("Yes, there is a cat.", "yes"),
+        ("No", "no"),
+        ("no.", "no"),
+        ("There is no cat", "no"),
+        ("I do not see one", "no"),
+        ("No, there is not.", "no"),
+        ("Yes. No.", "yes"),  # the first sentence only
+        ("There is a dog, not a cat", "no"),
+        ("NO", "yes"),
+    ],  # POPE's rule knows "no", "No" and "not" only
 )
 def test_pope_answer(prediction, answer):
     assert pope_answer(prediction) == answer
@@ -105,9 +122,16 @@ def test_pope_metrics_by_hand():
 
 @pytest.mark.parametrize(
     "prediction, answer",
-    [("Yes", "yes"), ("no", "no"), ("Yes, it is.", "yes"), ("yes.", "yes"), ("No, it is not", "no"),
-     ("Not sure", "no"),  # MME's tool reads "no" in the first four characters
-     ("Maybe", "other"), ("", "other")],
+    [
+        ("Yes", "yes"),
+        ("no", "no"),
+        ("Yes, it is.", "yes"),
+        ("yes.", "yes"),
+        ("No, it is not", "no"),
+        ("Not sure", "no"),  # MME's tool reads "no" in the first four characters
+        ("Maybe", "other"),
+        ("", "other"),
+    ],
 )
 def test_mme_answer(prediction, answer):
     assert mme_answer(prediction) == answer
@@ -115,10 +139,14 @@ def test_mme_answer(prediction, answer):
 
 def test_mme_scores_by_hand():
     results = [
-        ("existence", "a.jpg", True), ("existence", "a.jpg", True),  # both right
-        ("existence", "b.jpg", True), ("existence", "b.jpg", False),  # one right
-        ("OCR", "c.jpg", False), ("OCR", "c.jpg", False),
-        ("code_reasoning", "d.png", True), ("code_reasoning", "d.png", True),
+        ("existence", "a.jpg", True),
+        ("existence", "a.jpg", True),  # both right
+        ("existence", "b.jpg", True),
+        ("existence", "b.jpg", False),  # one right
+        ("OCR", "c.jpg", False),
+        ("OCR", "c.jpg", False),
+        ("code_reasoning", "d.png", True),
+        ("code_reasoning", "d.png", True),
     ]
     scores = mme_scores(results)
     assert scores["existence_acc"] == 75.0 and scores["existence_acc_plus"] == 50.0

@@ -10,9 +10,9 @@ import torch
 import reference
 import tokendrop
 from conftest import QUESTIONS, greedy
+from tokendrop.adapters import adapter_for
 from tokendrop.method.dpp import greedy_map
 from tokendrop.presets import build_preset
-from tokendrop.adapters import adapter_for
 
 BUDGETS = [0.25, 0.1, 9]
 
@@ -54,7 +54,9 @@ def naive_greedy_dpp(kernel, quality, k, tol=1e-6):
     def det(items):
         if not items:
             return 1.0
-        return float(torch.linalg.det(torch.tensor([[kernel[a][b] for b in items] for a in items], dtype=torch.float64)))
+        return float(
+            torch.linalg.det(torch.tensor([[kernel[a][b] for b in items] for a in items], dtype=torch.float64))
+        )
 
     while len(chosen) < k:
         base = det(chosen)
@@ -77,7 +79,10 @@ def reference_dpp(features, feats, relevance, counts):
         groups = [[i for i in range(n) if feats[i][0] == p] for p in range(len(counts))]
     kept = []
     for members, k in zip(groups, counts):
-        kernel = [[relevance[a] * relevance[b] * (1.0 if a == b else cosine(features[a], features[b])) for b in members] for a in members]
+        kernel = [
+            [relevance[a] * relevance[b] * (1.0 if a == b else cosine(features[a], features[b])) for b in members]
+            for a in members
+        ]
         picks = naive_greedy_dpp(kernel, [relevance[a] for a in members], k)
         kept += [members[i] for i in picks]
     return sorted(kept)
@@ -95,7 +100,9 @@ def test_greedy_map_equals_determinant_greedy_on_random_kernels():
             assert chosen == naive_greedy_dpp(kernel, quality.tolist(), k), (trial, k)
             # step by step: each prefix's next pick maximises log det of the extended set
             for i in range(1, min(k, d)):
-                logdet = lambda s: torch.linalg.slogdet(torch.tensor(kernel, dtype=torch.float64)[s][:, s])[1]
+                logdet = lambda s, kernel=kernel: torch.linalg.slogdet(
+                    torch.tensor(kernel, dtype=torch.float64)[s][:, s]
+                )[1]
                 best = max(logdet(chosen[:i] + [j]) for j in range(n) if j not in chosen[:i])
                 assert logdet(chosen[: i + 1]) >= best - 1e-6
 
@@ -114,7 +121,9 @@ def test_greedy_map_is_exact_where_greedy_is_optimal():
         diagonal = torch.diag(scale)
         kern = torch.diag(quality**2 * scale**2)
         for k in range(1, n + 1):
-            best = max(itertools.combinations(range(n), k), key=lambda s: float(torch.logdet(kern[list(s)][:, list(s)])))
+            best = max(
+                itertools.combinations(range(n), k), key=lambda s: float(torch.logdet(kern[list(s)][:, list(s)]))
+            )
             assert sorted(greedy_map(diagonal.float(), quality.float(), k).tolist()) == sorted(best)
 
 
@@ -133,7 +142,9 @@ def test_dpp_global_equals_reference(tiny, eager, batch, budget, relevance):
         elif relevance == "cls":
             r = min_max([float(prob[p, j]) for p, j in feats])
         else:
-            ids = [i for i in tokenizer(question, add_special_tokens=False).input_ids if i not in tokenizer.all_special_ids]
+            ids = [
+                i for i in tokenizer(question, add_special_tokens=False).input_ids if i not in tokenizer.all_special_ids
+            ]
             r = min_max([sum(cosine(v, table[i]) for i in ids) / len(ids) for v in features])  # the paper's sign
         assert record.indices == reference_dpp(features, feats, r, reference.keep_count(budget, len(feats)))
 
@@ -174,16 +185,20 @@ def globalcom2_token_scores(model, batch, layer=-1):
         base = [float(v) for v in logits[0]]
         canvas = reference.bilinear([base[r * side : (r + 1) * side] for r in range(side)], y1 - y0, x1 - x0)
         local = [float(logits[p, j]) for p, j in feats]
-        global_ = [0.0 if p == 0 else canvas[(i - side * side) // (x1 - x0)][(i - side * side) % (x1 - x0)]
-                   for i, (p, _) in enumerate(feats)]
+        global_ = [
+            0.0 if p == 0 else canvas[(i - side * side) // (x1 - x0)][(i - side * side) % (x1 - x0)]
+            for i, (p, _) in enumerate(feats)
+        ]
         scores = []
         for i, (p, _) in enumerate(feats):
             members = [m for m, (q, _) in enumerate(feats) if q == p]
             if p == 0:
                 scores.append(local[i])
             else:
-                scores.append(local[i] / math.sqrt(sum(local[m] ** 2 for m in members))
-                              + global_[i] / math.sqrt(sum(global_[m] ** 2 for m in members)))
+                scores.append(
+                    local[i] / math.sqrt(sum(local[m] ** 2 for m in members))
+                    + global_[i] / math.sqrt(sum(global_[m] ** 2 for m in members))
+                )
         out.append(scores)
     return out
 
@@ -200,12 +215,16 @@ def test_dpp_allocator_relevance_equals_reference(tiny, eager, batch, budget, al
     if allocation == "hired":
         splits = reference.hired(eager, batch["pixel_values"], batch["image_sizes"], budget)
         probs = reference.eager_cls_attention(eager, batch["pixel_values"], batch["image_sizes"], -2)
-        scores_of = [[float(prob[p, j]) for p, j in reference.features(model, h, w)[0]]
-                     for (h, w), prob in zip(batch["image_sizes"].tolist(), probs)]
+        scores_of = [
+            [float(prob[p, j]) for p, j in reference.features(model, h, w)[0]]
+            for (h, w), prob in zip(batch["image_sizes"].tolist(), probs)
+        ]
     else:
         splits = reference.globalcom2(model, batch["pixel_values"], batch["image_sizes"], budget)
         scores_of = globalcom2_token_scores(model, batch)
-    for row, ((features, feats), record, scores) in enumerate(zip(image_features(model, batch), handle.last, scores_of)):
+    for row, ((features, feats), record, scores) in enumerate(
+        zip(image_features(model, batch), handle.last, scores_of)
+    ):
         n_parts = 1 + max(p for p, _ in feats)
         counts = [sum(1 for i in splits[row] if feats[i][0] == p) for p in range(n_parts)]
         r = [0.0] * len(feats)

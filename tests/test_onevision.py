@@ -138,8 +138,10 @@ def hired_reference(model, batch, signals_alloc, signals_select, budget, alpha=0
         k = reference.keep_count(budget, len(feats))
         capacity = [sum(1 for p, _ in feats if p == q) for q in range(alloc.shape[0])]
         n_base = min(math.floor(alpha * k + 1e-9), capacity[0])
-        mass = [sum(w * float(a) for w, a in zip(weights, alloc[0]))
-                for weights in reference.region_weights(model, height, width)]
+        mass = [
+            sum(w * float(a) for w, a in zip(weights, alloc[0]))
+            for weights in reference.region_weights(model, height, width)
+        ]
         crops = reference.allocate(k - n_base, mass, capacity[1:])
         counts = [k - sum(crops)] + crops
         scores = [float(select[p, j]) for p, j in feats]
@@ -164,15 +166,19 @@ def globalcom2_reference(model, batch, logits_per_image, budget, tau=10.0):
         ratios = [min(1.0, ratio * (1 + e / sum(exps) - 1 / len(exps))) for e in exps]
         crops = reference.allocate(k - n_base, [r * c for r, c in zip(ratios, capacity[1:])], capacity[1:])
         counts = [k - sum(crops)] + crops
-        global_map = reference.bilinear([base[r * side:(r + 1) * side] for r in range(side)], y1 - y0, x1 - x0)
+        global_map = reference.bilinear([base[r * side : (r + 1) * side] for r in range(side)], y1 - y0, x1 - x0)
         local = [float(logits[p, j]) for p, j in feats]
         global_ = [0.0 if p == 0 else global_map[y - y0][x - x0] for (p, _), (y, x) in zip(feats, yx)]
         norms = {}
         for q in range(1, 1 + n_h * n_w):
             members = [i for i, (p, _) in enumerate(feats) if p == q]
-            norms[q] = (math.sqrt(sum(local[i] ** 2 for i in members)), math.sqrt(sum(global_[i] ** 2 for i in members)))
-        scores = [local[i] if p == 0 else local[i] / norms[p][0] + global_[i] / norms[p][1]
-                  for i, (p, _) in enumerate(feats)]
+            norms[q] = (
+                math.sqrt(sum(local[i] ** 2 for i in members)),
+                math.sqrt(sum(global_[i] ** 2 for i in members)),
+            )
+        scores = [
+            local[i] if p == 0 else local[i] / norms[p][0] + global_[i] / norms[p][1] for i, (p, _) in enumerate(feats)
+        ]
         result.append(reference.top_per_partition(scores, [p for p, _ in feats], counts))
     return result
 
@@ -180,8 +186,9 @@ def globalcom2_reference(model, batch, logits_per_image, budget, tau=10.0):
 # --- geometry ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [(38, 96), (96, 38), (60, 100), (180, 200), (150, 300), (300, 150), (40, 40),
-                                  (200, 200), (100, 290)])
+@pytest.mark.parametrize(
+    "size", [(38, 96), (96, 38), (60, 100), (180, 200), (150, 300), (300, 150), (40, 40), (200, 200), (100, 290)]
+)
 def test_layout_matches_processor_and_formulas(ov, size):
     model, processor = ov
     image = synthetic_image(size[1], size[0])
@@ -268,7 +275,9 @@ def test_missing_signal_is_a_clear_error(ov, monkeypatch):
         signal_kinds = ("probs",)
 
     monkeypatch.setattr(importlib.import_module("tokendrop.patch"), "adapter_for", ProbsOnly)
-    with pytest.raises(ValueError, match="'globalcom2' needs the 'logits' signal.*LlavaOnevisionForConditionalGeneration"):
+    with pytest.raises(
+        ValueError, match="'globalcom2' needs the 'logits' signal.*LlavaOnevisionForConditionalGeneration"
+    ):
         tokendrop.patch(model, "globalcom2", budget=0.5)
     assert "_tokendrop_handle" not in model.__dict__
     tokendrop.patch(model, "hired", budget=0.5)  # a method within the vocabulary patches
@@ -346,8 +355,11 @@ def test_multi_image_prompts(ov, ov_images, multi, method):
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     assert [r.n_before for r in handle.last][:2] == [side * side] * 2  # base views only
     assert [r.n_kept for r in handle.last][:2] == [reference.keep_count(0.5, side * side)] * 2
-    two = processor(images=[[ov_images["wide"], ov_images["tall"]]], text=[prompt(processor, "Compare them.", 2)],
-                    return_tensors="pt")
+    two = processor(
+        images=[[ov_images["wide"], ov_images["tall"]]],
+        text=[prompt(processor, "Compare them.", 2)],
+        return_tensors="pt",
+    )
     assert torch.equal(greedy(model, two)[0, -6:], together[0, -6:])
 
 
@@ -372,7 +384,9 @@ def test_pruned_generation_equals_manual_reference(ov, ov_batch):
     handle = tokendrop.patch(model, "hired", budget=0.25)
     out = greedy(model, ov_batch, n=5)
     token = model.config.image_token_id
-    for row, ((height, width), record, features) in enumerate(zip(ov_batch["image_sizes"].tolist(), handle.last, packed)):
+    for row, ((height, width), record, features) in enumerate(
+        zip(ov_batch["image_sizes"].tolist(), handle.last, packed)
+    ):
         mask = ov_keep_mask(model, height, width, record.indices)
         assert record.n_newlines == int(mask.sum()) - record.n_kept
         valid = ov_batch["input_ids"][row][ov_batch["attention_mask"][row] == 1]
@@ -413,11 +427,52 @@ def test_a_onevision_checkpoint_loads_and_sweeps_and_profiles(ov, tmp_path):
         for i, (w, h) in enumerate([(90, 60), (200, 70)]):
             synthetic_image(w, h, seed=i).save(data / f"{i}.png")
             file.write(json.dumps({"id": f"q{i}", "image": f"{i}.png", "question": "What?", "answers": ["x"]}) + "\n")
-    assert main(["sweep", "--model", "tiny-onevision", "--tasks", "custom", "--data", f"custom={data / 'data.jsonl'}",
-                 "--methods", "hired", "globalcom2", "--budgets", "0.25", "--max-new-tokens", "2", "--no-progress",
-                 "--out", str(tmp_path / "sweep")]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                "tiny-onevision",
+                "--tasks",
+                "custom",
+                "--data",
+                f"custom={data / 'data.jsonl'}",
+                "--methods",
+                "hired",
+                "globalcom2",
+                "--budgets",
+                "0.25",
+                "--max-new-tokens",
+                "2",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "sweep"),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
     assert {(row["method"], row["n"]) for row in summary["cells"]} == {("none", 2), ("hired", 2), ("globalcom2", 2)}
-    assert main(["profile", "--model", "tiny-onevision", "--methods", "hired", "--budgets", "0.25", "--repeats", "1",
-                 "--warmup", "0", "--max-new-tokens", "2", "--out", str(tmp_path / "profile")]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                "tiny-onevision",
+                "--methods",
+                "hired",
+                "--budgets",
+                "0.25",
+                "--repeats",
+                "1",
+                "--warmup",
+                "0",
+                "--max-new-tokens",
+                "2",
+                "--out",
+                str(tmp_path / "profile"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "profile" / "profile.json").is_file()

@@ -6,8 +6,8 @@ import torch
 import reference
 import tokendrop
 from conftest import QUESTIONS, greedy, prompt
-from tokendrop.method import METHODS
 from tokendrop.adapters import adapter_for
+from tokendrop.method import METHODS
 
 ALL = METHODS.names()
 
@@ -73,8 +73,12 @@ def test_exact_counts_and_records(tiny, batch, method, budget):
         if method == "base" and expected < len(feats):  # the base view only: at most its size
             expected = min(expected, sum(1 for p, _ in feats if p == 0))
         assert record.n_kept == whole + expected == len(record.indices)
-        assert record.indices == sorted(set(record.indices)) and 0 <= record.indices[0] and record.indices[-1] < len(feats)
-        assert record.partitions == [sum(1 for i in record.indices if feats[i][0] == p) for p in range(len(record.partitions))]
+        assert (
+            record.indices == sorted(set(record.indices)) and 0 <= record.indices[0] and record.indices[-1] < len(feats)
+        )
+        assert record.partitions == [
+            sum(1 for i in record.indices if feats[i][0] == p) for p in range(len(record.partitions))
+        ]
         mask = reference.keep_mask(model, height, width, record.indices, "rows")
         assert record.n_newlines == int(mask.sum()) - record.n_kept
     # the caller's prompt comes back in front of the new tokens
@@ -141,11 +145,13 @@ def test_generation_modes_equal_stock_generate_on_reference_embeds(tiny, batch, 
     embeds = reference.embed_prompt(model, ref["input_ids"], ref["features"])
     torch.manual_seed(0)
     with torch.no_grad():
-        expected = model.generate(inputs_embeds=embeds, attention_mask=ref["attention_mask"], max_new_tokens=4, **options)
+        expected = model.generate(
+            inputs_embeds=embeds, attention_mask=ref["attention_mask"], max_new_tokens=4, **options
+        )
     n = options.get("num_return_sequences", 1)
     assert out.sequences.shape[0] == 3 * n
     assert torch.equal(out.sequences[:, : batch["input_ids"].shape[1]], batch["input_ids"].repeat_interleave(n, 0))
-    assert torch.equal(out.sequences[:, batch["input_ids"].shape[1]:], expected)
+    assert torch.equal(out.sequences[:, batch["input_ids"].shape[1] :], expected)
 
 
 def test_use_cache_false_matches_cached(tiny, batch):
@@ -163,8 +169,11 @@ def test_text_only_and_mixed_batches(tiny, images):
     assert handle.last == []
     # a prompt with two images next to a text-only prompt and a one-image prompt
     wide, tall, square = images.values()
-    texts = [prompt(processor, "Compare them.", n_images=2), "USER: no picture here ASSISTANT:",
-             prompt(processor, "And this?")]
+    texts = [
+        prompt(processor, "Compare them.", n_images=2),
+        "USER: no picture here ASSISTANT:",
+        prompt(processor, "And this?"),
+    ]
     mixed = processor(images=[wide, tall, square], text=texts, return_tensors="pt", padding=True)
     out = greedy(model, mixed)
     assert len(handle.last) == 3
@@ -191,11 +200,15 @@ def test_forward_with_labels(tiny, batch):
     ref = reference.compact_batch(model, batch, handle.last, labels=labels)
     embeds = reference.embed_prompt(model, ref["input_ids"], ref["features"])
     with torch.no_grad():
-        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=ref["attention_mask"]).last_hidden_state
+        hidden = model.model.language_model(
+            inputs_embeds=embeds, attention_mask=ref["attention_mask"]
+        ).last_hidden_state
         logits = model.lm_head(hidden)
     assert out.logits.shape == logits.shape
     assert torch.allclose(out.logits, logits, atol=1e-5)
-    shifted = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ref["labels"][:, 1:].flatten(), ignore_index=-100)
+    shifted = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), ref["labels"][:, 1:].flatten(), ignore_index=-100
+    )
     assert torch.allclose(out.loss, shifted, atol=1e-6)
 
 

@@ -66,7 +66,9 @@ def test_deepcopy_carries_its_own_patch(tiny, batch):
     assert handle.last == [] and len(twin_handle.last) == 3
     twin_handle.last = []
     greedy(twin, batch, n=1)
-    assert handle.last == [] and [r.n_kept for r in twin_handle.last] == [int(0.2 * r.n_before) for r in twin_handle.last]
+    assert handle.last == [] and [r.n_kept for r in twin_handle.last] == [
+        int(0.2 * r.n_before) for r in twin_handle.last
+    ]
     assert torch.equal(logits(model, batch), expected)
     tokendrop.unpatch(twin)
     assert ATTRIBUTE not in twin.__dict__ and "forward" not in twin.__dict__
@@ -83,7 +85,9 @@ def test_pickle_round_trip_keeps_the_patch(batch):
     assert loaded_handle is not handle and loaded_handle.model is loaded
     handle.last = []
     assert torch.equal(logits(loaded, batch), expected)
-    assert handle.last == [] and [r.n_kept for r in loaded_handle.last] == [int(0.2 * r.n_before) for r in loaded_handle.last]
+    assert handle.last == [] and [r.n_kept for r in loaded_handle.last] == [
+        int(0.2 * r.n_before) for r in loaded_handle.last
+    ]
     tokendrop.unpatch(loaded)
     assert ATTRIBUTE not in loaded.__dict__ and "forward" not in loaded.__dict__
 

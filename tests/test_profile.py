@@ -28,10 +28,24 @@ def one_image(tiny):
 def test_profile_records_are_complete_and_consistent(tiny, tmp_path):
     model, processor = tiny
     images = [synthetic_image(672, 672), synthetic_image(100, 60, seed=1)]
-    rows = profile(model, processor, images, ProfileConfig(["hired", "uniform"], [1.0, 0.25], [1, 2], max_new_tokens=3,
-                                                           repeats=2, warmup=0, out=tmp_path, progress=False))
+    rows = profile(
+        model,
+        processor,
+        images,
+        ProfileConfig(
+            ["hired", "uniform"],
+            [1.0, 0.25],
+            [1, 2],
+            max_new_tokens=3,
+            repeats=2,
+            warmup=0,
+            out=tmp_path,
+            progress=False,
+        ),
+    )
     assert [(r["method"], r["budget"], r["batch_size"]) for r in rows] == [
-        (REFERENCE, None, 1), (REFERENCE, None, 2),
+        (REFERENCE, None, 1),
+        (REFERENCE, None, 2),
         *[(m, b, n) for n in (1, 2) for m in ("hired", "uniform") for b in (1.0, 0.25)],
     ]
     for row in rows:
@@ -52,7 +66,8 @@ def test_profile_records_are_complete_and_consistent(tiny, tmp_path):
         else:
             assert row["prefill_speedup_ideal"] > 1.5
             assert row["kv_cache_bytes"] < next(
-                r["kv_cache_bytes"] for r in rows if r["method"] == REFERENCE and r["batch_size"] == row["batch_size"])
+                r["kv_cache_bytes"] for r in rows if r["method"] == REFERENCE and r["batch_size"] == row["batch_size"]
+            )
     saved = json.loads((tmp_path / "profile.json").read_text())
     assert saved["cells"] == json.loads(json.dumps(rows))
     assert {"date", "git", "device", "versions", "model", "config", "images"} <= saved["provenance"].keys()
@@ -85,9 +100,12 @@ def test_oom_and_errors_are_recorded_and_the_grid_goes_on(tiny, monkeypatch):
         return real(model, method, budget=budget, **options)
 
     monkeypatch.setattr(profile_grid, "patched", failing)
-    rows = profile(model, processor, [synthetic_image(90, 60)],
-                   ProfileConfig(["hired", "random"], [0.5, 0.2], [1], max_new_tokens=2, repeats=1, warmup=0,
-                                 progress=False))
+    rows = profile(
+        model,
+        processor,
+        [synthetic_image(90, 60)],
+        ProfileConfig(["hired", "random"], [0.5, 0.2], [1], max_new_tokens=2, repeats=1, warmup=0, progress=False),
+    )
     status = {(r["method"], r["budget"]): (r["status"], r["error"]) for r in rows}
     assert status[("hired", 0.5)] == ("oom", "CUDA out of memory. Tried to allocate 2.00 GiB")
     assert status[("random", 0.2)] == ("error", "RuntimeError: something else broke")
@@ -103,8 +121,27 @@ def table_rows(output: str) -> list[list[str]]:
 
 
 def test_demo_of_a_random_preset_is_a_profile(capsys, tmp_path):
-    assert main(["demo", "--preset", "tiny", "--methods", "hired", "--budgets", "1.0", "0.4", "0.1", "16",
-                 "--max-new-tokens", "2", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--preset",
+                "tiny",
+                "--methods",
+                "hired",
+                "--budgets",
+                "1.0",
+                "0.4",
+                "0.1",
+                "16",
+                "--max-new-tokens",
+                "2",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "profile" / "profile.json").is_file()
     output = capsys.readouterr().out
     assert "random weights" in output
@@ -138,8 +175,9 @@ class SlowDecode(LogitsProcessor):
 def test_slow_decode_steps_do_not_inflate_time_to_first_token(tiny, one_image):
     model, _ = tiny
     fast = measure_generate(model, one_image, max_new_tokens=4, min_new_tokens=4)
-    slow = measure_generate(model, one_image, max_new_tokens=4, min_new_tokens=4,
-                            logits_processor=LogitsProcessorList([SlowDecode()]))
+    slow = measure_generate(
+        model, one_image, max_new_tokens=4, min_new_tokens=4, logits_processor=LogitsProcessorList([SlowDecode()])
+    )
     assert slow["new_tokens"] == 4
     assert slow["generate_s"] - slow["ttft_s"] >= 1.5  # the three slow steps come after the first token
     assert slow["ttft_s"] < fast["ttft_s"] + 0.3

@@ -13,12 +13,12 @@ import reference
 import tokendrop
 from conftest import QUESTIONS, greedy, prompt
 from tokendrop import training
+from tokendrop.adapters import adapter_for
 from tokendrop.cli import main
 from tokendrop.eval import testbed
 from tokendrop.method.router import SHIPPED, read_router
 from tokendrop.presets import build_preset, synthetic_image
 from tokendrop.selection import keep_count
-from tokendrop.adapters import adapter_for
 
 
 def toy_examples(n, split="train", start=0):
@@ -27,8 +27,7 @@ def toy_examples(n, split="train", start=0):
 
 
 def config(out, **overrides):
-    settings = dict(out=out, steps=4, batch_size=2, samples=2, checkpoint_every=2, validate_every=100,
-                    progress=False)
+    settings = dict(out=out, steps=4, batch_size=2, samples=2, checkpoint_every=2, validate_every=100, progress=False)
     return training.RouterTraining(**(settings | overrides))
 
 
@@ -52,8 +51,7 @@ def odd_batch(tiny):
     sizes = [(38, 96), (96, 38), (60, 100), (20, 140)]
     images = [synthetic_image(w, h, seed=10 + i) for i, (h, w) in enumerate(sizes)]
     questions = QUESTIONS + ["Is there a green circle?"]
-    inputs = processor(images=images, text=[prompt(processor, q) for q in questions], return_tensors="pt",
-                       padding=True)
+    inputs = processor(images=images, text=[prompt(processor, q) for q in questions], return_tensors="pt", padding=True)
     return inputs, questions
 
 
@@ -117,8 +115,12 @@ def test_trained_router_equals_its_formula(bed, trained_router, budget):
     model, processor = bed
     samples = [testbed.testbed_sample("test", i) for i in range(3)]
     questions = [s["question"] for s in samples]
-    inputs = processor(images=[s["image"] for s in samples], text=[prompt(processor, q) for q in questions],
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        images=[s["image"] for s in samples],
+        text=[prompt(processor, q) for q in questions],
+        return_tensors="pt",
+        padding=True,
+    )
     _, weights = read_router(trained_router)
     assert weights.question.abs().sum() > 0 and weights.salience.abs().sum() > 0  # it did learn
     selected = kept(model, inputs, "router", budget=budget, router=trained_router, processor=processor)
@@ -188,8 +190,9 @@ def test_a_short_run_improves_the_objective(bed, tmp_path):
     model, processor = bed
     examples = toy_examples(16)
     untrained = training.objective(model, processor, None, examples, config(tmp_path / "a"))
-    training.train_router(model, processor, examples, config(tmp_path / "b", steps=30, batch_size=8, samples=8,
-                                                             lr=0.03))
+    training.train_router(
+        model, processor, examples, config(tmp_path / "b", steps=30, batch_size=8, samples=8, lr=0.03)
+    )
     _, weights = read_router(tmp_path / "b")
     learned = training.objective(model, processor, weights, examples, config(tmp_path / "b"))
     assert learned < 0.5 * untrained  # 2.01 -> 0.19 to 0.43 over seeds 0, 1 and 2
@@ -297,14 +300,22 @@ def test_trains_on_a_4bit_base(tmp_path):
     model, processor = build_preset("tiny")
     model.save_pretrained(tmp_path / "tiny")
     quantized = LlavaNextForConditionalGeneration.from_pretrained(
-        tmp_path / "tiny", device_map="cpu",
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+        tmp_path / "tiny",
+        device_map="cpu",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+    )
     examples = [training.Example(synthetic_image(96, 60, seed=i), "What is red?") for i in range(4)]
     out = training.train_router(quantized, processor, examples, config(tmp_path / "r", steps=2))
     _, weights = read_router(out)
     assert weights.question.abs().sum() > 0
-    kept(quantized, processor(images=[examples[0].load_image()], text=[prompt(processor, "What is red?")],
-                              return_tensors="pt"), "router", budget=0.2, router=out, processor=processor)
+    kept(
+        quantized,
+        processor(images=[examples[0].load_image()], text=[prompt(processor, "What is red?")], return_tensors="pt"),
+        "router",
+        budget=0.2,
+        router=out,
+        processor=processor,
+    )
 
 
 def test_train_router_command_and_the_shipped_router(tmp_path, capsys):
@@ -315,17 +326,55 @@ def test_train_router_command_and_the_shipped_router(tmp_path, capsys):
         lines.append(json.dumps({"image": f"{i}.png", "question": sample["question"], "answer": sample["answer"]}))
     data.write_text("\n".join(lines) + "\n")
     out = tmp_path / "router"
-    arguments = ["train-router", "--model", "testbed", "--data", str(data), "--out", str(out), "--steps", "2",
-                 "--batch-size", "2", "--samples", "2", "--validation", "testbed=validation",
-                 "--validation-samples", "4", "--validate-every", "2", "--no-progress"]
+    arguments = [
+        "train-router",
+        "--model",
+        "testbed",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--samples",
+        "2",
+        "--validation",
+        "testbed=validation",
+        "--validation-samples",
+        "4",
+        "--validate-every",
+        "2",
+        "--no-progress",
+    ]
     assert main(arguments) == 0
     assert "router.router=" in capsys.readouterr().out
     saved = json.loads((out / "router.json").read_text())
     assert saved["training"]["validation"] is not None and saved["training"]["examples"] == 4
     assert main(arguments) == 0  # finished: resumes at the last step and rewrites the same router
     assert json.loads((out / "router.json").read_text())["training"] == saved["training"]
-    assert main(["train-router", "--model", "testbed", "--data", "testbed", "--out", str(tmp_path / "task"),
-                 "--steps", "1", "--batch-size", "2", "--samples", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train-router",
+                "--model",
+                "testbed",
+                "--data",
+                "testbed",
+                "--out",
+                str(tmp_path / "task"),
+                "--steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--samples",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:  # a usage error, not a traceback
         main(["train-router", "--model", "testbed", "--data", "nothing.jsonl", "--out", str(out), "--no-progress"])

@@ -22,9 +22,16 @@ def test_show_writes_a_figure_of_the_kept_tokens(tiny, tmp_path, method):
     assert method in figure._suptitle.get_text()
     # the titles count exactly the kept tokens: rerun the same selection through a plain patch
     handle = tokendrop.patch(model, method, budget=0.25, processor=processor)
-    inputs = processor(images=[image], text=[processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is red?"}]}],
-        add_generation_prompt=True)], return_tensors="pt")
+    inputs = processor(
+        images=[image],
+        text=[
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is red?"}]}],
+                add_generation_prompt=True,
+            )
+        ],
+        return_tensors="pt",
+    )
     model.generate(**inputs, max_new_tokens=1)
     record = handle.last[0]
     assert base_title.startswith(f"base view: {record.partitions[0]}/36")
@@ -64,6 +71,25 @@ def test_show_command_line(tmp_path, capsys):
     image = tmp_path / "photo.png"
     synthetic_image(120, 80, seed=2).save(image)
     out = tmp_path / "kept.png"
-    assert main(["show", str(image), "--model", "tiny", "--dtype", "fp32", "--method", "uniform", "--budget", "0.25",
-                 "--question", "Where is red?", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "show",
+                str(image),
+                "--model",
+                "tiny",
+                "--dtype",
+                "fp32",
+                "--method",
+                "uniform",
+                "--budget",
+                "0.25",
+                "--question",
+                "Where is red?",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.stat().st_size > 10_000 and f"wrote {out}" in capsys.readouterr().out

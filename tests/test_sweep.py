@@ -65,44 +65,92 @@ def bench(tmp_path_factory):
         dataset.to_parquet(str(path))
 
     n = len(images)
-    vqa = table(question_id=[100 + i for i in range(n)], question=[f"What color is thing {i}?" for i in range(n)],
-                answers=[[{"answer": a, "answer_confidence": "yes", "answer_id": j} for j, a in
-                          enumerate(["red"] * 6 + ["dark red"] * 4)] for _ in range(n)],
-                multiple_choice_answer=["red"] * n, answer_type=["other"] * n, image=images)
+    vqa = table(
+        question_id=[100 + i for i in range(n)],
+        question=[f"What color is thing {i}?" for i in range(n)],
+        answers=[
+            [
+                {"answer": a, "answer_confidence": "yes", "answer_id": j}
+                for j, a in enumerate(["red"] * 6 + ["dark red"] * 4)
+            ]
+            for _ in range(n)
+        ],
+        multiple_choice_answer=["red"] * n,
+        answer_type=["other"] * n,
+        image=images,
+    )
     parquet(vqa, root / "vqav2/data/validation-00000-of-00001.parquet")
     parquet(vqa.select(range(2)), root / "vqav2/data/testdev-00000-of-00001.parquet")  # a decoy split
 
-    textvqa = table(question_id=list(range(n)), question=[f"what is written on sign {i}?" for i in range(n)],
-                    answers=[["stop"] * 10] * n, ocr_tokens=[["stop"]] * n, image_id=[str(i) for i in range(n)],
-                    image=images)
+    textvqa = table(
+        question_id=list(range(n)),
+        question=[f"what is written on sign {i}?" for i in range(n)],
+        answers=[["stop"] * 10] * n,
+        ocr_tokens=[["stop"]] * n,
+        image_id=[str(i) for i in range(n)],
+        image=images,
+    )
     datasets.DatasetDict(validation=textvqa, train=textvqa.select(range(1))).save_to_disk(str(root / "textvqa"))
 
     # GQA: questions name their image by id; images are stored in another order, one shared
     image_ids = ["n3", "n1", "n0", "n1", "n2"]
-    parquet(table(id=[f"g{i}" for i in range(n)], imageId=image_ids, question=[f"Is object {i} left?" for i in range(n)],
-                  answer=["yes", "no", "yes", "no", "left"], fullAnswer=["..."] * n),
-            root / "gqa/testdev_balanced_instructions/testdev-00000-of-00001.parquet")
-    parquet(table(id=["n2", "n0", "n3", "n1"], image=[images[2], images[0], images[3], images[1]]),
-            root / "gqa/testdev_balanced_images/testdev-00000-of-00001.parquet")
+    parquet(
+        table(
+            id=[f"g{i}" for i in range(n)],
+            imageId=image_ids,
+            question=[f"Is object {i} left?" for i in range(n)],
+            answer=["yes", "no", "yes", "no", "left"],
+            fullAnswer=["..."] * n,
+        ),
+        root / "gqa/testdev_balanced_instructions/testdev-00000-of-00001.parquet",
+    )
+    parquet(
+        table(id=["n2", "n0", "n3", "n1"], image=[images[2], images[0], images[3], images[1]]),
+        root / "gqa/testdev_balanced_images/testdev-00000-of-00001.parquet",
+    )
 
-    table(id=list(range(n)), question_id=[str(i % 3) for i in range(n)], question=["Is there a cat in the image?"] * n,
-          answer=["yes", "no", "yes", "no", "yes"], category=["adversarial", "popular", "random", "random", "popular"],
-          image_source=["coco"] * n, image=images).save_to_disk(str(root / "pope"))
+    table(
+        id=list(range(n)),
+        question_id=[str(i % 3) for i in range(n)],
+        question=["Is there a cat in the image?"] * n,
+        answer=["yes", "no", "yes", "no", "yes"],
+        category=["adversarial", "popular", "random", "random", "popular"],
+        image_source=["coco"] * n,
+        image=images,
+    ).save_to_disk(str(root / "pope"))
 
-    sqa = table(question=[f"Which animal is {i}?" for i in range(n)], choices=[["dog", "cat"], ["a", "b", "c"]] * 2 + [["x", "y"]],
-                answer=[1, 2, 0, 0, 1], hint=["A farm.", "", "", "Look closely.", ""], subject=["natural science"] * n,
-                image=images)
+    sqa = table(
+        question=[f"Which animal is {i}?" for i in range(n)],
+        choices=[["dog", "cat"], ["a", "b", "c"]] * 2 + [["x", "y"]],
+        answer=[1, 2, 0, 0, 1],
+        hint=["A farm.", "", "", "Look closely.", ""],
+        subject=["natural science"] * n,
+        image=images,
+    )
     parquet(sqa, root / "sqa/ScienceQA-IMG/test-00000-of-00001.parquet")
     parquet(sqa.select(range(1)), root / "sqa/ScienceQA-FULL/test-00000-of-00001.parquet")  # a decoy config
 
-    parquet(table(question_id=["existence/1.jpg", "existence/1.jpg", "OCR/2.jpg", "OCR/2.jpg", "code_reasoning/3.png"],
-                  question=["Is there a dog? Please answer yes or no."] * n, answer=["Yes", "No", "Yes", "No", "Yes"],
-                  category=["existence", "existence", "OCR", "OCR", "code_reasoning"], image=images),
-            root / "mme/data/test-00000-of-00001.parquet")
+    parquet(
+        table(
+            question_id=["existence/1.jpg", "existence/1.jpg", "OCR/2.jpg", "OCR/2.jpg", "code_reasoning/3.png"],
+            question=["Is there a dog? Please answer yes or no."] * n,
+            answer=["Yes", "No", "Yes", "No", "Yes"],
+            category=["existence", "existence", "OCR", "OCR", "code_reasoning"],
+            image=images,
+        ),
+        root / "mme/data/test-00000-of-00001.parquet",
+    )
 
     custom = write_custom(root / "custom", [f"Name thing {i}." for i in range(n)], [["thing"]] * n)
-    return {"vqav2": root / "vqav2", "textvqa": root / "textvqa", "gqa": root / "gqa", "pope": root / "pope",
-            "scienceqa_img": root / "sqa", "mme": root / "mme", "custom": custom}
+    return {
+        "vqav2": root / "vqav2",
+        "textvqa": root / "textvqa",
+        "gqa": root / "gqa",
+        "pope": root / "pope",
+        "scienceqa_img": root / "sqa",
+        "mme": root / "mme",
+        "custom": custom,
+    }
 
 
 # --- data ------------------------------------------------------------------------------
@@ -162,7 +210,14 @@ def test_images_open_from_every_stored_form(tmp_path):
     image = pictures()[0]
     image.save(tmp_path / "a.png")
     raw = (tmp_path / "a.png").read_bytes()
-    forms = [image, {"bytes": raw, "path": None}, {"bytes": None, "path": "a.png"}, raw, "a.png", str(tmp_path / "a.png")]
+    forms = [
+        image,
+        {"bytes": raw, "path": None},
+        {"bytes": None, "path": "a.png"},
+        raw,
+        "a.png",
+        str(tmp_path / "a.png"),
+    ]
     for form in forms:
         assert open_image(form, tmp_path).tobytes() == image.convert("RGB").tobytes()
     with pytest.raises(ValueError, match="cannot read an image from int"):
@@ -180,8 +235,19 @@ def test_subset_is_fixed_by_the_seed():
 
 def test_sweep_every_task_end_to_end(bench, tmp_path):
     out = tmp_path / "run"
-    summary = sweep(SweepConfig("tiny", list(TASKS.names()), out, methods=["hired"], budgets=[0.25, 8],
-                    data={t: str(p) for t, p in bench.items()}, limit=3, batch_size=2, **FAST))
+    summary = sweep(
+        SweepConfig(
+            "tiny",
+            list(TASKS.names()),
+            out,
+            methods=["hired"],
+            budgets=[0.25, 8],
+            data={t: str(p) for t, p in bench.items()},
+            limit=3,
+            batch_size=2,
+            **FAST,
+        )
+    )
     records = read_records(out)
     cells = 1 + 2
     assert len(records) == len({key(r) for r in records}) == len(TASKS.names()) * cells * 3
@@ -198,7 +264,9 @@ def test_sweep_every_task_end_to_end(bench, tmp_path):
     assert len(summary["cells"]) == len(TASKS.names()) * cells
     for row in summary["cells"]:
         assert (row["n"], row["failed"], row["missing"]) == (3, 0, 0)
-        mine = [r for r in records if (r["task"], r["method"], r["budget"]) == (row["task"], row["method"], row["budget"])]
+        mine = [
+            r for r in records if (r["task"], r["method"], r["budget"]) == (row["task"], row["method"], row["budget"])
+        ]
         task = build_task(row["task"])
         assert row["metrics"] == pytest.approx(task.metrics(mine))
         assert row["score"] == pytest.approx(task.metrics(mine)[task.headline])
@@ -213,8 +281,10 @@ def test_sweep_every_task_end_to_end(bench, tmp_path):
     for r in records:
         by_task.setdefault(r["task"], {})[r["index"]] = r
     sqa = by_task["scienceqa_img"][0]
-    assert sqa["question"] == ("Context: A farm.\nWhich animal is 0?\nA. dog\nB. cat\n"
-                               "Answer with the option's letter from the given choices directly.")
+    assert sqa["question"] == (
+        "Context: A farm.\nWhich animal is 0?\nA. dog\nB. cat\n"
+        "Answer with the option's letter from the given choices directly."
+    )
     assert sqa["reference"] == "B"
     for r in by_task["mme"].values():
         assert r["question"] == "Is there a dog?\nAnswer the question using a single word or phrase."
@@ -247,15 +317,28 @@ def test_scores_against_known_answers(tmp_path):
     questions = ["Name it.", "What is this?", "Which color?"]
     predicted = unpatched_answers(questions)
     data = write_custom(tmp_path / "data", questions, [[predicted[0]], [predicted[1], "other"], ["zzz-never"]])
-    summary = sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", methods=["hired"], budgets=[1.0, 0.25],
-                    data={"custom": str(data)}, **FAST))
+    summary = sweep(
+        SweepConfig(
+            "tiny",
+            ["custom"],
+            tmp_path / "run",
+            methods=["hired"],
+            budgets=[1.0, 0.25],
+            data={"custom": str(data)},
+            **FAST,
+        )
+    )
     rows = {(r["method"], r["budget"]): r for r in summary["cells"]}
     assert rows[(REFERENCE, None)]["score"] == pytest.approx(200 / 3)
     assert rows[("hired", 1.0)]["score"] == pytest.approx(200 / 3)
     assert rows[("hired", 1.0)]["pct_of_unpatched"] == pytest.approx(100.0)
     records = read_records(tmp_path / "run")
     assert [r["prediction"] for r in sorted(records, key=lambda r: r["index"]) if r["method"] == REFERENCE] == predicted
-    assert [r["score"] for r in sorted(records, key=lambda r: r["index"]) if r["method"] == REFERENCE] == [1.0, 1.0, 0.0]
+    assert [r["score"] for r in sorted(records, key=lambda r: r["index"]) if r["method"] == REFERENCE] == [
+        1.0,
+        1.0,
+        0.0,
+    ]
 
 
 def test_a_checkpoint_directory_loads_like_the_preset(tmp_path):
@@ -274,8 +357,17 @@ def test_a_checkpoint_directory_loads_like_the_preset(tmp_path):
 def test_batched_equals_one_by_one_for_every_method(bench, tmp_path):
     runs = {}
     for batch_size in (1, 4):
-        sweep(SweepConfig("tiny", ["pope"], tmp_path / f"b{batch_size}", budgets=[0.25], data={"pope": str(bench["pope"])},
-              batch_size=batch_size, **FAST))
+        sweep(
+            SweepConfig(
+                "tiny",
+                ["pope"],
+                tmp_path / f"b{batch_size}",
+                budgets=[0.25],
+                data={"pope": str(bench["pope"])},
+                batch_size=batch_size,
+                **FAST,
+            )
+        )
         runs[batch_size] = {key(r): (r["prediction"], r["kept"]) for r in read_records(tmp_path / f"b{batch_size}")}
     assert runs[1] == runs[4]
     assert {k[1] for k in runs[1]} == {REFERENCE, *METHODS.names()}  # every registered method by default
@@ -393,14 +485,43 @@ def read_records_file(path):
 def test_two_processes_under_torchrun(tmp_path):
     """Real data parallelism: two CPU processes joined over gloo, one shard each, merged once."""
     data = write_custom(tmp_path / "data", [f"Say {i}." for i in range(4)], [["x"]] * 4)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "tokendrop", "sweep", "--model", "tiny", "--tasks", "custom", "--data", f"custom={data}",
-               "--methods", "random", "--budgets", "0.25", "--max-new-tokens", "2", "--out", str(tmp_path / "run"),
-               "--no-progress"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "tokendrop",
+        "sweep",
+        "--model",
+        "tiny",
+        "--tasks",
+        "custom",
+        "--data",
+        f"custom={data}",
+        "--methods",
+        "random",
+        "--budgets",
+        "0.25",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     shards = [read_records_file(tmp_path / "run" / f"records.rank{r}.jsonl") for r in (0, 1)]
-    assert sorted(r["index"] for r in shards[0]) == [0, 0, 2, 2] and sorted(r["index"] for r in shards[1]) == [1, 1, 3, 3]
+    assert sorted(r["index"] for r in shards[0]) == [0, 0, 2, 2] and sorted(r["index"] for r in shards[1]) == [
+        1,
+        1,
+        3,
+        3,
+    ]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [(c["n"], c["missing"]) for c in summary["cells"]] == [(4, 0), (4, 0)]
     assert done.stdout.count("custom (accuracy)") == 1  # merged and printed once
@@ -438,14 +559,46 @@ def test_bad_arguments_fail_before_anything_is_written(tmp_path):
 
 def test_command_line(tmp_path, capsys):
     data = write_custom(tmp_path / "data", ["Say it.", "Say that."], [["x"]] * 2)
-    assert main(["sweep", "--model", "tiny", "--tasks", "custom", "--data", f"custom={data}", "--methods", "hired", "random",
-                 "--budgets", "0.5", "4", "--option", "hired.alpha=0.25", "--option", "random.seed=3",
-                 "--out", str(tmp_path / "run"), "--max-new-tokens", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                "tiny",
+                "--tasks",
+                "custom",
+                "--data",
+                f"custom={data}",
+                "--methods",
+                "hired",
+                "random",
+                "--budgets",
+                "0.5",
+                "4",
+                "--option",
+                "hired.alpha=0.25",
+                "--option",
+                "random.seed=3",
+                "--out",
+                str(tmp_path / "run"),
+                "--max-new-tokens",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     output = capsys.readouterr().out
     assert "custom (accuracy)" in output and "hired" in output and "summary.json" in output
     config = json.loads((tmp_path / "run" / "run.json").read_text())["provenance"]["config"]
     assert config["budgets"] == [0.5, 4] and config["options"] == {"hired": {"alpha": 0.25}, "random": {"seed": 3}}
-    for bad in (["--budgets", "0"], ["--option", "alpha=0.3"], ["--tasks", "nope"], ["--data", "custom"], ["--limit", "0"]):
+    for bad in (
+        ["--budgets", "0"],
+        ["--option", "alpha=0.3"],
+        ["--tasks", "nope"],
+        ["--data", "custom"],
+        ["--limit", "0"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main(["sweep", "--model", "tiny", "--tasks", "custom", "--out", str(tmp_path / "x"), *bad])
         assert exit_info.value.code == 2

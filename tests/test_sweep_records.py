@@ -59,8 +59,10 @@ def test_a_kill_while_rewriting_the_records_loses_none(tmp_path, monkeypatch):
     assert read_records(tmp_path) == [json.loads(line) for line in lines]
 
     RecordLog(tmp_path, 0, retry_failed=True).close()  # the rewrite, not killed: failures dropped
-    assert log.read_text() == lines[0] + lines[2] and read_records(tmp_path) == [json.loads(lines[0]),
-                                                                              json.loads(lines[2])]
+    assert log.read_text() == lines[0] + lines[2] and read_records(tmp_path) == [
+        json.loads(lines[0]),
+        json.loads(lines[2]),
+    ]
 
 
 def test_resume_refuses_records_of_changed_data(tmp_path, monkeypatch):
@@ -83,7 +85,10 @@ def test_int_and_float_budgets_stay_apart(tmp_path):
     args["budgets"] = [1, 1.0]  # one token; all tokens
     summary = sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))
     assert [(c["method"], c["budget"], type(c["budget"]), c["n"]) for c in summary["cells"]] == [
-        (REFERENCE, None, type(None), 2), ("random", 1, int, 2), ("random", 1.0, float, 2)]
+        (REFERENCE, None, type(None), 2),
+        ("random", 1, int, 2),
+        ("random", 1.0, float, 2),
+    ]
     one, whole = summary["cells"][1:]
     assert one["kept_pct"] < whole["kept_pct"] == 100.0
     records = read_records(tmp_path / "run")
@@ -145,8 +150,9 @@ def test_an_image_that_is_not_a_regular_file_fails_its_sample(tmp_path):
     fifo.unlink()
     os.mkfifo(fifo)
     done = []
-    running = threading.Thread(target=lambda: done.append(sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))),
-                               daemon=True)
+    running = threading.Thread(
+        target=lambda: done.append(sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))), daemon=True
+    )
     running.start()
     running.join(timeout=90)
     hung = running.is_alive()
@@ -219,4 +225,3 @@ def test_arguments_of_the_wrong_type_say_what_was_expected(tmp_path):
     with pytest.raises(TypeError, match=r"budgets must be a list .*got 0\.5"):
         sweep(SweepConfig("tiny", ["textvqa"], tmp_path / "run", budgets=0.5))
     assert not (tmp_path / "run").exists()
-

@@ -41,7 +41,11 @@ def pixels(image):
 def test_samples_are_deterministic_and_splits_differ():
     again = testbed.testbed_sample("test", 7)
     first = testbed.testbed_sample("test", 7)
-    assert (first["question"], first["answer"], first["objects"]) == (again["question"], again["answer"], again["objects"])
+    assert (first["question"], first["answer"], first["objects"]) == (
+        again["question"],
+        again["answer"],
+        again["objects"],
+    )
     assert torch.equal(pixels(first["image"]), pixels(again["image"]))
     others = [testbed.testbed_sample(split, 7, seed) for split, seed in (("train", 0), ("validation", 0), ("test", 1))]
     for other in others:
@@ -59,7 +63,7 @@ def test_every_answer_follows_from_the_objects():
         for i, (_, _, box) in enumerate(objects):
             assert testbed.OBJECT_PX[0] <= box[2] - box[0] <= testbed.OBJECT_PX[1]
             assert testbed.whole_in_one_tile(box)
-            assert all(testbed.apart(box, other[2], 3) for other in objects[i + 1:])
+            assert all(testbed.apart(box, other[2], 3) for other in objects[i + 1 :])
         shape = sample["question"].rstrip("?").split()[-1]
         assert dict((s, c) for c, s in pairs)[shape] == sample["answer"]
         assert (sample["question"], sample["answer"]) in testbed.questions_about(objects)
@@ -90,16 +94,20 @@ def test_scoring_and_chance():
     assert testbed.score(" Red.", "red") == 1.0 and testbed.score("red circle", "red") == 0.0
     with pytest.raises(TypeError, match="two strings"):
         testbed.score(None, "red")
-    chance = testbed.chance_accuracy(list(testbed.testbed_samples("train", 3000)),
-                                     list(testbed.testbed_samples("test", 1000)))
+    chance = testbed.chance_accuracy(
+        list(testbed.testbed_samples("train", 3000)), list(testbed.testbed_samples("test", 1000))
+    )
     assert 0.15 < chance <= 0.2  # six colours, drawn uniformly
 
 
-@pytest.mark.parametrize("call, error", [
-    (lambda: testbed.testbed_sample("dev", 0), "split must be one of train, validation, test"),
-    (lambda: testbed.testbed_sample("test", -1), "index must be >= 0"),
-    (lambda: testbed.Split("test", 10)[10], "outside the 10 samples"),
-])
+@pytest.mark.parametrize(
+    "call, error",
+    [
+        (lambda: testbed.testbed_sample("dev", 0), "split must be one of train, validation, test"),
+        (lambda: testbed.testbed_sample("test", -1), "index must be >= 0"),
+        (lambda: testbed.Split("test", 10)[10], "outside the 10 samples"),
+    ],
+)
 def test_bad_task_arguments(call, error):
     with pytest.raises((ValueError, IndexError), match=error):
         call()
@@ -138,8 +146,17 @@ def test_loader_names_a_missing_or_foreign_weights_file(tmp_path, monkeypatch):
 
 def test_sweep_of_the_testbed_scores_as_the_task_does(trained, tmp_path):
     model, processor = trained
-    summary = sweep(SweepConfig("testbed", ["testbed"], tmp_path / "sweep", methods=["hired", "random"], budgets=[0.1], limit=24,
-                    progress=False))
+    summary = sweep(
+        SweepConfig(
+            "testbed",
+            ["testbed"],
+            tmp_path / "sweep",
+            methods=["hired", "random"],
+            budgets=[0.1],
+            limit=24,
+            progress=False,
+        )
+    )
     cells = {(c["method"], c["budget"]): c for c in summary["cells"]}
     records = [json.loads(line) for line in (tmp_path / "sweep" / "records.rank0.jsonl").read_text().splitlines()]
     indices = sorted({r["index"] for r in records})
@@ -151,35 +168,102 @@ def test_sweep_of_the_testbed_scores_as_the_task_does(trained, tmp_path):
 
 def test_sweep_refuses_the_train_split(tmp_path):
     with pytest.raises(ValueError, match="takes validation or test"):
-        sweep(SweepConfig("testbed", ["testbed"], tmp_path, methods=["random"], budgets=[0.1], data={"testbed": "train"},
-              limit=2, progress=False))
+        sweep(
+            SweepConfig(
+                "testbed",
+                ["testbed"],
+                tmp_path,
+                methods=["random"],
+                budgets=[0.1],
+                data={"testbed": "train"},
+                limit=2,
+                progress=False,
+            )
+        )
 
 
 def test_the_demo_answers_on_the_testbed(capsys, tmp_path):
     """The default demo: answers next to the truth, the accuracy per method and budget, the picture."""
-    assert main(["demo", "--budgets", "0.5", "0.1", "--samples", "20", "--examples", "2", "--out", str(tmp_path),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--budgets",
+                "0.5",
+                "0.1",
+                "--samples",
+                "20",
+                "--examples",
+                "2",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "random weights" not in out and "Answers on test images" in out
     answers = out.split("Answers on test images")[1].split("testbed (accuracy)")[0]
     assert answers.count("What colour is the") == 2
     accuracy = [line.split() for line in out.split("testbed (accuracy)")[1].splitlines()]
     cells = [(row[0], row[1], row[2]) for row in accuracy if row[:1] and row[0] in ("none", "hired", "random")][:5]
-    assert cells == [("none", "-", "20"), ("hired", "0.5", "20"), ("hired", "0.1", "20"), ("random", "0.5", "20"),
-                     ("random", "0.1", "20")]
+    assert cells == [
+        ("none", "-", "20"),
+        ("hired", "0.5", "20"),
+        ("hired", "0.1", "20"),
+        ("random", "0.5", "20"),
+        ("random", "0.1", "20"),
+    ]
     assert (tmp_path / "kept.png").stat().st_size > 5_000
-    assert main(["demo", "--budgets", "0.5", "0.1", "--samples", "20", "--examples", "2", "--out", str(tmp_path),
-                 "--no-progress"]) == 0  # again: resumed, nothing to redo
+    assert (
+        main(
+            [
+                "demo",
+                "--budgets",
+                "0.5",
+                "0.1",
+                "--samples",
+                "20",
+                "--examples",
+                "2",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )  # again: resumed, nothing to redo
     assert "resuming" not in capsys.readouterr().out  # --no-progress: quiet
 
 
 def test_profile_takes_the_testbed(capsys, tmp_path):
-    assert main(["profile", "--model", "testbed", "--task", "testbed", "--budgets", "0.25", "--repeats", "1",
-                 "--max-new-tokens", "2", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                "testbed",
+                "--task",
+                "testbed",
+                "--budgets",
+                "0.25",
+                "--repeats",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     cells = json.loads((tmp_path / "profile.json").read_text())["cells"]
     # the 96x96 test image: 36 base + 144 crop features (and 12 newlines), a quarter kept
     assert [(c["method"], c["features_before"], c["features_kept"]) for c in cells if c["status"] == "ok"] == [
-        ("none", None, None), ("hired", 180, 45)]
+        ("none", None, None),
+        ("hired", 180, 45),
+    ]
     with pytest.raises(SystemExit) as exit_info:  # a usage error, not a traceback
         main(["profile", "--model", "testbed", "--task", "testbed", "--prompt", "Hi", "--repeats", "1"])
     assert exit_info.value.code == 2 and "brings its own question" in capsys.readouterr().err
@@ -189,9 +273,27 @@ def test_training_script_runs_end_to_end_and_writes_a_loadable_model(tmp_path, m
     """Two steps per stage: the recipe's plumbing (labels, cached prefixes, the card), not its
     accuracy, which the committed model's test above covers."""
     script = Path(__file__).parents[1] / "examples" / "train_testbed.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--out", str(tmp_path), "--batch", "2", "--vision-steps", "2",
-                                      "--language-steps", "2", "--spell-steps", "1", "--drop-share", "1",
-                                      "--eval-samples", "4"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            str(script),
+            "--out",
+            str(tmp_path),
+            "--batch",
+            "2",
+            "--vision-steps",
+            "2",
+            "--language-steps",
+            "2",
+            "--spell-steps",
+            "1",
+            "--drop-share",
+            "1",
+            "--eval-samples",
+            "4",
+        ],
+    )
     runpy.run_path(str(script), run_name="__main__")
     monkeypatch.setattr(testbed_model, "CONFIG", tmp_path / "config.json")
     monkeypatch.setattr(testbed_model, "WEIGHTS", tmp_path / "model.safetensors")
@@ -229,8 +331,7 @@ def object_tokens_from_pixels(model, box):
 def encode_sample(model, processor, sample):
     from tokendrop.adapters import adapter_for
 
-    inputs = processor(images=[sample["image"]], text=[chat_prompt(processor, sample["question"])],
-                       return_tensors="pt")
+    inputs = processor(images=[sample["image"]], text=[chat_prompt(processor, sample["question"])], return_tensors="pt")
     with torch.no_grad():
         return adapter_for(model).encode(inputs["pixel_values"], inputs["image_sizes"], {-2: "probs"})[0], inputs
 
@@ -271,13 +372,35 @@ def test_oracle_keeps_the_object_first_then_cls_attention(trained, budget):
 
 def test_oracle_in_a_sweep_and_refused_elsewhere(trained, tmp_path):
     model, processor = trained
-    summary = sweep(SweepConfig("loaded", ["testbed"], tmp_path / "run", methods=["oracle"], budgets=[0.05],
-                    limit=8, batch_size=4, progress=False), model=model, processor=processor)
+    summary = sweep(
+        SweepConfig(
+            "loaded",
+            ["testbed"],
+            tmp_path / "run",
+            methods=["oracle"],
+            budgets=[0.05],
+            limit=8,
+            batch_size=4,
+            progress=False,
+        ),
+        model=model,
+        processor=processor,
+    )
     cell = next(c for c in summary["cells"] if c["method"] == "oracle")
     assert cell["n"] == 8 and cell["kept_pct"] == 5.0
     with pytest.raises(ValueError, match="evaluation-only, offered by the testbed task"):
-        sweep(SweepConfig("loaded", ["testbed", "custom"], tmp_path / "other", methods=["oracle"],
-              data={"custom": str(tmp_path / "x.jsonl")}, progress=False), model=model, processor=processor)
+        sweep(
+            SweepConfig(
+                "loaded",
+                ["testbed", "custom"],
+                tmp_path / "other",
+                methods=["oracle"],
+                data={"custom": str(tmp_path / "x.jsonl")},
+                progress=False,
+            ),
+            model=model,
+            processor=processor,
+        )
     with pytest.raises(TypeError, match="carries its own budget"):
         tokendrop.patch(model, testbed.Oracle(budget=0.1), budget=0.2)
     with pytest.raises(ValueError, match="no target box left"):

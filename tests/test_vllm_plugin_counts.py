@@ -7,10 +7,8 @@ import json
 import pytest
 
 import tokendrop
-from tokendrop.adapters import LlavaNextAdapter
-from tokendrop.adapters import vllm_plugin
-
 from conftest import prompt
+from tokendrop.adapters import LlavaNextAdapter, vllm_plugin
 
 
 class Config:
@@ -31,29 +29,44 @@ def test_server_options_from_hf_overrides_then_environment(monkeypatch):
         vllm_plugin.server_options(Config())
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"method": "text"}, "reads the question"),
-    ({"method": "router"}, "reads the question"),
-    ({"method": "dpp", "relevance": "text"}, "reads the question"),
-    ({"method": "text", "threshold": 0.5}, "reads the question"),
-    ({"method": "hired", "threshold": 0.5}, "threshold"),
-    ({"method": "hired", "newlines": "some"}, "newlines"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"method": "text"}, "reads the question"),
+        ({"method": "router"}, "reads the question"),
+        ({"method": "dpp", "relevance": "text"}, "reads the question"),
+        ({"method": "text", "threshold": 0.5}, "reads the question"),
+        ({"method": "hired", "threshold": 0.5}, "threshold"),
+        ({"method": "hired", "newlines": "some"}, "newlines"),
+    ],
+)
 def test_refused(options, message):
     with pytest.raises(ValueError, match=message):
         vllm_plugin.build_method(options)
 
 
-@pytest.mark.parametrize("method, options", [
-    ("hired", {}), ("globalcom2", {"newlines": "drop"}), ("cls", {}), ("uniform", {"newlines": "rows"}),
-    ("random", {"newlines": "rows"}), ("pool", {"newlines": "rows"}), ("dpp", {"relevance": "cls"}),
-])
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("hired", {}),
+        ("globalcom2", {"newlines": "drop"}),
+        ("cls", {}),
+        ("uniform", {"newlines": "rows"}),
+        ("random", {"newlines": "rows"}),
+        ("pool", {"newlines": "rows"}),
+        ("dpp", {"relevance": "cls"}),
+    ],
+)
 def test_count_before_the_tower_is_what_the_patch_keeps(tiny, images, method, options):
     model, processor = tiny
     adapter = LlavaNextAdapter(model)
     chosen = vllm_plugin.build_method({"method": method, "budget": 0.3, **options}).resolve(adapter)
-    inputs = processor(images=list(images.values()), text=[prompt(processor, "Describe it.")] * len(images),
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        images=list(images.values()),
+        text=[prompt(processor, "Describe it.")] * len(images),
+        return_tensors="pt",
+        padding=True,
+    )
     with tokendrop.patched(model, chosen) as handle:
         model(**inputs)
         for size, record in zip(inputs["image_sizes"].tolist(), handle.last):

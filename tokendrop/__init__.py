@@ -16,9 +16,18 @@ import types
 __version__ = "0.1.0"
 
 _EXPORTS = {  # name -> the module that defines it
-    "patch": "patch", "unpatch": "patch", "patched": "patch", "Handle": "patch", "ImageRecord": "patch",
-    "methods": "method", "profile": "profile_grid", "ProfileConfig": "profile_grid", "show": "visualize",
-    "train_router": "training", "RouterTraining": "training", "Example": "training",
+    "patch": "patch",
+    "unpatch": "patch",
+    "patched": "patch",
+    "Handle": "patch",
+    "ImageRecord": "patch",
+    "methods": "method",
+    "profile": "profile_grid",
+    "ProfileConfig": "profile_grid",
+    "show": "visualize",
+    "train_router": "training",
+    "RouterTraining": "training",
+    "Example": "training",
 }
 _SOURCE_NAMES = {"methods": "describe"}
 

@@ -21,9 +21,17 @@ from pathlib import Path
 from . import __version__
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")  # loading.DTYPES (a test checks)
-PRESET_NAMES = ("tiny", "llava-next-shape", "testbed", "tiny-onevision", "onevision-shape")  # presets.PRESETS (a test checks)
-BUDGET_HELP = ("fractions in (0, 1] of each image's tokens (0.2, 1.0), or token counts per image "
-               "(integers without a dot: 1 is one token, 1.0 every token)")
+PRESET_NAMES = (
+    "tiny",
+    "llava-next-shape",
+    "testbed",
+    "tiny-onevision",
+    "onevision-shape",
+)  # presets.PRESETS (a test checks)
+BUDGET_HELP = (
+    "fractions in (0, 1] of each image's tokens (0.2, 1.0), or token counts per image "
+    "(integers without a dot: 1 is one token, 1.0 every token)"
+)
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -44,13 +52,15 @@ def budget(text: str) -> float | int:
     try:
         value = int(text) if text.lstrip("+-").isdigit() else float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a fraction in (0, 1] or a token count >= 1, "
-                                         f"got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"budget must be a fraction in (0, 1] or a token count >= 1, got {text!r}"
+        ) from None
     if isinstance(value, int) and value < 1:
         raise argparse.ArgumentTypeError(f"a token-count budget must be >= 1, got {value}")
     if isinstance(value, float) and not (math.isfinite(value) and 0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"a fractional budget must be in (0, 1], got {value}; a token count is an "
-                                         "integer without a dot")
+        raise argparse.ArgumentTypeError(
+            f"a fractional budget must be in (0, 1], got {value}; a token count is an integer without a dot"
+        )
     return value
 
 
@@ -120,12 +130,17 @@ def image_file(text: str):
 
 
 def add_model_arguments(parser, default=None) -> None:
-    parser.add_argument("--model", default=default, required=default is None,
-                        help=f"a Hugging Face id or local path of a LLaVA-NeXT checkpoint, or an embedded preset "
-                             f"({', '.join(PRESET_NAMES)}; testbed is trained, the others have random weights)")
+    parser.add_argument(
+        "--model",
+        default=default,
+        required=default is None,
+        help=f"a Hugging Face id or local path of a LLaVA-NeXT checkpoint, or an embedded preset "
+        f"({', '.join(PRESET_NAMES)}; testbed is trained, the others have random weights)",
+    )
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
-    parser.add_argument("--device-map", type=device_map,
-                        help="passed to from_pretrained: auto, cpu, cuda:0 (default: auto with a GPU)")
+    parser.add_argument(
+        "--device-map", type=device_map, help="passed to from_pretrained: auto, cpu, cuda:0 (default: auto with a GPU)"
+    )
     parser.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"])
     quantize = parser.add_mutually_exclusive_group()
     quantize.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 weights")
@@ -134,13 +149,29 @@ def add_model_arguments(parser, default=None) -> None:
 
 def add_methods(parser, default: list[str], plural: bool = True) -> None:
     if plural:
-        parser.add_argument("--methods", nargs="+", default=default, metavar="METHOD",
-                            help="registered methods (tokendrop.methods() lists them, with their options)")
+        parser.add_argument(
+            "--methods",
+            nargs="+",
+            default=default,
+            metavar="METHOD",
+            help="registered methods (tokendrop.methods() lists them, with their options)",
+        )
     else:
-        parser.add_argument("--method", default=default[0], metavar="METHOD",
-                            help="a registered method (tokendrop.methods() lists them, with their options)")
-    parser.add_argument("--option", dest="options", action="append", type=method_option, default=[],
-                        metavar="METHOD.OPTION=VALUE", help="a method option, e.g. hired.alpha=0.3; repeatable")
+        parser.add_argument(
+            "--method",
+            default=default[0],
+            metavar="METHOD",
+            help="a registered method (tokendrop.methods() lists them, with their options)",
+        )
+    parser.add_argument(
+        "--option",
+        dest="options",
+        action="append",
+        type=method_option,
+        default=[],
+        metavar="METHOD.OPTION=VALUE",
+        help="a method option, e.g. hired.alpha=0.3; repeatable",
+    )
 
 
 def add_budgets(parser, default) -> None:
@@ -153,8 +184,10 @@ def add_budgets(parser, default) -> None:
 def check_budgets(budgets) -> None:
     """Warn where `1` (one token) most likely meant 1.0 (every token)."""
     if any(b == 1 and isinstance(b, int) for b in budgets) and any(isinstance(b, float) for b in budgets):
-        print("tokendrop: warning: budget 1 (no dot) keeps one token per image; write 1.0 to keep every token",
-              file=sys.stderr)
+        print(
+            "tokendrop: warning: budget 1 (no dot) keeps one token per image; write 1.0 to keep every token",
+            file=sys.stderr,
+        )
 
 
 def check_methods(methods, extra=()) -> None:
@@ -168,16 +201,19 @@ def check_methods(methods, extra=()) -> None:
 def loaded_model(args):
     from .loading import load_model
 
-    return load_model(args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit,
-                      args.attn_implementation)
+    return load_model(
+        args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit, args.attn_implementation
+    )
 
 
 def random_weights_note(model_name: str) -> str:
     from .presets import PRESETS
 
     if model_name in PRESETS.names() and not PRESETS.get(model_name).get("task"):
-        return (f"Preset {model_name!r} has random weights: the generated text is meaningless. "
-                "Only shapes, token counts, timings and memory are real.")
+        return (
+            f"Preset {model_name!r} has random weights: the generated text is meaningless. "
+            "Only shapes, token counts, timings and memory are real."
+        )
     return ""
 
 
@@ -186,11 +222,15 @@ def random_weights_note(model_name: str) -> str:
 
 def add_input_arguments(group) -> None:
     """The image sources of profile and demo, one at most."""
-    group.add_argument("--image-size", type=image_size, metavar="WxH",
-                       help="a synthetic image of this size (default 672x672)")
-    group.add_argument("--task", choices=["testbed"],
-                       help="the testbed task's first test image and its question, in place of an image and --prompt "
-                            "(the default for --model testbed, which knows only its task's images)")
+    group.add_argument(
+        "--image-size", type=image_size, metavar="WxH", help="a synthetic image of this size (default 672x672)"
+    )
+    group.add_argument(
+        "--task",
+        choices=["testbed"],
+        help="the testbed task's first test image and its question, in place of an image and --prompt "
+        "(the default for --model testbed, which knows only its task's images)",
+    )
 
 
 def profile_inputs(args) -> tuple[list, str]:
@@ -212,9 +252,11 @@ def profile_inputs(args) -> tuple[list, str]:
 
 def add_profile(subcommands) -> None:
     parser = subcommands.add_parser(
-        "profile", help="time and meter methods x budgets x batch sizes: TTFT, decode speed, memory",
+        "profile",
+        help="time and meter methods x budgets x batch sizes: TTFT, decode speed, memory",
         description="Profile a model over methods x budgets x batch sizes, with the unpatched model as reference.",
-        formatter_class=Formatter)
+        formatter_class=Formatter,
+    )
     add_model_arguments(parser)
     add_methods(parser, ["hired"])
     add_budgets(parser, [1.0, 0.4, 0.2, 0.1])
@@ -241,9 +283,15 @@ def profile_config(args, prompt: str, out: Path | None):
 
     check_methods(args.methods)
     return ProfileConfig(
-        methods=args.methods, budgets=args.budgets, batch_sizes=getattr(args, "batch_sizes", [1]),
-        options=with_preset_defaults(args.model, args.methods, grouped(args.options)), prompt=prompt,
-        max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup, out=out,
+        methods=args.methods,
+        budgets=args.budgets,
+        batch_sizes=getattr(args, "batch_sizes", [1]),
+        options=with_preset_defaults(args.model, args.methods, grouped(args.options)),
+        prompt=prompt,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        out=out,
         progress=not args.no_progress,
     )
 
@@ -274,22 +322,35 @@ def run_profile(args) -> None:
 
 def add_demo(subcommands) -> None:
     parser = subcommands.add_parser(
-        "demo", help="see tokendrop work offline: real answers and accuracy on the trained testbed model",
+        "demo",
+        help="see tokendrop work offline: real answers and accuracy on the trained testbed model",
         description="With the trained testbed model (the default): each method's answers at each budget next to the "
-                    "truth for a few test images, the accuracy on --samples test samples, and a picture of the kept "
-                    "tokens (seconds on a CPU). With a random-weight preset (--preset llava-next-shape: a "
-                    "LLaVA-NeXT-sized model, a few minutes on 2 CPU cores): the timing profile instead.",
-        formatter_class=Formatter)
-    parser.add_argument("--preset", "--model", dest="model", default="testbed", metavar="PRESET",
-                        help=f"an embedded model: {', '.join(PRESET_NAMES)}")
+        "truth for a few test images, the accuracy on --samples test samples, and a picture of the kept "
+        "tokens (seconds on a CPU). With a random-weight preset (--preset llava-next-shape: a "
+        "LLaVA-NeXT-sized model, a few minutes on 2 CPU cores): the timing profile instead.",
+        formatter_class=Formatter,
+    )
+    parser.add_argument(
+        "--preset",
+        "--model",
+        dest="model",
+        default="testbed",
+        metavar="PRESET",
+        help=f"an embedded model: {', '.join(PRESET_NAMES)}",
+    )
     add_methods(parser, None)
-    parser._option_string_actions["--methods"].help = (
-        "registered methods (default: hired and random on the testbed; hired alone for the timing demo)")
+    parser._option_string_actions[
+        "--methods"
+    ].help = "registered methods (default: hired and random on the testbed; hired alone for the timing demo)"
     add_budgets(parser, [0.4, 0.2, 0.1])
     parser.add_argument("--samples", type=positive_int, default=200, help="test samples scored per method and budget")
     parser.add_argument("--examples", type=positive_int, default=3, help="test images whose answers are printed")
-    parser.add_argument("--out", type=Path, default=Path("tokendrop-demo"),
-                        help="the run's records and summary, and kept.png; rerun into it to resume")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("tokendrop-demo"),
+        help="the run's records and summary, and kept.png; rerun into it to resume",
+    )
     add_timing_arguments(parser, repeats=1, warmup=0)
     parser.set_defaults(max_new_tokens=None)
     add_input_arguments(parser.add_mutually_exclusive_group())
@@ -338,9 +399,16 @@ def run_testbed_demo(args) -> None:
 
     check_methods(args.methods)
     config = SweepConfig(
-        model=args.model, tasks=["testbed"], out=args.out / "sweep", methods=args.methods, budgets=args.budgets,
-        options=grouped(args.options), limit=args.samples, batch_size=50,
-        max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS, progress=not args.no_progress,
+        model=args.model,
+        tasks=["testbed"],
+        out=args.out / "sweep",
+        methods=args.methods,
+        budgets=args.budgets,
+        options=grouped(args.options),
+        limit=args.samples,
+        batch_size=50,
+        max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS,
+        progress=not args.no_progress,
     )
     model, processor = build_preset(args.model)
     summary = sweep(config, model=model, processor=processor)
@@ -385,9 +453,11 @@ def _answer(record) -> str:
 
 def add_show(subcommands) -> None:
     parser = subcommands.add_parser(
-        "show", help="draw an image with the patches a method keeps highlighted",
+        "show",
+        help="draw an image with the patches a method keeps highlighted",
         description="Draw IMAGE twice, base view and crop canvas, kept patches bright and dropped ones dimmed.",
-        formatter_class=Formatter)
+        formatter_class=Formatter,
+    )
     parser.add_argument("image", type=image_file)
     add_model_arguments(parser)
     add_methods(parser, ["hired"], plural=False)
@@ -425,23 +495,36 @@ def add_sweep(subcommands) -> None:
     help = "evaluate methods x budgets x tasks on a model: records, summary table and plots"
     parser = subcommands.add_parser("sweep", help=help, description=help, formatter_class=Formatter)
     add_model_arguments(parser)
-    parser.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
-                        help="vqav2, textvqa, gqa, pope, scienceqa_img, mme, custom, testbed (see the README)")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        required=True,
+        metavar="TASK",
+        help="vqav2, textvqa, gqa, pope, scienceqa_img, mme, custom, testbed (see the README)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output directory; rerun into it to resume")
     add_methods(parser, None)
     parser.set_defaults(methods=None)
     parser._option_string_actions["--methods"].help = (
         "default: every registered method; oracle (testbed only, evaluation only) keeps the queried object's "
-        "tokens first")
+        "tokens first"
+    )
     add_budgets(parser, [0.1, 0.2, 0.4])
-    parser.add_argument("--data", action="append", type=key_value, default=[], metavar="TASK=PATH",
-                        help="a local copy (parquet, save_to_disk, JSONL) or hub id for a task; repeatable")
+    parser.add_argument(
+        "--data",
+        action="append",
+        type=key_value,
+        default=[],
+        metavar="TASK=PATH",
+        help="a local copy (parquet, save_to_disk, JSONL) or hub id for a task; repeatable",
+    )
     parser.add_argument("--limit", type=positive_int, help="samples per task, drawn with --seed (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument("--max-new-tokens", type=positive_int, help="default: per task (16; custom 32)")
-    parser.add_argument("--retry-failed", action="store_true",
-                        help="run failed samples again instead of keeping their error")
+    parser.add_argument(
+        "--retry-failed", action="store_true", help="run failed samples again instead of keeping their error"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run_sweep)
 
@@ -452,11 +535,24 @@ def sweep_config(args):
     if args.methods is not None:
         check_methods(args.methods, extra=TASK_METHODS)
     return SweepConfig(
-        model=args.model, tasks=args.tasks, out=args.out, methods=args.methods, budgets=args.budgets,
-        options=grouped(args.options), data=dict(args.data), limit=args.limit, seed=args.seed,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype=args.dtype, device_map=args.device_map,
-        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
-        attn_implementation=args.attn_implementation, retry_failed=args.retry_failed, progress=not args.no_progress,
+        model=args.model,
+        tasks=args.tasks,
+        out=args.out,
+        methods=args.methods,
+        budgets=args.budgets,
+        options=grouped(args.options),
+        data=dict(args.data),
+        limit=args.limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        load_in_4bit=args.load_in_4bit,
+        load_in_8bit=args.load_in_8bit,
+        attn_implementation=args.attn_implementation,
+        retry_failed=args.retry_failed,
+        progress=not args.no_progress,
     )
 
 
@@ -474,29 +570,54 @@ def run_sweep(args) -> None:
 
 
 # RouterTraining's defaults (tokendrop.training imports torch; a test checks they agree)
-TRAINING_DEFAULTS = dict(budget=0.05, loss="kl", steps=1000, batch_size=8, accumulate=1, samples=8, lr=1e-2, rank=8,
-                         scope="all", seed=0, checkpoint_every=100, validate_every=100, prompt_template=None)
+TRAINING_DEFAULTS = dict(
+    budget=0.05,
+    loss="kl",
+    steps=1000,
+    batch_size=8,
+    accumulate=1,
+    samples=8,
+    lr=1e-2,
+    rank=8,
+    scope="all",
+    seed=0,
+    checkpoint_every=100,
+    validate_every=100,
+    prompt_template=None,
+)
 
 
 def add_train_router(subcommands) -> None:
     parser = subcommands.add_parser(
-        "train-router", help="train the learned router (method router) for a model, the model frozen",
+        "train-router",
+        help="train the learned router (method router) for a model, the model frozen",
         description="Train a router for --model on --data and write router.safetensors and router.json to "
-                    "--out. Rerun the same command to resume from the last checkpoint.",
-        formatter_class=Formatter)
+        "--out. Rerun the same command to resume from the last checkpoint.",
+        formatter_class=Formatter,
+    )
     add_model_arguments(parser)
-    parser.add_argument("--data", required=True,
-                        help="a JSONL file of {image, question, answer?} lines (image paths relative to it), or "
-                             "a sweep task whose train split is read (e.g. testbed)")
-    parser.add_argument("--validation", metavar="SOURCE",
-                        help="examples with answers scored every --validate-every steps: a JSONL file, or TASK or "
-                             "TASK=SPLIT as sweep's --data reads it (e.g. testbed=validation)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="a JSONL file of {image, question, answer?} lines (image paths relative to it), or "
+        "a sweep task whose train split is read (e.g. testbed)",
+    )
+    parser.add_argument(
+        "--validation",
+        metavar="SOURCE",
+        help="examples with answers scored every --validate-every steps: a JSONL file, or TASK or "
+        "TASK=SPLIT as sweep's --data reads it (e.g. testbed=validation)",
+    )
     parser.add_argument("--validation-samples", type=positive_int, default=200, help="the first N of --validation")
     parser.add_argument("--out", type=Path, required=True, help="the router folder to write")
     d = TRAINING_DEFAULTS
     parser.add_argument("--budget", type=budget, default=d["budget"], help="the budget it trains at")
-    parser.add_argument("--loss", choices=("kl", "ce", "mix"), default=d["loss"],
-                        help="kl: match the unpruned model's answer (no labels); ce: the data's answers; mix: both")
+    parser.add_argument(
+        "--loss",
+        choices=("kl", "ce", "mix"),
+        default=d["loss"],
+        help="kl: match the unpruned model's answer (no labels); ce: the data's answers; mix: both",
+    )
     for name, kind, help in (
         ("steps", positive_int, "optimizer updates"),
         ("batch_size", positive_int, "prompts per process and micro-step"),
@@ -515,8 +636,6 @@ def add_train_router(subcommands) -> None:
     parser.set_defaults(run=run_train_router)
 
 
-
-
 def run_train_router(args) -> None:
     from .loading import load_processor
     from .training import RouterTraining, read_jsonl, train_router
@@ -533,8 +652,10 @@ def run_train_router(args) -> None:
     processor = load_processor(args.model)
     model = loaded_model(args)
     out = train_router(model, processor, data, config, validation)
-    print(f"wrote {out / 'router.safetensors'} and {out / 'router.json'}; use it with "
-          f"--method router --option router.router={out}")
+    print(
+        f"wrote {out / 'router.safetensors'} and {out / 'router.json'}; use it with "
+        f"--method router --option router.router={out}"
+    )
 
 
 def task_examples(spec: str, split: str | None) -> TaskExamples:

@@ -130,8 +130,9 @@ def text_table(columns, rows, title: str | None = None, caption: str | None = No
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(*columns, title=title, caption=caption, box=box.SIMPLE_HEAD, title_justify="left",
-                  caption_justify="left")
+    table = Table(
+        *columns, title=title, caption=caption, box=box.SIMPLE_HEAD, title_justify="left", caption_justify="left"
+    )
     for column in table.columns[1:]:
         column.justify = "right"
     for row in rows:

@@ -16,9 +16,9 @@ tensor (see the adapter), so it agrees with the model by construction. Terms use
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable
 
 import torch
 

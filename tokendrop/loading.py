@@ -13,8 +13,15 @@ from .adapters import ADAPTERS
 from .presets import PRESETS, build_preset, build_processor
 from .registry import did_you_mean
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # from_pretrained's placements over all GPUs
 
 
@@ -23,8 +30,10 @@ def check_model_name(spec: str) -> None:
     (LLaVA-NeXT checkpoints are all org/name): say so instead of asking the hub."""
     if spec in PRESETS.names() or "/" in spec or Path(spec).exists():
         return
-    raise ValueError(f"no preset or local path named {spec!r}; presets: {', '.join(PRESETS.names())}."
-                     f"{did_you_mean(spec, PRESETS.names())} A Hugging Face id has the form org/name")
+    raise ValueError(
+        f"no preset or local path named {spec!r}; presets: {', '.join(PRESETS.names())}."
+        f"{did_you_mean(spec, PRESETS.names())} A Hugging Face id has the form org/name"
+    )
 
 
 def check_device_map(device_map) -> None:
@@ -34,14 +43,18 @@ def check_device_map(device_map) -> None:
     try:
         device = torch.device("cuda", device_map) if isinstance(device_map, int) else torch.device(device_map)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device_map must be {', '.join(STRATEGIES)}, cpu, cuda, cuda:N or a dict of module -> "
-                         f"device; got {device_map!r}") from None
+        raise ValueError(
+            f"device_map must be {', '.join(STRATEGIES)}, cpu, cuda, cuda:N or a dict of module -> "
+            f"device; got {device_map!r}"
+        ) from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
             seen = f"cuda:0 to cuda:{count - 1}" if count else "none"
-            raise ValueError(f"device_map {device_map!r} needs a GPU that torch does not see (it sees {seen}): "
-                             "use cpu, or leave it out")
+            raise ValueError(
+                f"device_map {device_map!r} needs a GPU that torch does not see (it sees {seen}): "
+                "use cpu, or leave it out"
+            )
 
 
 def load_processor(spec: str):
@@ -56,8 +69,14 @@ def load_processor(spec: str):
     return processor
 
 
-def load_model(spec: str, dtype: str = "auto", device_map=None, load_in_4bit: bool = False,
-               load_in_8bit: bool = False, attn_implementation: str | None = None):
+def load_model(
+    spec: str,
+    dtype: str = "auto",
+    device_map=None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    attn_implementation: str | None = None,
+):
     """An embedded preset or a checkpoint of a family tokendrop has an adapter for (Hugging
     Face id or local path); another family fails before its weights load.
 
@@ -78,14 +97,16 @@ def load_model(spec: str, dtype: str = "auto", device_map=None, load_in_4bit: bo
     quantization = None
     if load_in_4bit or load_in_8bit:
         compute = torch.float16 if dtype == "auto" else DTYPES[dtype]
-        quantization = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-                                          bnb_4bit_compute_dtype=compute)
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_compute_dtype=compute
+        )
     if device_map is None:
         device_map = "auto" if torch.cuda.is_available() else "cpu"
     config = AutoConfig.from_pretrained(spec)
     if config.model_type not in ADAPTERS.names():
-        raise ValueError(f"{spec} is a {config.model_type!r} model; tokendrop has adapters for "
-                         f"{', '.join(ADAPTERS.names())}")
+        raise ValueError(
+            f"{spec} is a {config.model_type!r} model; tokendrop has adapters for {', '.join(ADAPTERS.names())}"
+        )
     return AutoModelForImageTextToText.from_pretrained(
         spec, config=config, dtype=DTYPES[dtype], device_map=device_map, quantization_config=quantization, **attention
     ).eval()

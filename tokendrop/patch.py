@@ -34,9 +34,9 @@ import torch
 from torch import nn
 from transformers import Cache, GenerationConfig
 
+from .adapters import adapter_for
 from .method import Method, build as build_method
 from .method.base import Merged, check_signals
-from .adapters import adapter_for
 from .selection import merge_groups, packed_keep_mask
 
 ATTRIBUTE = "_tokendrop_handle"
@@ -124,7 +124,9 @@ class Handle:
     # --- the one pruning step ---------------------------------------------------------
 
     @torch.compiler.disable  # hooks added after torch.compile never fire in compiled code: run eagerly
-    def prune(self, input_ids, attention_mask, labels, pixel_values, image_sizes, pad_default, vision_kwargs, questions):
+    def prune(
+        self, input_ids, attention_mask, labels, pixel_values, image_sizes, pad_default, vision_kwargs, questions
+    ):
         """Select tokens for every image of the batch and shorten the prompts to match.
         Returns (shortened input_ids, the LLM's keyword inputs: inputs_embeds, attention_mask
         and labels when given) and the kept vectors of each image.
@@ -139,8 +141,9 @@ class Handle:
             raise ValueError("pixel_values come with image_sizes (the processor returns both): pass them together")
         _check_prompt(input_ids, attention_mask, labels)
         _check_questions(questions, input_ids.shape[0])
-        images = self.adapter.read(input_ids, attention_mask, pixel_values, image_sizes, questions,
-                                   self.method.signals(), vision_kwargs)
+        images = self.adapter.read(
+            input_ids, attention_mask, pixel_values, image_sizes, questions, self.method.signals(), vision_kwargs
+        )
         kept_features, keep_masks, records = [], [], []
         for image in images:
             kept = merged = self.method.select(image)
@@ -157,9 +160,13 @@ class Handle:
                     n_kept=kept.numel(),
                     n_newlines=int(mask[image.layout.newline_positions].sum()),
                     indices=kept.tolist(),
-                    partitions=torch.bincount(image.layout.partition[kept], minlength=image.layout.n_partitions).tolist(),
+                    partitions=torch.bincount(
+                        image.layout.partition[kept], minlength=image.layout.n_partitions
+                    ).tolist(),
                     groups=[g.tolist() for g in merged.groups] if isinstance(merged, Merged) else None,
-                    weights=[w.tolist() for w in merged.weights] if isinstance(merged, Merged) and merged.weights is not None else None,
+                    weights=[w.tolist() for w in merged.weights]
+                    if isinstance(merged, Merged) and merged.weights is not None
+                    else None,
                 )
             )
         pad_side = padding_side(attention_mask, default=pad_default)
@@ -195,8 +202,9 @@ class Handle:
             input_ids = call.pop("input_ids", call.pop("inputs", None))
             questions = call.pop("questions", None)
             self.last = []
-            cache = next((call[k] for k in ("cache", "past_key_values", "cache_params") if call.get(k) is not None),
-                         None)
+            cache = next(
+                (call[k] for k in ("cache", "past_key_values", "cache_params") if call.get(k) is not None), None
+            )
             shortened = _shortened_prompt(cache)
             if shortened is not None:
                 # continuing a patched call: its cache holds the shortened prompt, images included
@@ -209,8 +217,14 @@ class Handle:
             else:
                 with torch.no_grad():  # as stock generate: no autograd graph for the vision pass
                     compact_ids, llm_inputs, _ = self.prune(
-                        input_ids, call.pop("attention_mask", None), None, call.pop("pixel_values"),
-                        call.pop("image_sizes", None), "left", _vision_kwargs(call), questions,
+                        input_ids,
+                        call.pop("attention_mask", None),
+                        None,
+                        call.pop("pixel_values"),
+                        call.pop("image_sizes", None),
+                        "left",
+                        _vision_kwargs(call),
+                        questions,
                     )
                 call.update(llm_inputs)
             shift = input_ids.shape[1] - compact_ids.shape[1]
@@ -261,7 +275,6 @@ class _Wrapper:
 
 def _wraps(value, handle: Handle, name: str) -> bool:
     return isinstance(value, _Wrapper) and value.handle is handle and value.name == name
-
 
 
 def _check_prompt(input_ids, attention_mask, labels) -> None:
@@ -317,8 +330,10 @@ def _count_lengths_from_callers_prompt(call: dict, model_config, shift: int) -> 
 
 def _setting(name: str, call: dict, given, model_config):
     """A generation setting where generate reads it: the kwarg, else generation_config=, else the model's."""
-    return next((v for v in (call.get(name), getattr(given, name, None), getattr(model_config, name, None))
-                 if v is not None), None)
+    return next(
+        (v for v in (call.get(name), getattr(given, name, None), getattr(model_config, name, None)) if v is not None),
+        None,
+    )
 
 
 @dataclass(frozen=True)
@@ -335,8 +350,11 @@ class _Shortened:
         shortened one that the cache holds."""
         n = self.original.shape[1]
         if not (
-            isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == len(self.original)
-            and input_ids.shape[1] >= n and torch.equal(input_ids[:, :n], self.original.to(input_ids.device))
+            isinstance(input_ids, torch.Tensor)
+            and input_ids.dim() == 2
+            and input_ids.shape[0] == len(self.original)
+            and input_ids.shape[1] >= n
+            and torch.equal(input_ids[:, :n], self.original.to(input_ids.device))
         ):
             raise ValueError(
                 "this cache was filled by a tokendrop-patched generate, whose LLM saw a shortened prompt: continue "
@@ -353,7 +371,7 @@ class _Shortened:
 
 # cache -> _Shortened, for the caches that patched generate calls filled; weak, so a cache's
 # entry goes with the cache
-_SHORTENED: "weakref.WeakKeyDictionary[Cache, _Shortened]" = weakref.WeakKeyDictionary()
+_SHORTENED: weakref.WeakKeyDictionary[Cache, _Shortened] = weakref.WeakKeyDictionary()
 
 
 def _shortened_prompt(cache) -> _Shortened | None:
@@ -362,8 +380,9 @@ def _shortened_prompt(cache) -> _Shortened | None:
 
 def _remember_shortened(output, cache, input_ids, compact_ids, compact_mask) -> None:
     # the cache generate returns: `cache` from 5.2x, `past_key_values` before
-    returned = next((getattr(output, n) for n in ("cache", "past_key_values") if getattr(output, n, None) is not None),
-                    None)
+    returned = next(
+        (getattr(output, n) for n in ("cache", "past_key_values") if getattr(output, n, None) is not None), None
+    )
     cache = cache if returned is None else returned
     if isinstance(cache, Cache):
         rows = _sequences(output).shape[0] // input_ids.shape[0]  # num_return_sequences repeats rows
@@ -407,8 +426,9 @@ def _sequences(output) -> torch.Tensor:
 # --- public API -----------------------------------------------------------------------
 
 
-def patch(model: nn.Module, method: str | Method, budget: float | int | None = None, processor=None,
-          **options) -> Handle:
+def patch(
+    model: nn.Module, method: str | Method, budget: float | int | None = None, processor=None, **options
+) -> Handle:
     """Make every later `model.generate(...)`/`model(...)` call feed the LLM only the visual
     tokens `method` keeps within `budget` (a fraction in (0, 1] or a token count per image;
     default 1.0). `method` is a registered name, or a `Method` object built with its budget
@@ -418,18 +438,24 @@ def patch(model: nn.Module, method: str | Method, budget: float | int | None = N
     A PEFT-wrapped model is patched on its base model. Everything is validated before the
     model is touched; patching a patched model replaces the old patch."""
     if _is_peft(model):
-        warnings.warn(f"patching the {type(model.get_base_model()).__name__} under the {type(model).__name__}: "
-                      "the PEFT model's calls run through it, so they are pruned too", stacklevel=2)
+        warnings.warn(
+            f"patching the {type(model.get_base_model()).__name__} under the {type(model).__name__}: "
+            "the PEFT model's calls run through it, so they are pruned too",
+            stacklevel=2,
+        )
     model = _base_model(model)
     adapter = adapter_for(model)
     if isinstance(method, Method):
         if budget is not None or options or processor is not None:
-            raise TypeError("a Method object carries its own budget and options: pass it alone, "
-                            "e.g. patch(model, Oracle(budget=0.1))")
+            raise TypeError(
+                "a Method object carries its own budget and options: pass it alone, "
+                "e.g. patch(model, Oracle(budget=0.1))"
+            )
         chosen = method.resolve(adapter)
     else:
-        chosen = build_method(method, budget=1.0 if budget is None else budget, processor=processor,
-                              **options).resolve(adapter)
+        chosen = build_method(method, budget=1.0 if budget is None else budget, processor=processor, **options).resolve(
+            adapter
+        )
     check_signals(chosen, adapter)
     unpatch(model)
     handle = Handle(model, chosen, adapter)
@@ -469,8 +495,7 @@ def unpatch(model: nn.Module) -> None:
 
 
 @contextmanager
-def patched(model: nn.Module, method: str | Method, budget: float | int | None = None, processor=None,
-            **options):
+def patched(model: nn.Module, method: str | Method, budget: float | int | None = None, processor=None, **options):
     """`with tokendrop.patched(model, "hired", budget=0.2) as handle:` patch for a block, with
     `patch`'s arguments. Leaving the block restores the patch from before it (or none), even
     where the block patched or unpatched the model itself."""

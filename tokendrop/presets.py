@@ -39,13 +39,15 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from .registry import Registry
+
 # the PIL (numpy) image processor: `...Pil` from 5.0, the plain class before; chosen by what
 # the installed release has, so that no torchvision is needed on any of them
 PilImageProcessor = getattr(transformers, "LlavaNextImageProcessorPil", None) or transformers.LlavaNextImageProcessor
-OnevisionPilImageProcessor = (getattr(transformers, "LlavaOnevisionImageProcessorPil", None)
-                              or transformers.LlavaOnevisionImageProcessor)
+OnevisionPilImageProcessor = (
+    getattr(transformers, "LlavaOnevisionImageProcessorPil", None) or transformers.LlavaOnevisionImageProcessor
+)
 
-from .registry import Registry
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
 # Vicuna-style template, as llava-v1.6-vicuna; the question follows the image.
@@ -57,24 +59,46 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
-QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)
+QWEN2_05B = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    rope_theta=1e6,
+)
 
 PRESETS: Registry[dict] = Registry("preset")
 PRESETS.register("tiny")(
     dict(
-        vision=dict(image_size=48, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                    num_attention_heads=4),
+        vision=dict(
+            image_size=48,
+            patch_size=8,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+        ),
         text_class=LlamaConfig,
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
+        text=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        ),
         pinpoints=[[48, 96], [96, 48], [96, 96], [48, 144], [144, 48]],
     )
 )
 PRESETS.register("llava-next-shape")(
     dict(
-        vision=dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                    num_attention_heads=16, projection_dim=768),
+        vision=dict(
+            image_size=336,
+            patch_size=14,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            projection_dim=768,
+        ),
         text_class=Qwen2Config,
         text=QWEN2_05B,
         pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
@@ -82,16 +106,39 @@ PRESETS.register("llava-next-shape")(
 )
 PRESETS.register("testbed")(
     dict(
-        vision=dict(image_size=48, patch_size=8, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                    num_attention_heads=4),
+        vision=dict(
+            image_size=48,
+            patch_size=8,
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+        ),
         text_class=LlamaConfig,
-        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=4),
+        text=dict(
+            hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4
+        ),
         pinpoints=[[48, 96], [96, 48], [96, 96]],
         # whole-word tokens, as a real vocabulary has for common words: the chat roles and the
         # testbed task's words (a test checks the task uses no other)
-        words=("USER:", "ASSISTANT:", "What", "colour", "is", "the", "red", "green", "blue", "yellow", "purple",
-               "cyan", "circle", "square", "triangle", "cross"),
+        words=(
+            "USER:",
+            "ASSISTANT:",
+            "What",
+            "colour",
+            "is",
+            "the",
+            "red",
+            "green",
+            "blue",
+            "yellow",
+            "purple",
+            "cyan",
+            "circle",
+            "square",
+            "triangle",
+            "cross",
+        ),
         task="testbed",  # trained for this task: its weights are loaded, not drawn
         method_options={"router": {"router": "testbed"}},  # the router trained for it, shipped beside it
     )
@@ -101,23 +148,46 @@ PRESETS.register("testbed")(
 PRESETS.register("tiny-onevision")(
     dict(
         family="llava_onevision",
-        vision=dict(image_size=48, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                    num_attention_heads=4),
+        vision=dict(
+            image_size=48,
+            patch_size=8,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+        ),
         text_class=Qwen2Config,
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2),
+        text=dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        ),
         pinpoints=[[48, 48], [48, 96], [96, 48], [96, 96], [144, 144], [192, 192], [144, 288]],
     )
 )
 PRESETS.register("onevision-shape")(
     dict(
         family="llava_onevision",
-        vision=dict(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                    num_attention_heads=16),
+        vision=dict(
+            image_size=384,
+            patch_size=14,
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+        ),
         text_class=Qwen2Config,
         text=QWEN2_05B,
-        pinpoints=[[384, 384], [384, 768], [768, 384], [768, 768], [768, 1152], [1152, 768], [1152, 1152],
-                   [768, 1536], [1536, 768], [1536, 1536]],
+        pinpoints=[
+            [384, 384],
+            [384, 768],
+            [768, 384],
+            [768, 768],
+            [768, 1152],
+            [1152, 768],
+            [1152, 1152],
+            [768, 1536],
+            [1536, 768],
+            [1536, 1536],
+        ],
     )
 )
 
@@ -139,12 +209,15 @@ def build_tokenizer(words=()) -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="left",
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
         model_input_names=["input_ids", "attention_mask"],  # 4.x adds token_type_ids, which generate refuses
     )
-    fast.add_tokens([AddedToken(word, single_word=True) for word in words]
-                    + [AddedToken(" " + word) for word in words])
+    fast.add_tokens([AddedToken(word, single_word=True) for word in words] + [AddedToken(" " + word) for word in words])
     return fast
 
 
@@ -154,13 +227,17 @@ def build_processor(name: str) -> LlavaNextProcessor | LlavaOnevisionProcessor:
     if spec.get("family") == "llava_onevision":
         return build_onevision_processor(spec)
     image_processor = PilImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
         image_grid_pinpoints=spec["pinpoints"],
     )
     return LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=build_tokenizer(spec.get("words", ())),
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(spec.get("words", ())),
         patch_size=spec["vision"]["patch_size"],
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -177,19 +254,30 @@ class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
 
 def build_onevision_processor(spec: dict) -> LlavaOnevisionProcessor:
     size, patch = spec["vision"]["image_size"], spec["vision"]["patch_size"]
-    image_processor = OnevisionPilImageProcessor(size={"height": size, "width": size},
-                                                 image_grid_pinpoints=spec["pinpoints"])
+    image_processor = OnevisionPilImageProcessor(
+        size={"height": size, "width": size}, image_grid_pinpoints=spec["pinpoints"]
+    )
     return ImageOnlyOnevisionProcessor(
-        image_processor=image_processor, tokenizer=build_tokenizer(spec.get("words", ())),
-        num_image_tokens=(size // patch) ** 2, vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_9", chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(spec.get("words", ())),
+        num_image_tokens=(size // patch) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+        chat_template=CHAT_TEMPLATE,
     )
 
 
 def build_config(name: str, tokenizer: PreTrainedTokenizerFast) -> LlavaNextConfig | LlavaOnevisionConfig:
     spec = PRESETS.get(name)
-    text = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id) | spec["text"]
+    text = (
+        dict(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        | spec["text"]
+    )
     if spec.get("family") == "llava_onevision":
         return LlavaOnevisionConfig(
             vision_config=SiglipVisionConfig(vision_use_head=False, **spec["vision"]),
@@ -210,8 +298,7 @@ def build_config(name: str, tokenizer: PreTrainedTokenizerFast) -> LlavaNextConf
     )
 
 
-def build_preset(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
-                 attn_implementation: str = "sdpa"):
+def build_preset(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn_implementation: str = "sdpa"):
     """(model, processor) for an embedded preset, random weights drawn from `seed`; the
     preset trained for a task (`testbed`) loads its committed weights instead."""
     if PRESETS.get(name).get("task"):
@@ -222,8 +309,11 @@ def build_preset(name: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     config = build_config(name, processor.tokenizer)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model_class = (LlavaOnevisionForConditionalGeneration if isinstance(config, LlavaOnevisionConfig)
-                   else LlavaNextForConditionalGeneration)
+    model_class = (
+        LlavaOnevisionForConditionalGeneration
+        if isinstance(config, LlavaOnevisionConfig)
+        else LlavaNextForConditionalGeneration
+    )
     model = model_class(config).to(dtype).eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model, processor

@@ -32,8 +32,16 @@ from .profiling import measure_generate, model_device
 from .registry import did_you_mean
 from .selection import check_budget
 
-TIMED = ("ttft_s", "generate_s", "decode_tok_per_s", "vision_s", "select_s", "llm_prefill_s",
-         "peak_memory_bytes", "added_memory_bytes")
+TIMED = (
+    "ttft_s",
+    "generate_s",
+    "decode_tok_per_s",
+    "vision_s",
+    "select_s",
+    "llm_prefill_s",
+    "peak_memory_bytes",
+    "added_memory_bytes",
+)
 
 
 @dataclass
@@ -72,11 +80,14 @@ class ProfileConfig:
         self.options = {name: dict(opts) for name, opts in (self.options or {}).items()}
         for name, opts in self.options.items():
             if name not in self.methods:
-                raise ValueError(f"options given for method {name!r}, which this profile does not run "
-                                 f"({', '.join(self.methods)}).{did_you_mean(name, self.methods)}")
+                raise ValueError(
+                    f"options given for method {name!r}, which this profile does not run "
+                    f"({', '.join(self.methods)}).{did_you_mean(name, self.methods)}"
+                )
             if "budget" in opts:
-                raise ValueError(f"options for {name!r}: the budget is profiled; set it with budgets (--budgets), "
-                                 "not as an option")
+                raise ValueError(
+                    f"options for {name!r}: the budget is profiled; set it with budgets (--budgets), not as an option"
+                )
         if self.out is not None:
             self.out = Path(self.out)
 
@@ -103,8 +114,14 @@ class Cell:
 
     def row(self) -> dict:
         """A flat, JSON- and CSV-ready record."""
-        flat = {"method": self.method, "budget": self.budget, "batch_size": self.batch_size,
-                "status": self.status, "error": self.error, **self.tokens}
+        flat = {
+            "method": self.method,
+            "budget": self.budget,
+            "batch_size": self.batch_size,
+            "status": self.status,
+            "error": self.error,
+            **self.tokens,
+        }
         for key, stats in self.figures.items():
             flat.update({key: stats["median"], f"{key}_min": stats["min"], f"{key}_max": stats["max"]})
         return flat
@@ -134,8 +151,11 @@ def profile(model, processor, images, config: ProfileConfig | None = None) -> li
     try:
         bar = tqdm(grid, desc="profile", disable=not config.progress)
         for cell in bar:
-            bar.set_description(f"profile {cell.method}" + ("" if cell.budget is None else f" {cell.budget}")
-                                + f" batch {cell.batch_size}")
+            bar.set_description(
+                f"profile {cell.method}"
+                + ("" if cell.budget is None else f" {cell.budget}")
+                + f" batch {cell.batch_size}"
+            )
             inputs = batch_inputs(processor, images, config.prompt, cell.batch_size, model)
             run_cell(model, processor, cell, inputs, config, config.options.get(cell.method, {}))
     finally:
@@ -144,8 +164,10 @@ def profile(model, processor, images, config: ProfileConfig | None = None) -> li
     rows = [cell.row() for cell in grid]
     add_ratios(rows, model.config.get_text_config())
     if config.out is not None:
-        images_seen = [{"size": list(image.size), "grid": list(adapter.layout((image.height, image.width)).grid)}
-                       for image in images]
+        images_seen = [
+            {"size": list(image.size), "grid": list(adapter.layout((image.height, image.width)).grid)}
+            for image in images
+        ]
         write(config.out, rows, provenance(config, model, images=images_seen))
     return rows
 
@@ -252,18 +274,27 @@ def add_ratios(rows: list[dict], text_config) -> None:
         ok = ref is not None and row["status"] == "ok"
         row["prefill_speedup_ideal"] = (
             prefill_flops(ref["llm_prompt_len"], 1, text_config) / prefill_flops(row["llm_prompt_len"], 1, text_config)
-            if ok else None
+            if ok
+            else None
         )
         row["prefill_speedup_measured"] = ref["llm_prefill_s"] / row["llm_prefill_s"] if ok else None
         row["ttft_speedup"] = ref["ttft_s"] / row["ttft_s"] if ok else None
 
 
 COLUMNS = [  # (header, key, format)
-    ("method", "method", "{}"), ("budget", "budget", "{}"), ("batch", "batch_size", "{}"),
-    ("visual tokens", None, None), ("LLM prompt", "llm_prompt_len", "{}"),
-    ("vision s", "vision_s", "{:.3f}"), ("select s", "select_s", "{:.4f}"), ("prefill s", "llm_prefill_s", "{:.3f}"),
-    ("TTFT s", "ttft_s", "{:.3f}"), ("decode tok/s", "decode_tok_per_s", "{:.2f}"), ("e2e s", "generate_s", "{:.3f}"),
-    ("peak MB", "peak_memory_bytes", "{:.0f}"), ("KV MB", "kv_cache_bytes", "{:.1f}"),
+    ("method", "method", "{}"),
+    ("budget", "budget", "{}"),
+    ("batch", "batch_size", "{}"),
+    ("visual tokens", None, None),
+    ("LLM prompt", "llm_prompt_len", "{}"),
+    ("vision s", "vision_s", "{:.3f}"),
+    ("select s", "select_s", "{:.4f}"),
+    ("prefill s", "llm_prefill_s", "{:.3f}"),
+    ("TTFT s", "ttft_s", "{:.3f}"),
+    ("decode tok/s", "decode_tok_per_s", "{:.2f}"),
+    ("e2e s", "generate_s", "{:.3f}"),
+    ("peak MB", "peak_memory_bytes", "{:.0f}"),
+    ("KV MB", "kv_cache_bytes", "{:.1f}"),
     ("prefill x ideal", "prefill_speedup_ideal", "{:.2f}"),
     ("prefill x measured", "prefill_speedup_measured", "{:.2f}"),
     ("TTFT x", "ttft_speedup", "{:.2f}"),
@@ -289,9 +320,11 @@ def format_table(rows: list[dict]) -> str:
                 cells.append(fmt.format(row[key]))
         lines.append(cells)
     memory = next((r["memory_kind"] for r in rows if r["status"] == "ok"), "-")
-    caption = (f"Medians of the repeats. TTFT includes the vision pass and selection; decode tok/s excludes "
-               f"prefill; peak memory: {memory}. prefill x: LLM prefill speedup over the unpatched model, "
-               "ideal (FLOP ratio) and measured.")
+    caption = (
+        f"Medians of the repeats. TTFT includes the vision pass and selection; decode tok/s excludes "
+        f"prefill; peak memory: {memory}. prefill x: LLM prefill speedup over the unpatched model, "
+        "ideal (FLOP ratio) and measured."
+    )
     return text_table([header for header, _, _ in COLUMNS], lines) + "\n" + caption
 
 
@@ -313,15 +346,21 @@ def plot(path: Path, rows: list[dict], device: str) -> None:
 
     figure = Figure(figsize=(16, 4.8), layout="tight")
     axes = figure.subplots(1, 3)
-    panels = (("ttft_s", "time to first token (s)"), ("generate_s", "end-to-end latency (s)"),
-              ("peak_memory_bytes", "peak memory (MB)"))
+    panels = (
+        ("ttft_s", "time to first token (s)"),
+        ("generate_s", "end-to-end latency (s)"),
+        ("peak_memory_bytes", "peak memory (MB)"),
+    )
     ok = [r for r in rows if r["status"] == "ok"]
     for ax, (key, label) in zip(axes, panels):
         scale = 2**20 if key.endswith("_bytes") else 1
         for batch in sorted({r["batch_size"] for r in ok}):
             for method in dict.fromkeys(r["method"] for r in ok if r["method"] != REFERENCE):
-                points = sorted((r["features_kept"] / r["features_before"], r[key] / scale)
-                                for r in ok if r["method"] == method and r["batch_size"] == batch)
+                points = sorted(
+                    (r["features_kept"] / r["features_before"], r[key] / scale)
+                    for r in ok
+                    if r["method"] == method and r["batch_size"] == batch
+                )
                 ax.plot(*zip(*points), marker="o", label=f"{method}, batch {batch}")
             for r in ok:
                 if r["method"] == REFERENCE and r["batch_size"] == batch:

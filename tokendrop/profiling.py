@@ -180,8 +180,10 @@ def stages(model: nn.Module):
     setattr(vision, entry, timed(getattr(vision, entry), "vision_s"))
     if handle is not None:
         handle.prune = timed(handle.prune, "prune_s")
-    hooks = [llm.register_forward_pre_hook(before_prefill, with_kwargs=True),
-             llm.register_forward_hook(after_prefill, with_kwargs=True)]
+    hooks = [
+        llm.register_forward_pre_hook(before_prefill, with_kwargs=True),
+        llm.register_forward_hook(after_prefill, with_kwargs=True),
+    ]
     try:
         yield seen
         if handle is not None:
@@ -212,9 +214,7 @@ def measure_generate(model: nn.Module, inputs: dict, max_new_tokens: int, **gene
     criteria = StoppingCriteriaList([*generate_kwargs.pop("stopping_criteria", []), timer])
     with stages(model) as stage, peak_memory(device) as memory:
         timer.begin()
-        output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, stopping_criteria=criteria, **generate_kwargs
-        )
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, stopping_criteria=criteria, **generate_kwargs)
         synchronize(device)
         generate_s = time.perf_counter() - timer.start
     sequences = output if isinstance(output, torch.Tensor) else output.sequences

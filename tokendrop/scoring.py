@@ -79,6 +79,7 @@ def _capture():
         captured[layer] = []
         pending: dict[str, torch.Tensor] = {}
         for name, module in modules.items():
+
             def hook(module, args, output, name=name):
                 if _active.get() is not captured:  # a forward of another thread's call
                     return
@@ -107,7 +108,8 @@ def capture_cls_scores(attention_modules: dict[int, nn.Module], kinds: dict[int,
         for layer, kind in kinds.items():
             attn = attention_modules[layer]
             watch(
-                layer, {"q": attn.q_proj, "k": attn.k_proj},
+                layer,
+                {"q": attn.q_proj, "k": attn.k_proj},
                 lambda p, attn=attn, kind=kind: cls_scores(p["q"], p["k"], attn.num_heads, attn.scale, kind),
                 # keep only what the score needs: the CLS query row, or all keys
                 keep=lambda name, output: output[:, 0] if name == "q" else output,
@@ -126,8 +128,11 @@ def capture_siglip_scores(encoder_layers: dict[int, nn.Module], kinds: dict[int,
             block = encoder_layers[layer]
             if kind == "probs":
                 attn = block.self_attn
-                watch(layer, {"q": attn.q_proj, "k": attn.k_proj},
-                      lambda p, attn=attn: received_attention(p["q"], p["k"], attn.num_heads, attn.scale))
+                watch(
+                    layer,
+                    {"q": attn.q_proj, "k": attn.k_proj},
+                    lambda p, attn=attn: received_attention(p["q"], p["k"], attn.num_heads, attn.scale),
+                )
             else:
                 watch(layer, {"hidden": block}, lambda p: dissimilarity_to_mean(p["hidden"]))
         yield captured

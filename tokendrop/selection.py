@@ -16,9 +16,7 @@ NEWLINE_POLICIES = ("rows", "all", "drop")
 def check_budget(budget) -> float | int:
     """A float in (0, 1] is a fraction of the image's feature tokens, an int >= 1 a count."""
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise TypeError(
-            f"budget must be a float in (0, 1] (a fraction) or an int >= 1 (a token count), got {budget!r}"
-        )
+        raise TypeError(f"budget must be a float in (0, 1] (a fraction) or an int >= 1 (a token count), got {budget!r}")
     if isinstance(budget, numbers.Integral):
         if budget < 1:
             raise ValueError(f"budget as an int is a token count and must be >= 1, got {budget}")
@@ -127,11 +125,15 @@ def merge_groups(packed: torch.Tensor, layout: ImageLayout, kept: torch.Tensor, 
     members = torch.cat([g.cpu().long() for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
     firsts = torch.tensor([int(g.min()) if g.numel() else -1 for g in groups], dtype=torch.long)
     if (
-        len(groups) != kept.numel() or not torch.equal(firsts, kept.cpu())
-        or members.unique().numel() != members.numel() or bool((members >= layout.n_features).any())
+        len(groups) != kept.numel()
+        or not torch.equal(firsts, kept.cpu())
+        or members.unique().numel() != members.numel()
+        or bool((members >= layout.n_features).any())
     ):
-        raise RuntimeError("a merging method returned groups that are not disjoint groups of feature indices "
-                           "each starting at its kept index")
+        raise RuntimeError(
+            "a merging method returned groups that are not disjoint groups of feature indices "
+            "each starting at its kept index"
+        )
     owner = torch.repeat_interleave(torch.arange(len(groups)), sizes)
     w = torch.ones(members.numel()) if weights is None else torch.cat([x.cpu().float() for x in weights])
     if w.numel() != members.numel() or bool((w < 0).any()):

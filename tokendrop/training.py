@@ -99,8 +99,9 @@ class RouterTraining:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 2:
-            raise ValueError(f"samples must be an int >= 2 (each sample's baseline is the others' mean), "
-                             f"got {self.samples!r}")
+            raise ValueError(
+                f"samples must be an int >= 2 (each sample's baseline is the others' mean), got {self.samples!r}"
+            )
         for name in ("steps", "batch_size", "accumulate", "rank", "checkpoint_every", "validate_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -152,8 +153,10 @@ def prompt_for(processor, question: str, template: str | None) -> str:
     if template is not None:
         return template.format(question=question)
     if getattr(processor, "chat_template", None) is None:
-        raise ValueError("the processor has no chat template: give a prompt template with {question} in it "
-                         "(--prompt-template 'USER: <image>\\n{question} ASSISTANT:')")
+        raise ValueError(
+            "the processor has no chat template: give a prompt template with {question} in it "
+            "(--prompt-template 'USER: <image>\\n{question} ASSISTANT:')"
+        )
     content = [{"type": "image"}, {"type": "text", "text": question}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
@@ -164,12 +167,15 @@ def answer_text(processor, question: str, answer: str, template: str | None) -> 
         return " " + answer
     prompt = prompt_for(processor, question, None)
     content = [{"type": "image"}, {"type": "text", "text": question}]
-    full = processor.apply_chat_template([{"role": "user", "content": content},
-                                          {"role": "assistant", "content": [{"type": "text", "text": answer}]}])
+    full = processor.apply_chat_template(
+        [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    )
     if not full.startswith(prompt):
-        raise ValueError("the chat template renders an answered turn that does not start with the generation "
-                         "prompt; give --prompt-template to train with answers")
-    return full[len(prompt):]
+        raise ValueError(
+            "the chat template renders an answered turn that does not start with the generation "
+            "prompt; give --prompt-template to train with answers"
+        )
+    return full[len(prompt) :]
 
 
 # --- one step -----------------------------------------------------------------------------
@@ -190,17 +196,24 @@ class SelectionTrainer:
         """(model inputs, labels, answer width): the prompts, with the reference answers
         appended (right-padded to one width, labels on their tokens) when the loss uses them."""
         texts = [prompt_for(self.processor, e.question, self.config.prompt_template) for e in examples]
-        inputs = self.processor(images=[e.load_image() for e in examples], text=texts, return_tensors="pt",
-                                padding=True)
+        inputs = self.processor(
+            images=[e.load_image() for e in examples], text=texts, return_tensors="pt", padding=True
+        )
         inputs = dict(inputs.to(self.model.device, self.model.dtype))
         if self.config.loss == "kl":
             return inputs, None, 0
         missing = [i for i, e in enumerate(examples) if e.answer is None]
         if missing:
-            raise ValueError(f"loss {self.config.loss!r} needs reference answers; example {missing[0]} of the batch "
-                             "has none (use loss='kl', which needs no labels)")
-        answers = [self.tokenizer(answer_text(self.processor, e.question, e.answer, self.config.prompt_template),
-                                  add_special_tokens=False).input_ids for e in examples]
+            raise ValueError(
+                f"loss {self.config.loss!r} needs reference answers; example {missing[0]} of the batch "
+                "has none (use loss='kl', which needs no labels)"
+            )
+        answers = [
+            self.tokenizer(
+                answer_text(self.processor, e.question, e.answer, self.config.prompt_template), add_special_tokens=False
+            ).input_ids
+            for e in examples
+        ]
         width = max(map(len, answers))
         ids = torch.tensor([a + [self.pad_token_id] * (width - len(a)) for a in answers], device=self.model.device)
         known = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], device=self.model.device)
@@ -262,7 +275,12 @@ class SelectionTrainer:
         with torch.no_grad():  # the model's embeddings stay out of the router's graph
             question = self.question_rule.question(image)
         scores = router(image.features, question)
-        return scores[candidates.to(scores.device)], candidates, fixed, keep_count(self.config.budget, candidates.numel())
+        return (
+            scores[candidates.to(scores.device)],
+            candidates,
+            fixed,
+            keep_count(self.config.budget, candidates.numel()),
+        )
 
     @staticmethod
     def keep(image, chosen: torch.Tensor, keep_masks: list, kept: list) -> None:
@@ -275,8 +293,12 @@ class SelectionTrainer:
         """(B * repeat,) reward of every selection, in (prompt, selection) order."""
         with torch.no_grad():
             _, llm_inputs = self.adapter.feed(
-                inputs["input_ids"].repeat_interleave(repeat, 0), inputs["attention_mask"].repeat_interleave(repeat, 0),
-                None if labels is None else labels.repeat_interleave(repeat, 0), keep_masks, kept, "left",
+                inputs["input_ids"].repeat_interleave(repeat, 0),
+                inputs["attention_mask"].repeat_interleave(repeat, 0),
+                None if labels is None else labels.repeat_interleave(repeat, 0),
+                keep_masks,
+                kept,
+                "left",
                 self.pad_token_id,
             )
             targets = llm_inputs.pop("labels", None)
@@ -289,8 +311,9 @@ class SelectionTrainer:
             if targets is not None:
                 answer_logits = logits[:, -width - 1 : -1]
                 answer = targets[:, -width:]
-                ce = nn.functional.cross_entropy(answer_logits.flatten(0, 1), answer.flatten(), ignore_index=-100,
-                                                 reduction="none").view(answer.shape)
+                ce = nn.functional.cross_entropy(
+                    answer_logits.flatten(0, 1), answer.flatten(), ignore_index=-100, reduction="none"
+                ).view(answer.shape)
                 reward -= ce.sum(-1)
         return reward
 
@@ -334,8 +357,13 @@ def learning_rate(config: RouterTraining, step: int) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
 
 
-def train_router(model, processor, data: Sequence[Example] | str | Path, config: RouterTraining,
-                 validation: Sequence[Example] | None = None) -> Path:
+def train_router(
+    model,
+    processor,
+    data: Sequence[Example] | str | Path,
+    config: RouterTraining,
+    validation: Sequence[Example] | None = None,
+) -> Path:
     """Train a router for `model` on `data` (examples, or a JSONL path) and save it in
     `config.out` (router.safetensors + router.json); returns that folder. `validation`:
     examples with answers, scored (exact match) at the training budget every
@@ -348,8 +376,7 @@ def train_router(model, processor, data: Sequence[Example] | str | Path, config:
     if validation is not None and any(e.answer is None for e in validation):
         raise ValueError("validation examples need answers")
     trainer = SelectionTrainer(model, processor, config)
-    accelerator = Accelerator(gradient_accumulation_steps=config.accumulate,
-                              cpu=model.device.type == "cpu")
+    accelerator = Accelerator(gradient_accumulation_steps=config.accumulate, cpu=model.device.type == "cpu")
     hidden = model.config.get_text_config().hidden_size
     router = RouterWeights(hidden, config.rank, seed=config.seed)
     optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=0.0)
@@ -358,8 +385,12 @@ def train_router(model, processor, data: Sequence[Example] | str | Path, config:
     router, optimizer = accelerator.prepare(router, optimizer)
     model.eval()
 
-    bar = tqdm(total=config.steps, initial=start, desc="train-router", disable=not (config.progress and
-                                                                                  accelerator.is_main_process))
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        desc="train-router",
+        disable=not (config.progress and accelerator.is_main_process),
+    )
     per_update = config.batch_size * config.accumulate * accelerator.num_processes
     for step in range(start, config.steps):
         for group in optimizer.param_groups:
@@ -390,9 +421,12 @@ def train_router(model, processor, data: Sequence[Example] | str | Path, config:
     accelerator.wait_for_everyone()
     weights = accelerator.unwrap_model(router)
     if accelerator.is_main_process:
-        training = dict(config.identity(), examples=len(examples),
-                        final_reward=history[-1]["reward"] if history else None,
-                        validation=next((h["validation"] for h in reversed(history) if "validation" in h), None))
+        training = dict(
+            config.identity(),
+            examples=len(examples),
+            final_reward=history[-1]["reward"] if history else None,
+            validation=next((h["validation"] for h in reversed(history) if "validation" in h), None),
+        )
         save_router(weights, config.out, model, training)
     return config.out
 
@@ -408,25 +442,29 @@ def validate(model, processor, weights: RouterWeights, config: RouterTraining, e
         for start in range(0, len(examples), config.batch_size):
             batch = examples[start : start + config.batch_size]
             texts = [prompt_for(processor, e.question, config.prompt_template) for e in batch]
-            inputs = processor(images=[e.load_image() for e in batch], text=texts, return_tensors="pt",
-                               padding=True).to(model.device, model.dtype)
+            inputs = processor(
+                images=[e.load_image() for e in batch], text=texts, return_tensors="pt", padding=True
+            ).to(model.device, model.dtype)
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-            answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             right += sum(normalized(a) == normalized(e.answer) for a, e in zip(answers, batch))
     return 100 * right / len(examples)
 
 
-def objective(model, processor, weights: RouterWeights | None, examples: Sequence[Example],
-              config: RouterTraining) -> float:
+def objective(
+    model, processor, weights: RouterWeights | None, examples: Sequence[Example], config: RouterTraining
+) -> float:
     """The training objective (minus the reward) of `weights`' top-k selections on
     `examples`, averaged (None: an untrained router)."""
     trainer = SelectionTrainer(model, processor, config)
     if weights is None:
         weights = RouterWeights(model.config.get_text_config().hidden_size, config.rank, seed=config.seed)
     weights = weights.to(model.device)
-    losses = [trainer.greedy_loss(weights, list(examples[i : i + config.batch_size]))
-              for i in range(0, len(examples), config.batch_size)]
+    losses = [
+        trainer.greedy_loss(weights, list(examples[i : i + config.batch_size]))
+        for i in range(0, len(examples), config.batch_size)
+    ]
     return sum(losses) / len(losses)
 
 
@@ -449,8 +487,9 @@ def save_checkpoint(out: Path, identity: dict, router: RouterWeights, optimizer,
     for index, values in state["state"].items():
         tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v).cpu().contiguous() for k, v in values.items()})
     save_file(tensors, scratch / "state.safetensors")
-    (scratch / "state.json").write_text(json.dumps(dict(step=len(history), identity=identity, history=history,
-                                                        param_groups=state["param_groups"])))
+    (scratch / "state.json").write_text(
+        json.dumps(dict(step=len(history), identity=identity, history=history, param_groups=state["param_groups"]))
+    )
     old = out / f".{CHECKPOINT}.old"
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -471,10 +510,12 @@ def resume(out: Path, identity: dict, router: RouterWeights, optimizer) -> tuple
     meta = json.loads((folder / "state.json").read_text())
     if meta["identity"] != identity:
         changed = sorted(k for k in set(meta["identity"]) | set(identity) if meta["identity"].get(k) != identity.get(k))
-        raise ValueError(f"{folder} belongs to a run with other settings ({', '.join(changed)}): resume with the "
-                         "same arguments, or train into another --out")
+        raise ValueError(
+            f"{folder} belongs to a run with other settings ({', '.join(changed)}): resume with the "
+            "same arguments, or train into another --out"
+        )
     tensors = load_file(folder / "state.safetensors")
-    router.load_state_dict({k[len("router."):]: v for k, v in tensors.items() if k.startswith("router.")})
+    router.load_state_dict({k[len("router.") :]: v for k, v in tensors.items() if k.startswith("router.")})
     state: dict = {}
     for name, value in tensors.items():
         if name.startswith("optimizer."):

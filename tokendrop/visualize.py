@@ -17,13 +17,22 @@ DIM = 0.25  # brightness of dropped patches
 MERGED = 0.6  # brightness of patches merged into a kept token
 
 
-def show(model, processor, image, method: str, budget: float | int = 0.2, question: str = "Describe the image.",
-         out=None, **options):
+def show(
+    model,
+    processor,
+    image,
+    method: str,
+    budget: float | int = 0.2,
+    question: str = "Describe the image.",
+    out=None,
+    **options,
+):
     """Patch `model` with `method` for one request on `image`, and draw what it kept.
     Returns the matplotlib figure (and saves it to `out` if given)."""
     if not isinstance(image, Image.Image):
-        raise TypeError(f"image must be a PIL image (open a file with PIL.Image.open(path)), "
-                        f"got a {type(image).__name__}")
+        raise TypeError(
+            f"image must be a PIL image (open a file with PIL.Image.open(path)), got a {type(image).__name__}"
+        )
     if out is not None:
         check_figure_path(out)
     from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
@@ -120,8 +129,8 @@ def dimmed(image, grid: np.ndarray, merged: np.ndarray | None = None) -> np.ndar
     True: merged into a kept token); both views show the whole image (the base squashed, the
     canvas unpadded), so the grid spans the image."""
     pixels = np.asarray(image, dtype=np.float32) / 255.0
-    rows = (np.arange(pixels.shape[0]) * grid.shape[0] // pixels.shape[0])
-    cols = (np.arange(pixels.shape[1]) * grid.shape[1] // pixels.shape[1])
+    rows = np.arange(pixels.shape[0]) * grid.shape[0] // pixels.shape[0]
+    cols = np.arange(pixels.shape[1]) * grid.shape[1] // pixels.shape[1]
     dropped = DIM if merged is None else np.where(merged[rows][:, cols], MERGED, DIM)
     brightness = np.where(grid[rows][:, cols], 1.0, dropped)
     return pixels * brightness[..., None]

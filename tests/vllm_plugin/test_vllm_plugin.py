@@ -18,12 +18,11 @@ vllm = pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 import tokendrop  # noqa: E402
-from tokendrop.adapters import LlavaNextAdapter  # noqa: E402
-from tokendrop.adapters import vllm_plugin  # noqa: E402
+from tokendrop.adapters import LlavaNextAdapter, vllm_plugin  # noqa: E402
 from tokendrop.adapters.vllm_llava_next import layout as vllm_layout  # noqa: E402
-from tokendrop.harness import chat_prompt  # noqa: E402
 from tokendrop.eval import testbed as testbed_task  # noqa: E402
-from tokendrop.eval.vllm_bench import answer, engine, hf_answers, requests, save_for_vllm  # noqa: E402
+from tokendrop.eval.vllm_bench import answer, engine, hf_answers, save_for_vllm  # noqa: E402
+from tokendrop.harness import chat_prompt  # noqa: E402
 from tokendrop.presets import build_preset, synthetic_image  # noqa: E402
 from tokendrop.selection import keep_count  # noqa: E402
 
@@ -52,8 +51,10 @@ def samples():
 
 @pytest.fixture(scope="module")
 def mixed():
-    return [dict(image=synthetic_image(w, h, seed=i), question="What colour is the circle?")
-            for i, (h, w) in enumerate(MIXED)]
+    return [
+        dict(image=synthetic_image(w, h, seed=i), question="What colour is the circle?")
+        for i, (h, w) in enumerate(MIXED)
+    ]
 
 
 def run(model_dir, processor, tokendrop_options, batches, record_path=None):
@@ -89,10 +90,18 @@ def pruned(model_dir, testbed, samples, mixed, tmp_path_factory):
     where = tmp_path_factory.mktemp("records")
     # each of the first samples alone first: later requests for the same image hit vLLM's encoder cache
     batches = {f"one-{i}": [s] for i, s in enumerate(samples[:N_INDICES])} | {"samples": samples, "mixed": mixed}
-    results = run(model_dir, testbed[1], {"method": "hired", "budget": BUDGET, **OPTIONS}, batches,
-                  record_path=lambda name: where / f"{name}.jsonl")
-    records = {name: [json.loads(line) for line in (where / f"{name}.jsonl").read_text().splitlines()]
-               for name in batches if (where / f"{name}.jsonl").exists()}
+    results = run(
+        model_dir,
+        testbed[1],
+        {"method": "hired", "budget": BUDGET, **OPTIONS},
+        batches,
+        record_path=lambda name: where / f"{name}.jsonl",
+    )
+    records = {
+        name: [json.loads(line) for line in (where / f"{name}.jsonl").read_text().splitlines()]
+        for name in batches
+        if (where / f"{name}.jsonl").exists()
+    }
     return results, records
 
 
@@ -119,15 +128,18 @@ def test_vllm_packing_gives_tokendrops_layout(preset):
         assert ours.grid == theirs.grid and torch.equal(ours.packed_source, theirs.packed_source), size
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"method": "text", "budget": 0.25}, "reads the question"),
-    ({"method": "router", "budget": 0.25}, "reads the question"),
-    ({"method": "dpp", "budget": 0.25}, "reads the question"),
-    ({"method": "hired", "budget": 0.25, "threshold": 0.5}, "threshold"),
-    ({"method": "hired", "budget": 0.25, "newlines": "rows"}, "newlines='rows'"),
-    ({"method": "hird", "budget": 0.25}, "Did you mean 'hired'"),
-    ({"method": "hired", "budget": 1.5}, "budget"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"method": "text", "budget": 0.25}, "reads the question"),
+        ({"method": "router", "budget": 0.25}, "reads the question"),
+        ({"method": "dpp", "budget": 0.25}, "reads the question"),
+        ({"method": "hired", "budget": 0.25, "threshold": 0.5}, "threshold"),
+        ({"method": "hired", "budget": 0.25, "newlines": "rows"}, "newlines='rows'"),
+        ({"method": "hird", "budget": 0.25}, "Did you mean 'hired'"),
+        ({"method": "hired", "budget": 1.5}, "budget"),
+    ],
+)
 def test_refused_configurations(testbed, options, message):
     from tokendrop.adapters.vllm_llava_next import resolved_method
 
@@ -140,12 +152,15 @@ def test_refused_configurations(testbed, options, message):
         del config.tokendrop
 
 
-@pytest.mark.parametrize("options", [
-    {"method": "dpp", "budget": 0.25, "relevance": "cls"},
-    {"method": "uniform", "budget": 0.25, "newlines": "rows"},
-    {"method": "pool", "budget": 0.1, "newlines": "rows"},
-    {"method": "globalcom2", "budget": 0.1, "newlines": "drop"},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"method": "dpp", "budget": 0.25, "relevance": "cls"},
+        {"method": "uniform", "budget": 0.25, "newlines": "rows"},
+        {"method": "pool", "budget": 0.1, "newlines": "rows"},
+        {"method": "globalcom2", "budget": 0.1, "newlines": "drop"},
+    ],
+)
 def test_accepted_configurations_count_as_the_hf_patch_keeps(testbed, options):
     """The placeholder count equals the tokens the HF patch feeds the LLM, image by image."""
     from tokendrop.adapters.vllm_llava_next import resolved_method
@@ -163,7 +178,9 @@ def test_accepted_configurations_count_as_the_hf_patch_keeps(testbed, options):
     with tokendrop.patched(model, options["method"], budget=options["budget"], **rest) as handle:
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
         for (h, w), rec in zip(MIXED, handle.last):
-            assert vllm_plugin.placeholder_count(method, vllm_layout(model.config, (h, w))) == rec.n_kept + rec.n_newlines
+            assert (
+                vllm_plugin.placeholder_count(method, vllm_layout(model.config, (h, w))) == rec.n_kept + rec.n_newlines
+            )
 
 
 # --- on engines -------------------------------------------------------------------------
@@ -213,6 +230,7 @@ def test_answers_match_hf_patched(pruned, testbed, samples):
 
 # --- a tiny random LLaVA-NeXT: other grids (1x3, 3x1), other methods --------------------
 
+
 def tiny_random():
     """The tiny preset with 2 LLM heads of 32 (vLLM's CPU attention has no kernel for its head
     size of 16); random weights."""
@@ -233,21 +251,28 @@ def tiny_random():
 TINY_MIXED = [(96, 96), (48, 144), (144, 48), (60, 100), (30, 140), (96, 38)]
 
 
-@pytest.mark.parametrize("options", [
-    {"method": "globalcom2", "budget": 0.1},  # CLS logits, its own allocation
-    {"method": "pool", "budget": 0.25, "newlines": "rows"},  # merged tokens, newline rows counted up front
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"method": "globalcom2", "budget": 0.1},  # CLS logits, its own allocation
+        {"method": "pool", "budget": 0.25, "newlines": "rows"},  # merged tokens, newline rows counted up front
+    ],
+)
 def test_tiny_random_mixed_batch_keeps_what_the_hf_patch_keeps(options, tmp_path):
     model, processor = tiny_random()
     path = save_for_vllm(model, processor, tmp_path / "tiny")
-    batch = [dict(image=synthetic_image(w, h, seed=10 + i), question="What is red?")
-             for i, (h, w) in enumerate(TINY_MIXED)]
+    batch = [
+        dict(image=synthetic_image(w, h, seed=10 + i), question="What is red?") for i, (h, w) in enumerate(TINY_MIXED)
+    ]
     record = tmp_path / "record.jsonl"
     results = run(path, processor, options, {"mixed": batch}, record_path=lambda _: record)
     _, outputs = results["mixed"]
     ours = {tuple(r["image_size"]): r for r in map(json.loads, record.read_text().splitlines())}
-    rest = {k: v for k, v in options.items() if k not in ("method", "budget")} | {"newlines": "all"} | {
-        k: v for k, v in options.items() if k == "newlines"}
+    rest = (
+        {k: v for k, v in options.items() if k not in ("method", "budget")}
+        | {"newlines": "all"}
+        | {k: v for k, v in options.items() if k == "newlines"}
+    )
     texts = [chat_prompt(processor, s["question"]) for s in batch]
     text_tokens = len(processor.tokenizer(texts[0])["input_ids"]) - 1
     with tokendrop.patched(model, options["method"], budget=options["budget"], **rest) as handle:
@@ -265,8 +290,9 @@ def test_deeper_tower_for_scores_leaves_the_llm_input_as_stock(tmp_path):
     tower must still hand the LLM the feature layer: at budget 1.0, stock vLLM's tokens."""
     model, processor = tiny_random()
     path = save_for_vllm(model, processor, tmp_path / "tiny")
-    batch = [dict(image=synthetic_image(w, h, seed=20 + i), question="What is red?")
-             for i, (h, w) in enumerate(TINY_MIXED)]
+    batch = [
+        dict(image=synthetic_image(w, h, seed=20 + i), question="What is red?") for i, (h, w) in enumerate(TINY_MIXED)
+    ]
     stock_out = run(path, processor, None, {"mixed": batch})["mixed"][1]
     ours = run(path, processor, {"method": "globalcom2", "budget": 1.0}, {"mixed": batch})["mixed"][1]
     assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in stock_out]

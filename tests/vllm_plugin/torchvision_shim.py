@@ -30,9 +30,9 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 def _define_missing_ops() -> None:
     import glob
+    import importlib.util
     import os
 
-    import importlib.util
     import torch
 
     spec = importlib.util.find_spec("torchvision")

@@ -20,6 +20,7 @@ from ..layout import EncodedImage
 from ..registry import Registry, did_you_mean
 from ..selection import NEWLINE_POLICIES, check_budget
 
+
 @dataclass(frozen=True, eq=False)
 class Merged:
     """A merging method's selection of one image.
@@ -37,7 +38,7 @@ class Merged:
     weights: list[torch.Tensor] | None = None
 
 
-METHODS: Registry[type["Method"]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method")
 
 
 def register(name: str):
@@ -63,7 +64,7 @@ class Method:
         """Whether the method reads the prompt (through the model's processor)."""
         return any(f.name == "processor" for f in dataclasses.fields(cls))
 
-    def resolve(self, adapter) -> "Method":
+    def resolve(self, adapter) -> Method:
         """A copy with model-dependent defaults filled in and checked against the model."""
         return self
 
@@ -71,7 +72,7 @@ class Method:
         """CLS scores the vision pass must capture: {layer: "probs" | "logits"}."""
         return {}
 
-    def select(self, image: EncodedImage) -> "torch.Tensor | Merged":
+    def select(self, image: EncodedImage) -> torch.Tensor | Merged:
         """Sorted (ascending) feature indices to keep, exactly the budget's count; a merging
         method returns them as a `Merged`, with the group each kept token stands for."""
         raise NotImplementedError

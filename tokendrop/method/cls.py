@@ -18,7 +18,7 @@ from .base import Method, check_layer, register
 class CLS(Method):
     select_layer: int | None = None  # CLS attention ranks tokens; None: the model's feature layer
 
-    def resolve(self, adapter) -> "CLS":
+    def resolve(self, adapter) -> CLS:
         layer = adapter.feature_layer if self.select_layer is None else self.select_layer
         return replace(self, select_layer=check_layer("select_layer", layer, adapter.n_vision_layers))
 

@@ -97,8 +97,10 @@ class DPP(Method):
             self.relevance = "allocator" if self.allocation in ALLOCATORS else "text"
         check_choice("relevance", self.relevance, RELEVANCES)
         if self.relevance == "allocator" and self.allocation not in ALLOCATORS:
-            raise ValueError(f"dpp: relevance='allocator' needs allocation='hired' or 'globalcom2' (the method whose "
-                             f"token importance it uses), got allocation={self.allocation!r}")
+            raise ValueError(
+                f"dpp: relevance='allocator' needs allocation='hired' or 'globalcom2' (the method whose "
+                f"token importance it uses), got allocation={self.allocation!r}"
+            )
         if self.relevance == "text":
             if self.processor is None:
                 raise ValueError(
@@ -107,7 +109,7 @@ class DPP(Method):
                 )
             self.question = Text(processor=self.processor)  # the question rule, and its checks
 
-    def resolve(self, adapter) -> "DPP":
+    def resolve(self, adapter) -> DPP:
         resolved = replace(self)
         resolved.feature_layer = adapter.feature_layer
         if resolved.question is not None:
@@ -120,8 +122,10 @@ class DPP(Method):
         wanted = dict(self.allocator.signals()) if self.allocator is not None else {}
         if self.relevance == "cls":
             if wanted.get(self.feature_layer, "probs") != "probs":
-                raise ValueError(f"dpp: relevance='cls' and allocation={self.allocation!r} need layer "
-                                 f"{self.feature_layer} as both probabilities and logits")
+                raise ValueError(
+                    f"dpp: relevance='cls' and allocation={self.allocation!r} need layer "
+                    f"{self.feature_layer} as both probabilities and logits"
+                )
             wanted[self.feature_layer] = "probs"
         return wanted
 

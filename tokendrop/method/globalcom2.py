@@ -32,7 +32,7 @@ class GlobalCom2(Method):
         super().__post_init__()
         self.tau = check_real("tau", self.tau, 1e-6, float("inf"))
 
-    def resolve(self, adapter) -> "GlobalCom2":
+    def resolve(self, adapter) -> GlobalCom2:
         return replace(self, score_layer=check_layer("score_layer", self.score_layer, adapter.n_vision_layers))
 
     def signals(self) -> dict[int, str]:

@@ -34,7 +34,7 @@ class HiRED(Method):
         self.alpha = check_real("alpha", self.alpha, 0.0, 1.0)
         check_choice("allocation", self.allocation, ALLOCATIONS)
 
-    def resolve(self, adapter) -> "HiRED":
+    def resolve(self, adapter) -> HiRED:
         select = adapter.feature_layer if self.select_layer is None else self.select_layer
         return replace(
             self,

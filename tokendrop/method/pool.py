@@ -60,5 +60,5 @@ def pool_cells(grid: torch.Tensor, count: int) -> list[torch.Tensor]:
     for i, n in enumerate(per_band.tolist()):
         cuts = [j * w // n for j in range(n + 1)]
         for j in range(n):
-            cells.append(grid[edges[i]:edges[i + 1], cuts[j]:cuts[j + 1]].flatten().sort().values)
+            cells.append(grid[edges[i] : edges[i + 1], cuts[j] : cuts[j + 1]].flatten().sort().values)
     return cells

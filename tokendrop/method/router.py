@@ -97,8 +97,14 @@ def save_router(weights: RouterWeights, folder: str | Path, model, training: dic
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().float().cpu().contiguous() for name, p in weights.named_parameters()}
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": FORMAT})
-    config = dict(format=FORMAT, tokendrop_version=__version__, rank=weights.rank,
-                  hidden_size=weights.visual.shape[0], training=training, base_model=fingerprint(model))
+    config = dict(
+        format=FORMAT,
+        tokendrop_version=__version__,
+        rank=weights.rank,
+        hidden_size=weights.visual.shape[0],
+        training=training,
+        base_model=fingerprint(model),
+    )
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
@@ -110,8 +116,10 @@ def read_router(folder: str | Path) -> tuple[dict, RouterWeights]:
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"router: {path} is missing; a router folder holds {CONFIG_FILE} and "
-                                    f"{WEIGHTS_FILE} (written by tokendrop train-router)")
+            raise FileNotFoundError(
+                f"router: {path} is missing; a router folder holds {CONFIG_FILE} and "
+                f"{WEIGHTS_FILE} (written by tokendrop train-router)"
+            )
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -121,14 +129,18 @@ def read_router(folder: str | Path) -> tuple[dict, RouterWeights]:
     try:
         tensors = load_file(weights_path)
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"router: {weights_path} cannot be read ({error}); the file is damaged or "
-                         "truncated: copy it again or retrain") from None
+        raise ValueError(
+            f"router: {weights_path} cannot be read ({error}); the file is damaged or "
+            "truncated: copy it again or retrain"
+        ) from None
     rank, hidden = config.get("rank"), config.get("hidden_size")
     expected = {"visual": (hidden, rank), "question": (hidden, rank), "salience": (hidden,)}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
     if found != expected:
-        raise ValueError(f"router: {weights_path} holds tensors {found}, but {config_path} (rank {rank}, hidden "
-                         f"size {hidden}) needs {expected}: the two files do not belong together")
+        raise ValueError(
+            f"router: {weights_path} holds tensors {found}, but {config_path} (rank {rank}, hidden "
+            f"size {hidden}) needs {expected}: the two files do not belong together"
+        )
     weights = RouterWeights(hidden, rank)
     weights.load_state_dict(tensors)
     return config, weights
@@ -158,10 +170,12 @@ class Router(Text):
             self.router = str(self.router)
             self.saved, self.weights = read_router(SHIPPED.get(self.router, self.router))
             if self.rank is not None and self.rank != self.weights.rank:
-                raise ValueError(f"rank={self.rank} was given, but the router in {self.router} has rank "
-                                 f"{self.weights.rank}: leave rank out to use the saved one")
+                raise ValueError(
+                    f"rank={self.rank} was given, but the router in {self.router} has rank "
+                    f"{self.weights.rank}: leave rank out to use the saved one"
+                )
 
-    def resolve(self, adapter) -> "Router":
+    def resolve(self, adapter) -> Router:
         super().resolve(adapter)
         hidden = adapter.model.config.get_text_config().hidden_size
         if self.weights is None:
@@ -169,8 +183,10 @@ class Router(Text):
         elif self.saved is not None:
             mismatch = fingerprint_mismatch(self.saved["base_model"], adapter.model)
             if mismatch:
-                raise ValueError(f"router {self.router} was trained on another model: {mismatch}. Train one for "
-                                 "this model with tokendrop train-router")
+                raise ValueError(
+                    f"router {self.router} was trained on another model: {mismatch}. Train one for "
+                    "this model with tokendrop train-router"
+                )
         self.weights.requires_grad_(False)
         return self
 
@@ -185,4 +201,3 @@ class Router(Text):
         (what the router scores against, in training as in use)."""
         ids = self.question_ids(image).to(image.embed.weight.device)
         return image.embed(ids).to(image.features.device)
-

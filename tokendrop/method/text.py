@@ -64,7 +64,7 @@ class Text(Method):
             raise ValueError(f"processor= has no image token {token!r}: pass the patched model's own processor")
         self.affixes = template_affixes(self.processor)
 
-    def resolve(self, adapter) -> "Text":
+    def resolve(self, adapter) -> Text:
         if self.image_token_id != adapter.image_token_id:
             raise ValueError(
                 f"processor= is another model's processor: its image token has id {self.image_token_id}, the "
@@ -79,7 +79,9 @@ class Text(Method):
     def select(self, image: EncodedImage) -> torch.Tensor:
         layout = image.layout
         scores = self.scores(image)
-        in_scope = layout.partition > 0 if self.scope == "crops" else torch.ones_like(layout.partition, dtype=torch.bool)
+        in_scope = (
+            layout.partition > 0 if self.scope == "crops" else torch.ones_like(layout.partition, dtype=torch.bool)
+        )
         candidates = torch.nonzero(in_scope).flatten()
         ranked = candidates[torch.sort(-scores[candidates], stable=True).indices]
         if self.threshold is None:

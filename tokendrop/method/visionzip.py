@@ -42,7 +42,7 @@ class VisionZip(Method):
         super().__post_init__()
         self.contextual = check_real("contextual", self.contextual, 0.0, 1.0)
 
-    def resolve(self, adapter) -> "VisionZip":
+    def resolve(self, adapter) -> VisionZip:
         select = adapter.feature_layer if self.select_layer is None else self.select_layer
         return replace(self, select_layer=check_layer("select_layer", select, adapter.n_vision_layers))
 
@@ -64,7 +64,7 @@ class VisionZip(Method):
             dominant = members[order[: count - n_context]]
             groups += [i.view(1) for i in dominant]
             if n_context:
-                rest = members[torch.sort(order[count - n_context:]).values]
+                rest = members[torch.sort(order[count - n_context :]).values]
                 groups += contextual_groups(features, rest, n_context)
         groups.sort(key=lambda g: int(g[0]))
         return Merged(indices=torch.stack([g[0] for g in groups]), groups=groups)

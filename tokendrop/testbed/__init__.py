@@ -25,7 +25,9 @@ def load_testbed(dtype: torch.dtype = torch.float32, attn_implementation: str = 
     processor = build_processor("testbed")
     for path in (CONFIG, WEIGHTS):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: reinstall tokendrop, or rebuild it with examples/train_testbed.py")
+            raise FileNotFoundError(
+                f"{path} is missing: reinstall tokendrop, or rebuild it with examples/train_testbed.py"
+            )
     config = LlavaNextConfig.from_json_file(CONFIG)
     if config.text_config.vocab_size != len(processor.tokenizer):
         raise ValueError(
