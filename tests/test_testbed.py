@@ -135,13 +135,13 @@ def test_loader_names_a_missing_or_foreign_weights_file(tmp_path, monkeypatch):
     monkeypatch.setattr(testbed_model, "CONFIG", tmp_path / "config.json")
     monkeypatch.setattr(testbed_model, "WEIGHTS", tmp_path / "missing.safetensors")
     with pytest.raises(FileNotFoundError, match="missing.safetensors is missing"):
-        testbed_model.load_testbed()
+        testbed_model.load_testbed_model(build_processor("testbed"))
     monkeypatch.setattr(testbed_model, "WEIGHTS", tmp_path / "model.safetensors")
     config = json.loads((tmp_path / "config.json").read_text())
     config["text_config"]["vocab_size"] += 1
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="another task vocabulary"):
-        testbed_model.load_testbed()
+        testbed_model.load_testbed_model(build_processor("testbed"))
 
 
 def test_sweep_of_the_testbed_scores_as_the_task_does(trained, tmp_path):
@@ -297,7 +297,8 @@ def test_training_script_runs_end_to_end_and_writes_a_loadable_model(tmp_path, m
     runpy.run_path(str(script), run_name="__main__")
     monkeypatch.setattr(testbed_model, "CONFIG", tmp_path / "config.json")
     monkeypatch.setattr(testbed_model, "WEIGHTS", tmp_path / "model.safetensors")
-    model, processor = testbed_model.load_testbed()
+    processor = build_processor("testbed")
+    model = testbed_model.load_testbed_model(processor)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in build_preset("testbed")[0].parameters())
     card = (tmp_path / "MODEL_CARD.md").read_text()
     assert "--vision-steps 2" in card and "| test |" in card and "`oracle` at 25%" in card

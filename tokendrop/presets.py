@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from .registry import Registry
+from .testbed import load_testbed_model
 
 # the PIL (numpy) image processor: `...Pil` from 5.0, the plain class before; chosen by what
 # the installed release has, so that no torchvision is needed on any of them
@@ -301,11 +302,9 @@ def build_config(name: str, tokenizer: PreTrainedTokenizerFast) -> LlavaNextConf
 def build_preset(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn_implementation: str = "sdpa"):
     """(model, processor) for an embedded preset, random weights drawn from `seed`; the
     preset trained for a task (`testbed`) loads its committed weights instead."""
-    if PRESETS.get(name).get("task"):
-        from .testbed import load_testbed  # deferred: tokendrop.testbed builds on this module
-
-        return load_testbed(dtype=dtype, attn_implementation=attn_implementation)
     processor = build_processor(name)
+    if PRESETS.get(name).get("task"):
+        return load_testbed_model(processor, dtype=dtype, attn_implementation=attn_implementation), processor
     config = build_config(name, processor.tokenizer)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)

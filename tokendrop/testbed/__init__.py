@@ -12,17 +12,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
-from ..presets import build_processor
-
 HERE = Path(__file__).parent
 CONFIG = HERE / "config.json"
 WEIGHTS = HERE / "model.safetensors"
 
 
-def load_testbed(dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-    """(model, processor): the model built from the committed config with the committed
-    weights, in eval mode; the processor built offline."""
-    processor = build_processor("testbed")
+def load_testbed_model(processor, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """The model built from the committed config with the committed weights, in eval mode;
+    `processor` is the testbed preset's (`tokendrop.presets`, which loads the two together)."""
     for path in (CONFIG, WEIGHTS):
         if not path.is_file():
             raise FileNotFoundError(
@@ -42,7 +39,7 @@ def load_testbed(dtype: torch.dtype = torch.float32, attn_implementation: str = 
         raise ValueError(f"{WEIGHTS} does not fit {CONFIG}: {error}") from None
     model.to(dtype).eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    return model, processor
+    return model
 
 
 def under_installed_names(weights: dict, model) -> dict:
