@@ -31,7 +31,7 @@ import transformers
 
 import tokendrop
 from tokendrop.adapters import adapter_for
-from tokendrop.harness import spread, text_table
+from tokendrop.harness import positive_int, spread, text_table
 from tokendrop.method import METHODS, Method, build as build_method
 from tokendrop.presets import PRESETS, build_preset, synthetic_image
 from tokendrop.profiling import device_name, peak_memory, synchronize
@@ -233,13 +233,6 @@ def report(result: dict) -> str:
             shown = ", ".join(f"layer {layer}: {diff:.1e}" for layer, diff in diffs.items())
             lines.append(f"{method} hook probabilities vs eager attention, max abs diff: {shown}")
     return "\n".join(lines)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> None:

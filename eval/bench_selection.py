@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tokendrop.adapters import adapter_for
-from tokendrop.harness import spread, text_table
+from tokendrop.harness import positive_int, spread, text_table
 from tokendrop.layout import EncodedImage
 from tokendrop.method import METHODS, build as build_method
 from tokendrop.method.base import Merged
@@ -121,13 +121,6 @@ def report(result: dict) -> str:
             )
         )
     return "\n".join(lines)
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .harness import positive_int
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")  # loading.DTYPES (a test checks)
 PRESET_NAMES = (
@@ -61,13 +62,6 @@ def budget(text: str) -> float | int:
         raise argparse.ArgumentTypeError(
             f"a fractional budget must be in (0, 1], got {value}; a token count is an integer without a dot"
         )
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 

@@ -6,7 +6,8 @@ benchmarks, the lmms-eval model): written once here.
 - `spread`: median, min and max of repeated measurements;
 - `provenance`: one shape for every output file (date, git revision, versions, device, the
   run's configuration);
-- `text_table`: a plain-text table (rich), for the terminal and for logs.
+- `text_table`: a plain-text table (rich), for the terminal and for logs;
+- `positive_int`: the argparse type of counts, for the CLI and the benchmarks' own parsers.
 
 Nothing here imports torch or transformers at import time: the command line imports it to
 answer `--help` fast.
@@ -14,6 +15,7 @@ answer `--help` fast.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import platform
@@ -23,6 +25,13 @@ import sys
 from pathlib import Path
 
 REFERENCE = "none"  # the unpatched model, a row of every profile and every sweep
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def chat_prompt(processor, question: str, n_images: int = 1) -> str:
