@@ -50,7 +50,7 @@ from ..presets import with_preset_defaults
 from ..selection import check_budget
 from .data import fingerprint, subset
 from .generation import generate_answers
-from .tasks import TASKS, Sample, Task, build_task
+from .tasks import TASKS, Sample, Task, build_task, current_task_name
 
 TASK_METHODS = sorted({name for _, task in TASKS.items() for name in task.methods})
 DEFAULT_BUDGETS = (0.1, 0.2, 0.4)
@@ -62,7 +62,7 @@ class SweepConfig:
     errors name the valid choices. The command line builds one from its arguments; run.json
     records it.
 
-        sweep(SweepConfig("testbed", ["testbed"], "runs/x", methods=["hired"], budgets=[0.2], limit=200))
+        sweep(SweepConfig("testbed", ["shapes"], "runs/x", methods=["hired"], budgets=[0.2], limit=200))
 
     `model`: an embedded preset, a Hugging Face id or a local path (for a loaded model, pass
     it to `sweep(config, model=..., processor=...)` and name it here). `methods`: default every
@@ -101,7 +101,7 @@ class SweepConfig:
             raise TypeError(
                 f"tasks must be a non-empty list of task names ({', '.join(TASKS.names())}), got {self.tasks!r}"
             )
-        self.tasks = list(self.tasks)
+        self.tasks = [current_task_name(name) for name in self.tasks]  # an old name runs as the task it now is
         for name in self.tasks:
             TASKS.get(name)
         if self.methods is not None and not isinstance(self.methods, (list, tuple)):
@@ -146,7 +146,7 @@ class SweepConfig:
                     f"options for {name!r} must be plain values (numbers, strings, lists): they are "
                     f"recorded in run.json; got {opts!r}"
                 ) from None
-        self.data = dict(self.data or {})
+        self.data = {current_task_name(name): source for name, source in dict(self.data or {}).items()}
         for name in self.data:
             if name not in self.tasks:
                 raise ValueError(f"--data names task {name!r}, which this sweep does not run ({', '.join(self.tasks)})")
@@ -269,7 +269,7 @@ def model_identity(name: str, model: nn.Module | None = None) -> dict:
 
 
 def cell_method(tasks, name: str, budget, processor, options: dict):
-    """The method of a cell, built: a registered one, or a task's own (the testbed's oracle)."""
+    """The method of a cell, built: a registered one, or a task's own (the shapes task's oracle)."""
     for task in tasks:
         if name in task.methods:
             return task.methods[name](budget=budget, **options)
@@ -440,7 +440,7 @@ def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -
     (`config.model` then only names it); by default `config.model` is loaded."""
     if not isinstance(config, SweepConfig):
         raise TypeError(
-            f"sweep takes a SweepConfig, e.g. sweep(SweepConfig('testbed', ['testbed'], 'runs/x')); "
+            f"sweep takes a SweepConfig, e.g. sweep(SweepConfig('testbed', ['shapes'], 'runs/x')); "
             f"got {type(config).__name__}"
         )
     if model is not None:

@@ -8,6 +8,7 @@ points a task at a local copy (see `tokendrop.eval.data` for the layouts read).
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from PIL import Image
 
 from ..method import Method
 from ..registry import Registry
-from . import testbed
+from . import shapes
 from .data import column, load_rows, open_image
 from .metrics import exact_match, mme_answer, mme_scores, option_letter, pope_answer, pope_metrics, vqa_accuracy
 
@@ -41,7 +42,7 @@ class Task:
     hub: ClassVar[tuple[str, str | None, str]]  # (dataset id, config, split)
     headline: ClassVar[str]  # the metric a cell's score is
     max_new_tokens: ClassVar[int] = 16
-    # evaluation-only selections the task can offer beside the registry's (the testbed's oracle)
+    # evaluation-only selections the task can offer beside the registry's (the shapes task's oracle)
     methods: ClassVar[dict[str, type[Method]]] = {}
 
     def load(self, source: str | None, split: str | None = None):
@@ -83,8 +84,26 @@ def register(name: str):
     return add
 
 
+# a task's old name: its name now. The old one still works, with a FutureWarning.
+# "testbed" now names only the model trained on the shapes task.
+RENAMED = {"testbed": "shapes"}
+
+
+def current_task_name(name: str | None) -> str | None:
+    """The name `name` stands for now: a renamed task's new name, else `name` unchanged (it is
+    checked where it is looked up, with the registry's did-you-mean error)."""
+    if isinstance(name, str) and name in RENAMED:
+        warnings.warn(
+            f"task {name!r} is now called {RENAMED[name]!r}; the old name will stop working in a later release",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return RENAMED[name]
+    return name
+
+
 def build_task(name: str) -> Task:
-    return TASKS.get(name)()
+    return TASKS.get(current_task_name(name))()
 
 
 @register("vqav2")
@@ -267,37 +286,37 @@ class Custom(Task):
         return exact_match(prediction, sample.reference)
 
 
-@register("testbed")
-class Testbed(Task):
+@register("shapes")
+class Shapes(Task):
     """The synthetic fine-detail task the `testbed` model was trained on
-    (`tokendrop.eval.testbed`), generated on the fly: nothing to download. Rows are the first
-    TEST_SIZE samples of the test split; `--data testbed=validation` reads the validation split."""
+    (`tokendrop.eval.shapes`), generated on the fly: nothing to download. Rows are the first
+    TEST_SIZE samples of the test split; `--data shapes=validation` reads the validation split."""
 
     TEST_SIZE = 1000
     TRAIN_SIZE = 1_000_000  # generated on demand: as many as a router's training reads
     hub = ("test", None, "test")
     headline = "accuracy"
-    max_new_tokens = testbed.MAX_NEW_TOKENS
-    methods = {"oracle": testbed.Oracle}
+    max_new_tokens = shapes.MAX_NEW_TOKENS
+    methods = {"oracle": shapes.Oracle}
 
     def load(self, source, split=None):
         if split == "train":
-            return testbed.Split("train", self.TRAIN_SIZE), lambda row, index: lambda: row["image"]
+            return shapes.Split("train", self.TRAIN_SIZE), lambda row, index: lambda: row["image"]
         split = source or "test"
         if split not in ("validation", "test"):
             raise ValueError(
-                f"testbed: --data testbed=SPLIT takes validation or test (the testbed model "
+                f"shapes: --data shapes=SPLIT takes validation or test (the testbed model "
                 f"learnt from train), got {split!r}"
             )
-        return testbed.Split(split, self.TEST_SIZE), lambda row, index: lambda: row["image"]
+        return shapes.Split(split, self.TEST_SIZE), lambda row, index: lambda: row["image"]
 
     def sample(self, row, index, image):
         box = list(row["objects"][0][2])  # where the object asked about is: the oracle reads it
         return Sample(index, row["id"], row["question"], row["answer"], image, {"box": box})
 
     def before_batch(self, method, samples):
-        if isinstance(method, testbed.Oracle):
+        if isinstance(method, shapes.Oracle):
             method.targets = [tuple(s.meta["box"]) for s in samples]
 
     def score(self, prediction, sample):
-        return testbed.score(prediction, sample.reference)
+        return shapes.score(prediction, sample.reference)

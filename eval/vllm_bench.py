@@ -29,7 +29,7 @@ from tokendrop.adapters.vllm_plugin import ARCHITECTURE, RECORD_ENV
 
 from ..harness import chat_prompt
 from .generation import generate_answers
-from .testbed import MAX_NEW_TOKENS, score, testbed_samples
+from .shapes import MAX_NEW_TOKENS, score, shapes_samples
 
 VISION_TOWER = "vision_tower."
 
@@ -127,7 +127,7 @@ def accuracy(answers, samples) -> float:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200, help="testbed test samples")
+    parser.add_argument("--n", type=int, default=200, help="shapes test samples")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.1])
     parser.add_argument("--method", default="hired")
     parser.add_argument("--repeats", type=int, default=5, help="timed generate calls per configuration, in turns")
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     path = save_for_vllm(model, processor, args.model_dir)
     # a fresh set of images for every timed round: vLLM would otherwise serve repeats from its
     # caches (encoder outputs, processed inputs, prefixes); accuracy is on the first set
-    rounds = list(testbed_samples("test", args.n * args.repeats))
+    rounds = list(shapes_samples("test", args.n * args.repeats))
     rounds = [rounds[r * args.n : (r + 1) * args.n] for r in range(args.repeats)]
     samples = rounds[0]
     options = {"newlines": "all"}  # the plugin's default: a count known before the tower runs
@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
     timings: dict[str, list[float]] = {name: [] for name in engines}
     cpu: dict[str, list[float]] = {name: [] for name in engines}
     outputs: dict[str, tuple] = {}
-    warm_up = list(testbed_samples("validation", 4))
+    warm_up = list(shapes_samples("validation", 4))
     for llm in engines.values():
         answer(llm, processor, warm_up)
     for r, batch in enumerate(rounds):
@@ -198,7 +198,7 @@ def main(argv=None) -> dict:
     import vllm
 
     report = dict(
-        task="testbed",
+        task="shapes",
         split="test",
         n=args.n,
         max_new_tokens=MAX_NEW_TOKENS,

@@ -43,7 +43,7 @@ from torch import nn
 from transformers import LlavaNextForConditionalGeneration
 
 import tokendrop
-from tokendrop.eval.testbed import (
+from tokendrop.eval.shapes import (
     COLOURS,
     SHAPES,
     SIZE,
@@ -53,8 +53,8 @@ from tokendrop.eval.testbed import (
     evaluate,
     object_features,
     questions_about,
-    testbed_sample,
-    testbed_samples,
+    shapes_sample,
+    shapes_samples,
 )
 from tokendrop.method import Method
 from tokendrop.presets import build_config, build_processor
@@ -114,7 +114,7 @@ class VisionHeads(nn.Module):
 
 
 def train_samples(start: int, n: int, seed: int) -> Iterator[dict]:
-    return (testbed_sample("train", index, seed) for index in range(start, start + n))
+    return (shapes_sample("train", index, seed) for index in range(start, start + n))
 
 
 def schedule(step: int, total: int, warmup: int) -> float:
@@ -300,7 +300,7 @@ def train_language(model, processor, samples, args) -> float:
     chats, rng = Chats(processor), np.random.default_rng(args.seed)
     augment = KeepObjects()
     augment.generator.manual_seed(args.seed)
-    validation = list(testbed_samples("validation", 256, seed=args.seed))
+    validation = list(shapes_samples("validation", 256, seed=args.seed))
     start, running = time.perf_counter(), None
     model.train()
     model.model.vision_tower.eval()
@@ -366,7 +366,7 @@ def main() -> None:
     # every training image is new: the language stage's follow the vision stage's
     seen = args.vision_steps * args.batch
     vision_s, heads = train_vision(model, processor, train_samples(0, seen, args.seed), args)
-    vision = vision_accuracy(model, heads, processor, list(testbed_samples("validation", 256)))
+    vision = vision_accuracy(model, heads, processor, list(shapes_samples("validation", 256)))
     print("vision accuracy", vision, flush=True)
     language_images = train_samples(seen, args.language_steps * args.batch, args.seed)
     language_s = train_language(model, processor, language_images, args)
@@ -377,8 +377,8 @@ def main() -> None:
         flush=True,
     )
 
-    validation = list(testbed_samples("validation", args.eval_samples))
-    test = list(testbed_samples("test", args.eval_samples))
+    validation = list(shapes_samples("validation", args.eval_samples))
+    test = list(shapes_samples("test", args.eval_samples))
     results = {"validation": evaluate(model, processor, validation)["accuracy"]}
     results["test"] = evaluate(model, processor, test)["accuracy"]
     with tokendrop.patched(model, "random", budget=0.1):
@@ -387,7 +387,7 @@ def main() -> None:
         oracle = Oracle(budget=budget)
         with tokendrop.patched(model, oracle):
             results[f"test_oracle_{budget}"] = evaluate(model, processor, test, oracle=oracle)["accuracy"]
-    results["chance"] = 100 * chance_accuracy(list(testbed_samples("train", 5000, seed=args.seed)), test)
+    results["chance"] = 100 * chance_accuracy(list(shapes_samples("train", 5000, seed=args.seed)), test)
     print(json.dumps(results, indent=1), flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -410,14 +410,14 @@ def model_card(model, args, vision: dict, vision_s: float, language_s: float, re
 
 A tiny LLaVA-NeXT (`LlavaNextForConditionalGeneration`: a CLIP vision tower with a CLS token,
 AnyRes pinpoints 48x96, 96x48 and 96x96 over 48 px tiles of 6x6 patches of 8 px, a 2-layer MLP
-projector, a Llama LLM) trained from scratch on a CPU for the testbed task
-(`tokendrop.eval.testbed`). It exists so that budget sweeps show real accuracy offline: a
+projector, a Llama LLM) trained from scratch on a CPU for the shapes task
+(`tokendrop.eval.shapes`). It exists so that budget sweeps show real accuracy offline: a
 method that drops the tokens of the small object a question is about loses the answer.
 Load it with `tokendrop.presets.build_preset("testbed")`, or `--model testbed` on the command
 line.
 
 ## Data
-Synthetic and generated on the fly from seeds (`tokendrop.eval.testbed`): 96x96 images (2x2
+Synthetic and generated on the fly from seeds (`tokendrop.eval.shapes`): 96x96 images (2x2
 crops of 48 px plus the base view) holding 3 or 4 shapes of 9 to 12 px, each another shape
 (circle, square, triangle, cross) and another colour (of red, green, blue, yellow, purple,
 cyan), on noise and grey clutter. The question asks for one shape's colour, "What colour is

@@ -97,9 +97,9 @@ def test_offline_dataset(capsys, monkeypatch, no_model, tmp_path):
 
 
 def test_prompt_together_with_a_task(capsys, no_model):
-    error = cli_error(capsys, "profile", "--model", "testbed", "--task", "testbed", "--prompt", "What?")
+    error = cli_error(capsys, "profile", "--model", "testbed", "--task", "shapes", "--prompt", "What?")
     assert error == (
-        "tokendrop: error: --prompt asks about your image; the testbed task brings its own question: drop one"
+        "tokendrop: error: --prompt asks about your image; the shapes task brings its own question: drop one"
     )
 
 

@@ -243,5 +243,5 @@ def test_profile_out_is_checked_before_the_grid_runs(capsys, tmp_path, grid_neve
 
 
 def test_errors_after_parsing_are_usage_errors(capsys):
-    error = cli_error(capsys, "profile", "--model", "testbed", "--task", "testbed", "--prompt", "What?")
+    error = cli_error(capsys, "profile", "--model", "testbed", "--task", "shapes", "--prompt", "What?")
     assert error.startswith("tokendrop: error: --prompt asks about your image")

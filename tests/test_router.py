@@ -15,14 +15,14 @@ from conftest import QUESTIONS, greedy, prompt
 from tokendrop import training
 from tokendrop.adapters import adapter_for
 from tokendrop.cli import main
-from tokendrop.eval import testbed
+from tokendrop.eval import shapes
 from tokendrop.method.router import SHIPPED, read_router
 from tokendrop.presets import build_preset, synthetic_image
 from tokendrop.selection import keep_count
 
 
 def toy_examples(n, split="train", start=0):
-    samples = (testbed.testbed_sample(split, i) for i in range(start, start + n))
+    samples = (shapes.shapes_sample(split, i) for i in range(start, start + n))
     return [training.Example(s["image"], s["question"], s["answer"]) for s in samples]
 
 
@@ -38,7 +38,7 @@ def bed():
 
 @pytest.fixture(scope="module")
 def trained_router(bed, tmp_path_factory):
-    """A router trained briefly on the testbed (its learned term is no longer zero)."""
+    """A router trained briefly on the testbed model (its learned term is no longer zero)."""
     out = tmp_path_factory.mktemp("router")
     model, processor = bed
     training.train_router(model, processor, toy_examples(24), config(out, steps=6, lr=0.05))
@@ -80,7 +80,7 @@ def test_untrained_router_threshold_mode_is_text(tiny, odd_batch):
 
 def test_router_at_full_budget_is_the_unpatched_model(bed, trained_router):
     model, processor = bed
-    sample = testbed.testbed_sample("test", 3)
+    sample = shapes.shapes_sample("test", 3)
     inputs = processor(images=[sample["image"]], text=[prompt(processor, sample["question"])], return_tensors="pt")
     with tokendrop.patched(model, "router", budget=1.0, router=trained_router, processor=processor):
         patched_out = greedy(model, inputs, n=3)
@@ -113,7 +113,7 @@ def router_reference(model, processor, inputs, questions, folder, budget):
 @pytest.mark.parametrize("budget", [0.25, 0.05, 3])
 def test_trained_router_equals_its_formula(bed, trained_router, budget):
     model, processor = bed
-    samples = [testbed.testbed_sample("test", i) for i in range(3)]
+    samples = [shapes.shapes_sample("test", i) for i in range(3)]
     questions = [s["question"] for s in samples]
     inputs = processor(
         images=[s["image"] for s in samples],
@@ -148,7 +148,7 @@ def test_save_then_load_selects_the_same(bed, tmp_path):
     method = tokendrop.method.router.Router(budget=0.05, processor=processor)
     method.weights = tokendrop.method.router.RouterWeights(128, 8)
     method.weights.load_state_dict(weights["trained"])
-    sample = testbed.testbed_sample("test", 5)
+    sample = shapes.shapes_sample("test", 5)
     inputs = processor(images=[sample["image"]], text=[prompt(processor, sample["question"])], return_tensors="pt")
     in_memory = kept(model, inputs, method)
     assert kept(model, inputs, "router", budget=0.05, router=out, processor=processor) == in_memory
@@ -321,7 +321,7 @@ def test_trains_on_a_4bit_base(tmp_path):
 def test_train_router_command_and_the_shipped_router(tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     lines = []
-    for i, sample in enumerate(testbed.testbed_samples("train", 4)):
+    for i, sample in enumerate(shapes.shapes_samples("train", 4)):
         sample["image"].save(tmp_path / f"{i}.png")
         lines.append(json.dumps({"image": f"{i}.png", "question": sample["question"], "answer": sample["answer"]}))
     data.write_text("\n".join(lines) + "\n")
@@ -341,7 +341,7 @@ def test_train_router_command_and_the_shipped_router(tmp_path, capsys):
         "--samples",
         "2",
         "--validation",
-        "testbed=validation",
+        "shapes=validation",
         "--validation-samples",
         "4",
         "--validate-every",
@@ -361,7 +361,7 @@ def test_train_router_command_and_the_shipped_router(tmp_path, capsys):
                 "--model",
                 "testbed",
                 "--data",
-                "testbed",
+                "shapes",
                 "--out",
                 str(tmp_path / "task"),
                 "--steps",

@@ -221,24 +221,25 @@ def add_input_arguments(group) -> None:
     )
     group.add_argument(
         "--task",
-        choices=["testbed"],
-        help="the testbed task's first test image and its question, in place of an image and --prompt "
+        choices=["shapes", "testbed"],  # testbed: the task's old name, warned about
+        help="the shapes task's first test image and its question, in place of an image and --prompt "
         "(the default for --model testbed, which knows only its task's images)",
     )
 
 
 def profile_inputs(args) -> tuple[list, str]:
     """The images and the prompt that `args` ask to profile."""
+    from .eval.tasks import current_task_name
     from .presets import PRESETS, synthetic_image
 
     trained_for = PRESETS.get(args.model).get("task") if args.model in PRESETS.names() else None
     task = args.task or (None if getattr(args, "images", None) or args.image_size else trained_for)
-    if task == "testbed":
+    if current_task_name(task) == "shapes":
         if args.prompt is not None:
-            raise ValueError("--prompt asks about your image; the testbed task brings its own question: drop one")
-        from .eval.testbed import testbed_sample
+            raise ValueError("--prompt asks about your image; the shapes task brings its own question: drop one")
+        from .eval.shapes import shapes_sample
 
-        sample = testbed_sample("test", 0)
+        sample = shapes_sample("test", 0)
         return [sample["image"]], sample["question"]
     images = getattr(args, "images", None) or [synthetic_image(*(args.image_size or (672, 672)))]
     return images, args.prompt or "Describe the image."
@@ -355,7 +356,7 @@ def add_demo(subcommands) -> None:
 def run_demo(args) -> None:
     from .presets import PRESETS
 
-    trained = PRESETS.get(args.model).get("task") == "testbed"  # an unknown preset fails here
+    trained = PRESETS.get(args.model).get("task") == "shapes"  # an unknown preset fails here
     if trained and args.image_size is None:
         args.methods = args.methods or ["hired", "random"]
         return run_testbed_demo(args)
@@ -385,8 +386,8 @@ def run_timing_demo(args) -> None:
 
 def run_testbed_demo(args) -> None:
     """The trained testbed: answers, accuracy, and what was kept."""
+    from .eval.shapes import MAX_NEW_TOKENS, shapes_sample
     from .eval.sweep import SweepConfig, format_summary, read_records, sweep
-    from .eval.testbed import MAX_NEW_TOKENS, testbed_sample
     from .harness import REFERENCE, text_table
     from .presets import build_preset, with_preset_defaults
     from .visualize import show
@@ -394,7 +395,7 @@ def run_testbed_demo(args) -> None:
     check_methods(args.methods)
     config = SweepConfig(
         model=args.model,
-        tasks=["testbed"],
+        tasks=["shapes"],
         out=args.out / "sweep",
         methods=args.methods,
         budgets=args.budgets,
@@ -423,7 +424,7 @@ def run_testbed_demo(args) -> None:
     print(format_summary(summary))
 
     # the kept tokens of the first example, at the last budget (the lowest, as listed), by the first method
-    sample = testbed_sample("test", indices[0]) if indices else testbed_sample("test", 0)
+    sample = shapes_sample("test", indices[0]) if indices else shapes_sample("test", 0)
     method, last = config.methods[0], config.budgets[-1]
     out = args.out / "kept.png"
     options = with_preset_defaults(config.model, [method], config.options).get(method, {})
@@ -494,13 +495,13 @@ def add_sweep(subcommands) -> None:
         nargs="+",
         required=True,
         metavar="TASK",
-        help="vqav2, textvqa, gqa, pope, scienceqa_img, mme, custom, testbed (see the README)",
+        help="vqav2, textvqa, gqa, pope, scienceqa_img, mme, custom, shapes (see the README)",
     )
     parser.add_argument("--out", required=True, type=Path, help="output directory; rerun into it to resume")
     add_methods(parser, None)
     parser.set_defaults(methods=None)
     parser._option_string_actions["--methods"].help = (
-        "default: every registered method; oracle (testbed only, evaluation only) keeps the queried object's "
+        "default: every registered method; oracle (shapes only, evaluation only) keeps the queried object's "
         "tokens first"
     )
     add_budgets(parser, [0.1, 0.2, 0.4])
@@ -594,13 +595,13 @@ def add_train_router(subcommands) -> None:
         "--data",
         required=True,
         help="a JSONL file of {image, question, answer?} lines (image paths relative to it), or "
-        "a sweep task whose train split is read (e.g. testbed)",
+        "a sweep task whose train split is read (e.g. shapes)",
     )
     parser.add_argument(
         "--validation",
         metavar="SOURCE",
         help="examples with answers scored every --validate-every steps: a JSONL file, or TASK or "
-        "TASK=SPLIT as sweep's --data reads it (e.g. testbed=validation)",
+        "TASK=SPLIT as sweep's --data reads it (e.g. shapes=validation)",
     )
     parser.add_argument("--validation-samples", type=positive_int, default=200, help="the first N of --validation")
     parser.add_argument("--out", type=Path, required=True, help="the router folder to write")
@@ -654,14 +655,15 @@ def run_train_router(args) -> None:
 
 def task_examples(spec: str, split: str | None) -> TaskExamples:
     """The examples of a sweep task: TASK (its evaluated split, or `split`), or TASK=SOURCE."""
-    from .eval.tasks import TASKS, build_task
+    from .eval.tasks import TASKS, build_task, current_task_name
 
     name, _, source = spec.partition("=")
+    name = current_task_name(name)
     if name not in TASKS.names():
         raise ValueError(f"--data/--validation {spec!r} is neither a file nor a task ({', '.join(TASKS.names())})")
     task = build_task(name)
     rows, image_of = task.load(source or None, split)
-    return TaskExamples(task, rows, image_of, identity=f"{spec}:{split}:{len(rows)}")
+    return TaskExamples(task, rows, image_of, identity=f"{name}={source}:{split}:{len(rows)}")
 
 
 class TaskExamples(Sequence):

@@ -9,7 +9,7 @@ meaningless text; shapes, token counts and timings are real.
 - `llava-next-shape`: CLIP-L/336 (24 layers, 24x24 patches) + a Qwen2-0.5B-shaped LLM, with
   the llava-v1.6 pinpoints: the real prompt lengths and compute of a small LLaVA-NeXT.
 - `testbed`: 48 px tiles of 6x6 patches, 4 CLIP layers, a 3-layer LLM, with *trained* weights
-  committed in `tokendrop.testbed`: it answers the testbed task (`tokendrop.eval.testbed`),
+  committed in `tokendrop.testbed`: it answers the shapes task (`tokendrop.eval.shapes`),
   whose words its tokenizer holds as whole tokens.
 - `tiny-onevision`: LLaVA-OneVision with a 48 px, 6x6-patch, 3-layer SigLIP and a 2-layer LLM:
   seconds, for tests. Its largest pinpoints (4x4 and 3x6 tiles) exceed anyres_max_9, so their
@@ -121,7 +121,7 @@ PRESETS.register("testbed")(
         ),
         pinpoints=[[48, 96], [96, 48], [96, 96]],
         # whole-word tokens, as a real vocabulary has for common words: the chat roles and the
-        # testbed task's words (a test checks the task uses no other)
+        # shapes task's words (a test checks the task uses no other)
         words=(
             "USER:",
             "ASSISTANT:",
@@ -140,7 +140,7 @@ PRESETS.register("testbed")(
             "triangle",
             "cross",
         ),
-        task="testbed",  # trained for this task: its weights are loaded, not drawn
+        task="shapes",  # trained for this task: its weights are loaded, not drawn
         method_options={"router": {"router": "testbed"}},  # the router trained for it, shipped beside it
     )
 )

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import tokendrop  # noqa: E402
 from tokendrop.adapters import LlavaNextAdapter, vllm_plugin  # noqa: E402
 from tokendrop.adapters.vllm_llava_next import layout as vllm_layout  # noqa: E402
-from tokendrop.eval import testbed as testbed_task  # noqa: E402
+from tokendrop.eval import shapes  # noqa: E402
 from tokendrop.eval.vllm_bench import answer, engine, hf_answers, save_for_vllm  # noqa: E402
 from tokendrop.harness import chat_prompt  # noqa: E402
 from tokendrop.presets import build_preset, synthetic_image  # noqa: E402
@@ -46,7 +46,7 @@ def model_dir(testbed, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def samples():
-    return list(testbed_task.testbed_samples("test", N_ANSWERS))
+    return list(shapes.shapes_samples("test", N_ANSWERS))
 
 
 @pytest.fixture(scope="module")

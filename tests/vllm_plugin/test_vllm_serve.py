@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from tokendrop.adapters import LlavaNextAdapter  # noqa: E402
-from tokendrop.eval import testbed as testbed_task  # noqa: E402
+from tokendrop.eval import shapes  # noqa: E402
 from tokendrop.eval.vllm_bench import save_for_vllm  # noqa: E402
 from tokendrop.harness import chat_prompt  # noqa: E402
 from tokendrop.presets import build_preset  # noqa: E402
@@ -75,14 +75,14 @@ def test_vllm_serve_chat_with_an_image(tmp_path):
             except (urllib.error.URLError, ConnectionError):
                 assert time.time() < deadline, "vllm serve did not start in time"
                 time.sleep(2)
-        sample = testbed_task.testbed_sample("test", 0)
+        sample = shapes.shapes_sample("test", 0)
         png = io.BytesIO()
         sample["image"].save(png, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
         body = dict(
             model="testbed",
             temperature=0,
-            max_tokens=testbed_task.MAX_NEW_TOKENS,
+            max_tokens=shapes.MAX_NEW_TOKENS,
             messages=[
                 {
                     "role": "user",
@@ -97,7 +97,7 @@ def test_vllm_serve_chat_with_an_image(tmp_path):
             base + "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
         )
         reply = json.loads(urllib.request.urlopen(request, timeout=120).read())
-        assert testbed_task.score(reply["choices"][0]["message"]["content"], sample["answer"]) == 1.0, reply
+        assert shapes.score(reply["choices"][0]["message"]["content"], sample["answer"]) == 1.0, reply
         image = LlavaNextAdapter(model).layout((sample["image"].height, sample["image"].width))
         text_tokens = len(processor.tokenizer(chat_prompt(processor, sample["question"]))["input_ids"]) - 1
         assert reply["usage"]["prompt_tokens"] == (

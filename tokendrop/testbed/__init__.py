@@ -1,5 +1,5 @@
-"""The trained testbed: a tiny LLaVA-NeXT that answers the testbed task
-(`tokendrop.eval.testbed`), trained from scratch on a CPU by `examples/train_testbed.py`.
+"""The trained testbed: a tiny LLaVA-NeXT that answers the shapes task
+(`tokendrop.eval.shapes`), trained from scratch on a CPU by `examples/train_testbed.py`.
 Its config and weights are committed beside this file (MODEL_CARD.md says how they were
 made and how well they do); the processor is built offline, as every preset's
 (`tokendrop.presets`, preset `testbed`)."""

@@ -1,4 +1,4 @@
-"""The testbed task: synthetic fine-detail VQA, generated on the fly and deterministic.
+"""The shapes task: synthetic fine-detail VQA, generated on the fly and deterministic.
 
 Each image, 96x96 px, so that the testbed model's AnyRes cuts it into a 2x2 grid of 48 px
 crops beside the 48 px base view, holds 3 or 4 small shapes, 9 to 12 px, each another shape
@@ -46,7 +46,7 @@ MAX_NEW_TOKENS = 3  # a one-word answer, its end of turn, one spare
 SUPERSAMPLE = 4  # shapes are drawn this much larger, then downscaled: anti-aliased edges
 
 
-def testbed_sample(split: str, index: int, seed: int = 0) -> dict:
+def shapes_sample(split: str, index: int, seed: int = 0) -> dict:
     """Sample `index` of `split`: {id, image, question, answer, objects}. `objects` lists
     (colour, shape, (x0, y0, x1, y1)) in image pixels, the object asked about first."""
     check_split(split)
@@ -59,7 +59,7 @@ def testbed_sample(split: str, index: int, seed: int = 0) -> dict:
     image, boxes = render(pairs, rng)
     colour, shape = pairs[0]
     return dict(
-        id=f"testbed-{split}-{seed}-{index}",
+        id=f"shapes-{split}-{seed}-{index}",
         image=image,
         question=QUESTION.format(shape=shape),
         answer=colour,
@@ -67,12 +67,12 @@ def testbed_sample(split: str, index: int, seed: int = 0) -> dict:
     )
 
 
-def testbed_samples(split: str, n: int, seed: int = 0) -> Iterator[dict]:
-    """Samples 0..n-1 of `split` (see `testbed_sample`); a longer run extends a shorter one."""
+def shapes_samples(split: str, n: int, seed: int = 0) -> Iterator[dict]:
+    """Samples 0..n-1 of `split` (see `shapes_sample`); a longer run extends a shorter one."""
     check_split(split)
     check_count("n", n)
     check_count("seed", seed)
-    return (testbed_sample(split, index, seed) for index in range(n))
+    return (shapes_sample(split, index, seed) for index in range(n))
 
 
 def check_split(split) -> None:
@@ -186,7 +186,7 @@ def evaluate(model, processor, samples: list[dict], batch_size: int = 32, oracle
 
 class Split(Sequence):
     """The first `size` samples of a split as a sequence, each made when indexed: what the
-    sweep's `testbed` task reads as its rows."""
+    sweep's `shapes` task reads as its rows."""
 
     def __init__(self, split: str, size: int, seed: int = 0):
         check_split(split)
@@ -199,15 +199,15 @@ class Split(Sequence):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.size:
             raise IndexError(f"sample {index} is outside the {self.size} samples of this {self.split} split")
-        return testbed_sample(self.split, index, self.seed)
+        return shapes_sample(self.split, index, self.seed)
 
 
 # --- where the objects are, in tokens -----------------------------------------------------
 
 
 def object_features(layout: ImageLayout, box: tuple) -> torch.Tensor:
-    """(N,) bool over a testbed image's feature tokens: those whose patch overlaps `box`
-    (x0, y0, x1, y1 in image pixels), in the base view and in the crops. Testbed images are
+    """(N,) bool over a shapes image's feature tokens: those whose patch overlaps `box`
+    (x0, y0, x1, y1 in image pixels), in the base view and in the crops. Shapes images are
     exactly a pinpoint, so the canvas is unpadded and the base view is the whole image."""
     y, x = layout.canvas_yx
     in_base = layout.partition == 0
@@ -220,10 +220,10 @@ def object_features(layout: ImageLayout, box: tuple) -> torch.Tensor:
 
 @dataclass
 class Oracle(Method):
-    """The ceiling of any selector on the testbed (evaluation only, not a public method): the
+    """The ceiling of any selector on the shapes task (evaluation only, not a public method): the
     queried object's tokens first, then the rest, each group ranked by CLS attention at the
     feature layer. Before each call, `targets` is set to the queried object's box of every
-    image in the call, in order (the sweep's testbed task does this)."""
+    image in the call, in order (the sweep's shapes task does this)."""
 
     name = "oracle"
     targets: list = field(default_factory=list, repr=False)
