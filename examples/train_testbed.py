@@ -56,6 +56,7 @@ from tokendrop.eval.shapes import (
     shapes_sample,
     shapes_samples,
 )
+from tokendrop.harness import chat_prompt
 from tokendrop.method import Method
 from tokendrop.presets import build_config, build_processor
 
@@ -237,11 +238,7 @@ class Chats:
 
     def __init__(self, processor):
         self.processor, self.tokenizer = processor, processor.tokenizer
-        turn = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{question}"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": "{answer}"}]},
-        ]
-        self.prefix, self.rest = processor.apply_chat_template(turn).split("{question}")
+        self.prefix, self.rest = chat_prompt(processor, "{question}", answer="{answer}").split("{question}")
         self.marker = self.tokenizer.convert_tokens_to_ids(" ASSISTANT:")
 
     def batch(self, samples: list[dict], n: int, spell: bool, rng: np.random.Generator, kept=None):

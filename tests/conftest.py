@@ -6,6 +6,7 @@ import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 import tokendrop
+from tokendrop.harness import chat_prompt as prompt  # the tests' prompts are the library's
 from tokendrop.presets import build_preset, synthetic_image
 
 SIZES = {"wide": (38, 96), "tall": (96, 38), "square": (60, 100)}
@@ -21,11 +22,6 @@ def tiny():
 @pytest.fixture(scope="session")
 def images():
     return {name: synthetic_image(w, h, seed=i) for i, (name, (h, w)) in enumerate(SIZES.items())}
-
-
-def prompt(processor, question, n_images=1):
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 @pytest.fixture

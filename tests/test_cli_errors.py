@@ -7,6 +7,7 @@ import pytest
 import tokendrop
 from tokendrop import loading, profile_grid
 from tokendrop.cli import main
+from tokendrop.harness import chat_prompt
 from tokendrop.presets import PRESETS, synthetic_image
 from tokendrop.profile_grid import REFERENCE, ProfileConfig, profile
 from tokendrop.visualize import show
@@ -112,12 +113,7 @@ def test_profile_of_a_patched_model_measures_the_unpatched_reference(tiny):
     assert model.__dict__["_tokendrop_handle"] is handle
     inputs = processor(
         images=[synthetic_image(90, 60)],
-        text=[
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
-                add_generation_prompt=True,
-            )
-        ],
+        text=[chat_prompt(processor, "Hi")],
         return_tensors="pt",
     )
     model.generate(**inputs, max_new_tokens=1)

@@ -10,6 +10,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 import tokendrop
 from tokendrop import profile_grid
 from tokendrop.cli import main
+from tokendrop.harness import chat_prompt
 from tokendrop.presets import synthetic_image
 from tokendrop.profile_grid import REFERENCE, ProfileConfig, format_table, profile
 from tokendrop.profiling import measure_generate, peak_memory
@@ -18,11 +19,9 @@ from tokendrop.profiling import measure_generate, peak_memory
 @pytest.fixture(scope="module")
 def one_image(tiny):
     _, processor = tiny
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
-        add_generation_prompt=True,
+    return processor(
+        images=synthetic_image(672, 672), text=chat_prompt(processor, "Describe the image."), return_tensors="pt"
     )
-    return processor(images=synthetic_image(672, 672), text=text, return_tensors="pt")
 
 
 def test_profile_records_are_complete_and_consistent(tiny, tmp_path):

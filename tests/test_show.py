@@ -6,6 +6,7 @@ import pytest
 import reference
 import tokendrop
 from tokendrop.adapters import adapter_for
+from tokendrop.harness import chat_prompt
 from tokendrop.method import METHODS
 from tokendrop.presets import synthetic_image
 from tokendrop.visualize import DIM, dimmed, kept_grids, show
@@ -24,12 +25,7 @@ def test_show_writes_a_figure_of_the_kept_tokens(tiny, tmp_path, method):
     handle = tokendrop.patch(model, method, budget=0.25, processor=processor)
     inputs = processor(
         images=[image],
-        text=[
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is red?"}]}],
-                add_generation_prompt=True,
-            )
-        ],
+        text=[chat_prompt(processor, "Where is red?")],
         return_tensors="pt",
     )
     model.generate(**inputs, max_new_tokens=1)

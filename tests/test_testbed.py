@@ -9,16 +9,19 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import tokendrop
-from tokendrop import testbed as testbed_model
+from tokendrop import testbed as testbed_model, training
 from tokendrop.cli import main
 from tokendrop.eval import shapes
+from tokendrop.harness import chat_prompt
 from tokendrop.presets import build_preset, build_processor
 
 ACCURACY_SAMPLES = 300  # the first samples of the test split
 FULL_ACCURACY = 90.0  # the committed model's floor on them (MODEL_CARD.md has its measured accuracy)
+TRAINING_SCRIPT = Path(__file__).parents[1] / "examples" / "train_testbed.py"
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +155,7 @@ def test_profile_takes_the_shapes_task(capsys, tmp_path):
 def test_training_script_runs_end_to_end_and_writes_a_loadable_model(tmp_path, monkeypatch):
     """Two steps per stage: the recipe's plumbing (labels, cached prefixes, the card), not its
     accuracy, which the committed model's test above covers."""
-    script = Path(__file__).parents[1] / "examples" / "train_testbed.py"
+    script = TRAINING_SCRIPT
     monkeypatch.setattr(
         sys,
         "argv",
@@ -182,3 +185,37 @@ def test_training_script_runs_end_to_end_and_writes_a_loadable_model(tmp_path, m
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in build_preset("testbed")[0].parameters())
     card = (tmp_path / "MODEL_CARD.md").read_text()
     assert "--vision-steps 2" in card and "| test |" in card and "`oracle` at 25%" in card
+
+
+def test_prompts_are_the_chat_template_written_out_token_for_token():
+    """What the model was trained on (examples/train_testbed.py), what a router trains on
+    (training.py) and what evaluation asks (harness.chat_prompt, which generate_answers uses)
+    are the testbed template written out, with the ids they had before chat_prompt built them all."""
+    processor = build_processor("testbed")
+
+    def ids(text):
+        return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    samples = list(shapes.shapes_samples("train", 4))
+    for sample in samples:
+        question, answer = sample["question"], sample["answer"]
+        written = f"USER: <image>\n{question} ASSISTANT:"
+        assert chat_prompt(processor, question) == training.prompt_for(processor, question, None) == written
+        assert training.answer_text(processor, question, answer, None) == f" {answer}</s>"
+        assert chat_prompt(processor, question, answer=answer) == f"{written} {answer}</s>"
+    # sample 0, "What colour is the square?" (yellow): the ids the committed model was trained and measured on
+    assert ids(chat_prompt(processor, samples[0]["question"])) == [260, 224, 3, 202, 262, 279, 280, 281, 289, 34, 277]
+    assert ids(training.answer_text(processor, samples[0]["question"], samples[0]["answer"], None)) == [285, 2]
+
+    script = runpy.run_path(str(TRAINING_SCRIPT))  # its definitions; main() runs only as __main__
+    chats = script["Chats"](processor)
+    assert (chats.prefix, chats.rest) == ("USER: <image>\n", " ASSISTANT: {answer}</s>")
+    prefix, rest, labels = chats.batch(samples, 3, False, np.random.default_rng(0))
+    rng = np.random.default_rng(0)  # the questions drawn as the batch drew them
+    asked = [pair for s in samples for pair in script["questions"](s, 3, rng)]
+    written = processor(images=[s["image"] for s in samples], text=["USER: <image>\n"] * 4, return_tensors="pt")
+    assert prefix["input_ids"].tolist() == written["input_ids"].tolist()
+    for row, (question, answer) in enumerate(asked):
+        expected = ids(f"{question} ASSISTANT: {answer}</s>")
+        assert rest["input_ids"][row, : len(expected)].tolist() == expected
+        assert labels[row][labels[row] != -100].tolist() == ids(f" {answer}</s>")

@@ -34,11 +34,16 @@ def positive_int(text: str) -> int:
     return value
 
 
-def chat_prompt(processor, question: str, n_images: int = 1) -> str:
+def chat_prompt(processor, question: str, n_images: int = 1, answer: str | None = None) -> str:
     """The user turn (images first, then the question) in the model's chat template, with the
-    generation prompt: the text to give the processor beside the images."""
+    generation prompt: the text to give the processor beside the images. With `answer` (for
+    training), the exchange instead: the user turn, then the assistant's answer and its end of turn."""
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    conversation = [{"role": "user", "content": content}]
+    if answer is None:
+        return processor.apply_chat_template(conversation, add_generation_prompt=True)
+    conversation.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return processor.apply_chat_template(conversation)
 
 
 def spread(values) -> dict:

@@ -48,6 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
+from .harness import chat_prompt
 from .method.router import Router, RouterWeights, fingerprint, save_router
 from .patch import patched
 from .selection import check_budget, keep_count, packed_keep_mask
@@ -157,8 +158,7 @@ def prompt_for(processor, question: str, template: str | None) -> str:
             "the processor has no chat template: give a prompt template with {question} in it "
             "(--prompt-template 'USER: <image>\\n{question} ASSISTANT:')"
         )
-    content = [{"type": "image"}, {"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return chat_prompt(processor, question)
 
 
 def answer_text(processor, question: str, answer: str, template: str | None) -> str:
@@ -166,10 +166,7 @@ def answer_text(processor, question: str, answer: str, template: str | None) -> 
     if template is not None:
         return " " + answer
     prompt = prompt_for(processor, question, None)
-    content = [{"type": "image"}, {"type": "text", "text": question}]
-    full = processor.apply_chat_template(
-        [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-    )
+    full = chat_prompt(processor, question, answer=answer)
     if not full.startswith(prompt):
         raise ValueError(
             "the chat template renders an answered turn that does not start with the generation "
