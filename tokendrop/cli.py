@@ -657,13 +657,14 @@ def task_examples(spec: str, split: str | None) -> TaskExamples:
     """The examples of a sweep task: TASK (its evaluated split, or `split`), or TASK=SOURCE."""
     from .eval.tasks import TASKS, build_task, current_task_name
 
-    name, _, source = spec.partition("=")
+    name, equals, source = spec.partition("=")
     name = current_task_name(name)
     if name not in TASKS.names():
         raise ValueError(f"--data/--validation {spec!r} is neither a file nor a task ({', '.join(TASKS.names())})")
     task = build_task(name)
     rows, image_of = task.load(source or None, split)
-    return TaskExamples(task, rows, image_of, identity=f"{name}={source}:{split}:{len(rows)}")
+    # the name now, so that `--data testbed` and `--data shapes` are one run (and resume each other)
+    return TaskExamples(task, rows, image_of, identity=f"{name}{equals}{source}:{split}:{len(rows)}")
 
 
 class TaskExamples(Sequence):
