@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,9 +31,9 @@ import transformers
 import tokendrop
 from tokendrop.adapters import adapter_for
 from tokendrop.harness import positive_int, spread, text_table
+from tokendrop.measure import device_name, measure_call
 from tokendrop.method import METHODS, Method, build as build_method
 from tokendrop.presets import PRESETS, build_preset, synthetic_image
-from tokendrop.profiling import device_name, peak_memory, synchronize
 from tokendrop.scoring import capture_cls_scores
 
 IMAGE_SIZE = (672, 672)
@@ -85,21 +84,6 @@ def variants(model, pixel_values, image_sizes, scored: dict[str, tuple]) -> dict
     return {"plain": plain, **hooks, "eager_attentions": eager_attentions}
 
 
-def measure(run, device) -> dict:
-    with peak_memory(device) as memory:
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        seconds = time.perf_counter() - start
-    return {
-        "time_s": seconds,
-        "peak_memory_bytes": memory.peak_bytes,
-        "added_memory_bytes": memory.added_bytes,
-        "memory_kind": memory.kind,
-    }
-
-
 def score_differences(model, pixel_values, image_sizes, attention, kinds) -> dict[int, float]:
     """Max |hook score - eager probability| per layer, from one pass that yields both. Only
     probabilities have an eager counterpart (logits are checked by the test suite)."""
@@ -121,7 +105,7 @@ def interleaved(runs: dict, repeats: int, device) -> dict[str, list[dict]]:
     for repeat in range(repeats):
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
-            samples[name].append(measure(runs[name], device))
+            samples[name].append(measure_call(runs[name], device))
     return samples
 
 
