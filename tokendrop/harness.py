@@ -86,12 +86,13 @@ def versions() -> dict:
 
 
 def device_name(device) -> str:
-    """The GPU's name, or the CPU model and torch's thread count."""
+    """The accelerator's name, or the CPU model and torch's thread count."""
     import torch
 
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, torch.mps...
+        return backend.get_device_name(device) if hasattr(backend, "get_device_name") else str(device)
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)

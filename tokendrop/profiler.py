@@ -144,6 +144,7 @@ class ThroughputConfig(_Measurement):
     `repeats` runs at that batch. The search's runs warm the model up, hence `warmup=0`.
     Results: throughput.json, throughput.csv, throughput.png."""
 
+    _: KW_ONLY
     max_batch_size: int = 64
     warmup: int = 0
 
