@@ -433,7 +433,9 @@ def test_the_cuda_cap_sets_the_allocators_fraction_and_restores_it(monkeypatch):
     from tokendrop import measure
 
     calls = []
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 96 * 2**30}))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 96 * 2**30, "name": "GPU96"})
+    )
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 0.9)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
@@ -441,7 +443,7 @@ def test_the_cuda_cap_sets_the_allocators_fraction_and_restores_it(monkeypatch):
     with measure._cuda_cap([device], 24 * 2**30):
         assert calls == [(0.25, device)]
     assert calls == [(0.25, device), (0.9, device)]
-    with pytest.raises(ValueError, match="memory limit 100.0 GiB exceeds"):
+    with pytest.raises(ValueError, match="memory limit 100.0 GiB exceeds GPU96.s 96.0 GiB"):
         with measure._cuda_cap([device], 100 * 2**30):
             pass
 
@@ -497,3 +499,13 @@ def test_demo_times_with_at_least_three_repeats(capsys, tmp_path):
         main(["demo", "--preset", "tiny", "--repeats", "2", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "tokendrop: error: the timing demo runs at least 3 repeats" in capsys.readouterr().err
+
+
+def test_a_memory_limit_is_asked_for_or_refused_by_device():
+    ThroughputConfig().check_device("cuda")  # a GPU's own memory is the limit
+    ThroughputConfig(memory_limit="1GB").check_device("cpu")
+    with pytest.raises(ValueError, match="the throughput search on a CPU needs a memory limit"):
+        ThroughputConfig().check_device("cpu")
+    with pytest.raises(ValueError, match="not mps's: drop the limit"):
+        ThroughputConfig(memory_limit="1GB").check_device("mps")
+    ProfileConfig().check_device("cpu")  # the grid needs none

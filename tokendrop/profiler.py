@@ -113,9 +113,14 @@ class _Measurement:
                     method.resolve(adapter)
 
     def check_device(self, device: torch.device | str) -> None:
-        """A memory limit on the CPU is enforced on Linux's peak RSS: refuse it elsewhere
-        before a model runs."""
-        if torch.device(device).type == "cpu" and self.memory_limit is not None and not cpu_peak_available():
+        """A memory limit caps CUDA's allocator, or on the CPU Linux's peak RSS: refuse it
+        elsewhere before a model runs."""
+        kind = torch.device(device).type
+        if self.memory_limit is None or kind == "cuda":
+            return
+        if kind != "cpu":
+            raise ValueError(f"a memory limit caps CUDA's allocator or the CPU's RSS, not {kind}'s: drop the limit")
+        if not cpu_peak_available():
             raise ValueError(
                 "a CPU memory limit is enforced on the peak RSS that Linux reports in /proc/self, which this "
                 "system lacks: drop the memory limit"
@@ -208,7 +213,7 @@ def profile(model, processor, images, config: ProfileConfig | None = None) -> li
     grid = [Cell(REFERENCE, None, b) for b in config.batch_sizes]
     grid += [Cell(m, v, b) for b in config.batch_sizes for m in config.methods for v in config.budgets]
 
-    def measure_cell(cell: Cell) -> None:
+    def measure_cell(cell: Cell, bar) -> None:
         inputs = batch_inputs(processor, images, config.prompt, cell.batch_size, model)
         run_cell(model, processor, cell, inputs, config, config.options.get(cell.method, {}))
 
@@ -236,8 +241,8 @@ def throughput(model, processor, images, config: ThroughputConfig | None = None)
     adapter, images = _prepare(model, processor, images, config)
     grid = [Cell(REFERENCE, None, 0)] + [Cell(m, v, 0) for m in config.methods for v in config.budgets]
 
-    def measure_cell(cell: Cell) -> None:
-        search_cell(model, processor, images, cell, config)
+    def measure_cell(cell: Cell, bar) -> None:
+        search_cell(model, processor, images, cell, config, lambda step: bar.set_postfix_str(step))
 
     _run_grid(model, grid, measure_cell, "throughput", config.progress)
     rows = [cell.row() for cell in grid]
@@ -262,9 +267,9 @@ def _prepare(model, processor, images, config: _Measurement):
     return adapter, images
 
 
-def _run_grid(model, grid: list[Cell], measure_cell: Callable[[Cell], None], name: str, progress: bool) -> None:
-    """`measure_cell` over the grid, on the unpatched model: a patch already on it is lifted,
-    and put back afterwards."""
+def _run_grid(model, grid: list[Cell], measure_cell: Callable, name: str, progress: bool) -> None:
+    """`measure_cell(cell, bar)` over the grid, on the unpatched model: a patch already on it
+    is lifted, and put back afterwards."""
     users_patch = model.__dict__.get(ATTRIBUTE)
     unpatch(model)
     try:
@@ -272,7 +277,7 @@ def _run_grid(model, grid: list[Cell], measure_cell: Callable[[Cell], None], nam
         for cell in bar:
             label = cell.method + ("" if cell.budget is None else f" {cell.budget}")
             bar.set_description(f"{name} {label}" + (f" batch {cell.batch_size}" if cell.batch_size else ""))
-            measure_cell(cell)
+            measure_cell(cell, bar)
     finally:
         if users_patch is not None:
             users_patch._install()  # the user's own handle back in force, as `patched` restores one
@@ -408,13 +413,14 @@ def largest_batch(fits_at: Callable[[int], object], max_batch: int) -> tuple[int
     return fitting, tried
 
 
-def search_cell(model, processor, images, cell: Cell, config: ThroughputConfig) -> None:
+def search_cell(model, processor, images, cell: Cell, config: ThroughputConfig, progress=lambda step: None) -> None:
     """Find the cell's largest batch (one run per batch tried, under the memory limit), then
     measure `config.repeats` runs at it, one batch lower while a repeat runs out of memory."""
     options = config.options.get(cell.method, {})
     device = model_device(model)
 
     def fits_at(batch: int) -> None:
+        progress(f"trying batch {batch}")
         failure = None
         try:
             measure_generate(model, batch_inputs(processor, images, config.prompt, batch, model), **_settings(config))
@@ -438,6 +444,7 @@ def search_cell(model, processor, images, cell: Cell, config: ThroughputConfig) 
     # (allocator and RSS vary by a few MB), so step down until every repeat fits
     stepped_down = False
     while True:
+        progress(f"{config.repeats} runs at batch {cell.batch_size}")
         inputs = batch_inputs(processor, images, config.prompt, cell.batch_size, model)
         run_cell(model, processor, cell, inputs, config, options)
         if cell.status == "ok" and stepped_down:
