@@ -455,7 +455,7 @@ def test_the_cuda_cap_sets_the_allocators_fraction_and_restores_it(monkeypatch):
         (["--memory-limit", "-2"], "memory limit must be a positive size"),
         (["--memory-limit", "24TB"], "memory limit '24TB': unknown unit 'tb'; use GB or MB"),
         (["--memory-limit", "lots"], "memory limit must be a number with an optional unit"),
-        (["--memory-limit", "nan"], "memory limit must be a positive size"),
+        (["--memory-limit", "nan"], "memory limit must be a number with an optional unit"),
         (["--batch-sizes", "2"], "--throughput searches the batch size: drop --batch-sizes"),
         ([], "the throughput search on a CPU needs a memory limit (--memory-limit, e.g. 8GB)"),
     ],
