@@ -562,17 +562,18 @@ def _table(rows: list[dict], columns, failed_from: int) -> list[list[str]]:
     return lines
 
 
-def spread_warnings(rows: list[dict], headers: dict[str, str] | None = None) -> list[str]:
-    """One line per cell whose spread (max - min) exceeds 20% of the median for some figure."""
-    headers = headers or {key: header for header, key, _ in PROFILE_COLUMNS + THROUGHPUT_COLUMNS if key}
+def spread_warnings(rows: list[dict], columns) -> list[str]:
+    """One line per cell whose spread (max - min) exceeds 20% of the median for a figure of
+    the table's `columns` (the others are in the JSON and CSV, with their min and max)."""
+    headers = {key: header for header, key, _ in columns if key}
     lines = []
     for row in rows:
-        wide = [key for key in row.get("wide_spread", ()) if row.get(key)]
+        wide = [key for key in row.get("wide_spread", ()) if key in headers and row.get(key)]
         if not wide:
             continue
         name = row["method"] + ("" if row["budget"] is None else f" {row['budget']}") + f" batch {row['batch_size']}"
         figures = ", ".join(
-            f"{headers.get(key, key)} {(row[f'{key}_max'] - row[f'{key}_min']) / abs(row[key]):.0%}" for key in wide
+            f"{headers[key]} {(row[f'{key}_max'] - row[f'{key}_min']) / abs(row[key]):.0%}" for key in wide
         )
         lines.append(f"warning: {name}: spread (max - min) over {SPREAD_TOLERANCE:.0%} of the median: {figures}")
     if lines:
@@ -591,7 +592,7 @@ def format_table(rows: list[dict]) -> str:
         "ideal (FLOP ratio) and measured."
     )
     table = text_table([h for h, _, _ in PROFILE_COLUMNS], _table(rows, PROFILE_COLUMNS, failed_from=3))
-    return "\n".join([table, caption, *spread_warnings(rows)])
+    return "\n".join([table, caption, *spread_warnings(rows, PROFILE_COLUMNS)])
 
 
 def format_throughput_table(rows: list[dict]) -> str:
@@ -606,7 +607,7 @@ def format_throughput_table(rows: list[dict]) -> str:
         "the unpatched model."
     )
     table = text_table([h for h, _, _ in THROUGHPUT_COLUMNS], _table(rows, THROUGHPUT_COLUMNS, failed_from=4))
-    return "\n".join([table, caption, *spread_warnings(rows)])
+    return "\n".join([table, caption, *spread_warnings(rows, THROUGHPUT_COLUMNS)])
 
 
 # --- files and plots -----------------------------------------------------------------------
@@ -694,12 +695,19 @@ def profile_figure(rows: list[dict], title: str):
                         _draw_reference(ax, r, key, scale, style, f"unpatched, batch {batch}")
                 else:
                     _draw(ax, of, key, scale, colour, style, f"{method}, batch {batch}")
-        ax.set_xlabel("visual feature tokens kept (fraction)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+        _fraction_axes(ax, label)
     axes[0].legend(fontsize=8)
     figure.suptitle(f"{title} (medians, min-max bars)")
     return figure
+
+
+def _fraction_axes(ax, label: str) -> None:
+    """Kept fraction across (0 to 1, where the unpatched model is), the figure up from 0."""
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("visual feature tokens kept (fraction)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
 
 
 def throughput_figure(rows: list[dict], title: str):
@@ -719,9 +727,8 @@ def throughput_figure(rows: list[dict], title: str):
                     _draw_reference(ax, r, key, 1, "--", "unpatched")
             else:
                 _draw(ax, of, key, 1, colour, "-", method)
-        ax.set_xlabel("visual feature tokens kept (fraction)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+        _fraction_axes(ax, label)
+    axes[1].yaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=8)
     figure.suptitle(f"{title} (medians, min-max bars)")
     return figure
