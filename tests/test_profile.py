@@ -451,13 +451,15 @@ def test_the_cuda_cap_sets_the_allocators_fraction_and_restores_it(monkeypatch):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--memory-limit", "0"], "memory limit must be a positive size"),
-        (["--memory-limit", "-2"], "memory limit must be a positive size"),
-        (["--memory-limit", "24TB"], "memory limit '24TB': unknown unit 'tb'; use GB or MB"),
-        (["--memory-limit", "lots"], "memory limit must be a number with an optional unit"),
-        (["--memory-limit", "nan"], "memory limit must be a number with an optional unit"),
-        (["--batch-sizes", "2"], "--throughput searches the batch size: drop --batch-sizes"),
-        ([], "the throughput search on a CPU needs a memory limit (--memory-limit, e.g. 8GB)"),
+        (["--throughput", "--memory-limit", "0"], "memory limit must be a positive size"),
+        (["--throughput", "--memory-limit", "-2"], "memory limit must be a positive size"),
+        (["--throughput", "--memory-limit", "24TB"], "memory limit '24TB': unknown unit 'tb'; use GB or MB"),
+        (["--throughput", "--memory-limit", "lots"], "memory limit must be a number with an optional unit"),
+        (["--throughput", "--memory-limit", "nan"], "memory limit must be a number with an optional unit"),
+        (["--memory-limit", "0GB"], "memory limit must be a positive size"),
+        (["--throughput", "--batch-sizes", "2"], "--throughput searches the batch size: drop --batch-sizes"),
+        (["--throughput"], "the throughput search on a CPU needs a memory limit (--memory-limit, e.g. 8GB)"),
+        (["--max-batch-size", "8"], "--max-batch-size bounds the search of --throughput: add --throughput"),
     ],
 )
 def test_throughput_flags_are_checked_before_a_model_loads(capsys, monkeypatch, flags, message):
@@ -469,7 +471,7 @@ def test_throughput_flags_are_checked_before_a_model_loads(capsys, monkeypatch, 
     monkeypatch.setattr(loading, "load_model", fail)
     monkeypatch.setattr(loading, "load_processor", fail)
     with pytest.raises(SystemExit) as exit_info:
-        main(["profile", "--model", "tiny", "--throughput", "--image-size", "90x60", *flags])
+        main(["profile", "--model", "tiny", "--image-size", "90x60", *flags])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err

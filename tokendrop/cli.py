@@ -276,7 +276,7 @@ def add_profile(subcommands) -> None:
         "--throughput)",
     )
     parser.add_argument(
-        "--max-batch-size", type=positive_int, default=64, help="--throughput searches batches up to this"
+        "--max-batch-size", type=positive_int, help="--throughput searches batches up to this (default 64)"
     )
     parser.add_argument("--out", type=Path, help="write profile (or throughput) .json, .csv and .png here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -318,7 +318,9 @@ def profile_config(args, prompt: str, out: Path | None):
     if throughput:
         if args.batch_sizes:
             raise ValueError("--throughput searches the batch size: drop --batch-sizes (cap it with --max-batch-size)")
-        return ThroughputConfig(**common, max_batch_size=args.max_batch_size)
+        return ThroughputConfig(**common, max_batch_size=args.max_batch_size or 64)
+    if getattr(args, "max_batch_size", None) is not None:
+        raise ValueError("--max-batch-size bounds the search of --throughput: add --throughput, or drop it")
     return ProfileConfig(**common, batch_sizes=getattr(args, "batch_sizes", None) or [1])
 
 
