@@ -412,7 +412,7 @@ def test_throughput_under_a_cpu_memory_limit_end_to_end(tiny):
         assert row["status"] == "ok", row["error"]
         assert row["peak_memory_bytes_max"] <= limit
         batch, path = row["batch_size"], row["batches_tried"].split()
-        assert 1 <= batch < 256 and f"{batch + 1}x" in path and path[-1] == str(batch)
+        assert 1 <= batch < 256 and str(batch) in path and f"{batch + 1}x" in path
     assert not any(b._forward_pre_hooks for b in model.modules())  # the cap's hooks are gone
 
 
