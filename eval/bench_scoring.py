@@ -19,22 +19,18 @@ equal eager attention's CLS row (summed over heads) at those layers.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import transformers
 
-import tokendrop
 from tokendrop.adapters import adapter_for
-from tokendrop.harness import positive_int, spread, text_table
+from tokendrop.harness import positive_int, provenance, spread, text_table
+from tokendrop.measure import measure_call
 from tokendrop.method import METHODS, Method, build as build_method
 from tokendrop.presets import PRESETS, build_preset, synthetic_image
-from tokendrop.profiling import device_name, peak_memory, synchronize
 from tokendrop.scoring import capture_cls_scores
 
 IMAGE_SIZE = (672, 672)
@@ -85,21 +81,6 @@ def variants(model, pixel_values, image_sizes, scored: dict[str, tuple]) -> dict
     return {"plain": plain, **hooks, "eager_attentions": eager_attentions}
 
 
-def measure(run, device) -> dict:
-    with peak_memory(device) as memory:
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        seconds = time.perf_counter() - start
-    return {
-        "time_s": seconds,
-        "peak_memory_bytes": memory.peak_bytes,
-        "added_memory_bytes": memory.added_bytes,
-        "memory_kind": memory.kind,
-    }
-
-
 def score_differences(model, pixel_values, image_sizes, attention, kinds) -> dict[int, float]:
     """Max |hook score - eager probability| per layer, from one pass that yields both. Only
     probabilities have an eager counterpart (logits are checked by the test suite)."""
@@ -121,7 +102,7 @@ def interleaved(runs: dict, repeats: int, device) -> dict[str, list[dict]]:
     for repeat in range(repeats):
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
-            samples[name].append(measure(runs[name], device))
+            samples[name].append(measure_call(runs[name], device))
     return samples
 
 
@@ -152,17 +133,11 @@ def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtyp
     }
     return {
         "benchmark": "scoring_overhead",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # date, git revision, versions, device name, model dtype: the shape every output file has
+        "provenance": provenance({"preset": preset, "methods": list(methods), "repeats": repeats}, model),
         "preset": preset,
         "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device),
-        "device_name": device_name(device),
-        "attn_implementation": adapter_for(model).vision_tower.config._attn_implementation,
-        "versions": {
-            "tokendrop": tokendrop.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
+        "vision_attn_implementation": adapter_for(model).vision_tower.config._attn_implementation,
         "image_size": list(IMAGE_SIZE),
         "tiles": int(pixel_values.shape[1]),
         "scored_layers": {method: kinds for method, (_, kinds) in scored.items()},
@@ -201,8 +176,9 @@ def meets_target(result: dict, name: str) -> bool:
 def report(result: dict) -> str:
     mb = 2**20
     lines = [
-        f"{result['preset']} ({result['dtype']}, {result['device_name']}), one {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} "
-        f"image = {result['tiles']} tiles, scored layers {result['scored_layers']}, "
+        f"{result['preset']} ({result['dtype']}, {result['provenance']['device']}), "
+        f"one {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} image = {result['tiles']} tiles, "
+        f"scored layers {result['scored_layers']}, "
         f"{result['repeats']} repeats, memory: {result['memory_kind']}, "
         f"load average {result['load_average_1m'][0]:.2f} before, {result['load_average_1m'][1]:.2f} after",
     ]

@@ -24,10 +24,10 @@ import torch
 from tokendrop.adapters import adapter_for
 from tokendrop.harness import positive_int, spread, text_table
 from tokendrop.layout import EncodedImage
+from tokendrop.measure import device_name, synchronize
 from tokendrop.method import METHODS, build as build_method
 from tokendrop.method.base import Merged
 from tokendrop.presets import PRESETS, build_preset
-from tokendrop.profiling import device_name, synchronize
 from tokendrop.selection import merge_groups, packed_keep_mask
 
 IMAGE_SIZE = (672, 672)

@@ -14,4 +14,6 @@ def test_benchmark_runs_and_writes_json(tmp_path, capsys):
     assert set(result["ratios"]) == {"hooks:hired/plain", "hooks:globalcom2/plain", "eager_attentions/plain"}
     assert result["scored_layers"] == {"hired": {"0": "probs", "1": "probs"}, "globalcom2": {"2": "logits"}}
     assert all(diff < 1e-5 for diff in result["score_max_abs_diff"]["hired"].values())
+    assert {"date", "git", "versions", "device", "model", "config"} <= result["provenance"].keys()
+    assert result["provenance"]["config"]["repeats"] == 1
     assert "hooks:hired/plain: time x" in capsys.readouterr().out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tokendrop import cli, profile_grid
+from tokendrop import cli, profiler
 from tokendrop.cli import main
 from tokendrop.presets import synthetic_image
 
@@ -35,7 +35,7 @@ def no_model(monkeypatch):
 
     monkeypatch.setattr(loading, "load_model", fail)
     monkeypatch.setattr(loading, "build_preset", fail)
-    monkeypatch.setattr(profile_grid, "run_cell", fail)
+    monkeypatch.setattr(profiler, "run_cell", fail)
 
 
 def custom_data(folder: Path) -> Path:

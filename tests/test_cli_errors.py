@@ -5,11 +5,11 @@ with `tokendrop: error: ...` and exit code 2, never a traceback."""
 import pytest
 
 import tokendrop
-from tokendrop import loading, profile_grid
+from tokendrop import loading, profiler
 from tokendrop.cli import main
 from tokendrop.harness import chat_prompt
 from tokendrop.presets import PRESETS, synthetic_image
-from tokendrop.profile_grid import REFERENCE, ProfileConfig, profile
+from tokendrop.profiler import REFERENCE, ProfileConfig, profile
 from tokendrop.visualize import show
 
 QUICK = ["--budgets", "0.5", "--max-new-tokens", "1", "--repeats", "1", "--warmup", "0", "--image-size", "90x60"]
@@ -28,7 +28,7 @@ def grid_never_runs(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a profile cell ran before the error was found")
 
-    monkeypatch.setattr(profile_grid, "run_cell", fail)
+    monkeypatch.setattr(profiler, "run_cell", fail)
 
 
 @pytest.fixture
@@ -127,7 +127,7 @@ def test_profile_restores_the_users_patch_after_a_failure(tiny, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(profile_grid, "run_cell", interrupted)
+    monkeypatch.setattr(profiler, "run_cell", interrupted)
     with pytest.raises(KeyboardInterrupt):
         profile(model, processor, [synthetic_image(90, 60)], ProfileConfig(["uniform"], [1.0], progress=False))
     assert model.__dict__["_tokendrop_handle"] is handle

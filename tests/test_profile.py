@@ -3,17 +3,19 @@
 import json
 import time
 
+import matplotlib
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import tokendrop
-from tokendrop import profile_grid
+from tokendrop import profiler
 from tokendrop.cli import main
 from tokendrop.harness import chat_prompt
+from tokendrop.measure import measure_generate, peak_memory
+from tokendrop.patch import ATTRIBUTE
 from tokendrop.presets import synthetic_image
-from tokendrop.profile_grid import REFERENCE, ProfileConfig, format_table, profile
-from tokendrop.profiling import measure_generate, peak_memory
+from tokendrop.profiler import REFERENCE, ProfileConfig, ThroughputConfig, format_table, profile, throughput
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def test_kv_cache_bytes_are_exact(tiny, one_image):
 
 def test_oom_and_errors_are_recorded_and_the_grid_goes_on(tiny, monkeypatch):
     model, processor = tiny
-    real = profile_grid.patched
+    real = profiler.patched
 
     def failing(model, method, budget, **options):
         if budget == 0.5:
@@ -98,7 +100,7 @@ def test_oom_and_errors_are_recorded_and_the_grid_goes_on(tiny, monkeypatch):
             raise RuntimeError("something else broke")
         return real(model, method, budget=budget, **options)
 
-    monkeypatch.setattr(profile_grid, "patched", failing)
+    monkeypatch.setattr(profiler, "patched", failing)
     rows = profile(
         model,
         processor,
@@ -190,3 +192,321 @@ def test_peak_memory_sees_an_allocation():
         block = torch.ones(64 * 2**20 // 4)
         block += 1
     assert large.added_bytes - small.added_bytes > 50 * 2**20
+
+
+# --- honest numbers: spread, error bars, memory panels ---------------------------------------
+
+
+def synthetic_rows(spreads: dict) -> list[dict]:
+    """Profile rows of two methods at two batch sizes and the unpatched model, made from
+    Cells: `spreads` maps (method, batch) to the TTFT's (min, max) around a median of 1.0."""
+    rows = []
+    for batch in (1, 4):
+        for method, budget, kept in (
+            (REFERENCE, None, 100),
+            ("hired", 0.5, 50),
+            ("hired", 0.2, 20),
+            ("random", 0.2, 20),
+        ):
+            low, high = spreads.get((method, batch), (0.95, 1.05))
+            cell = profiler.Cell(method, budget, batch)
+            cell.figures = {
+                key: {"median": 1.0, "min": 0.95, "max": 1.05} for key in ("generate_s", "added_memory_bytes")
+            }
+            cell.figures["ttft_s"] = {"median": 1.0, "min": low, "max": high}
+            cell.tokens = {
+                "visual_tokens_before": 100,
+                "visual_tokens_after": kept,
+                "features_before": 100,
+                "features_kept": kept,
+                "llm_prompt_len": 10 + kept,
+                "kv_cache_bytes": kept * 2**20,
+                "memory_kind": "cpu_peak_rss",
+            }
+            rows.append(cell.row())
+    return rows
+
+
+def test_a_cell_whose_spread_exceeds_a_fifth_of_the_median_is_flagged():
+    rows = synthetic_rows({("hired", 4): (0.7, 1.4)})  # TTFT spread 70% of the median
+    flagged = [(r["method"], r["budget"], r["batch_size"]) for r in rows if r["wide_spread"]]
+    assert flagged == [("hired", 0.5, 4), ("hired", 0.2, 4)]
+    table = format_table(rows)
+    assert "warning: hired 0.5 batch 4: spread (max - min) over 20% of the median: TTFT s 70%" in table
+    assert "warning: hired 0.2 batch 4" in table and "warning: hired 0.5 batch 1" not in table
+    assert "1.000 (0.700-1.400) !" in table  # median, min-max, flag
+    assert "1.000 (0.950-1.050) " in table and "1.000 (0.950-1.050) !" not in table
+    assert "warning" not in format_table(synthetic_rows({}))
+
+
+def test_the_profile_plot_has_error_bars_colours_per_method_and_styles_per_batch():
+    from matplotlib.container import ErrorbarContainer
+
+    figure = profiler.profile_figure(synthetic_rows({("hired", 1): (0.5, 2.0)}), "title")
+    ttft, latency, added, kv = figure.axes
+    assert [ax.get_ylabel() for ax in figure.axes] == [
+        "time to first token (s)",
+        "end-to-end latency (s)",
+        "memory added over the loaded model (MB)",
+        "KV cache after prefill (MB)",
+    ]
+    bars = [c for c in ttft.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 4  # hired and random at batch 1 and 4
+    hired_1 = next(c for c in bars if c.get_label() == "hired, batch 1")
+    segments = hired_1.lines[2][0].get_segments()  # one vertical bar per point, min to max
+    assert sorted((s[0][1], s[1][1]) for s in segments) == [(0.5, 2.0), (0.5, 2.0)]
+    colour = {c.get_label(): c.lines[0].get_color() for c in bars}
+    style = {c.get_label(): c.lines[0].get_linestyle() for c in bars}
+    assert colour["hired, batch 1"] == colour["hired, batch 4"] != colour["random, batch 1"]
+    assert style["hired, batch 1"] == style["random, batch 1"] != style["hired, batch 4"]
+    assert not any(isinstance(c, ErrorbarContainer) for c in kv.containers)  # a count, not a repeated figure
+    kv_hired = next(line for line in kv.lines if line.get_label() == "hired, batch 1")
+    assert sorted(kv_hired.get_ydata()) == [20, 50]
+
+
+def test_peak_cpu_memory_is_unavailable_off_linux_not_an_error(tiny, one_image, monkeypatch, tmp_path):
+    from tokendrop import measure
+
+    monkeypatch.setattr(measure, "PROC_CLEAR_REFS", tmp_path / "no-such-file")
+    model, processor = tiny
+    measured = measure_generate(model, one_image, max_new_tokens=1)
+    assert measured["memory_kind"] == "unavailable" and measured["peak_memory_bytes"] is None
+    rows = profile(
+        model,
+        processor,
+        [synthetic_image(90, 60)],
+        ProfileConfig(["hired"], [0.5], max_new_tokens=1, repeats=1, warmup=0, progress=False),
+    )
+    assert [r["status"] for r in rows] == ["ok", "ok"] and rows[1].get("peak_memory_bytes") is None
+    assert rows[1]["memory_kind"] == "unavailable" and "unavailable" in format_table(rows)
+    with pytest.raises(ValueError, match="Linux reports in /proc/self"):
+        profile(model, processor, [synthetic_image(90, 60)], ProfileConfig(["hired"], [0.5], memory_limit=8))
+
+
+def test_profile_reads_the_cache_by_the_releases_name_without_a_deprecation_warning(tiny, one_image):
+    """Reading `output.past_key_values` on transformers 5.2x logs "`past_key_values`/...
+    deprecated" (once per process: its memo is cleared here so that any read shows)."""
+    import logging
+
+    model, _ = tiny
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    if hasattr(logging.Logger.warning_once, "cache_clear"):
+        logging.Logger.warning_once.cache_clear()
+    try:
+        with tokendrop.patched(model, "hired", budget=0.5):
+            measured = measure_generate(model, one_image, max_new_tokens=2)
+        measure_generate(model, one_image, max_new_tokens=2)
+    finally:
+        logger.removeHandler(handler)
+    assert measured["kv_cache_bytes"] > 0
+    assert not [message for message in seen if "past_key_values" in message], seen
+
+
+# --- throughput: the largest batch that fits --------------------------------------------------
+
+
+@pytest.mark.parametrize("fits_up_to", [0, 1, 2, 3, 5, 8, 13, 16, 31, 32])
+def test_doubling_then_bisecting_finds_exactly_the_largest_batch(fits_up_to):
+    def fits_at(batch):
+        if batch > fits_up_to:
+            raise torch.OutOfMemoryError(f"batch {batch}")
+
+    found, tried = profiler.largest_batch(fits_at, max_batch=32)
+    assert found == fits_up_to
+    assert all(fits == (batch <= fits_up_to) for batch, fits in tried)
+    assert len({batch for batch, _ in tried}) == len(tried)  # no batch run twice
+    assert len(tried) <= 2 * max(1, fits_up_to).bit_length() + 1
+    if 0 < fits_up_to < 32:
+        assert (fits_up_to, True) in tried and (fits_up_to + 1, False) in tried
+
+
+@pytest.mark.parametrize(
+    "max_batch, expected_path", [(1, [(1, True)]), (6, [(1, True), (2, True), (4, True), (5, True), (6, True)])]
+)
+def test_the_search_stops_at_the_largest_batch_asked_for(max_batch, expected_path):
+    assert profiler.largest_batch(lambda batch: None, max_batch) == (max_batch, expected_path)
+
+
+@pytest.fixture
+def users_backend():
+    """A backend the user chose, which library plots must leave as it is."""
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    yield "pdf"
+    matplotlib.use(before)
+
+
+def test_throughput_finds_each_cells_largest_batch_with_a_fake_memory_model(tiny, monkeypatch, tmp_path, users_backend):
+    """A fake memory model: a batch runs out of memory above 3 rows unpatched and above 12
+    at budget 0.25 (measure_generate raises as a capped allocator would)."""
+    model, processor = tiny
+    real = profiler.measure_generate
+    limits = {None: 3, 0.25: 12}
+    seen_batches = []
+
+    def fake_memory(model, inputs, **settings):
+        handle = model.__dict__.get(ATTRIBUTE)
+        batch = inputs["input_ids"].shape[0]
+        seen_batches.append(batch)
+        if batch > limits[handle.method.budget if handle else None]:
+            raise torch.OutOfMemoryError(f"fake: batch {batch}")
+        return real(model, inputs, **settings)
+
+    monkeypatch.setattr(profiler, "measure_generate", fake_memory)
+    config = ThroughputConfig(
+        ["hired"],
+        [0.25],
+        max_new_tokens=2,
+        repeats=2,
+        max_batch_size=16,
+        memory_limit="64GB",
+        out=tmp_path,
+        progress=False,
+    )
+    rows = throughput(model, processor, [synthetic_image(90, 60)], config)
+    assert [(r["method"], r["budget"], r["batch_size"], r["status"]) for r in rows] == [
+        (REFERENCE, None, 3, "ok"),
+        ("hired", 0.25, 12, "ok"),
+    ]
+    assert rows[0]["batches_tried"] == "1 2 4x 3" and rows[1]["batches_tried"] == "1 2 4 8 16x 12 14x 13x"
+    assert rows[1]["batch_ratio"] == 4.0
+    for row in rows:
+        assert row["new_tokens"] == 2
+        assert row["requests_per_s_min"] <= row["requests_per_s"] <= row["requests_per_s_max"]
+        assert row["tokens_per_s"] == pytest.approx(2 * row["requests_per_s"])
+        assert row["requests_per_s_min"] == pytest.approx(row["batch_size"] / row["generate_s_max"])
+        assert row["memory_limit"] == "64GB"
+    saved = json.loads((tmp_path / "throughput.json").read_text())
+    assert saved["cells"] == json.loads(json.dumps(rows)) and saved["provenance"]["config"]["memory_limit"] == "64GB"
+    assert (tmp_path / "throughput.png").stat().st_size > 10_000 and matplotlib.get_backend() == users_backend
+    table = profiler.format_throughput_table(rows)
+    assert "1 2 4 8 16x 12 14x 13x" in table and "memory limit 64GB" in table
+
+
+def test_throughput_under_a_cpu_memory_limit_end_to_end(tiny):
+    """The tool's own RSS cap on the tiny preset: a limit a little above what the process
+    holds now stops the unpatched search below the largest batch asked for, and no measured
+    run peaks above it."""
+    from tokendrop.measure import proc_status_bytes
+
+    model, processor = tiny
+    image = synthetic_image(672, 672)
+    measure_generate(model, batch_inputs(processor, [image], 1, model), max_new_tokens=1)  # first-run allocations
+    limit = proc_status_bytes("VmRSS") + 24 * 2**20
+    config = ThroughputConfig(
+        ["hired"],
+        [0.1],
+        max_new_tokens=1,
+        repeats=1,
+        max_batch_size=256,
+        memory_limit=f"{limit / 2**20}MB",
+        progress=False,
+    )
+    rows = throughput(model, processor, [image], config)
+    for row in rows:
+        assert row["status"] == "ok", row["error"]
+        assert row["peak_memory_bytes_max"] <= limit
+        batch, path = row["batch_size"], row["batches_tried"].split()
+        assert 1 <= batch < 256 and str(batch) in path and f"{batch + 1}x" in path
+    assert not any(b._forward_pre_hooks for b in model.modules())  # the cap's hooks are gone
+
+
+def batch_inputs(processor, images, batch, model):
+    return profiler.batch_inputs(processor, images, "Describe the image.", batch, model)
+
+
+def test_a_run_past_the_cpu_limit_is_out_of_memory(tiny, one_image):
+    from tokendrop.measure import proc_status_bytes
+
+    model, _ = tiny
+    with pytest.raises(torch.OutOfMemoryError, match="CPU memory limit exceeded: peak RSS"):
+        measure_generate(model, one_image, max_new_tokens=1, memory_limit_bytes=proc_status_bytes("VmRSS") // 2)
+    assert not any(b._forward_pre_hooks for b in model.modules())
+
+
+def test_the_cuda_cap_sets_the_allocators_fraction_and_restores_it(monkeypatch):
+    from tokendrop import measure
+
+    calls = []
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 96 * 2**30, "name": "GPU96"})
+    )
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 0.9)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    device = torch.device("cuda", 0)
+    with measure._cuda_cap([device], 24 * 2**30):
+        assert calls == [(0.25, device)]
+    assert calls == [(0.25, device), (0.9, device)]
+    with pytest.raises(ValueError, match="memory limit 100.0 GiB exceeds GPU96.s 96.0 GiB"):
+        with measure._cuda_cap([device], 100 * 2**30):
+            pass
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--throughput", "--memory-limit", "0"], "memory limit must be a positive size"),
+        (["--throughput", "--memory-limit", "-2"], "memory limit must be a positive size"),
+        (["--throughput", "--memory-limit", "24TB"], "memory limit '24TB': unknown unit 'tb'; use GB or MB"),
+        (["--throughput", "--memory-limit", "lots"], "memory limit must be a number with an optional unit"),
+        (["--throughput", "--memory-limit", "nan"], "memory limit must be a number with an optional unit"),
+        (["--memory-limit", "0GB"], "memory limit must be a positive size"),
+        (["--throughput", "--batch-sizes", "2"], "--throughput searches the batch size: drop --batch-sizes"),
+        (["--throughput"], "the throughput search on a CPU needs a memory limit (--memory-limit, e.g. 8GB)"),
+        (["--max-batch-size", "8"], "--max-batch-size bounds the search of --throughput: add --throughput"),
+    ],
+)
+def test_throughput_flags_are_checked_before_a_model_loads(capsys, monkeypatch, flags, message):
+    from tokendrop import loading
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded before the error was found")
+
+    monkeypatch.setattr(loading, "load_model", fail)
+    monkeypatch.setattr(loading, "load_processor", fail)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", "--model", "tiny", "--image-size", "90x60", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"tokendrop: error: {message}")
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_batch_size=0), dict(memory_limit=True), dict(memory_limit=[24])])
+def test_throughput_config_refuses_bad_values(kwargs):
+    with pytest.raises((TypeError, ValueError), match="max_batch_size|memory limit"):
+        ThroughputConfig(**kwargs)
+
+
+def test_profile_command_throughput_prints_the_table(capsys, tmp_path):
+    from tokendrop.measure import proc_status_bytes
+
+    limit = f"{(proc_status_bytes('VmRSS') + 2**30) / 2**30:.2f}GB"
+    argv = ["profile", "--model", "tiny", "--throughput", "--memory-limit", limit, "--max-batch-size", "2"]
+    argv += ["--budgets", "0.5", "--max-new-tokens", "1", "--image-size", "90x60", "--out", str(tmp_path)]
+    assert main([*argv, "--no-progress"]) == 0
+    output = capsys.readouterr().out
+    assert f"memory limit {limit}" in output and "max batch" in output
+    assert (tmp_path / "throughput.csv").read_text().count("\n") == 3
+
+
+def test_demo_times_with_at_least_three_repeats(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--preset", "tiny", "--repeats", "2", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "tokendrop: error: the timing demo runs at least 3 repeats" in capsys.readouterr().err
+
+
+def test_a_memory_limit_is_asked_for_or_refused_by_device():
+    ThroughputConfig().check_device("cuda")  # a GPU's own memory is the limit
+    ThroughputConfig(memory_limit="1GB").check_device("cpu")
+    with pytest.raises(ValueError, match="the throughput search on a CPU needs a memory limit"):
+        ThroughputConfig().check_device("cpu")
+    with pytest.raises(ValueError, match="not mps's: drop the limit"):
+        ThroughputConfig(memory_limit="1GB").check_device("mps")
+    ProfileConfig().check_device("cpu")  # the grid needs none

@@ -248,56 +248,94 @@ def profile_inputs(args) -> tuple[list, str]:
 def add_profile(subcommands) -> None:
     parser = subcommands.add_parser(
         "profile",
-        help="time and meter methods x budgets x batch sizes: TTFT, decode speed, memory",
-        description="Profile a model over methods x budgets x batch sizes, with the unpatched model as reference.",
+        help="time and meter methods x budgets x batch sizes: TTFT, decode speed, memory; or, with --throughput, "
+        "the largest batch that fits and its throughput",
+        description="Profile a model over methods x budgets x batch sizes, with the unpatched model as reference. "
+        "With --throughput: for each method x budget and the unpatched model, the largest batch that fits in "
+        "memory (doubling, then bisecting) and the requests/s and tokens/s at that batch.",
         formatter_class=Formatter,
     )
     add_model_arguments(parser)
     add_methods(parser, ["hired"])
     add_budgets(parser, [1.0, 0.4, 0.2, 0.1])
-    parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[1])
+    parser.add_argument("--batch-sizes", nargs="+", type=positive_int, help="default 1; not with --throughput")
     images = parser.add_mutually_exclusive_group()
     images.add_argument("--images", nargs="+", type=image_file, help="image files, used round-robin per batch")
     add_input_arguments(images)
     parser.add_argument("--prompt", help='the question (default "Describe the image."; a task brings its own)')
-    add_timing_arguments(parser, repeats=3, warmup=1)
-    parser.add_argument("--out", type=Path, help="write profile.json, profile.csv and profile.png here")
+    add_timing_arguments(parser, repeats=3, warmup=None)
+    parser.add_argument(
+        "--throughput",
+        action="store_true",
+        help="search the largest batch that fits per method x budget, and measure throughput at it",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        help='a run past it is out of memory, as on a smaller card: GiB (24) or with a unit ("24GB", "512MB"). '
+        "Caps CUDA's allocator; on CPU the tool enforces it on the process's peak RSS (required there with "
+        "--throughput)",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=positive_int, help="--throughput searches batches up to this (default 64)"
+    )
+    parser.add_argument("--out", type=Path, help="write profile (or throughput) .json, .csv and .png here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run_profile)
 
 
-def add_timing_arguments(parser, repeats: int, warmup: int) -> None:
+def add_timing_arguments(parser, repeats: int, warmup: int | None) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=8)
     parser.add_argument("--repeats", type=positive_int, default=repeats, help="measured runs per cell")
-    parser.add_argument("--warmup", type=int, default=warmup, help="unmeasured runs per cell first")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=warmup,
+        help="unmeasured runs per cell first"
+        + (" (default 1; 0 with --throughput, whose search warms up)" if warmup is None else ""),
+    )
 
 
 def profile_config(args, prompt: str, out: Path | None):
+    """A ProfileConfig, or with --throughput a ThroughputConfig: every value checked here."""
     from .presets import with_preset_defaults
-    from .profile_grid import ProfileConfig
+    from .profiler import ProfileConfig, ThroughputConfig
 
     check_methods(args.methods)
-    return ProfileConfig(
+    throughput = getattr(args, "throughput", False)
+    common = dict(
         methods=args.methods,
         budgets=args.budgets,
-        batch_sizes=getattr(args, "batch_sizes", [1]),
         options=with_preset_defaults(args.model, args.methods, grouped(args.options)),
         prompt=prompt,
         max_new_tokens=args.max_new_tokens,
         repeats=args.repeats,
-        warmup=args.warmup,
+        memory_limit=getattr(args, "memory_limit", None),
         out=out,
         progress=not args.no_progress,
     )
+    if args.warmup is not None:
+        common["warmup"] = args.warmup
+    if throughput:
+        if args.batch_sizes:
+            raise ValueError("--throughput searches the batch size: drop --batch-sizes (cap it with --max-batch-size)")
+        return ThroughputConfig(**common, max_batch_size=args.max_batch_size or 64)
+    if getattr(args, "max_batch_size", None) is not None:
+        raise ValueError("--max-batch-size bounds the search of --throughput: add --throughput, or drop it")
+    return ProfileConfig(**common, batch_sizes=getattr(args, "batch_sizes", None) or [1])
 
 
 def run_profile(args) -> None:
+    import torch
+
     from .loading import check_model_name, load_processor
-    from .profile_grid import format_table, profile, writable_folder
+    from .profiler import format_table, format_throughput_table, profile, throughput, writable_folder
 
     check_model_name(args.model)
     images, prompt = profile_inputs(args)
     config = profile_config(args, prompt, args.out)  # every value checked here
+    if args.device_map == "cpu" or not torch.cuda.is_available():
+        config.check_device("cpu")  # the model will load on the CPU: a limit it needs is asked for now
     processor = load_processor(args.model)
     config.check(processor)  # a bad option fails before the model loads
     if config.out:
@@ -306,10 +344,14 @@ def run_profile(args) -> None:
     note = random_weights_note(args.model)
     if note:
         print(note, flush=True)
-    rows = profile(model, processor, images, config)
-    print(format_table(rows))
+    if args.throughput:
+        print(format_throughput_table(throughput(model, processor, images, config)))
+        name = "throughput"
+    else:
+        print(format_table(profile(model, processor, images, config)))
+        name = "profile"
     if config.out:
-        print(f"\nprofile.json, profile.csv and profile.png in {config.out}")
+        print(f"\n{name}.json, {name}.csv and {name}.png in {config.out}")
 
 
 # --- demo ---------------------------------------------------------------------------------
@@ -346,7 +388,7 @@ def add_demo(subcommands) -> None:
         default=Path("tokendrop-demo"),
         help="the run's records and summary, and kept.png; rerun into it to resume",
     )
-    add_timing_arguments(parser, repeats=1, warmup=0)
+    add_timing_arguments(parser, repeats=3, warmup=0)
     parser.set_defaults(max_new_tokens=None)
     add_input_arguments(parser.add_mutually_exclusive_group())
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -370,8 +412,13 @@ def run_timing_demo(args) -> None:
     """A random-weight preset: the profile of one image, batch 1."""
     from .loading import load_processor
     from .presets import build_preset
-    from .profile_grid import format_table, profile
+    from .profiler import format_table, profile
 
+    if args.repeats < 3:
+        raise ValueError(
+            f"the timing demo runs at least 3 repeats, so that its table shows the spread; got --repeats "
+            f"{args.repeats} (tokendrop profile runs fewer)"
+        )
     images, prompt = profile_inputs(args)
     config = profile_config(args, prompt, args.out / "profile")
     processor = load_processor(args.model)

@@ -3,7 +3,8 @@ benchmarks, the lmms-eval model): written once here.
 
 - `REFERENCE`: the method name of the unpatched model's rows ("none");
 - `chat_prompt`: a user turn of images and a question in the model's chat template;
-- `spread`: median, min and max of repeated measurements;
+- `spread`: median, min and max of repeated measurements, and `spread_exceeds`: whether
+  they vary too much to compare (max - min over 20% of the median);
 - `provenance`: one shape for every output file (date, git revision, versions, device, the
   run's configuration);
 - `text_table`: a plain-text table (rich), for the terminal and for logs;
@@ -25,6 +26,7 @@ import sys
 from pathlib import Path
 
 REFERENCE = "none"  # the unpatched model, a row of every profile and every sweep
+SPREAD_TOLERANCE = 0.2  # repeats whose max - min exceeds this share of the median are flagged
 
 
 def positive_int(text: str) -> int:
@@ -50,6 +52,11 @@ def spread(values) -> dict:
     """{median, min, max} of repeated measurements."""
     values = list(values)
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def spread_exceeds(stats: dict, tolerance: float = SPREAD_TOLERANCE) -> bool:
+    """Whether a `spread` varies by more than `tolerance` of its median (max - min)."""
+    return stats["max"] - stats["min"] > tolerance * abs(stats["median"])
 
 
 def git_revision() -> str | None:
@@ -84,12 +91,13 @@ def versions() -> dict:
 
 
 def device_name(device) -> str:
-    """The GPU's name, or the CPU model and torch's thread count."""
+    """The accelerator's name, or the CPU model and torch's thread count."""
     import torch
 
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, torch.mps...
+        return backend.get_device_name(device) if hasattr(backend, "get_device_name") else str(device)
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
@@ -149,9 +157,15 @@ def text_table(columns, rows, title: str | None = None, caption: str | None = No
     )
     for column in table.columns[1:]:
         column.justify = "right"
+    rows = [["-" if cell is None else str(cell) for cell in row] for row in rows]
     for row in rows:
-        table.add_row(*("-" if cell is None else str(cell) for cell in row))
-    console = Console(width=max(100, 12 * len(columns) + 20), record=True, file=_Null(), color_system=None)
+        table.add_row(*row)
+    # wide enough that no cell wraps: a wrapped row cannot be read back line by line
+    widest = [len(str(header)) for header in columns]
+    for row in rows:
+        widest = [max(w, len(cell)) for w, cell in zip(widest, row)]
+    width = max(100, sum(w + 3 for w in widest) + 4)
+    console = Console(width=width, record=True, file=_Null(), color_system=None)
     console.print(table)
     return "\n".join(line.rstrip() for line in console.export_text().splitlines()).strip("\n")
 
