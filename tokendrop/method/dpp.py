@@ -61,11 +61,12 @@ explicit relevance= still applies as written with every allocation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-from ..layout import EncodedImage, ImageBatch
+from ..layout import EncodedImage, ImageBatch, ImageLayout
 from ..selection import keep_count, proportional_counts
 from .base import Method, check_choice, register
 from .globalcom2 import GlobalCom2
@@ -141,7 +142,7 @@ class DPP(Method):
         # one greedy per (image, partition), all at once: partitions padded to the largest
         if self.allocator is None:
             counts = proportional_counts(k, layout).expand(len(batch), -1)
-            steps = max(proportional_counts(k, layout.host).tolist())  # the same split, on the host
+            steps = largest_share(layout.host, k)
         else:
             counts = self.allocator.counts(batch)
             steps = min(k, max(layout.sizes))
@@ -176,6 +177,12 @@ class DPP(Method):
         ids = self.question.question_ids(image).to(image.embed.weight.device)
         question = F.normalize(image.embed(ids).float().to(features.device), dim=-1)
         return (features @ question.T).mean(-1)
+
+
+@lru_cache(maxsize=64)
+def largest_share(layout: ImageLayout, k: int) -> int:
+    """The largest partition share of `proportional_counts`, worked out once on the host."""
+    return max(proportional_counts(k, layout).tolist())
 
 
 def min_max(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
