@@ -1,7 +1,7 @@
 """What selection costs, without running the LLM.
 
     python -m tokendrop.eval.bench_selection [--preset llava-next-shape] [--repeats 5]
-        [--batches 1 8] [--baseline REV] [--out bench_selection.json]
+        [--batches 1 8] [--baseline REV] [--threads N] [--out bench_selection.json]
 
 Images are 672x672 in the preset's geometry (base + 4 crops: N = 2,880 feature tokens on
 llava-next-shape), each an `EncodedImage` of random projected features and random CLS scores
@@ -10,10 +10,11 @@ On CPU, and on CUDA where available, it times (median, min and max over the repe
 one warm-up):
 - methods: every registered method at 10% and 25% selecting for one image (`select_images`:
   selection, merging, keep masks), each median next to hired's;
-- batches: a whole call's selection plus compaction (encoded images -> the LLM's inputs) for
-  batches of `--batches` images, the batched path next to the per-image path of revision
-  `--baseline` (today's, loaded from git: its methods, its loop, its compaction), with the
-  ratio; skipped where the source tree has no git history;
+- batches: a whole call's selection plus compaction (encoded images -> the shortened
+  input_ids, attention_mask and each image's kept vectors; embedding the short prompt, which
+  the unpatched model does too, is left out) for batches of `--batches` images, the batched
+  path next to the per-image path of revision `--baseline` (loaded from git: its methods,
+  its loop, its records, its compaction), with the ratio; skipped without git history;
 - vision: the model's vision pass (tower, projector, packing) of one image, so that each
   method's select time reads against it.
 """
@@ -144,13 +145,14 @@ def baseline_call(baseline, adapter, method, images, inputs) -> None:
                 torch.bincount(image.layout.partition[kept], minlength=image.layout.n_partitions).tolist(),
             )
         )
-    adapter.feed(inputs["input_ids"], inputs["attention_mask"], None, keep_masks, kept_features, "left", 0)
+    adapter.compact(inputs["input_ids"], inputs["attention_mask"], None, keep_masks, "left", 0)
 
 
 def batched_call(adapter, method, images, inputs) -> None:
+    """The batched pruning step after the vision pass, up to the shortened prompt."""
     selected, packed = select_images(method, images)
     keep_masks = [s.keep_mask for s in selected]
-    adapter.feed(inputs["input_ids"], inputs["attention_mask"], None, keep_masks, packed, "left", 0)
+    adapter.compact(inputs["input_ids"], inputs["attention_mask"], None, keep_masks, packed, "left", 0)
 
 
 def prompt(adapter, processor, n_images: int, device: torch.device) -> dict:
@@ -285,8 +287,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8])
     parser.add_argument("--baseline", default=BASELINE, help="git revision of the per-image path ('' to skip)")
+    parser.add_argument("--threads", type=positive_int, help="torch's CPU threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=Path("bench_selection.json"))
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     result = benchmark(args.preset, args.repeats, devices, tuple(args.batches), args.baseline)
     print(report(result))

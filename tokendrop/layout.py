@@ -198,7 +198,7 @@ class EncodedImage:
     @property
     def features(self) -> torch.Tensor:
         """(N, D) projected feature tokens, newlines removed, in feature-index order."""
-        return self.packed[self.layout.feature_positions.to(self.packed.device)]
+        return self.packed[self.layout.on(self.packed.device).feature_positions]
 
 
 @dataclass(eq=False)
@@ -208,7 +208,6 @@ class ImageBatch:
 
     images: list[EncodedImage]
     layout: ImageLayout  # on the features' device
-    packed: torch.Tensor  # (B, L, D)
     cls: dict[int, torch.Tensor]  # absolute layer -> (B, P, side**2) fp32
 
     @classmethod
@@ -217,11 +216,21 @@ class ImageBatch:
         if any(image.layout is not first.layout for image in images):
             raise ValueError("an ImageBatch holds images of one layout: group images by their layout first")
         device = first.packed.device
-        packed = first.packed[None] if len(images) == 1 else torch.stack([image.packed for image in images])
         scores = {
             layer: torch.stack([image.cls[layer] for image in images]).to(device, torch.float32) for layer in first.cls
         }
-        return cls(images, first.layout.on(device), packed, scores)
+        return cls(images, first.layout.on(device), scores)
+
+    @property
+    def device(self) -> torch.device:
+        return self.images[0].packed.device
+
+    @cached_property
+    def packed(self) -> torch.Tensor:
+        """(B, L, D) the images' packed vectors, stacked (a copy) for the methods that read them."""
+        if len(self.images) == 1:
+            return self.images[0].packed[None]
+        return torch.stack([image.packed for image in self.images])
 
     def __len__(self) -> int:
         return len(self.images)
@@ -241,4 +250,6 @@ class ImageBatch:
     @cached_property
     def features(self) -> torch.Tensor:
         """(B, N, D) projected feature tokens, newlines removed, in feature-index order."""
-        return self.packed[:, self.layout.feature_positions]
+        if len(self.images) == 1:
+            return self.images[0].packed[None, self.layout.feature_positions]
+        return torch.stack([image.packed[self.layout.feature_positions] for image in self.images])

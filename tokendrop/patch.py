@@ -108,7 +108,11 @@ def select_images(method: Method, images: list[EncodedImage]) -> tuple[list[Sele
         chosen = method.select_batch(batch)
         grouping = chosen if isinstance(chosen, Grouping) else None
         kept = chosen if grouping is None else grouping.kept
-        vectors = batch.packed if grouping is None else merge(batch.packed, batch.layout, grouping)
+        vectors = (
+            [image.packed for image in batch.images]
+            if grouping is None
+            else merge(batch.packed, batch.layout, grouping)
+        )
         masks = packed_keep_mask(batch.layout, kept, method.newlines)
         for row, i in enumerate(members):
             own = None

@@ -141,15 +141,17 @@ def packed_keep_mask(layout: ImageLayout, kept: torch.Tensor, newlines: str) -> 
     the unpatched model does); "all": every newline; "drop": none."""
     kept = feature_mask(kept, layout.n_features)
     layout = layout.on(kept.device)
-    mask = torch.zeros(*kept.shape[:-1], layout.packed_source.numel(), dtype=torch.bool, device=kept.device)
-    mask[..., layout.feature_positions] = kept
+    lead = kept.shape[:-1]
+    mask = torch.zeros(*lead, layout.packed_source.numel(), dtype=torch.bool, device=kept.device)
+    mask.scatter_(-1, layout.feature_positions.expand(*lead, -1), kept)
+    newline = layout.newline_positions.expand(*lead, -1)
     if newlines == "all":
-        mask[..., layout.newline_positions] = True
+        mask.scatter_(-1, newline, True)
     elif newlines == "rows":
         canvas = layout.canvas_features
-        kept_in_row = torch.zeros(*kept.shape[:-1], layout.newline_positions.numel(), device=kept.device)
-        kept_in_row.index_add_(-1, layout.row[canvas], kept[..., canvas].float())
-        mask[..., layout.newline_positions] = (kept_in_row > 0) | ~layout.row_has_features
+        kept_in_row = torch.zeros(newline.shape, dtype=torch.long, device=kept.device)
+        kept_in_row.scatter_add_(-1, layout.row[canvas].expand(*lead, -1), kept[..., canvas].long())
+        mask.scatter_(-1, newline, (kept_in_row > 0) | ~layout.row_has_features)
     return mask
 
 

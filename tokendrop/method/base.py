@@ -96,7 +96,7 @@ class Method:
         n = batch.layout.n_features
         chosen = [self.select(image) for image in batch.images]
         if not any(isinstance(c, Merged) for c in chosen):
-            return torch.stack([feature_mask(c.to(batch.packed.device), n) for c in chosen])
+            return torch.stack([feature_mask(c.to(batch.device), n) for c in chosen])
         groupings = [
             grouping_of(c.indices, c.groups, c.weights, n)
             if isinstance(c, Merged)
@@ -106,8 +106,8 @@ class Method:
         weights = None
         if any(g.weights is not None for g in groupings):
             weights = torch.stack([torch.ones(n) if g.weights is None else g.weights for g in groupings])
-            weights = weights.to(batch.packed.device)
-        return Grouping(torch.stack([g.owner for g in groupings]).to(batch.packed.device), weights)
+            weights = weights.to(batch.device)
+        return Grouping(torch.stack([g.owner for g in groupings]).to(batch.device), weights)
 
 
 def check_signals(method: Method, adapter) -> None:

@@ -25,7 +25,7 @@ class Random(Method):
 
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:
         n = batch.layout.n_features
-        return random_subset(n, keep_count(self.budget, n), self.seed, batch.packed.device).expand(len(batch), n)
+        return random_subset(n, keep_count(self.budget, n), self.seed, batch.device).expand(len(batch), n)
 
 
 @lru_cache(maxsize=64)
