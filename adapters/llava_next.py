@@ -265,7 +265,7 @@ class LlavaNextAdapter:
         lengths = torch.stack([*keep.sum(1), *per_image]).tolist()  # the one host sync
         rows, counts = lengths[: len(input_ids)], lengths[len(input_ids) :]
         kept = [
-            vectors[torch.nonzero_static(mask.to(vectors.device), size=count)[:, 0]]
+            vectors.index_select(0, torch.nonzero_static(mask.to(vectors.device), size=count)[:, 0])
             for vectors, mask, count in zip(packed, keep_masks, counts)
         ]
         return repad(input_ids, attention_mask, labels, keep, rows, pad_side, pad_token_id), kept

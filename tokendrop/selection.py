@@ -70,6 +70,8 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tens
         total = torch.full(weights.shape[:-1], total, dtype=torch.long, device=weights.device)
     remaining = torch.minimum(total, capacity.sum(-1))
     zero = torch.zeros_like(weights)
+    n = weights.shape[-1]
+    lower = torch.ones(n, n, dtype=torch.bool, device=weights.device).tril(-1)  # [p, q]: q < p
     for _ in range(weights.shape[-1] + 1):
         room = capacity - alloc
         open_ = room > 0
@@ -81,7 +83,9 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tens
         full = open_ & (floor >= room)
         leftover = remaining - floor.sum(-1)
         frac = torch.where(open_, share - floor, torch.full_like(share, -1.0))
-        place = torch.sort(-frac, dim=-1, stable=True).indices.argsort(-1)  # each partition's place in that order
+        # each partition's place in the order of descending fractions (ties: lower index first)
+        ahead = (frac[..., None, :] > frac[..., :, None]) | ((frac[..., None, :] == frac[..., :, None]) & lower)
+        place = ahead.sum(-1)
         spread = floor + (place < leftover[..., None]).long()
         take = torch.where(full.any(-1, keepdim=True), torch.where(full, room, 0), spread)
         take = torch.where(active, take, 0)
@@ -96,14 +100,9 @@ def top_k_per_partition(scores: torch.Tensor, partition: torch.Tensor, counts: t
     selections are deterministic."""
     order = torch.sort(-scores.float(), dim=-1, stable=True).indices
     part = partition[order]  # (..., N) partition of each feature, in score order
-    # rank of each feature among its own partition's, in score order: a stable sort by partition
-    # keeps score order inside each partition, whose members then start at its offset
-    sizes = torch.zeros(counts.shape[-1], dtype=torch.long, device=scores.device)
-    sizes.index_add_(0, partition, torch.ones_like(partition))
-    starts = torch.cumsum(sizes, 0) - sizes
-    by_part = torch.sort(part, dim=-1, stable=True)
-    positions = torch.arange(part.shape[-1], device=scores.device)
-    rank = torch.empty_like(order).scatter_(-1, by_part.indices, positions - starts[by_part.values])
+    # rank of each feature among its own partition's, in score order: a running count per partition
+    seen = torch.nn.functional.one_hot(part, counts.shape[-1]).cumsum(-2)
+    rank = seen.gather(-1, part[..., None])[..., 0] - 1
     kept = rank < counts.to(scores.device).gather(-1, part)
     return torch.zeros_like(kept).scatter_(-1, order, kept)
 
