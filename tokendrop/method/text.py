@@ -78,7 +78,8 @@ class Text(Method):
 
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:
         layout = batch.layout
-        scores = torch.stack([self.scores(image, visual) for image, visual in zip(batch.images, batch.features)])
+        # image by image: each image's question differs in length (the scores stay on the device)
+        scores = torch.stack([self.scores(image, image.features) for image in batch.images])
         in_scope = (layout.partition > 0) | (self.scope == "all")
         n_candidates = sum(layout.sizes[1:]) if self.scope == "crops" else layout.n_features
         # candidates first, by descending score (ties: lower index), the tokens out of scope after them
