@@ -233,62 +233,65 @@ class LlavaNextAdapter:
         attention_mask,
         labels,
         keep_masks: list[torch.Tensor],
-        kept_features: list[torch.Tensor],
+        packed: list[torch.Tensor],
         pad_side: str,
         pad_token_id: int,
-    ) -> tuple[torch.Tensor, dict]:
-        """(shortened input_ids, the LLM's keyword inputs): the prompt rows without the
-        placeholders of dropped tokens, and `inputs_embeds` holding `kept_features` in the
-        remaining placeholders, with the matching attention_mask (and labels, when given)."""
-        compact = self.compact(input_ids, attention_mask, labels, keep_masks, pad_side, pad_token_id)
+    ) -> tuple[torch.Tensor, dict, list[torch.Tensor]]:
+        """(shortened input_ids, the LLM's keyword inputs, the vectors each image feeds the LLM):
+        the prompt rows without the placeholders of dropped tokens, and `inputs_embeds` holding
+        image i's kept vectors (`packed[i][keep_masks[i]]`) in the remaining placeholders, with
+        the matching attention_mask (and labels, when given)."""
+        compact, kept = self.compact(input_ids, attention_mask, labels, keep_masks, packed, pad_side, pad_token_id)
         ids = compact.pop("input_ids")
-        compact["inputs_embeds"] = self.embed_prompt(ids, kept_features)
-        return ids, compact
+        compact["inputs_embeds"] = self.embed_prompt(ids, kept)
+        return ids, compact, kept
 
     def compact(
-        self, input_ids, attention_mask, labels, keep_masks: list[torch.Tensor], pad_side: str, pad_token_id: int
-    ):
-        """Drop the placeholders of dropped tokens from every row and re-pad the batch.
+        self,
+        input_ids,
+        attention_mask,
+        labels,
+        keep_masks: list[torch.Tensor],
+        packed: list[torch.Tensor],
+        pad_side: str,
+        pad_token_id: int,
+    ) -> tuple[dict, list[torch.Tensor]]:
+        """({input_ids, attention_mask, labels} of the kept positions, re-padded; each image's
+        kept vectors). Existing padding stays where it is; rows that became shorter get extra
+        padding on `pad_side` (masked out, label -100). Reads one thing back from the device,
+        once: the new row lengths and per-image counts, which the shapes depend on."""
+        keep = self.kept_columns(input_ids, keep_masks)
+        per_image = [mask.sum().to(input_ids.device) for mask in keep_masks]
+        lengths = torch.stack([*keep.sum(1), *per_image]).tolist()  # the one host sync
+        rows, counts = lengths[: len(input_ids)], lengths[len(input_ids) :]
+        kept = [
+            vectors.index_select(0, torch.nonzero_static(mask.to(vectors.device), size=count)[:, 0])
+            for vectors, mask, count in zip(packed, keep_masks, counts)
+        ]
+        return repad(input_ids, attention_mask, labels, keep, rows, pad_side, pad_token_id), kept
 
-        `keep_masks[i]` covers image i's packed sequence; images are numbered in (row,
-        position) order, as the model fills placeholders (`image_rows` has checked that the
-        rows hold exactly those placeholders). Existing padding stays where it is;
-        rows that became shorter get extra padding on `pad_side` (masked out, label -100).
-        """
+    def kept_columns(self, input_ids, keep_masks: list[torch.Tensor]) -> torch.Tensor:
+        """(B, T) bool: which prompt positions stay. `keep_masks[i]` covers image i's packed
+        sequence; images are numbered in (row, position) order, as the model fills
+        placeholders (`image_rows` has checked that the rows hold exactly those placeholders)."""
         is_image = input_ids == self.image_token_id
-        keep = torch.ones_like(input_ids, dtype=torch.bool)
-        if keep_masks:
-            keep[is_image] = torch.cat(keep_masks).to(input_ids.device)
-        new_len = int(keep.sum(1).max())
-        needs_mask = attention_mask is not None or bool((keep.sum(1) != new_len).any())
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        columns = {"input_ids": (input_ids, pad_token_id), "attention_mask": (attention_mask, 0)}
-        if labels is not None:
-            columns["labels"] = (labels, IGNORE_INDEX)
-        out = {}
-        for name, (tensor, fill) in columns.items():
-            rows = []
-            for row, row_keep in zip(tensor, keep):
-                kept = row[row_keep]
-                pad = kept.new_full((new_len - kept.numel(),), fill)
-                rows.append(torch.cat([pad, kept] if pad_side == "left" else [kept, pad]))
-            out[name] = torch.stack(rows)
-        if not needs_mask:
-            out["attention_mask"] = None
-        return out
+        if not keep_masks:
+            return torch.ones_like(is_image)
+        all_kept = torch.cat(keep_masks).to(input_ids.device)
+        ordinal = (torch.cumsum(is_image.flatten(), 0) - 1).clamp(min=0).view_as(input_ids)  # placeholder number
+        return torch.where(is_image, all_kept[ordinal.clamp(max=all_kept.numel() - 1)], True)
 
     def embed_prompt(self, input_ids, image_features: list[torch.Tensor]) -> torch.Tensor:
         """The LLM's input as the model builds it: the ids' embeddings, with the image vectors
-        scattered over the `<image>` placeholders in (row, position) order."""
+        scattered over the `<image>` placeholders in (row, position) order. The callers hand
+        exactly one vector per placeholder (the count is not read back from the device)."""
         embeds = self.model.get_input_embeddings()(input_ids)
         if not image_features:
             return embeds
         features = torch.cat(image_features).to(embeds.device, embeds.dtype)
-        placeholders = (input_ids == self.image_token_id).to(embeds.device)
-        if int(placeholders.sum()) != features.shape[0]:
-            raise RuntimeError(f"{int(placeholders.sum())} image placeholders for {features.shape[0]} image vectors")
-        return embeds.masked_scatter(placeholders.unsqueeze(-1).expand_as(embeds), features)
+        placeholders = (input_ids == self.image_token_id).flatten().to(embeds.device)
+        at = torch.nonzero_static(placeholders, size=features.shape[0])[:, 0]
+        return embeds.flatten(0, 1).index_put_((at,), features).view_as(embeds)
 
     @staticmethod
     def with_image_features(output, kept_features: list[torch.Tensor]):
@@ -308,6 +311,30 @@ class LlavaNextAdapter:
         return assign_rows(
             per_row, [layout.packed_source.numel() for layout in self.layouts(image_sizes, **vision_kwargs)]
         )
+
+
+def repad(input_ids, attention_mask, labels, keep: torch.Tensor, lengths: list[int], pad_side: str, pad_token_id: int):
+    """Keep the `keep` (B, T) positions of every row and re-pad the batch, given each row's
+    kept count (`lengths`, read back once by `compact`). Existing padding stays where it is;
+    rows that became shorter get extra padding on `pad_side` (masked out, label -100)."""
+    new_len = max(lengths)
+    needs_mask = attention_mask is not None or min(lengths) != new_len
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    n = keep.sum(1, keepdim=True)
+    # each kept position's column in the new row; dropped ones go to a spare column, cut off
+    column = torch.cumsum(keep, 1) - 1 + ((new_len - n) if pad_side == "left" else 0)
+    column = torch.where(keep, column, new_len)
+    columns = {"input_ids": (input_ids, pad_token_id), "attention_mask": (attention_mask, 0)}
+    if labels is not None:
+        columns["labels"] = (labels, IGNORE_INDEX)
+    out = {
+        name: tensor.new_full((tensor.shape[0], new_len + 1), fill).scatter_(1, column, tensor)[:, :new_len]
+        for name, (tensor, fill) in columns.items()
+    }
+    if not needs_mask:
+        out["attention_mask"] = None
+    return out
 
 
 def assign_rows(per_row: list[int], image_lengths: list[int]) -> list[int]:

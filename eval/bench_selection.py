@@ -1,22 +1,38 @@
-"""What each method's selection costs, without running the model.
+"""What selection costs, without running the LLM.
 
-    python -m tokendrop.eval.bench_selection [--preset llava-next-shape] [--repeats 5] [--out bench_selection.json]
+    python -m tokendrop.eval.bench_selection [--preset llava-next-shape] [--repeats 5]
+        [--batches 1 8] [--baseline REV] [--threads N] [--out bench_selection.json]
 
-For one 672x672 image of the preset's geometry (base + 4 crops: N = 2,880 feature tokens on
-llava-next-shape) an `EncodedImage` is built from random projected features, random CLS
-scores at every vision layer and the preset's embedding table; then `method.select` plus
-`packed_keep_mask` (what the patch runs per image) is timed for every registered method at
-each budget, on CPU and on CUDA where available: median, min and max over the repeats after
-one warm-up, and each method's median next to hired's. Methods that read the question
-(text, router, dpp) get a fixed one.
+Images are 672x672 in the preset's geometry (base + 4 crops: N = 2,880 feature tokens on
+llava-next-shape), each an `EncodedImage` of random projected features and random CLS scores
+at every vision layer; methods that read the question (text, router, dpp) get a fixed one.
+On CPU, and on CUDA where available, it times (median, min and max over the repeats, after
+one warm-up):
+- methods: every registered method at 10% and 25% selecting for one image (`select_images`:
+  selection, merging, keep masks), each median next to hired's;
+- batches: a whole call's selection plus compaction (encoded images -> the shortened
+  input_ids, attention_mask and each image's kept vectors; embedding the short prompt, which
+  the unpatched model does too, is left out) for batches of `--batches` images, the batched
+  path next to the per-image path of revision `--baseline` (loaded from git: its methods,
+  its loop, its records, its compaction), with the ratio; skipped without git history;
+- vision: the model's vision pass (tower, projector, packing) of one image, so that each
+  method's select time reads against it.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import importlib.util
+import io
 import json
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,61 +42,184 @@ from tokendrop.harness import positive_int, spread, text_table
 from tokendrop.layout import EncodedImage
 from tokendrop.measure import device_name, synchronize
 from tokendrop.method import METHODS, build as build_method
-from tokendrop.method.base import Merged
+from tokendrop.patch import select_images
 from tokendrop.presets import PRESETS, build_preset
-from tokendrop.selection import merge_groups, packed_keep_mask
 
 IMAGE_SIZE = (672, 672)
 QUESTION = "What is written on the sign next to the red car?"
+BASELINE = "fcf1067"  # the last revision that selected image by image on CPU tensors
+BATCH_METHODS = ("hired", "globalcom2", "cls", "text", "dpp")
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def encoded_image(model, adapter, device: torch.device, seed: int = 0) -> EncodedImage:
-    generator = torch.Generator().manual_seed(seed)
+def encoded_images(model, adapter, device: torch.device, n: int, layout_module=None) -> list[EncodedImage]:
+    """`n` images of random features and scores; with `layout_module` (the baseline's
+    `tokendrop.layout`), built from its classes, with the CPU scores it expected."""
+    generator = torch.Generator().manual_seed(0)
     layout = adapter.layout(IMAGE_SIZE)
     hidden = model.get_input_embeddings().weight.shape[1]
-    packed = torch.randn(layout.packed_source.numel(), hidden, generator=generator).to(device)
-    probs = torch.rand(adapter.n_vision_layers, layout.n_partitions, layout.tile, generator=generator)
-    cls = {layer: probs[layer] / probs[layer].sum(-1, keepdim=True) for layer in range(adapter.n_vision_layers)}
+    images = []
+    for _ in range(n):
+        packed = torch.randn(layout.packed_source.numel(), hidden, generator=generator).to(device)
+        probs = torch.rand(adapter.n_vision_layers, layout.n_partitions, layout.tile, generator=generator)
+        cls = {layer: probs[layer] / probs[layer].sum(-1, keepdim=True) for layer in range(adapter.n_vision_layers)}
+        images.append((packed, cls))
+    if layout_module is not None:
+        layout = layout_module.ImageLayout(layout.side, layout.grid, layout.packed_source)
+    classes = EncodedImage if layout_module is None else layout_module.EncodedImage
     embedding = model.get_input_embeddings()
-    return EncodedImage(
-        layout=layout, packed=packed, cls=cls, n_layers=adapter.n_vision_layers, embed=embedding, question=QUESTION
+    return [
+        classes(
+            layout=layout,
+            packed=packed,
+            cls=cls if layout_module is not None else {k: v.to(device) for k, v in cls.items()},
+            n_layers=adapter.n_vision_layers,
+            embed=embedding,
+            question=QUESTION,
+        )
+        for packed, cls in images
+    ]
+
+
+def timed(run, repeats: int, device: torch.device) -> dict:
+    def once():
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        return time.perf_counter() - start
+
+    once()  # warm-up: caches (layouts on the device, fixed selections) fill here
+    stats = spread(once() for _ in range(repeats))
+    return dict(median_s=stats["median"], min_s=stats["min"], max_s=stats["max"])
+
+
+def load_baseline(revision: str):
+    """The baseline's `tokendrop.layout`, `selection`, `method.base` and registry, and its
+    adapter class, imported from `revision` under another package name; None without git."""
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", revision, "tokendrop", "adapters/llava_next.py"],
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="tokendrop_baseline_"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    package = f"tokendrop_{revision}"
+    (folder / "tokendrop").rename(folder / package)
+    sys.path.insert(0, str(folder))
+    methods = importlib.import_module(f"{package}.method")
+    spec = importlib.util.spec_from_file_location(f"{package}_llava_next", folder / "adapters" / "llava_next.py")
+    adapter_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(adapter_module)
+    return dict(
+        revision=revision,
+        layout=importlib.import_module(f"{package}.layout"),
+        selection=importlib.import_module(f"{package}.selection"),
+        base=importlib.import_module(f"{package}.method.base"),
+        build=methods.build,
+        adapter=adapter_module.LlavaNextAdapter,
     )
 
 
-def time_select(method, image: EncodedImage, repeats: int, device: torch.device) -> dict:
-    @torch.no_grad()  # as in the patch: selection never builds a graph
-    def run():
-        synchronize(device)
-        start = time.perf_counter()
-        kept = method.select(image)
-        if isinstance(kept, Merged):  # a merging method's cost includes forming its means
-            merge_groups(image.packed, image.layout, kept.indices, kept.groups, kept.weights)
-            kept = kept.indices
-        packed_keep_mask(image.layout, kept, method.newlines)
-        synchronize(device)
-        return time.perf_counter() - start, kept.numel()
+def baseline_call(baseline, adapter, method, images, inputs) -> None:
+    """The baseline's pruning step after the vision pass, as its `Handle.prune` ran it."""
+    selection, merged_type = baseline["selection"], baseline["base"].Merged
+    keep_masks, kept_features, records = [], [], []
+    for image in images:
+        kept = merged = method.select(image)
+        packed = image.packed
+        if isinstance(merged, merged_type):
+            kept = merged.indices
+            packed = selection.merge_groups(packed, image.layout, kept, merged.groups, merged.weights)
+        mask = selection.packed_keep_mask(image.layout, kept, method.newlines)
+        keep_masks.append(mask)
+        kept_features.append(packed[mask.to(packed.device)])
+        records.append(
+            (
+                int(mask[image.layout.newline_positions].sum()),
+                kept.tolist(),
+                torch.bincount(image.layout.partition[kept], minlength=image.layout.n_partitions).tolist(),
+            )
+        )
+    adapter.compact(inputs["input_ids"], inputs["attention_mask"], None, keep_masks, "left", 0)
 
-    run()  # warm-up
-    samples, kept = zip(*(run() for _ in range(repeats)))
-    stats = spread(samples)
-    return dict(median_s=stats["median"], min_s=stats["min"], max_s=stats["max"], kept=kept[0])
+
+def batched_call(adapter, method, images, inputs) -> None:
+    """The batched pruning step after the vision pass, up to the shortened prompt."""
+    selected, packed = select_images(method, images)
+    keep_masks = [s.keep_mask for s in selected]
+    adapter.compact(inputs["input_ids"], inputs["attention_mask"], None, keep_masks, packed, "left", 0)
 
 
-def benchmark(preset: str, repeats: int, devices: list[torch.device], budgets=(0.1, 0.25)) -> dict:
+def prompt(adapter, processor, n_images: int, device: torch.device) -> dict:
+    """One prompt row per image: its placeholders, then the question's tokens."""
+    length = adapter.layout(IMAGE_SIZE).packed_source.numel()
+    question = processor.tokenizer(QUESTION, add_special_tokens=False).input_ids
+    row = [adapter.image_token_id] * length + question
+    input_ids = torch.tensor([row] * n_images, device=device)
+    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+
+
+def time_methods(model, processor, adapter, device, repeats: int, budgets) -> dict:
+    image = encoded_images(model, adapter, device, 1)
+    rows = {}
+    for name in METHODS.names():
+        for budget in budgets:
+            method = build_method(name, budget=budget, processor=processor).resolve(adapter)
+            rows[f"{name}@{budget}"] = timed(partial(select_images, method, image), repeats, device)
+    for key, row in rows.items():
+        row["ratio_to_hired"] = row["median_s"] / rows[f"hired@{key.split('@')[1]}"]["median_s"]
+    return rows
+
+
+def time_vision(model, adapter, device, repeats: int) -> dict:
+    side = model.config.vision_config.image_size
+    pixels = torch.randn(1, adapter.layout(IMAGE_SIZE).n_partitions, 3, side, side, device=device)
+    sizes = torch.tensor([IMAGE_SIZE], device=device)
+    return timed(partial(adapter.image_features, pixels, sizes), min(repeats, 3), device)
+
+
+def time_batches(model, processor, adapter, device, repeats: int, batches, budget, before) -> dict:
+    rows = {}
+    old_adapter = before["adapter"](model) if before else None
+    for n in batches:
+        images = encoded_images(model, adapter, device, n)
+        inputs = prompt(adapter, processor, n, device)
+        old_images = encoded_images(model, adapter, device, n, before["layout"]) if before else None
+        for name in BATCH_METHODS:
+            method = build_method(name, budget=budget, processor=processor).resolve(adapter)
+            row = dict(batched=timed(partial(batched_call, adapter, method, images, inputs), repeats, device))
+            if before:
+                old = before["build"](name, budget=budget, processor=processor).resolve(adapter)
+                row["baseline"] = timed(
+                    partial(baseline_call, before, old_adapter, old, old_images, inputs), repeats, device
+                )
+                row["speedup"] = row["baseline"]["median_s"] / row["batched"]["median_s"]
+            rows[f"{name}@{budget} x{n}"] = row
+    return rows
+
+
+def benchmark(
+    preset: str, repeats: int, devices: list[torch.device], batches=(1, 8), baseline=BASELINE, budgets=(0.1, 0.25)
+) -> dict:
     model, processor = build_preset(preset)
+    model.eval()
     adapter = adapter_for(model)
+    before = load_baseline(baseline) if baseline else None
     results = {}
     for device in devices:
-        model.get_input_embeddings().to(device)
-        image = encoded_image(model, adapter, device)
-        rows = {}
-        for name in METHODS.names():
-            for budget in budgets:
-                method = build_method(name, budget=budget, processor=processor).resolve(adapter)
-                rows[f"{name}@{budget}"] = time_select(method, image, repeats, device)
-        for key, row in rows.items():
-            row["ratio_to_hired"] = row["median_s"] / rows[f"hired@{key.split('@')[1]}"]["median_s"]
-        results[str(device)] = dict(device_name=device_name(device), methods=rows)
+        model.to(device)
+        with torch.no_grad():
+            results[str(device)] = dict(
+                device_name=device_name(device),
+                methods=time_methods(model, processor, adapter, device, repeats, budgets),
+                vision=time_vision(model, adapter, device, repeats),
+                batches=time_batches(model, processor, adapter, device, repeats, batches, budgets[0], before),
+            )
     layout = adapter.layout(IMAGE_SIZE)
     return dict(
         preset=preset,
@@ -88,6 +227,8 @@ def benchmark(preset: str, repeats: int, devices: list[torch.device], budgets=(0
         n_features=layout.n_features,
         repeats=repeats,
         budgets=list(budgets),
+        batch_sizes=list(batches),
+        baseline=before["revision"] if before else None,
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -95,29 +236,44 @@ def benchmark(preset: str, repeats: int, devices: list[torch.device], budgets=(0
     )
 
 
+def ms(row: dict) -> list[str]:
+    return [f"{row[key] * 1e3:.2f}" for key in ("median_s", "min_s", "max_s")]
+
+
 def report(result: dict) -> str:
     lines = [
-        f"select + keep mask, {result['preset']} {result['image_size']}, N = {result['n_features']}, "
-        f"{result['repeats']} repeats"
+        f"selection, {result['preset']} {result['image_size']}, N = {result['n_features']}, "
+        f"{result['repeats']} repeats, baseline {result['baseline'] or 'not loaded (no git history)'}"
     ]
     for device, block in result["devices"].items():
+        vision = block["vision"]["median_s"]
         rows = [
-            [
-                key,
-                row["kept"],
-                f"{row['median_s'] * 1e3:.2f}",
-                f"{row['min_s'] * 1e3:.2f}",
-                f"{row['max_s'] * 1e3:.2f}",
-                f"{row['ratio_to_hired']:.2f}",
-            ]
+            [key, *ms(row), f"{row['ratio_to_hired']:.2f}", f"{row['median_s'] / vision:.3f}"]
             for key, row in block["methods"].items()
         ]
         lines.append(
             "\n"
             + text_table(
-                ["method@budget", "kept", "median ms", "min ms", "max ms", "x hired"],
+                ["method@budget", "median ms", "min ms", "max ms", "x hired", "x vision"],
                 rows,
-                title=f"{device} ({block['device_name']})",
+                title=f"one image: select, {device} ({block['device_name']}); vision pass {vision * 1e3:.1f} ms",
+            )
+        )
+        rows = [
+            [
+                key,
+                *ms(row["batched"]),
+                *(ms(row["baseline"]) if "baseline" in row else [None] * 3),
+                f"{row['speedup']:.2f}" if "speedup" in row else None,
+            ]
+            for key, row in block["batches"].items()
+        ]
+        lines.append(
+            "\n"
+            + text_table(
+                ["method x batch", "new median ms", "min", "max", "baseline median ms", "min", "max", "speedup"],
+                rows,
+                title=f"one call: select + compact, {device}",
             )
         )
     return "\n".join(lines)
@@ -129,10 +285,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--preset", choices=PRESETS.names(), default="llava-next-shape")
     parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8])
+    parser.add_argument("--baseline", default=BASELINE, help="git revision of the per-image path ('' to skip)")
+    parser.add_argument("--threads", type=positive_int, help="torch's CPU threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=Path("bench_selection.json"))
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    result = benchmark(args.preset, args.repeats, devices)
+    result = benchmark(args.preset, args.repeats, devices, tuple(args.batches), args.baseline)
     print(report(result))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -1,5 +1,6 @@
 """The shared selection steps against the reference definitions."""
 
+import math
 import random
 
 import pytest
@@ -43,4 +44,67 @@ def test_top_k_per_partition_matches_reference():
         scores = [float(rng.randint(0, 5)) for _ in range(n)]  # many ties
         counts = [rng.randint(0, partition.count(p)) for p in range(3)]
         got = top_k_per_partition(torch.tensor(scores), torch.tensor(partition), torch.tensor(counts))
-        assert got.tolist() == reference.top_per_partition(scores, partition, counts)
+        assert torch.nonzero(got).flatten().tolist() == reference.top_per_partition(scores, partition, counts)
+
+
+def test_top_k_per_partition_batched_equals_one_by_one():
+    generator = torch.Generator().manual_seed(2)
+    partition = torch.randint(0, 4, (50,), generator=generator)
+    scores = torch.randint(0, 6, (7, 50), generator=generator).float()  # many ties
+    capacity = torch.bincount(partition, minlength=4)
+    counts = (torch.rand(7, 4, generator=generator) * (capacity + 1)).long()
+    batched = top_k_per_partition(scores, partition, counts)
+    for row in range(7):
+        assert torch.equal(batched[row], top_k_per_partition(scores[row], partition, counts[row]))
+
+
+def allocate_by_rounds(total, weights, capacity):
+    """The loop `allocate` ran before it ran on the device: one round at a time, reading the
+    remaining count back after each (kept here as the reference re-computation)."""
+    weights = weights.double().clamp(min=0)
+    capacity = capacity.long()
+    alloc = torch.zeros_like(capacity)
+    remaining = min(int(total), int(capacity.sum()))
+    while remaining > 0:
+        room = capacity - alloc
+        open_ = room > 0
+        w = torch.where(open_, weights, torch.zeros_like(weights))
+        if w.sum() <= 0:
+            w = torch.where(open_, room.double(), torch.zeros_like(weights))
+        share = remaining * w / w.sum()
+        floor = share.floor().long()
+        full = open_ & (floor >= room)
+        if full.any():
+            take = torch.where(full, room, torch.zeros_like(room))
+        else:
+            take = floor.clone()
+            leftover = remaining - int(take.sum())
+            frac = torch.where(open_, share - floor, torch.full_like(share, -1.0))
+            order = torch.sort(-frac, stable=True).indices[:leftover]
+            take[order] += 1
+        alloc += take
+        remaining -= int(take.sum())
+    return alloc
+
+
+def test_allocate_equals_the_round_by_round_loop():
+    rng = random.Random(3)
+    for _ in range(2000):
+        n = rng.randint(1, 9)
+        capacity = [rng.choice([0, 1, 3, 12, 36, 552, 576]) for _ in range(n)]
+        weights = [rng.choice([0.0, 1.0, 1 / 3, rng.random(), 10 * rng.random(), 1e-12]) for _ in range(n)]
+        total = rng.randint(0, sum(capacity) + 5)
+        got = allocate(total, torch.tensor(weights), torch.tensor(capacity))
+        assert torch.equal(got, allocate_by_rounds(total, torch.tensor(weights), torch.tensor(capacity)))
+
+
+def test_allocate_batched_equals_one_by_one():
+    generator = torch.Generator().manual_seed(4)
+    capacity = torch.tensor([576, 552, 552, 0, 552])
+    weights = torch.rand(64, 5, generator=generator) ** 4  # skewed: some rows overflow a partition
+    totals = torch.randint(0, 2300, (64,), generator=generator)
+    got = allocate(totals, weights, capacity)
+    for row in range(64):
+        assert torch.equal(got[row], allocate_by_rounds(int(totals[row]), weights[row], capacity))
+    assert got.sum(-1).tolist() == [min(int(t), int(capacity.sum())) for t in totals]
+    assert math.isclose(float(got[:, 3].sum()), 0.0)

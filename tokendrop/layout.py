@@ -17,7 +17,7 @@ tensor (see the adapter), so it agrees with the model by construction. Terms use
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -33,6 +33,25 @@ class ImageLayout:
     # (y0, y1, x0, x1) of the unpadded canvas where the model resamples it (LLaVA-OneVision):
     # packed tokens then stand for their nearest patch, whose extent can fall short of the canvas
     unpadded_box: tuple[int, int, int, int] | None = None
+
+    def on(self, device: torch.device) -> ImageLayout:
+        """This layout with its index tensors on `device`, made once per device: moving a tensor
+        to an accelerator waits for it, so selection must find them there already. Host-side
+        numbers (`n_features`, `sizes`, `valid_box`) are copied over, never read back."""
+        device = torch.device(device)
+        if self.packed_source.device == device:
+            return self
+        moved = self.__dict__.setdefault("_on_device", {})
+        if device not in moved:
+            layout = replace(self, packed_source=self.packed_source.to(device))
+            layout.__dict__.update(host=self, n_features=self.n_features, sizes=self.sizes, valid_box=self.valid_box)
+            moved[device] = layout
+        return moved[device]
+
+    @cached_property
+    def host(self) -> ImageLayout:
+        """The CPU layout this one was moved from (itself on the CPU)."""
+        return self
 
     @property
     def tile(self) -> int:
@@ -52,9 +71,14 @@ class ImageLayout:
         """(rows,) packed position of each newline; the r-th ends canvas row r."""
         return torch.nonzero(self.packed_source == NEWLINE).flatten()
 
-    @property
+    @cached_property
     def n_features(self) -> int:
         return self.feature_positions.numel()
+
+    @cached_property
+    def sizes(self) -> tuple[int, ...]:
+        """`capacity` as Python ints, for the host-side arithmetic of budgets."""
+        return tuple(self.host.capacity.tolist())
 
     @cached_property
     def partition(self) -> torch.Tensor:
@@ -75,7 +99,30 @@ class ImageLayout:
     @cached_property
     def capacity(self) -> torch.Tensor:
         """(P,) number of feature tokens in each partition (crops lose their padding)."""
-        return torch.bincount(self.partition, minlength=self.n_partitions)
+        return torch.zeros(self.n_partitions, dtype=torch.long, device=self.partition.device).index_add_(
+            0, self.partition, torch.ones_like(self.partition)
+        )
+
+    @cached_property
+    def partition_members(self) -> torch.Tensor:
+        """(P, M) long: each partition's feature indices, ascending, padded with -1 to the
+        largest partition's size M."""
+        order = torch.sort(self.partition, stable=True).indices
+        part = self.partition[order]
+        rank = torch.arange(order.numel(), device=order.device) - (torch.cumsum(self.capacity, 0) - self.capacity)[part]
+        members = torch.full((self.n_partitions, max(self.sizes)), -1, dtype=torch.long, device=order.device)
+        return members.index_put_((part, rank), order)
+
+    @cached_property
+    def canvas_features(self) -> torch.Tensor:
+        """(n,) feature indices of the crop tokens (those on the unpadded canvas), ascending."""
+        return torch.nonzero(self.partition > 0).flatten()
+
+    @cached_property
+    def row_has_features(self) -> torch.Tensor:
+        """(rows,) bool: whether canvas row r holds any feature (a very thin image's may not)."""
+        has = torch.zeros(self.newline_positions.numel(), dtype=torch.bool, device=self.packed_source.device)
+        return has.index_fill_(0, self.row[self.canvas_features], True)
 
     @cached_property
     def canvas_yx(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +154,8 @@ class ImageLayout:
         y0, y1, x0, x1 = self.valid_box
         n_h, n_w = self.grid
         s = self.side
+        if self.host is not self:
+            return self.host.region_weights.to(self.packed_source.device)
         if y1 == y0:  # no crop shows any content
             return torch.zeros(n_h * n_w, s * s)
 
@@ -127,8 +176,8 @@ class ImageLayout:
         return torch.stack(weights).float()
 
     def per_feature(self, partition_scores: torch.Tensor) -> torch.Tensor:
-        """(P, side**2) scores per partition tile -> (N,) scores in feature order."""
-        return partition_scores[self.partition, self.local]
+        """(..., P, side**2) scores per partition tile -> (..., N) scores in feature order."""
+        return partition_scores[..., self.partition, self.local]
 
 
 @dataclass(eq=False)
@@ -137,7 +186,7 @@ class EncodedImage:
 
     layout: ImageLayout
     packed: torch.Tensor  # (L, D) the projected features the LLM would see, newlines included
-    cls: dict[int, torch.Tensor]  # absolute layer -> (P, side**2) fp32 CPU CLS scores
+    cls: dict[int, torch.Tensor]  # absolute layer -> (P, side**2) fp32 CLS scores, on any device
     n_layers: int  # vision layers, to resolve negative layer indices
     embed: Callable[[torch.Tensor], torch.Tensor]  # token ids -> the LLM's input embeddings
     prompt_ids: torch.Tensor | None = None  # the image's prompt row, padding removed
@@ -149,4 +198,58 @@ class EncodedImage:
     @property
     def features(self) -> torch.Tensor:
         """(N, D) projected feature tokens, newlines removed, in feature-index order."""
-        return self.packed[self.layout.feature_positions.to(self.packed.device)]
+        return self.packed[self.layout.on(self.packed.device).feature_positions]
+
+
+@dataclass(eq=False)
+class ImageBatch:
+    """Images of one layout (the same size), stacked so that a method selects for all of them
+    at once; everything on the device of their features."""
+
+    images: list[EncodedImage]
+    layout: ImageLayout  # on the features' device
+    cls: dict[int, torch.Tensor]  # absolute layer -> (B, P, side**2) fp32
+
+    @classmethod
+    def of(cls, images: list[EncodedImage]) -> ImageBatch:
+        first = images[0]
+        if any(image.layout is not first.layout for image in images):
+            raise ValueError("an ImageBatch holds images of one layout: group images by their layout first")
+        device = first.packed.device
+        scores = {
+            layer: torch.stack([image.cls[layer] for image in images]).to(device, torch.float32) for layer in first.cls
+        }
+        return cls(images, first.layout.on(device), scores)
+
+    @property
+    def device(self) -> torch.device:
+        return self.images[0].packed.device
+
+    @cached_property
+    def packed(self) -> torch.Tensor:
+        """(B, L, D) the images' packed vectors, stacked (a copy) for the methods that read them."""
+        if len(self.images) == 1:
+            return self.images[0].packed[None]
+        return torch.stack([image.packed for image in self.images])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def n_layers(self) -> int:
+        return self.images[0].n_layers
+
+    @property
+    def embed(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.images[0].embed
+
+    def cls_scores(self, layer: int) -> torch.Tensor:
+        """(B, P, side**2) fp32 CLS scores of vision layer `layer` (negative counts from the end)."""
+        return self.cls[layer % self.n_layers]
+
+    @cached_property
+    def features(self) -> torch.Tensor:
+        """(B, N, D) projected feature tokens, newlines removed, in feature-index order."""
+        if len(self.images) == 1:
+            return self.images[0].packed[None, self.layout.feature_positions]
+        return torch.stack([image.packed[self.layout.feature_positions] for image in self.images])

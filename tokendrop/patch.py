@@ -5,11 +5,15 @@ carries images, the wrapper runs once, before the LLM:
 
     adapter.read     check the inputs, run vision tower + projector once (with score hooks
                      only for this pass); each image with its prompt row and question
-    method.select    per image: which feature tokens to keep (exact budget, spatial order)
-    packed_keep_mask per image: plus the newlines the policy keeps
+    select_images    the images of each layout stacked (`ImageBatch`) and selected together
+                     on the features' device (`method.select_batch`: exact budget, spatial
+                     order), merged where the method merges, plus the newlines the policy keeps
     adapter.feed     drop the matching placeholders from input_ids/attention_mask/labels and
-                     embed the short prompt with the kept vectors in its placeholders
+                     embed the short prompt with the kept vectors in its placeholders; the
+                     call's one host sync, for the new prompt length
     original call    with those inputs_embeds (generate also gets the short input_ids)
+
+`handle.last` is built from the selection's device tensors when first read, not in the call.
 
 Decode steps and text-only calls pass straight through; a `generate` that continues from a
 patched call's cache feeds the shortened prompt that the cache holds. All state lives in one `Handle`
@@ -35,9 +39,10 @@ from torch import nn
 from transformers import Cache, GenerationConfig
 
 from .adapters import adapter_for
+from .layout import EncodedImage, ImageBatch, ImageLayout
 from .method import Method, build as build_method
-from .method.base import Merged, check_signals
-from .selection import merge_groups, packed_keep_mask
+from .method.base import check_signals
+from .selection import Grouping, merge, packed_keep_mask
 
 ATTRIBUTE = "_tokendrop_handle"
 WRAPPED = ("generate", "forward")
@@ -59,6 +64,65 @@ class ImageRecord:
     weights: list[list[float]] | None = None  # the mean's weights per group, where not plain
 
 
+@dataclass(frozen=True, eq=False)
+class Selected:
+    """One image's selection as the call left it on the device; `record()` reads it back."""
+
+    layout: ImageLayout
+    kept: torch.Tensor  # (N,) bool over the features
+    keep_mask: torch.Tensor  # (L,) bool over the packed sequence: what the LLM receives
+    grouping: Grouping | None  # merging methods: each feature's owner (and weight)
+
+    def record(self) -> ImageRecord:
+        layout = self.layout
+        indices = torch.nonzero(self.kept.cpu()).flatten()
+        groups = weights = None
+        if self.grouping is not None:
+            owner = self.grouping.owner.cpu()
+            members = torch.sort(owner, stable=True).indices[int((owner < 0).sum()) :]  # by owner, ascending
+            sizes = torch.bincount(owner[members], minlength=layout.n_features)[indices]
+            groups = [g.tolist() for g in members.split(sizes.tolist())]
+            if self.grouping.weights is not None:
+                w = self.grouping.weights.cpu()[members]
+                weights = [x.tolist() for x in w.split(sizes.tolist())]
+        return ImageRecord(
+            n_before=layout.n_features,
+            n_kept=indices.numel(),
+            n_newlines=int(self.keep_mask.cpu()[layout.newline_positions].sum()),
+            indices=indices.tolist(),
+            partitions=torch.bincount(layout.partition[indices], minlength=layout.n_partitions).tolist(),
+            groups=groups,
+            weights=weights,
+        )
+
+
+def select_images(method: Method, images: list[EncodedImage]) -> tuple[list[Selected], list[torch.Tensor]]:
+    """Each image's selection and the packed vectors it offers the LLM (merged where the method
+    merges), in image order. Images of one layout are selected together, on their device."""
+    by_layout: dict[int, list[int]] = {}
+    for i, image in enumerate(images):
+        by_layout.setdefault(id(image.layout), []).append(i)
+    selected, packed = [None] * len(images), [None] * len(images)
+    for members in by_layout.values():
+        batch = ImageBatch.of([images[i] for i in members])
+        chosen = method.select_batch(batch)
+        grouping = chosen if isinstance(chosen, Grouping) else None
+        kept = chosen if grouping is None else grouping.kept
+        vectors = (
+            [image.packed for image in batch.images]
+            if grouping is None
+            else merge(batch.packed, batch.layout, grouping)
+        )
+        masks = packed_keep_mask(batch.layout, kept, method.newlines)
+        for row, i in enumerate(members):
+            own = None
+            if grouping is not None:
+                own = Grouping(grouping.owner[row], None if grouping.weights is None else grouping.weights[row])
+            selected[i] = Selected(images[i].layout, kept[row], masks[row], own)
+            packed[i] = vectors[row]
+    return selected, packed
+
+
 class Handle:
     """A patch: the method, the model's adapter, and the last call's records. With concurrent
     calls, `last` holds the records of whichever call finished last."""
@@ -67,7 +131,7 @@ class Handle:
         self.model = model
         self.method = method
         self.adapter = adapter
-        self.last: list[ImageRecord] = []
+        self._last: list[ImageRecord] | tuple[Selected, ...] = []
         self._saved: dict[str, tuple[str, object]] = {}  # name -> (attribute we took, what it held)
         self._calls = None  # the wrappers' closures over this model, built on first use
 
@@ -76,6 +140,18 @@ class Handle:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_calls": None}  # a copy builds closures over its own model
+
+    @property
+    def last(self) -> list[ImageRecord]:
+        """What happened to each image of the last call, in order; read back from the device
+        on first access, so that the call itself never waits for it."""
+        if isinstance(self._last, tuple):
+            self._last = [selected.record() for selected in self._last]
+        return self._last
+
+    @last.setter
+    def last(self, records: list[ImageRecord]) -> None:
+        self._last = records
 
     @property
     def in_force(self) -> bool:
@@ -141,39 +217,15 @@ class Handle:
             raise ValueError("pixel_values come with image_sizes (the processor returns both): pass them together")
         _check_prompt(input_ids, attention_mask, labels)
         _check_questions(questions, input_ids.shape[0])
+        pad_side = padding_side(attention_mask, default=pad_default)  # read before the vision pass is queued
         images = self.adapter.read(
             input_ids, attention_mask, pixel_values, image_sizes, questions, self.method.signals(), vision_kwargs
         )
-        kept_features, keep_masks, records = [], [], []
-        for image in images:
-            kept = merged = self.method.select(image)
-            packed = image.packed
-            if isinstance(merged, Merged):  # each kept position holds its group's mean
-                kept = merged.indices
-                packed = merge_groups(packed, image.layout, kept, merged.groups, merged.weights)
-            mask = packed_keep_mask(image.layout, kept, self.method.newlines)
-            keep_masks.append(mask)
-            kept_features.append(packed[mask.to(packed.device)])
-            records.append(
-                ImageRecord(
-                    n_before=image.layout.n_features,
-                    n_kept=kept.numel(),
-                    n_newlines=int(mask[image.layout.newline_positions].sum()),
-                    indices=kept.tolist(),
-                    partitions=torch.bincount(
-                        image.layout.partition[kept], minlength=image.layout.n_partitions
-                    ).tolist(),
-                    groups=[g.tolist() for g in merged.groups] if isinstance(merged, Merged) else None,
-                    weights=[w.tolist() for w in merged.weights]
-                    if isinstance(merged, Merged) and merged.weights is not None
-                    else None,
-                )
-            )
-        pad_side = padding_side(attention_mask, default=pad_default)
-        compact_ids, llm_inputs = self.adapter.feed(
-            input_ids, attention_mask, labels, keep_masks, kept_features, pad_side, self._pad_token_id()
+        selected, packed = select_images(self.method, images)
+        compact_ids, llm_inputs, kept_features = self.adapter.feed(
+            input_ids, attention_mask, labels, [s.keep_mask for s in selected], packed, pad_side, self._pad_token_id()
         )
-        self.last = records
+        self._last = tuple(selected)
         return compact_ids, llm_inputs, kept_features
 
     def _pad_token_id(self) -> int:

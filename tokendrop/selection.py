@@ -1,10 +1,16 @@
 """The selection steps every method shares: exact budgets, allocation across partitions,
-order-preserving top-k, and the newline policy. All on CPU tensors (scores arrive in fp32)."""
+order-preserving top-k, the newline policy and merging.
+
+Every step takes a leading batch of images of one layout and runs where its tensors are
+(the features' device) without reading a value back to the host: budgets are Python ints
+from the layout's sizes, and a selection is a (..., N) bool mask over the feature tokens
+(a merging selection: an owner map, see `Grouping`). Scores arrive in fp32."""
 
 from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 
@@ -43,105 +49,175 @@ def keep_count(budget: float | int, n: int) -> int:
     return min(n, max(1, floor_fraction(budget, n)))
 
 
-def allocate(total: int, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+def allocate(total, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
     """Split `total` tokens over partitions in proportion to `weights`, at most `capacity[p]`
     each, summing exactly to min(total, capacity.sum()).
+
+    weights: (..., P); capacity: (P,) or (..., P); total: an int or a (...,) tensor.
+    Returns (..., P) long, on the weights' device.
 
     Each round gives every open partition floor(remaining * w_p / sum w); a partition that
     would exceed its capacity is filled and closed and its overflow goes round again. When no
     partition overflows, the rounding remainder goes one token each to the largest fractional
     shares (ties: lower partition index). Zero total weight among open partitions falls back
-    to capacity-proportional shares.
+    to capacity-proportional shares. A round either closes a partition or hands out all that
+    remains, so P + 1 rounds suffice: they run as masked tensor steps, with no host sync.
     """
     weights = weights.double().clamp(min=0)
-    capacity = capacity.long()
+    capacity = capacity.long().to(weights.device).expand_as(weights)
     alloc = torch.zeros_like(capacity)
-    remaining = min(int(total), int(capacity.sum()))
-    while remaining > 0:
+    if not isinstance(total, torch.Tensor):  # made on the device: a copy there would wait for it
+        total = torch.full(weights.shape[:-1], total, dtype=torch.long, device=weights.device)
+    remaining = torch.minimum(total, capacity.sum(-1))
+    zero = torch.zeros_like(weights)
+    n = weights.shape[-1]
+    lower = torch.ones(n, n, dtype=torch.bool, device=weights.device).tril(-1)  # [p, q]: q < p
+    for _ in range(weights.shape[-1] + 1):
         room = capacity - alloc
         open_ = room > 0
-        w = torch.where(open_, weights, torch.zeros_like(weights))
-        if w.sum() <= 0:
-            w = torch.where(open_, room.double(), torch.zeros_like(weights))
-        share = remaining * w / w.sum()
+        w = torch.where(open_, weights, zero)
+        w = torch.where(w.sum(-1, keepdim=True) <= 0, torch.where(open_, room.double(), zero), w)
+        active = (remaining > 0)[..., None]
+        share = torch.where(active, remaining[..., None] * w / w.sum(-1, keepdim=True), zero)
         floor = share.floor().long()
         full = open_ & (floor >= room)
-        if full.any():
-            take = torch.where(full, room, torch.zeros_like(room))
-        else:
-            take = floor.clone()
-            leftover = remaining - int(take.sum())
-            frac = torch.where(open_, share - floor, torch.full_like(share, -1.0))
-            order = torch.sort(-frac, stable=True).indices[:leftover]
-            take[order] += 1
+        leftover = remaining - floor.sum(-1)
+        frac = torch.where(open_, share - floor, torch.full_like(share, -1.0))
+        # each partition's place in the order of descending fractions (ties: lower index first)
+        ahead = (frac[..., None, :] > frac[..., :, None]) | ((frac[..., None, :] == frac[..., :, None]) & lower)
+        place = ahead.sum(-1)
+        spread = floor + (place < leftover[..., None]).long()
+        take = torch.where(full.any(-1, keepdim=True), torch.where(full, room, 0), spread)
+        take = torch.where(active, take, 0)
         alloc += take
-        remaining -= int(take.sum())
+        remaining = remaining - take.sum(-1)
     return alloc
 
 
 def top_k_per_partition(scores: torch.Tensor, partition: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Indices of the counts[p] highest-scoring features of each partition p, in ascending
-    (spatial) order. Ties go to the lower index, so selections are deterministic."""
-    order = torch.sort(-scores.float(), stable=True).indices
-    part = partition[order]
-    # rank of each feature among its own partition's features, in score order
-    rank = torch.empty_like(order)
-    for p in range(len(counts)):
-        members = part == p
-        rank[members] = torch.arange(int(members.sum()))
-    kept = order[rank < counts.to(order.device)[part]]
-    return torch.sort(kept).values
+    """(..., N) bool: the counts[..., p] highest-scoring features of each partition p.
+    scores (..., N), partition (N,), counts (..., P). Ties go to the lower index, so
+    selections are deterministic."""
+    order = torch.sort(-scores.float(), dim=-1, stable=True).indices
+    part = partition[order]  # (..., N) partition of each feature, in score order
+    # rank of each feature among its own partition's, in score order: a running count per partition
+    seen = torch.nn.functional.one_hot(part, counts.shape[-1]).cumsum(-2)
+    rank = seen.gather(-1, part[..., None])[..., 0] - 1
+    kept = rank < counts.to(scores.device).gather(-1, part)
+    return torch.zeros_like(kept).scatter_(-1, order, kept)
+
+
+def region_sums(layout: ImageLayout, base_scores: torch.Tensor) -> torch.Tensor:
+    """(..., side**2) scores over the base tile -> (..., n_crops): each crop's share of them by
+    `region_weights` (a product and a sum, so that an image's result never depends on the
+    images batched with it, as a matrix product's blocking could make it)."""
+    return (base_scores[..., None, :] * layout.region_weights).sum(-1)
 
 
 def proportional_counts(k: int, layout: ImageLayout) -> torch.Tensor:
-    """k tokens spread over partitions in proportion to their sizes (exact total)."""
+    """(P,) k tokens spread over partitions in proportion to their sizes (exact total)."""
     return allocate(k, layout.capacity.double(), layout.capacity)
 
 
+def first_k(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., k) ascending positions of the True entries of a (..., N) mask that holds exactly
+    k per row, without reading the mask back (a stable sort puts them first, in order)."""
+    return torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[..., :k]
+
+
+def feature_mask(kept: torch.Tensor, n: int) -> torch.Tensor:
+    """A selection as a (..., n) bool mask: kept indices (k,) or a mask already."""
+    if kept.dtype == torch.bool:
+        return kept
+    return torch.zeros(n, dtype=torch.bool, device=kept.device).index_fill_(0, kept.long(), True)
+
+
 def packed_keep_mask(layout: ImageLayout, kept: torch.Tensor, newlines: str) -> torch.Tensor:
-    """(L,) bool over the packed sequence: the kept features plus the newlines the policy keeps.
+    """(..., L) bool over the packed sequence: the kept features plus the newlines the policy
+    keeps. `kept`: a (..., N) bool mask over the features, or one image's kept indices.
     "rows": the newline of every canvas row unless selection dropped all of the row's features
     (so a canvas whose rows hold no features, that of a very thin image, keeps its newlines as
     the unpatched model does); "all": every newline; "drop": none."""
-    mask = torch.zeros(layout.packed_source.numel(), dtype=torch.bool)
-    mask[layout.feature_positions[kept]] = True
+    kept = feature_mask(kept, layout.n_features)
+    layout = layout.on(kept.device)
+    lead = kept.shape[:-1]
+    mask = torch.zeros(*lead, layout.packed_source.numel(), dtype=torch.bool, device=kept.device)
+    mask.scatter_(-1, layout.feature_positions.expand(*lead, -1), kept)
+    newline = layout.newline_positions.expand(*lead, -1)
     if newlines == "all":
-        mask[layout.newline_positions] = True
+        mask.scatter_(-1, newline, True)
     elif newlines == "rows":
-        rows = layout.row
-        emptied = torch.zeros(layout.newline_positions.numel(), dtype=torch.bool)
-        emptied[rows[rows >= 0]] = True
-        emptied[rows[kept][rows[kept] >= 0]] = False
-        mask[layout.newline_positions[~emptied]] = True
+        canvas = layout.canvas_features
+        kept_in_row = torch.zeros(newline.shape, dtype=torch.long, device=kept.device)
+        kept_in_row.scatter_add_(-1, layout.row[canvas].expand(*lead, -1), kept[..., canvas].long())
+        mask.scatter_(-1, newline, (kept_in_row > 0) | ~layout.row_has_features)
     return mask
 
 
-def merge_groups(packed: torch.Tensor, layout: ImageLayout, kept: torch.Tensor, groups, weights=None) -> torch.Tensor:
-    """`packed` (L, D) with the vector at each kept feature position replaced by the mean of
-    its group's feature vectors (weighted where `weights` are given), computed in fp32 and
-    cast back to `packed`'s dtype. Groups must be disjoint, ascending, and start at their kept
-    index (see `tokendrop.method.base.Merged`); a group of one leaves its vector as it is."""
+@dataclass(frozen=True, eq=False)
+class Grouping:
+    """A merging selection of a batch of images: owner[..., i] is the kept feature index whose
+    merged token feature i joins (its group's smallest member, so a kept index owns itself),
+    -1 where i is dropped; weights[..., i] its weight in that mean (None: plain means)."""
+
+    owner: torch.Tensor  # (..., N) long
+    weights: torch.Tensor | None = None  # (..., N) float
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """(..., N) bool: the positions the merged tokens stand at."""
+        return self.owner == torch.arange(self.owner.shape[-1], device=self.owner.device)
+
+
+def grouping_of(kept: torch.Tensor, groups, weights, n_features: int) -> Grouping:
+    """One image's `Merged` fields (kept indices, groups, weights) as a `Grouping`, checked:
+    groups disjoint, each starting at its kept index, weights non-negative and aligned."""
+    kept = kept.cpu().long()
     sizes = torch.tensor([g.numel() for g in groups], dtype=torch.long)
     members = torch.cat([g.cpu().long() for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
     firsts = torch.tensor([int(g.min()) if g.numel() else -1 for g in groups], dtype=torch.long)
     if (
         len(groups) != kept.numel()
-        or not torch.equal(firsts, kept.cpu())
+        or not torch.equal(firsts, kept)
         or members.unique().numel() != members.numel()
-        or bool((members >= layout.n_features).any())
+        or bool((members >= n_features).any())
+        or bool((members < 0).any())
     ):
         raise RuntimeError(
             "a merging method returned groups that are not disjoint groups of feature indices "
             "each starting at its kept index"
         )
-    owner = torch.repeat_interleave(torch.arange(len(groups)), sizes)
-    w = torch.ones(members.numel()) if weights is None else torch.cat([x.cpu().float() for x in weights])
+    owner = torch.full((n_features,), -1, dtype=torch.long)
+    owner[members] = torch.repeat_interleave(kept, sizes)
+    if weights is None:
+        return Grouping(owner)
+    w = torch.cat([x.cpu().float() for x in weights]) if weights else torch.zeros(0)
     if w.numel() != members.numel() or bool((w < 0).any()):
         raise RuntimeError("a merging method returned weights that do not match its groups or are negative")
-    device = packed.device
-    vectors = packed[layout.feature_positions[members].to(device)].float() * w.to(device)[:, None]
-    sums = torch.zeros(len(groups), packed.shape[1], device=device).index_add_(0, owner.to(device), vectors)
-    totals = torch.zeros(len(groups)).index_add_(0, owner, w)
+    return Grouping(owner, torch.zeros(n_features).index_copy_(0, members, w))
+
+
+def merge(packed: torch.Tensor, layout: ImageLayout, grouping: Grouping) -> torch.Tensor:
+    """`packed` (..., L, D) with the vector at each kept feature position replaced by the mean
+    of its group's feature vectors (weighted where the grouping has weights), computed in fp32
+    and cast back to `packed`'s dtype; a group of one leaves its vector as it is."""
+    layout = layout.on(packed.device)
+    owner = grouping.owner.to(packed.device)
+    dropped = owner < 0
+    weights = torch.ones(owner.shape, device=packed.device) if grouping.weights is None else grouping.weights
+    weights = torch.where(dropped, 0.0, weights.to(packed.device).float())
+    target = owner.clamp(min=0)
+    features = packed[..., layout.feature_positions, :]
+    sums = torch.zeros(features.shape, device=packed.device).scatter_add_(
+        -2, target[..., None].expand(features.shape), features.float() * weights[..., None]
+    )
+    totals = torch.zeros(owner.shape, device=packed.device).scatter_add_(-1, target, weights)
+    means = (sums / totals[..., None]).to(packed.dtype)
     merged = packed.clone()
-    merged[layout.feature_positions[kept].to(device)] = (sums / totals.to(device)[:, None]).to(packed.dtype)
+    merged[..., layout.feature_positions, :] = torch.where(grouping.kept[..., None], means, features)
     return merged
+
+
+def merge_groups(packed: torch.Tensor, layout: ImageLayout, kept: torch.Tensor, groups, weights=None) -> torch.Tensor:
+    """One image's `merge` from a `Merged`'s fields (kept indices, groups, weights), checked."""
+    return merge(packed, layout, grouping_of(kept, groups, weights, layout.n_features))

@@ -281,15 +281,14 @@ class SelectionTrainer:
 
     @staticmethod
     def keep(image, chosen: torch.Tensor, keep_masks: list, kept: list) -> None:
-        """Append the packed keep mask and kept vectors of `chosen` feature indices."""
-        mask = packed_keep_mask(image.layout, torch.sort(chosen).values, "rows")
-        keep_masks.append(mask)
-        kept.append(image.packed[mask.to(image.packed.device)])
+        """Append the packed keep mask of `chosen` feature indices and the vectors it selects from."""
+        keep_masks.append(packed_keep_mask(image.layout, torch.sort(chosen).values, "rows"))
+        kept.append(image.packed)
 
     def rewards(self, inputs, labels, width, keep_masks, kept, unpruned, repeat: int) -> torch.Tensor:
         """(B * repeat,) reward of every selection, in (prompt, selection) order."""
         with torch.no_grad():
-            _, llm_inputs = self.adapter.feed(
+            _, llm_inputs, _ = self.adapter.feed(
                 inputs["input_ids"].repeat_interleave(repeat, 0),
                 inputs["attention_mask"].repeat_interleave(repeat, 0),
                 None if labels is None else labels.repeat_interleave(repeat, 0),

@@ -1,11 +1,15 @@
-"""What a method is: a small dataclass of validated options that turns one encoded image
-into the sorted feature indices to keep. Budgets, allocation, top-k and newlines are shared
+"""What a method is: a small dataclass of validated options that turns encoded images into
+the feature tokens to keep. Budgets, allocation, top-k and newlines are shared
 (`tokendrop.selection`); the patch machinery does the rest.
 
-Merging methods (`pool`, `visionzip`) return a `Merged` from `select` instead of a tensor:
-the same sorted kept indices plus, for each, the group of feature indices whose mean
-(optionally weighted) the LLM receives at that position. Subset methods are untouched: a
-plain tensor means every kept token is fed as encoded."""
+A method implements one of two entry points; the base class derives the other:
+- `select_batch(batch)`: the images of one layout at once (`ImageBatch`, stacked on the
+  features' device) -> a (B, N) bool mask of the kept features, with no host sync; a merging
+  method returns a `Grouping` (each feature's owner: the kept index whose mean it joins).
+- `select(image)`: one image -> its sorted kept indices, or a `Merged` for a merging method
+  (`pool`, `visionzip`): the kept indices plus, for each, the group of feature indices whose
+  mean (optionally weighted) the LLM receives at that position. Simple enough for a method
+  that cannot batch; the patch then runs it image by image."""
 
 from __future__ import annotations
 
@@ -16,9 +20,9 @@ from typing import ClassVar
 
 import torch
 
-from ..layout import EncodedImage
+from ..layout import EncodedImage, ImageBatch
 from ..registry import Registry, did_you_mean
-from ..selection import NEWLINE_POLICIES, check_budget
+from ..selection import NEWLINE_POLICIES, Grouping, check_budget, feature_mask, grouping_of
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,7 +79,35 @@ class Method:
     def select(self, image: EncodedImage) -> torch.Tensor | Merged:
         """Sorted (ascending) feature indices to keep, exactly the budget's count; a merging
         method returns them as a `Merged`, with the group each kept token stands for."""
-        raise NotImplementedError
+        if type(self).select_batch is Method.select_batch:
+            raise NotImplementedError(f"{type(self).__name__} implements neither select nor select_batch")
+        chosen = self.select_batch(ImageBatch.of([image]))
+        if not isinstance(chosen, Grouping):
+            return torch.nonzero(chosen[0]).flatten()
+        owner = chosen.owner[0]
+        kept = torch.nonzero(chosen.kept[0]).flatten()
+        groups = [torch.nonzero(owner == i).flatten() for i in kept.tolist()]
+        weights = None if chosen.weights is None else [chosen.weights[0][g] for g in groups]
+        return Merged(indices=kept, groups=groups, weights=weights)
+
+    def select_batch(self, batch: ImageBatch) -> torch.Tensor | Grouping:
+        """(B, N) bool: the features kept of each image of `batch`, exactly the budget's count;
+        a merging method returns a `Grouping`. This default runs `select` image by image."""
+        n = batch.layout.n_features
+        chosen = [self.select(image) for image in batch.images]
+        if not any(isinstance(c, Merged) for c in chosen):
+            return torch.stack([feature_mask(c.to(batch.device), n) for c in chosen])
+        groupings = [
+            grouping_of(c.indices, c.groups, c.weights, n)
+            if isinstance(c, Merged)
+            else Grouping(torch.where(feature_mask(c.cpu(), n), torch.arange(n), -1))
+            for c in chosen
+        ]
+        weights = None
+        if any(g.weights is not None for g in groupings):
+            weights = torch.stack([torch.ones(n) if g.weights is None else g.weights for g in groupings])
+            weights = weights.to(batch.device)
+        return Grouping(torch.stack([g.owner for g in groupings]).to(batch.device), weights)
 
 
 def check_signals(method: Method, adapter) -> None:

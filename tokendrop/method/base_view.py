@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import EncodedImage
+from ..layout import ImageBatch
 from ..selection import keep_count, top_k_per_partition
 from .base import register
 from .cls import CLS
@@ -24,12 +24,12 @@ from .cls import CLS
 class BaseView(CLS):
     """`cls` restricted to the base view: the same option and signal, another candidate set."""
 
-    def select(self, image: EncodedImage) -> torch.Tensor:
-        layout = image.layout
+    def select_batch(self, batch: ImageBatch) -> torch.Tensor:
+        layout = batch.layout
         k = keep_count(self.budget, layout.n_features)
+        scores = layout.per_feature(batch.cls_scores(self.select_layer))
         if k >= layout.n_features:
-            return torch.arange(layout.n_features)
-        counts = torch.zeros_like(layout.capacity)
-        counts[0] = min(k, int(layout.capacity[0]))
-        scores = layout.per_feature(image.cls_scores(self.select_layer))
+            return torch.ones_like(scores, dtype=torch.bool)
+        counts = torch.zeros(len(batch), layout.n_partitions, dtype=torch.long, device=scores.device)
+        counts[:, 0] = min(k, layout.sizes[0])
         return top_k_per_partition(scores, layout.partition, counts)

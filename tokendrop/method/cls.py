@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..layout import EncodedImage
+from ..layout import ImageBatch
 from ..selection import keep_count, top_k_per_partition
 from .base import Method, check_layer, register
 
@@ -25,8 +25,8 @@ class CLS(Method):
     def signals(self) -> dict[int, str]:
         return {self.select_layer: "probs"}
 
-    def select(self, image: EncodedImage) -> torch.Tensor:
-        layout = image.layout
-        scores = layout.per_feature(image.cls_scores(self.select_layer))
-        k = keep_count(self.budget, layout.n_features)
-        return top_k_per_partition(scores, torch.zeros_like(layout.partition), torch.tensor([k]))
+    def select_batch(self, batch: ImageBatch) -> torch.Tensor:
+        layout = batch.layout
+        scores = layout.per_feature(batch.cls_scores(self.select_layer))
+        k = torch.full((len(batch), 1), keep_count(self.budget, layout.n_features), device=scores.device)
+        return top_k_per_partition(scores, torch.zeros_like(layout.partition), k)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..layout import EncodedImage
+from ..layout import ImageBatch
 from ..selection import keep_count
 from .base import Method, register
 
@@ -24,23 +24,25 @@ from .base import Method, register
 @dataclass
 class DivPrune(Method):
     @torch.no_grad()  # a discrete choice: no graph, even when called in a training forward
-    def select(self, image: EncodedImage) -> torch.Tensor:
-        features = F.normalize(image.features.float(), dim=-1)
-        chosen = farthest_points(1 - features @ features.T, keep_count(self.budget, features.shape[0]))
-        return torch.sort(chosen).values.cpu()
+    def select_batch(self, batch: ImageBatch) -> torch.Tensor:
+        features = F.normalize(batch.features.float(), dim=-1)
+        chosen = farthest_points(1 - features @ features.mT, keep_count(self.budget, features.shape[-2]))
+        return torch.zeros(features.shape[:-1], dtype=torch.bool, device=features.device).scatter_(-1, chosen, True)
 
 
 def farthest_points(distance: torch.Tensor, k: int) -> torch.Tensor:
-    """(n, n) distances -> (k,) indices in the order chosen by greedy max-min selection."""
-    n = distance.shape[0]
-    chosen = torch.empty(k, dtype=torch.long, device=distance.device)
+    """(..., n, n) distances -> (..., k) indices in the order chosen by greedy max-min selection."""
+    n = distance.shape[-1]
     others = distance.clone()
-    others.fill_diagonal_(float("inf"))
-    chosen[0] = others.min(1).values.argmax() if n > 1 else 0
-    nearest = distance[chosen[0]].clone()  # each token's distance to its nearest kept token
-    nearest[chosen[0]] = float("-inf")
-    for i in range(1, k):
-        chosen[i] = nearest.argmax()
-        nearest = torch.minimum(nearest, distance[chosen[i]])
-        nearest[chosen[i]] = float("-inf")
-    return chosen
+    others.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+    first = others.min(-1).values.argmax(-1) if n > 1 else distance.new_zeros(distance.shape[:-2], dtype=torch.long)
+    chosen = [first]
+
+    def row(j):  # distance[..., j, :]
+        return distance.gather(-2, j[..., None, None].expand(*j.shape, 1, n))[..., 0, :]
+
+    nearest = row(first).scatter(-1, first[..., None], float("-inf"))  # each token's distance to the kept ones
+    for _ in range(1, k):
+        chosen.append(nearest.argmax(-1))
+        nearest = torch.minimum(nearest, row(chosen[-1])).scatter_(-1, chosen[-1][..., None], float("-inf"))
+    return torch.stack(chosen, -1)

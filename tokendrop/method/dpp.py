@@ -61,11 +61,12 @@ explicit relevance= still applies as written with every allocation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-from ..layout import EncodedImage
+from ..layout import EncodedImage, ImageBatch, ImageLayout
 from ..selection import keep_count, proportional_counts
 from .base import Method, check_choice, register
 from .globalcom2 import GlobalCom2
@@ -130,81 +131,120 @@ class DPP(Method):
         return wanted
 
     @torch.no_grad()  # a discrete choice: no graph, even when called in a training forward
-    def select(self, image: EncodedImage) -> torch.Tensor:
-        layout = image.layout
-        features = F.normalize(image.features.float(), dim=-1)
-        relevance = self.relevance_scores(image, features)
+    def select_batch(self, batch: ImageBatch) -> torch.Tensor:
+        layout = batch.layout
+        features = F.normalize(batch.features.float(), dim=-1)
+        relevance = self.relevance_scores(batch, features)
         k = keep_count(self.budget, layout.n_features)
+        kept = torch.zeros(relevance.shape, dtype=torch.long, device=features.device)
         if self.allocation == "global":
-            return torch.sort(greedy_map(features, relevance, k, unit=True)).values.cpu()
-        counts = proportional_counts(k, layout) if self.allocator is None else self.allocator.counts(image)
-        partition = layout.partition.to(features.device)
-        kept = []
-        for p, count in enumerate(counts.tolist()):
-            members = torch.nonzero(partition == p).flatten()
-            kept.append(members[greedy_map(features[members], relevance[members], count, unit=True)])
-        return torch.sort(torch.cat(kept)).values.cpu()
-
-    def relevance_scores(self, image: EncodedImage, features: torch.Tensor) -> torch.Tensor:
-        """(N,) r in (0, 1] on the features' device, fp32."""
-        if self.relevance == "none":
-            return torch.ones(features.shape[0], device=features.device)
-        if self.relevance == "allocator":
-            x = self.allocator.scores(image).to(features.device).float()
-            partition = image.layout.partition.to(features.device)
-            r = torch.empty_like(x)
-            for p in range(image.layout.n_partitions):
-                members = partition == p
-                if members.any():
-                    r[members] = min_max(x[members])
-            return r
-        if self.relevance == "cls":
-            x = image.layout.per_feature(image.cls_scores(self.feature_layer)).to(features.device).float()
+            return kept.scatter_(-1, greedy_map(features, relevance, k, unit=True), 1).bool()
+        # one greedy per (image, partition), all at once: partitions padded to the largest
+        if self.allocator is None:
+            counts = proportional_counts(k, layout).expand(len(batch), -1)
+            steps = largest_share(layout.host, k)
         else:
-            ids = self.question.question_ids(image).to(image.embed.weight.device)
-            question = F.normalize(image.embed(ids).float().to(features.device), dim=-1)
-            x = (features @ question.T).mean(-1)  # the paper's sign (see the module docstring)
-        return min_max(x)
+            counts = self.allocator.counts(batch)
+            steps = min(k, max(layout.sizes))
+        members = layout.partition_members  # (P, M), -1 padded
+        valid = (members >= 0).expand(len(batch), -1, -1)
+        at = members.clamp(min=0)
+        chosen = greedy_map(features[:, at], relevance[:, at], steps, counts=counts, valid=valid, unit=True)
+        taken = torch.arange(chosen.shape[-1], device=features.device) < counts[..., None]
+        picks = at.expand(len(batch), -1, -1).gather(-1, chosen)  # feature indices
+        return kept.scatter_add_(-1, picks.flatten(1), taken.flatten(1).long()) > 0
+
+    def relevance_scores(self, batch: ImageBatch, features: torch.Tensor) -> torch.Tensor:
+        """(B, N) r in (0, 1] on the features' device, fp32."""
+        layout = batch.layout
+        if self.relevance == "none":
+            return torch.ones(features.shape[:-1], device=features.device)
+        if self.relevance == "allocator":  # min-max inside each partition
+            x = self.allocator.scores(batch).to(features.device).float()
+            part = layout.partition.expand_as(x)
+            bounds = torch.zeros(len(batch), layout.n_partitions, device=x.device)
+            low = bounds.scatter_reduce(-1, part, x, "amin", include_self=False).gather(-1, part)
+            high = bounds.scatter_reduce(-1, part, x, "amax", include_self=False).gather(-1, part)
+            return min_max(x, low, high)
+        if self.relevance == "cls":
+            x = layout.per_feature(batch.cls_scores(self.feature_layer)).to(features.device).float()
+        else:
+            x = torch.stack([self.question_relevance(image, f) for image, f in zip(batch.images, features)])
+        return min_max(x, x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values)
+
+    def question_relevance(self, image: EncodedImage, features: torch.Tensor) -> torch.Tensor:
+        """(N,) mean cosine of each unit feature to the question's tokens (the paper's sign)."""
+        ids = self.question.question_ids(image).to(image.embed.weight.device)
+        question = F.normalize(image.embed(ids).float().to(features.device), dim=-1)
+        return (features @ question.T).mean(-1)
 
 
-def min_max(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+@lru_cache(maxsize=64)
+def largest_share(layout: ImageLayout, k: int) -> int:
+    """The largest partition share of `proportional_counts`, worked out once on the host."""
+    return max(proportional_counts(k, layout).tolist())
+
+
+def min_max(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """(x - min + eps) / (max - min), as CDPruner normalises relevance; a constant x gives 1."""
-    low, high = x.min(), x.max()
     return (x - low + eps) / (high - low).clamp(min=eps)
 
 
 def greedy_map(
-    features: torch.Tensor, quality: torch.Tensor, k: int, unit: bool = False, tol: float = 1e-6
+    features: torch.Tensor,
+    quality: torch.Tensor,
+    k: int,
+    counts: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    unit: bool = False,
+    tol: float = 1e-6,
 ) -> torch.Tensor:
-    """Greedy MAP of the DPP with kernel L_ij = q_i q_j <f_i, f_j> (Chen, Zhang & Zhou 2018).
+    """Greedy MAP of the DPP with kernel L_ij = q_i q_j <f_i, f_j> (Chen, Zhang & Zhou 2018),
+    for a batch of independent item sets at once, with no host sync: k steps for all, each set
+    stops adding at its own count, and a set whose gains are exhausted is masked out of the
+    updates and filled by quality after the loop.
 
-    features: (n, D) rows, quality: (n,), k <= n; `unit`: the rows have unit length (cosine
-    similarity), so L_ii = q_i^2 exactly and equal qualities tie exactly (broken by index).
-    Returns (k,) long indices in the order chosen, on the features' device.
+    features: (..., n, D) rows; quality: (..., n); k <= n steps; counts: (...) items to choose
+    per set (default k); valid: (..., n) bool, False for padding (never chosen); `unit`: the
+    rows have unit length (cosine similarity), so L_ii = q_i^2 exactly and equal qualities tie
+    exactly (broken by index). Returns (..., k) long indices in the order chosen, on the
+    features' device; slots past a set's count are meaningless.
     """
-    n = features.shape[0]
+    *lead, n, _ = features.shape
     k = min(int(k), n)
-    chosen = torch.empty(k, dtype=torch.long, device=features.device)
+    device = features.device
+    chosen = torch.zeros(*lead, k, dtype=torch.long, device=device)
     if k == 0:
         return chosen
     quality = quality.float()
-    factors = features.new_zeros(k, n)  # c: row i is the i-th column of the Cholesky factor
+    counts = torch.full(lead, k, device=device) if counts is None else counts
+    valid = torch.ones(quality.shape, dtype=torch.bool, device=device) if valid is None else valid
+    factors = features.new_zeros(*lead, k, n)  # c: row i is the i-th column of the Cholesky factor
     norms = torch.ones_like(quality) if unit else (features * features).sum(-1)
-    gains = quality * quality * norms  # d_i^2, starting at L_ii
-    floor = tol * float(gains.max())
+    gains = torch.where(valid, quality * quality * norms, float("-inf"))  # d_i^2, starting at L_ii
+    floor = tol * gains.max(-1).values
+    greedy = torch.ones(lead, dtype=torch.bool, device=device)  # still adding by gain
+    n_greedy = torch.zeros(lead, dtype=torch.long, device=device)
     for i in range(k):
-        best, j = gains.max(0)
-        if float(best) <= floor:  # the kept tokens span the rest: fill by relevance
-            taken = torch.zeros(n, dtype=torch.bool, device=features.device)
-            taken[chosen[:i]] = True
-            rest = torch.nonzero(~taken).flatten()
-            order = torch.sort(-quality[rest], stable=True).indices
-            chosen[i:] = rest[order[: k - i]]
-            break
-        chosen[i] = j
-        row = quality[j] * quality * (features @ features[j])  # L_j,:
-        e = (row - factors[:i, j] @ factors[:i]) / best.sqrt()
-        factors[i] = e
+        best, j = gains.max(-1)
+        # past its count, or every gain at most the floor (the kept items span the rest): stop
+        greedy &= (best > floor) & (i < counts)
+        chosen[..., i] = j
+        n_greedy += greedy
+        f_j = features.gather(-2, j[..., None, None].expand(*lead, 1, features.shape[-1]))  # (..., 1, D)
+        # L_j,: (a row vector times the features: on CPU 3x faster than features times a column)
+        row = quality.gather(-1, j[..., None]) * quality * (f_j @ features.mT)[..., 0, :]
+        c_j = factors[..., :i, :].gather(-1, j[..., None, None].expand(*lead, i, 1))  # (..., i, 1)
+        e = (row - (c_j.mT @ factors[..., :i, :])[..., 0, :]) / best.sqrt()[..., None]
+        e = torch.where(greedy[..., None], e, 0.0)
+        factors[..., i, :] = e
         gains = gains - e * e
-        gains[j] = float("-inf")
-    return chosen
+        gains = gains.scatter(-1, j[..., None], torch.where(greedy, float("-inf"), best)[..., None])
+    # the rest by quality (ties: lower index), among the items neither chosen nor padding
+    slot = torch.arange(k, device=device)
+    picked = torch.zeros(quality.shape, dtype=torch.long, device=device)
+    picked.scatter_add_(-1, chosen, (slot < n_greedy[..., None]).long())
+    key = torch.where((picked > 0) | ~valid, float("inf"), -quality)
+    order = torch.sort(key, dim=-1, stable=True).indices
+    fill = order.gather(-1, (slot - n_greedy[..., None]).clamp(0, n - 1))
+    return torch.where(slot < n_greedy[..., None], chosen, fill)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..layout import EncodedImage
-from ..selection import allocate, floor_fraction, keep_count, top_k_per_partition
+from ..layout import ImageBatch, ImageLayout
+from ..selection import allocate, floor_fraction, keep_count, region_sums, top_k_per_partition
 from .base import Method, check_layer, check_real, register
 
 
@@ -38,46 +38,48 @@ class GlobalCom2(Method):
     def signals(self) -> dict[int, str]:
         return {self.score_layer: "logits"}
 
-    def select(self, image: EncodedImage) -> torch.Tensor:
-        return top_k_per_partition(self.scores(image), image.layout.partition, self.counts(image))
+    def select_batch(self, batch: ImageBatch) -> torch.Tensor:
+        return top_k_per_partition(self.scores(batch), batch.layout.partition, self.counts(batch))
 
-    def scores(self, image: EncodedImage) -> torch.Tensor:
-        """(N,) the importance each partition's tokens are ranked by (see `token_scores`)."""
-        return self.token_scores(image.layout, image.cls_scores(self.score_layer))
+    def scores(self, batch: ImageBatch) -> torch.Tensor:
+        """(B, N) the importance each partition's tokens are ranked by (see `token_scores`)."""
+        return self.token_scores(batch.layout, batch.cls_scores(self.score_layer))
 
-    def counts(self, image: EncodedImage) -> torch.Tensor:
-        """(P,) tokens kept per partition, summing exactly to the budget's count."""
-        layout = image.layout
-        logits = image.cls_scores(self.score_layer)
+    def counts(self, batch: ImageBatch) -> torch.Tensor:
+        """(B, P) tokens kept per partition, summing exactly to the budget's count."""
+        layout = batch.layout
+        logits = batch.cls_scores(self.score_layer)
         n = layout.n_features
         k = keep_count(self.budget, n)
         ratio = k / n
         if layout.n_partitions == 1:  # no crops (an image of a multi-image OneVision prompt)
-            return torch.tensor([k])
-        n_base = min(floor_fraction(ratio, layout.tile), int(layout.capacity[0]))
-        region_sums = layout.region_weights @ logits[0]
-        sigma = torch.softmax((region_sums - region_sums.max()) / self.tau, dim=0)
-        crop_ratio = (ratio * (1 + sigma - 1 / sigma.numel())).clamp(max=1.0)
+            return torch.full((len(batch), 1), k, device=logits.device)
+        n_base = min(floor_fraction(ratio, layout.tile), layout.sizes[0])
+        sums = region_sums(layout, logits[:, 0])
+        sigma = torch.softmax((sums - sums.max(-1, keepdim=True).values) / self.tau, dim=-1)
+        crop_ratio = (ratio * (1 + sigma - 1 / sigma.shape[-1])).clamp(max=1.0)
         crops = allocate(k - n_base, crop_ratio * layout.capacity[1:], layout.capacity[1:])
-        return torch.cat([torch.tensor([k - int(crops.sum())]), crops])
+        return torch.cat([k - crops.sum(-1, keepdim=True), crops], -1)
 
     @staticmethod
-    def token_scores(layout, logits: torch.Tensor) -> torch.Tensor:
-        """(N,) base tokens: their own logits; crop tokens: local + global, each L2-normalised
-        over the crop's unpadded tokens."""
-        in_crop = layout.partition > 0
+    def token_scores(layout: ImageLayout, logits: torch.Tensor) -> torch.Tensor:
+        """(B, P, side**2) logits -> (B, N): base tokens their own logits; crop tokens local +
+        global, each L2-normalised over the crop's unpadded tokens."""
         local = layout.per_feature(logits)
-        if not in_crop.any():  # a very thin image: unpadding left only the base
+        if len(layout.sizes) == 1 or sum(layout.sizes[1:]) == 0:  # a very thin image: only the base is left
             return local
+        in_crop = layout.partition > 0
         y0, y1, x0, x1 = layout.valid_box
-        base_map = logits[0].view(1, 1, layout.side, layout.side)
-        global_map = F.interpolate(base_map, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[0, 0]
+        base_map = logits[:, :1].unflatten(-1, (layout.side, layout.side))
+        global_map = F.interpolate(base_map, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[:, 0]
         y, x = layout.canvas_yx
+        crop = layout.canvas_features
         global_ = torch.zeros_like(local)
-        global_[in_crop] = global_map[y[in_crop] - y0, x[in_crop] - x0]
+        global_[:, crop] = global_map[:, y[crop] - y0, x[crop] - x0]
 
         def l2_normalised(scores):
-            norms = torch.bincount(layout.partition, weights=scores.double() ** 2).sqrt().float()
-            return scores / norms[layout.partition].clamp(min=1e-12)
+            squares = torch.zeros(*scores.shape[:-1], layout.n_partitions, dtype=torch.float64, device=scores.device)
+            norms = squares.index_add_(-1, layout.partition, scores.double() ** 2).sqrt().float()
+            return scores / norms[..., layout.partition].clamp(min=1e-12)
 
         return torch.where(in_crop, l2_normalised(local) + l2_normalised(global_), local)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..layout import EncodedImage
-from ..selection import allocate, floor_fraction, keep_count, top_k_per_partition
+from ..layout import ImageBatch
+from ..selection import allocate, floor_fraction, keep_count, region_sums, top_k_per_partition
 from .base import Method, check_choice, check_layer, check_real, register
 
 ALLOCATIONS = ("mass", "count")
@@ -45,23 +45,22 @@ class HiRED(Method):
     def signals(self) -> dict[int, str]:
         return {self.alloc_layer: "probs", self.select_layer: "probs"}
 
-    def select(self, image: EncodedImage) -> torch.Tensor:
-        return top_k_per_partition(self.scores(image), image.layout.partition, self.counts(image))
+    def select_batch(self, batch: ImageBatch) -> torch.Tensor:
+        return top_k_per_partition(self.scores(batch), batch.layout.partition, self.counts(batch))
 
-    def scores(self, image: EncodedImage) -> torch.Tensor:
-        """(N,) the importance each partition's tokens are ranked by: CLS attention at select_layer."""
-        return image.layout.per_feature(image.cls_scores(self.select_layer))
+    def scores(self, batch: ImageBatch) -> torch.Tensor:
+        """(B, N) the importance each partition's tokens are ranked by: CLS attention at select_layer."""
+        return batch.layout.per_feature(batch.cls_scores(self.select_layer))
 
-    def counts(self, image: EncodedImage) -> torch.Tensor:
-        """(P,) tokens kept per partition, summing exactly to the budget's count."""
-        layout = image.layout
+    def counts(self, batch: ImageBatch) -> torch.Tensor:
+        """(B, P) tokens kept per partition, summing exactly to the budget's count."""
+        layout = batch.layout
         k = keep_count(self.budget, layout.n_features)
-        n_base = min(floor_fraction(self.alpha, k), int(layout.capacity[0]))
-        signal = image.cls_scores(self.alloc_layer)[0]
+        n_base = min(floor_fraction(self.alpha, k), layout.sizes[0])
+        signal = batch.cls_scores(self.alloc_layer)[:, 0]
         if self.allocation == "count":
-            top = torch.sort(-signal, stable=True).indices[: floor_fraction(1 - self.alpha, layout.tile)]
-            signal = torch.zeros_like(signal).index_fill_(0, top, 1.0)
-        crop_weights = layout.region_weights @ signal
-        crops = allocate(k - n_base, crop_weights, layout.capacity[1:])
+            top = torch.sort(-signal, dim=-1, stable=True).indices[:, : floor_fraction(1 - self.alpha, layout.tile)]
+            signal = torch.zeros_like(signal).scatter_(-1, top, 1.0)
+        crops = allocate(k - n_base, region_sums(layout, signal), layout.capacity[1:])
         # whatever the crops cannot hold returns to the base, so exactly k survive
-        return torch.cat([torch.tensor([k - int(crops.sum())]), crops])
+        return torch.cat([k - crops.sum(-1, keepdim=True), crops], -1)

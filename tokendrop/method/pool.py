@@ -19,32 +19,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from einops import rearrange
 
-from ..layout import EncodedImage
-from ..selection import allocate, keep_count, proportional_counts
-from .base import Merged, Method, register
+from ..layout import ImageBatch, ImageLayout
+from ..selection import Grouping, allocate, keep_count, proportional_counts
+from .base import Method, register
 
 
 @register("pool")
 @dataclass
 class Pool(Method):
-    def select(self, image: EncodedImage) -> Merged:
-        layout = image.layout
-        counts = proportional_counts(keep_count(self.budget, layout.n_features), layout)
-        y, _ = layout.canvas_yx
-        groups = []
-        for p, count in enumerate(counts.tolist()):
-            members = torch.nonzero(layout.partition == p).flatten()  # raster order of the valid rectangle
-            if count == 0:
-                continue
-            h = int(y[members].unique().numel())
-            grid = rearrange(members, "(h w) -> h w", h=h)
-            groups += pool_cells(grid, count)
-        groups.sort(key=lambda g: int(g[0]))
-        return Merged(indices=torch.stack([g[0] for g in groups]), groups=groups)
+    def select_batch(self, batch: ImageBatch) -> Grouping:
+        layout = batch.layout
+        owner = pooled_owner(layout, keep_count(self.budget, layout.n_features))
+        return Grouping(owner.expand(len(batch), -1))
+
+
+@lru_cache(maxsize=64)
+def pooled_owner(layout: ImageLayout, k: int) -> torch.Tensor:
+    """(N,) long on the layout's device: each feature's cell, named by the cell's first token.
+    The cells depend on the geometry only, so they are made once, on the host layout."""
+    host = layout.host
+    counts = proportional_counts(k, host)
+    y, _ = host.canvas_yx
+    owner = torch.full((host.n_features,), -1, dtype=torch.long)
+    for p, count in enumerate(counts.tolist()):
+        members = torch.nonzero(host.partition == p).flatten()  # raster order of the valid rectangle
+        if count == 0:
+            continue
+        h = int(y[members].unique().numel())
+        for cell in pool_cells(rearrange(members, "(h w) -> h w", h=h), count):
+            owner[cell] = cell[0]
+    return owner.to(layout.packed_source.device)
 
 
 def pool_cells(grid: torch.Tensor, count: int) -> list[torch.Tensor]:

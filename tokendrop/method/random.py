@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
-from ..layout import EncodedImage
-from ..selection import keep_count
+from ..layout import ImageBatch
+from ..selection import feature_mask, keep_count
 from .base import Method, check_int, register
 
 
@@ -22,10 +23,14 @@ class Random(Method):
         if not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed accepts
             raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
 
-    def select(self, image: EncodedImage) -> torch.Tensor:
-        # A fresh generator per image: the subset depends on the seed and the image's token
-        # count only, never on the batch the image arrives in.
-        n = image.layout.n_features
-        generator = torch.Generator().manual_seed(self.seed)
-        chosen = torch.randperm(n, generator=generator)[: keep_count(self.budget, n)]
-        return torch.sort(chosen).values
+    def select_batch(self, batch: ImageBatch) -> torch.Tensor:
+        n = batch.layout.n_features
+        return random_subset(n, keep_count(self.budget, n), self.seed, batch.device).expand(len(batch), n)
+
+
+@lru_cache(maxsize=64)
+def random_subset(n: int, k: int, seed: int, device: torch.device) -> torch.Tensor:
+    """(n,) bool: k of n drawn by a fresh generator, so that the subset depends on the seed and
+    the image's token count only, never on the batch the image arrives in; made once per device."""
+    generator = torch.Generator().manual_seed(seed)
+    return feature_mask(torch.randperm(n, generator=generator)[:k], n).to(device)

@@ -190,14 +190,13 @@ class Router(Text):
         self.weights.requires_grad_(False)
         return self
 
-    def scores(self, image: EncodedImage) -> torch.Tensor:
-        visual = image.features
+    def scores(self, image: EncodedImage, visual: torch.Tensor) -> torch.Tensor:
         if self.weights.visual.device != visual.device:  # fp32 on the features' device, moved once
             self.weights.to(visual.device)
-        return self.weights(visual, self.question(image)).cpu()
+        return self.weights(visual, self.question(image).to(visual.device))
 
     def question(self, image: EncodedImage) -> torch.Tensor:
         """(T, D) the LLM input embeddings of the image's question, on the features' device
         (what the router scores against, in training as in use)."""
         ids = self.question_ids(image).to(image.embed.weight.device)
-        return image.embed(ids).to(image.features.device)
+        return image.embed(ids).to(image.packed.device)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from ..layout import EncodedImage
+from ..layout import EncodedImage, ImageBatch
 from ..selection import keep_count
 from .base import Method, check_choice, check_real, register
 
@@ -76,27 +76,31 @@ class Text(Method):
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
 
-    def select(self, image: EncodedImage) -> torch.Tensor:
-        layout = image.layout
-        scores = self.scores(image)
-        in_scope = (
-            layout.partition > 0 if self.scope == "crops" else torch.ones_like(layout.partition, dtype=torch.bool)
-        )
-        candidates = torch.nonzero(in_scope).flatten()
-        ranked = candidates[torch.sort(-scores[candidates], stable=True).indices]
+    def select_batch(self, batch: ImageBatch) -> torch.Tensor:
+        layout = batch.layout
+        # image by image: each image's question differs in length (the scores stay on the device)
+        scores = torch.stack([self.scores(image, image.features) for image in batch.images])
+        in_scope = (layout.partition > 0) | (self.scope == "all")
+        n_candidates = sum(layout.sizes[1:]) if self.scope == "crops" else layout.n_features
+        # candidates first, by descending score (ties: lower index), the tokens out of scope after them
+        ranked = torch.sort(-torch.where(in_scope, scores, float("-inf")), dim=-1, stable=True).indices
         if self.threshold is None:
-            count = keep_count(self.budget, candidates.numel())
+            count = torch.full((len(batch), 1), keep_count(self.budget, n_candidates), device=scores.device)
         elif self.threshold >= 1.0:
-            count = candidates.numel()
+            count = torch.full((len(batch), 1), n_candidates, device=scores.device)
         else:
-            mass = torch.cumsum(torch.softmax(scores[ranked].double(), 0), 0)
-            count = min(candidates.numel(), int((mass <= self.threshold).sum()) + 1)
-        return torch.sort(torch.cat([torch.nonzero(~in_scope).flatten(), ranked[:count]])).values
+            top = ranked[:, :n_candidates]
+            mass = torch.cumsum(torch.softmax(scores.gather(-1, top).double(), -1), -1)
+            count = ((mass <= self.threshold).sum(-1, keepdim=True) + 1).clamp(max=n_candidates)
+        place = torch.arange(ranked.shape[-1], device=scores.device)
+        kept = torch.zeros_like(in_scope.expand_as(scores)).scatter(-1, ranked, place < count)
+        return kept | ~in_scope
 
-    def scores(self, image: EncodedImage) -> torch.Tensor:
-        """(N,) summed cosine similarity of each feature token to the question tokens."""
+    def scores(self, image: EncodedImage, visual: torch.Tensor) -> torch.Tensor:
+        """(N,) fp32, on the device of `visual` (the image's (N, D) feature tokens): summed cosine
+        similarity of each feature token to the question tokens."""
         question = image.embed(self.question_ids(image).to(image.embed.weight.device))
-        return cosine_scores(image.features.to(question.device), question).cpu()
+        return cosine_scores(visual.to(question.device), question).to(visual.device)
 
     def question_ids(self, image: EncodedImage) -> torch.Tensor:
         tokenizer = self.tokenizer
