@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 
 from tokendrop.adapters import adapter_for
-from tokendrop.harness import positive_int, spread, text_table
+from tokendrop.harness import device_name, positive_int, spread, text_table
 from tokendrop.layout import EncodedImage
-from tokendrop.measure import device_name, synchronize
+from tokendrop.measure import synchronize
 from tokendrop.method import METHODS, build as build_method
 from tokendrop.patch import select_images
 from tokendrop.presets import PRESETS, build_preset

@@ -11,6 +11,7 @@ import reference
 import tokendrop
 from conftest import QUESTIONS, greedy
 from tokendrop.adapters import adapter_for
+from tokendrop.method import dpp
 from tokendrop.method.dpp import greedy_map
 from tokendrop.presets import build_preset
 
@@ -125,6 +126,25 @@ def test_greedy_map_is_exact_where_greedy_is_optimal():
                 itertools.combinations(range(n), k), key=lambda s: float(torch.logdet(kern[list(s)][:, list(s)]))
             )
             assert sorted(greedy_map(diagonal.float(), quality.float(), k).tolist()) == sorted(best)
+
+
+def test_greedy_map_set_by_set_equals_the_batched_device_path(monkeypatch):
+    """The CPU runs a batch of sets one at a time; the device path (a GPU's) masks them all at
+    once. Padded sets with their own counts, duplicated rows (tied gains) and a rank below k
+    (exhausted gains, filled by quality) must give the same choices either way."""
+    generator = torch.Generator().manual_seed(2)
+    features = torch.nn.functional.normalize(torch.randn(3, 4, 12, 4, generator=generator), dim=-1)
+    features[0, 1, 5] = features[0, 1, 2]
+    quality = torch.rand(3, 4, 12, generator=generator) + 0.05
+    valid = torch.rand(3, 4, 12, generator=generator) > 0.2
+    valid[..., :7] = True
+    counts = torch.randint(0, 8, (3, 4), generator=generator)
+    set_by_set = greedy_map(features, quality, 7, counts=counts, valid=valid, unit=True)
+    monkeypatch.setattr(dpp, "SET_BY_SET_DEVICES", frozenset())
+    batched = greedy_map(features, quality, 7, counts=counts, valid=valid, unit=True)
+    taken = torch.arange(7) < counts[..., None]
+    assert torch.equal(set_by_set[taken], batched[taken])
+    assert bool(valid.gather(-1, set_by_set)[taken].all())
 
 
 @pytest.mark.parametrize("budget", BUDGETS)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .harness import device_name  # eval/bench_selection.py imports it from here too
+from .harness import device_name
 from .patch import ATTRIBUTE, adapter_of
 
 PROC_STATUS = Path("/proc/self/status")

@@ -190,6 +190,10 @@ def min_max(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, eps: float =
     return (x - low + eps) / (high - low).clamp(min=eps)
 
 
+# where a batch of sets runs one set at a time (see `greedy_map_set_by_set`)
+SET_BY_SET_DEVICES = frozenset({"cpu"})
+
+
 def greedy_map(
     features: torch.Tensor,
     quality: torch.Tensor,
@@ -213,6 +217,8 @@ def greedy_map(
     *lead, n, _ = features.shape
     k = min(int(k), n)
     device = features.device
+    if lead and device.type in SET_BY_SET_DEVICES:
+        return greedy_map_set_by_set(features, quality, k, counts, valid, unit, tol)
     chosen = torch.zeros(*lead, k, dtype=torch.long, device=device)
     if k == 0:
         return chosen
@@ -248,3 +254,18 @@ def greedy_map(
     order = torch.sort(key, dim=-1, stable=True).indices
     fill = order.gather(-1, (slot - n_greedy[..., None]).clamp(0, n - 1))
     return torch.where(slot < n_greedy[..., None], chosen, fill)
+
+
+def greedy_map_set_by_set(features, quality, k, counts, valid, unit, tol) -> torch.Tensor:
+    """`greedy_map` of each set on its own, each only as many steps as its count: on a CPU
+    there are no kernel launches to save, and a batch of row-times-matrix products runs
+    several times slower than the same products one set at a time."""
+    *lead, n, dim = features.shape
+    chosen = torch.zeros(*lead, k, dtype=torch.long)
+    counts = [k] * chosen[..., 0].numel() if counts is None else counts.flatten().tolist()
+    valid = torch.ones(quality.shape, dtype=torch.bool) if valid is None else valid
+    sets = zip(features.reshape(-1, n, dim), quality.reshape(-1, n), valid.reshape(-1, n), counts)
+    for row, (items, qualities, real, count) in zip(chosen.view(-1, k), sets):
+        at = torch.nonzero(real).flatten()  # padding is never chosen
+        row[:count] = at[greedy_map(items[at], qualities[at], count, unit=unit, tol=tol)]
+    return chosen
