@@ -12,11 +12,11 @@ and `generate` (given the short ids too) keeps its mask and position bookkeeping
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
-from functools import cached_property
 
 import torch
 import transformers
@@ -180,7 +180,7 @@ class LlavaNextAdapter:
     # read the layer's input (CLIP's CLS scores: both kinds)
     output_signals: frozenset[str] = frozenset()
 
-    @cached_property
+    @functools.cached_property
     def encoder_layers(self) -> nn.ModuleList:
         """The tower's list of encoder layers, the one its encoder iterates."""
         first = self.vision_layers[0]
@@ -251,14 +251,18 @@ class LlavaNextAdapter:
         # (negative ones would count back from the last that ran). Always a list: 5.x takes an
         # int 0 for "no hidden states"; the model concatenates a list, of one state a copy.
         absolute = {**vision_kwargs, "vision_feature_layer": hidden}
-        with first_layers(self.encoder_layers, depth, keep_last_output=projected_only) as last_output:
-            packed = self.image_features(pixel_values, image_sizes, **absolute)
-        if last_output:  # empty where the tower ran in full: its hooks have scored that layer
-            layer = self.vision_layers[depth]
-            normed = layer.layer_norm1(last_output[0].to(layer.layer_norm1.weight.device))
-            layer.self_attn.q_proj(normed)  # the full GEMM, as the layer's own: the hook keeps the CLS row
-            layer.self_attn.k_proj(normed)
-        return packed
+        then = functools.partial(self.project_qk, depth) if projected_only else None
+        with first_layers(self.encoder_layers, depth, then=then):
+            return self.image_features(pixel_values, image_sizes, **absolute)
+
+    def project_qk(self, layer_index: int, hidden: torch.Tensor) -> None:
+        """Layer `layer_index`'s q and k projections of its input `hidden`, normed as the layer
+        norms it: all that its scores read, for the score hooks on the projections to capture.
+        The full GEMMs, as the layer's own (the hook keeps the CLS row of q)."""
+        layer = self.vision_layers[layer_index]
+        normed = layer.layer_norm1(hidden.to(layer.layer_norm1.weight.device))
+        layer.self_attn.q_proj(normed)
+        layer.self_attn.k_proj(normed)
 
     def vision_depth(self, hidden: list[int], signals: dict[int, str]) -> int:
         """How many encoder layers a pass must run in full: enough for the deepest of the
@@ -431,27 +435,26 @@ class _FirstLayers(nn.ModuleList):
 
 
 @contextmanager
-def first_layers(layers: nn.ModuleList, depth: int, keep_last_output: bool = False):
-    """While active, an encoder iterating `layers` in this context runs only the first `depth`.
-    Yields a list that receives, with `keep_last_output`, the output of the last layer run (the
-    input of layer `depth`). A list of another class than `nn.ModuleList` runs in full."""
-    last_output: list[torch.Tensor] = []
+def first_layers(layers: nn.ModuleList, depth: int, then=None):
+    """While active, an encoder iterating `layers` in this context runs only the first `depth`,
+    and calls `then(output of the last)`, still inside the tower's forward, where one is given.
+    A list of another class than `nn.ModuleList` runs in full (and `then` is not called)."""
     if depth >= len(layers) or type(layers) not in (nn.ModuleList, _FirstLayers):
-        yield last_output
+        yield
         return
     depths = {**(_depths.get() or {}), layers: depth}
     token = _depths.set(depths)
 
-    def keep(module, args, output):
+    def last_ran(module, args, output):
         if _depths.get() is depths:  # not another context's pass over the same layer
-            last_output[:] = [output[0] if isinstance(output, tuple) else output]  # a tuple in 4.x
+            then(output[0] if isinstance(output, tuple) else output)  # a tuple in 4.x
 
-    hook = layers[depth - 1].register_forward_hook(keep) if keep_last_output else None
+    hook = layers[depth - 1].register_forward_hook(last_ran) if then is not None else None
     with _claims_lock:
         _claims[layers] = _claims.get(layers, 0) + 1
         layers.__class__ = _FirstLayers
     try:
-        yield last_output
+        yield
     finally:
         with _claims_lock:
             _claims[layers] -= 1
