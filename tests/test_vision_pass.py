@@ -57,9 +57,6 @@ class LayerRuns:
         thread = threading.get_ident() if thread is None else thread
         return [self.counts.get((thread, name, i), 0) for i in range(n_layers)]
 
-    def clear(self):
-        self.counts.clear()
-
     def remove(self):
         for handle in self.handles:
             handle.remove()
