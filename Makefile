@@ -21,7 +21,7 @@ VLLM_TEST_TIMEOUT ?= 900
 SKIP_VLLM ?=
 CORE_TESTS := tests/test_patch.py tests/test_patch_lifecycle.py tests/test_call_inputs.py tests/test_errors.py \
 	tests/test_hired.py tests/test_globalcom2_text.py tests/test_new_methods.py tests/test_merging.py tests/test_peft.py \
-	tests/test_onevision.py
+	tests/test_onevision.py tests/test_vision_pass.py
 
 .PHONY: demo test test-vllm lint
 demo: $(VENV)/.ready

@@ -12,6 +12,12 @@ and `generate` (given the short ids too) keeps its mask and position bookkeeping
 
 from __future__ import annotations
 
+import functools
+import itertools
+import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import transformers
 from packaging.version import Version
@@ -57,11 +63,10 @@ class LlavaNextAdapter:
             raise ValueError(
                 f"patch the generating model ({self.model_class}), not its {type(model).__name__} submodule"
             )
-        if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
+        if config.vision_feature_select_strategy != "default":
             raise ValueError(
-                "tokendrop supports LLaVA-NeXT with vision_feature_select_strategy='default' and a single "
-                f"vision_feature_layer; this model has {config.vision_feature_select_strategy!r} and "
-                f"{config.vision_feature_layer!r}"
+                "tokendrop supports LLaVA-NeXT with vision_feature_select_strategy='default'; this model has "
+                f"{config.vision_feature_select_strategy!r}"
             )
         self.model = model
         self.vlm = model.model
@@ -73,8 +78,11 @@ class LlavaNextAdapter:
             )
         self.n_vision_layers = len(self.vision_layers)
         # vision_feature_layer indexes hidden states (0 = embeddings); as a layer index the same
-        # negative value names the same layer, a positive one is one less.
-        hidden = config.vision_feature_layer
+        # negative value names the same layer, a positive one is one less. Of a list (features
+        # concatenated from several layers), the deepest stands for the features.
+        requested = feature_layers(config.vision_feature_layer)
+        absolute = hidden_state_indices(requested, self.n_vision_layers)
+        hidden = requested[absolute.index(max(absolute))]
         self.feature_layer = hidden if hidden < 0 else hidden - 1
         self.side = config.vision_config.image_size // config.vision_config.patch_size
         self.image_token_id = config.image_token_id
@@ -168,6 +176,16 @@ class LlavaNextAdapter:
 
     # --- vision pass ------------------------------------------------------------------
 
+    # signal kinds read from a layer's output; the others come from its q/k projections, which
+    # read the layer's input (CLIP's CLS scores: both kinds)
+    output_signals: frozenset[str] = frozenset()
+
+    @functools.cached_property
+    def encoder_layers(self) -> nn.ModuleList:
+        """The tower's list of encoder layers, the one its encoder iterates."""
+        first = self.vision_layers[0]
+        return next(m for m in self.vision_tower.modules() if isinstance(m, nn.ModuleList) and len(m) and m[0] is first)
+
     def image_features(self, pixel_values, image_sizes, **vision_kwargs) -> list[torch.Tensor]:
         """The model's own vision pass: one packed (L, D) tensor per image, newlines included."""
         output = self.vlm.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes, **vision_kwargs)
@@ -201,12 +219,13 @@ class LlavaNextAdapter:
         return images
 
     def encode(self, pixel_values, image_sizes, signals: dict[int, str], **vision_kwargs) -> list[EncodedImage]:
-        """Run the vision tower and projector once, capturing the scores `signals` asks for."""
+        """Run the vision pass once, only as deep as it is read (`vision_pass`), capturing the
+        scores `signals` asks for. The scores stay where the tower computed them, in fp32."""
         with self.capture_scores(signals) as captured:
-            packed = self.image_features(pixel_values, image_sizes, **vision_kwargs)
+            packed = self.vision_pass(pixel_values, image_sizes, signals, **vision_kwargs)
         layouts = self.layouts(image_sizes, **vision_kwargs)
         splits = [layout.n_partitions for layout in layouts]
-        per_layer = {layer: torch.cat(scores).cpu().split(splits) for layer, scores in captured.items()}
+        per_layer = {layer: torch.cat(scores).split(splits) for layer, scores in captured.items()}
         return [
             EncodedImage(
                 layout=layout,
@@ -217,6 +236,42 @@ class LlavaNextAdapter:
             )
             for i, (layout, features) in enumerate(zip(layouts, packed))
         ]
+
+    def vision_pass(self, pixel_values, image_sizes, signals: dict[int, str], **vision_kwargs) -> list[torch.Tensor]:
+        """`image_features`, bit for bit, from a tower that stops at `vision_depth`. A layer
+        deeper than that which `signals` score computes only its q/k projections of its input
+        (normed as the layer norms it), not its attention output and MLP. Run it inside
+        `capture_scores(signals)`: the score hooks see those projections as in a full pass."""
+        chosen = vision_kwargs.get("vision_feature_layer")
+        requested = self.model.config.vision_feature_layer if chosen is None else chosen
+        hidden = hidden_state_indices(feature_layers(requested), self.n_vision_layers)
+        depth = self.vision_depth(hidden, signals)
+        projected_only = depth in {layer % self.n_vision_layers for layer in signals}
+        # Indices from the embeddings up name the same hidden states however many layers run
+        # (negative ones would count back from the last that ran). Always a list: 5.x takes an
+        # int 0 for "no hidden states"; the model concatenates a list, of one state a copy.
+        absolute = {**vision_kwargs, "vision_feature_layer": hidden}
+        then = functools.partial(self.project_qk, depth) if projected_only else None
+        with first_layers(self.encoder_layers, depth, then=then):
+            return self.image_features(pixel_values, image_sizes, **absolute)
+
+    def project_qk(self, layer_index: int, hidden: torch.Tensor) -> None:
+        """Layer `layer_index`'s q and k projections of its input `hidden`, normed as the layer
+        norms it: all that its scores read, for the score hooks on the projections to capture.
+        The full GEMMs, as the layer's own (the hook keeps the CLS row of q)."""
+        layer = self.vision_layers[layer_index]
+        normed = layer.layer_norm1(hidden.to(layer.layer_norm1.weight.device))
+        layer.self_attn.q_proj(normed)
+        layer.self_attn.k_proj(normed)
+
+    def vision_depth(self, hidden: list[int], signals: dict[int, str]) -> int:
+        """How many encoder layers a pass must run in full: enough for the deepest of the
+        feature hidden states `hidden` (0 = embeddings) and of the layers `signals` read the
+        output of, and up to (not including) the deepest layer scored from its projections.
+        At least one: some releases record the first hidden state as the first layer runs."""
+        n = self.n_vision_layers
+        reads = [layer % n + 1 if kind in self.output_signals else layer % n for layer, kind in signals.items()]
+        return max(1, *hidden, *reads)
 
     def capture_scores(self, signals: dict[int, str]):
         """A context that captures `signals` ({layer: kind}) during the vision pass, keyed by
@@ -360,3 +415,79 @@ def assign_rows(per_row: list[int], image_lengths: list[int]) -> list[int]:
             f"more images ({len(image_lengths)}) than <image> placeholders in the prompts; pass one image per <image>"
         )
     return rows
+
+
+def feature_layers(vision_feature_layer) -> list[int]:
+    """`vision_feature_layer` (an int or a list of them, as the model takes it) as a list."""
+    layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer
+    if (
+        not isinstance(layers, (list, tuple))
+        or not layers
+        or not all(isinstance(h, int) and not isinstance(h, bool) for h in layers)
+    ):
+        raise ValueError(
+            f"vision_feature_layer must be a hidden-state index (an int) or a non-empty list of them, got "
+            f"{vision_feature_layer!r}"
+        )
+    return list(layers)
+
+
+def hidden_state_indices(layers: list[int], n_layers: int) -> list[int]:
+    """Hidden-state indices (0 = embeddings, -1 = the last layer's output) from the embeddings
+    up, so that they name the same states whether or not the tower runs all its layers."""
+    n_hidden = n_layers + 1
+    wrong = [h for h in layers if not -n_hidden <= h < n_hidden]
+    if wrong:
+        raise ValueError(
+            f"vision_feature_layer {wrong} out of range: the vision tower has {n_hidden} hidden states (the "
+            f"embeddings and {n_layers} layers), indexed {-n_hidden} to {n_layers}"
+        )
+    return [h % n_hidden for h in layers]
+
+
+# Early stop of the tower without touching it outside the pass that asked: while a pass needs
+# it, the encoder's layer list is a `_FirstLayers`, which iterates only the first `depth`
+# layers in the context (thread, asyncio task) of that pass, all of them in any other. Passes
+# in several threads count their claims on the list; the last one out restores its class.
+_depths: ContextVar[dict | None] = ContextVar("tokendrop_vision_depth", default=None)
+_claims_lock = threading.Lock()
+_claims: dict[nn.ModuleList, int] = {}
+
+
+class _FirstLayers(nn.ModuleList):
+    def __iter__(self):
+        depth = (_depths.get() or {}).get(self)
+        layers = super().__iter__()
+        return layers if depth is None else itertools.islice(layers, depth)
+
+
+@contextmanager
+def first_layers(layers: nn.ModuleList, depth: int, then=None):
+    """While active, an encoder iterating `layers` in this context runs only the first `depth`,
+    and calls `then(output of the last)`, still inside the tower's forward, where one is given.
+    A list of another class than `nn.ModuleList` runs in full (and `then` is not called)."""
+    if depth >= len(layers) or type(layers) not in (nn.ModuleList, _FirstLayers):
+        yield
+        return
+    depths = {**(_depths.get() or {}), layers: depth}
+    token = _depths.set(depths)
+
+    def last_ran(module, args, output):
+        if _depths.get() is depths:  # not another context's pass over the same layer
+            then(output[0] if isinstance(output, tuple) else output)  # a tuple in 4.x
+
+    hook = layers[depth - 1].register_forward_hook(last_ran) if then is not None else None
+    with _claims_lock:
+        _claims[layers] = _claims.get(layers, 0) + 1
+        layers.__class__ = _FirstLayers
+    try:
+        yield
+    finally:
+        with _claims_lock:
+            _claims[layers] -= 1
+            if not _claims[layers]:
+                del _claims[layers]
+                layers.__class__ = nn.ModuleList
+        if hook is not None:
+            hook.remove()
+        _depths.reset(token)

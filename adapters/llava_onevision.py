@@ -150,6 +150,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     # --- vision pass ------------------------------------------------------------------
 
+    output_signals = frozenset({"logits"})  # -cos to the mean token, of the layer's output
+
     def capture_scores(self, signals: dict[int, str]):
         """The CLS-free equivalents of the signals, from the SigLIP layers (module docstring)."""
         layers = {layer % self.n_vision_layers: self.vision_layers[layer] for layer in signals}
