@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from tokendrop.adapters import adapter_for
-from tokendrop.harness import REFERENCE, positive_int, provenance, spread, text_table
+from tokendrop.harness import REFERENCE, device_name, positive_int, provenance, spread, text_table
+from tokendrop.measure import synchronize
 from tokendrop.method import build as build_method
 from tokendrop.presets import PRESETS, build_preset, synthetic_image
-from tokendrop.profiling import device_name, synchronize
 
 IMAGE_SIZE = (672, 672)
 METHODS = (REFERENCE, "hired", "globalcom2")

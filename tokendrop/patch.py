@@ -3,8 +3,9 @@
 `patch(model, method, budget)` wraps the instance's `generate` and `forward`. When a call
 carries images, the wrapper runs once, before the LLM:
 
-    adapter.read     check the inputs, run vision tower + projector once (with score hooks
-                     only for this pass); each image with its prompt row and question
+    adapter.read     check the inputs, run vision tower + projector once, only as deep as
+                     the features and the method's scores are read (with score hooks only for
+                     this pass); each image with its prompt row and question
     select_images    the images of each layout stacked (`ImageBatch`) and selected together
                      on the features' device (`method.select_batch`: exact budget, spatial
                      order), merged where the method merges, plus the newlines the policy keeps
