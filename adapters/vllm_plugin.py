@@ -31,10 +31,9 @@ import dataclasses
 import json
 import os
 
-from tokendrop.layout import EncodedImage, ImageLayout
+from tokendrop.layout import EncodedImage, ImageBatch, ImageLayout
 from tokendrop.method import METHODS, Method, build
-from tokendrop.method.base import Merged
-from tokendrop.selection import NEWLINE_POLICIES, keep_count, packed_keep_mask
+from tokendrop.selection import NEWLINE_POLICIES, Grouping, keep_count, packed_keep_mask
 
 ARCHITECTURE = "TokendropLlavaNextForConditionalGeneration"
 STOCK_ARCHITECTURE = "LlavaNextForConditionalGeneration"
@@ -114,6 +113,11 @@ class _DataNeeded(Exception):
 
 
 class _NoData:
+    """Packed features that exist only as a place: their device (the layout's), nothing else."""
+
+    def __init__(self, device):
+        self.device = device
+
     def __getattr__(self, name):
         raise _DataNeeded(name)
 
@@ -135,14 +139,21 @@ def _raise_data_needed(*args):
 
 def geometry_selection(method: Method, layout: ImageLayout):
     """The method's kept feature indices when they follow from the layout alone (uniform,
-    random, pool), else None: the selection runs on an image whose features and scores raise
-    when read."""
-    image = EncodedImage(layout=layout, packed=_NoData(), cls=_NoScores(), n_layers=1, embed=_raise_data_needed)
+    random, pool), else None: the selection runs on a batch of one image whose features and
+    scores raise when read."""
+    image = EncodedImage(
+        layout=layout,
+        packed=_NoData(layout.packed_source.device),
+        cls=_NoScores(),
+        n_layers=1,
+        embed=_raise_data_needed,
+    )
     try:
-        selected = method.select(image)
+        chosen = method.select_batch(ImageBatch([image], layout, _NoScores()))
     except _DataNeeded:
         return None
-    return selected.indices if isinstance(selected, Merged) else selected
+    kept = chosen.kept if isinstance(chosen, Grouping) else chosen
+    return kept[0].nonzero().flatten()
 
 
 def check_countable(method: Method, layout: ImageLayout) -> None:
