@@ -250,6 +250,9 @@ class ImageBatch:
     @cached_property
     def features(self) -> torch.Tensor:
         """(B, N, D) projected feature tokens, newlines removed, in feature-index order."""
-        if len(self.images) == 1:
-            return self.images[0].packed[None, self.layout.feature_positions]
-        return torch.stack([image.packed[self.layout.feature_positions] for image in self.images])
+        first = self.images[0].packed
+        positions = self.layout.feature_positions
+        features = first.new_empty(len(self.images), positions.numel(), first.shape[-1])
+        for image, rows in zip(self.images, features):  # one copy each, straight into the stack
+            torch.index_select(image.packed, 0, positions, out=rows)
+        return features

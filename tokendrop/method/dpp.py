@@ -263,9 +263,11 @@ def greedy_map_set_by_set(features, quality, k, counts, valid, unit, tol) -> tor
     *lead, n, dim = features.shape
     chosen = torch.zeros(*lead, k, dtype=torch.long)
     counts = [k] * chosen[..., 0].numel() if counts is None else counts.flatten().tolist()
-    valid = torch.ones(quality.shape, dtype=torch.bool) if valid is None else valid
-    sets = zip(features.reshape(-1, n, dim), quality.reshape(-1, n), valid.reshape(-1, n), counts)
-    for row, (items, qualities, real, count) in zip(chosen.view(-1, k), sets):
-        at = torch.nonzero(real).flatten()  # padding is never chosen
-        row[:count] = at[greedy_map(items[at], qualities[at], count, unit=unit, tol=tol)]
+    sets = zip(features.reshape(-1, n, dim), quality.reshape(-1, n), counts)
+    for i, (row, (items, qualities, count)) in enumerate(zip(chosen.view(-1, k), sets)):
+        if valid is None:
+            row[:count] = greedy_map(items, qualities, count, unit=unit, tol=tol)
+        else:  # padding is never chosen
+            at = torch.nonzero(valid.reshape(-1, n)[i]).flatten()
+            row[:count] = at[greedy_map(items[at], qualities[at], count, unit=unit, tol=tol)]
     return chosen
