@@ -29,6 +29,7 @@ Every random draw follows --seed. It prints timings and accuracies and writes th
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import time
@@ -57,6 +58,7 @@ from tokendrop.eval.shapes import (
     shapes_samples,
 )
 from tokendrop.harness import chat_prompt
+from tokendrop.measure import output_cache
 from tokendrop.method import Method
 from tokendrop.presets import build_config, build_processor
 
@@ -273,10 +275,12 @@ def continued(model, prefix, rest, n: int, labels=None, handle=None):
             {},
             None,
         )
-    cache = model(**prefix, use_cache=True).past_key_values
+    cache = output_cache(model(**prefix, use_cache=True))
     cache.batch_repeat_interleave(n)
     mask = torch.cat([prefix["attention_mask"].repeat_interleave(n, 0), rest["attention_mask"]], 1)
-    return model(input_ids=rest["input_ids"], attention_mask=mask, past_key_values=cache, labels=labels)
+    # the cache goes in by the name the release takes (`cache` from 5.2x; the old one warns there)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model(input_ids=rest["input_ids"], attention_mask=mask, labels=labels, **{name: cache})
 
 
 def probe(model, chats: Chats, samples: list[dict]) -> float:
