@@ -58,8 +58,8 @@ from tokendrop.eval.shapes import (
     shapes_samples,
 )
 from tokendrop.harness import chat_prompt
-from tokendrop.measure import output_cache
 from tokendrop.method import Method
+from tokendrop.patch import output_cache
 from tokendrop.presets import build_config, build_processor
 
 PAIRS = len(COLOURS) * len(SHAPES)

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .harness import device_name
-from .patch import ATTRIBUTE, adapter_of
+from .patch import ATTRIBUTE, adapter_of, output_cache
 
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -287,16 +287,6 @@ class StepTimer(StoppingCriteria):
         if len(self.stamps) < 2:
             return None
         return (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
-
-
-def output_cache(output):
-    """The key/value cache a forward or generate output carries, read by the name the
-    release uses (`cache` from transformers 5.2x, `past_key_values` before, as
-    `patch._remember_shortened` reads it): reading the old name on a new release prints a
-    deprecation warning on every run."""
-    fields = getattr(output, "__dataclass_fields__", {})
-    name = "cache" if "cache" in fields else "past_key_values"
-    return getattr(output, name, None)
 
 
 @contextmanager

@@ -431,11 +431,16 @@ def _shortened_prompt(cache) -> _Shortened | None:
     return _SHORTENED.get(cache) if isinstance(cache, Cache) else None
 
 
+def output_cache(output):
+    """The key/value cache a forward or generate output carries, read by the name the release
+    uses (`cache` from transformers 5.2x, `past_key_values` before): reading the old name on a
+    new release prints a deprecation warning on every call."""
+    fields = getattr(output, "__dataclass_fields__", {})
+    return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
+
+
 def _remember_shortened(output, cache, input_ids, compact_ids, compact_mask) -> None:
-    # the cache generate returns: `cache` from 5.2x, `past_key_values` before
-    returned = next(
-        (getattr(output, n) for n in ("cache", "past_key_values") if getattr(output, n, None) is not None), None
-    )
+    returned = output_cache(output)
     cache = cache if returned is None else returned
     if isinstance(cache, Cache):
         rows = _sequences(output).shape[0] // input_ids.shape[0]  # num_return_sequences repeats rows
