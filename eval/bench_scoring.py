@@ -30,7 +30,7 @@ from tokendrop.adapters import adapter_for
 from tokendrop.harness import positive_int, provenance, spread, text_table
 from tokendrop.measure import measure_call
 from tokendrop.method import METHODS, Method, build as build_method
-from tokendrop.presets import PRESETS, build_preset, synthetic_image
+from tokendrop.presets import PRESETS, build_preset, family, synthetic_image
 from tokendrop.scoring import capture_cls_scores
 
 IMAGE_SIZE = (672, 672)
@@ -214,7 +214,7 @@ def report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tokendrop.eval.bench_scoring", description=__doc__.split("\n")[0])
     # the CLS hooks and eager CLS rows below are CLIP's: LLaVA-NeXT presets only
-    clip_presets = [name for name in PRESETS.names() if PRESETS.get(name).get("family", "llava_next") == "llava_next"]
+    clip_presets = [name for name in PRESETS.names() if family(name) == "llava_next"]
     parser.add_argument("--preset", choices=clip_presets, default="llava-next-shape")
     parser.add_argument(
         "--methods",

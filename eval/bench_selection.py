@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import torch
 from tokendrop.adapters import adapter_for
 from tokendrop.harness import device_name, positive_int, spread, text_table
 from tokendrop.layout import EncodedImage
-from tokendrop.measure import synchronize
+from tokendrop.measure import time_call
 from tokendrop.method import METHODS, build as build_method
 from tokendrop.patch import select_images
 from tokendrop.presets import PRESETS, build_preset
@@ -82,15 +81,8 @@ def encoded_images(model, adapter, device: torch.device, n: int, layout_module=N
 
 
 def timed(run, repeats: int, device: torch.device) -> dict:
-    def once():
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        return time.perf_counter() - start
-
-    once()  # warm-up: caches (layouts on the device, fixed selections) fill here
-    stats = spread(once() for _ in range(repeats))
+    time_call(run, device)  # warm-up: caches (layouts on the device, fixed selections) fill here
+    stats = spread(time_call(run, device) for _ in range(repeats))
     return dict(median_s=stats["median"], min_s=stats["min"], max_s=stats["max"])
 
 

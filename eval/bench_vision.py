@@ -24,16 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from tokendrop.adapters import adapter_for
 from tokendrop.harness import REFERENCE, device_name, positive_int, provenance, spread, text_table
-from tokendrop.measure import synchronize
+from tokendrop.measure import time_call
 from tokendrop.method import build as build_method
-from tokendrop.presets import PRESETS, build_preset, synthetic_image
+from tokendrop.presets import PRESETS, build_preset, family, synthetic_image
 
 IMAGE_SIZE = (672, 672)
 METHODS = (REFERENCE, "hired", "globalcom2")
@@ -81,14 +80,6 @@ def layers_run(adapter, run) -> int:
     return len(ran)
 
 
-def timed(run, device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    run()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
 def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtype, n_images: int = 1) -> dict:
     load_before = os.getloadavg()[0]  # other processes' load skews CPU timings: keep it on record
     model, processor = build_preset(preset, dtype=dtype)
@@ -116,7 +107,7 @@ def benchmark(preset: str, repeats: int, device: torch.device, dtype: torch.dtyp
         for repeat in range(repeats):
             shift = repeat % len(names)
             for name in names[shift:] + names[:shift]:
-                samples[name].append(timed(runs[name], device))
+                samples[name].append(time_call(runs[name], device))
     variants = {name: {"time_s": spread(times) | {"samples": times}} for name, times in samples.items()}
     ratios = {}
     for method in METHODS:
@@ -169,7 +160,7 @@ def report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tokendrop.eval.bench_vision", description=__doc__.split("\n")[0])
     # hired's and globalcom2's scores are CLIP's CLS attention: LLaVA-NeXT presets only
-    clip_presets = [name for name in PRESETS.names() if PRESETS.get(name).get("family", "llava_next") == "llava_next"]
+    clip_presets = [name for name in PRESETS.names() if family(name) == "llava_next"]
     parser.add_argument("--preset", choices=clip_presets, default="llava-next-shape")
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--images", type=positive_int, default=1, help="images per pass (5 tiles each)")

@@ -387,14 +387,19 @@ def measure_generate(
     }
 
 
+def time_call(run, device: torch.device | str) -> float:
+    """Seconds `run()` takes, the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def measure_call(run, device: torch.device | str) -> dict:
     """`run()` once, timed (synchronised) and metered: seconds, peak and added bytes."""
     with peak_memory(device) as memory:
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        seconds = time.perf_counter() - start
+        seconds = time_call(run, device)
     return {
         "time_s": seconds,
         "peak_memory_bytes": memory.peak_bytes,

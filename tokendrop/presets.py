@@ -193,6 +193,11 @@ PRESETS.register("onevision-shape")(
 )
 
 
+def family(name: str) -> str:
+    """The model family preset `name` builds: "llava_next" unless its spec says otherwise."""
+    return PRESETS.get(name).get("family", "llava_next")
+
+
 def with_preset_defaults(model_name: str, methods, options: dict) -> dict:
     """{method: {option: value}}: the preset's defaults for the methods run, then `options`
     (which win). Only a preset named by `model_name` has defaults."""
@@ -225,7 +230,7 @@ def build_tokenizer(words=()) -> PreTrainedTokenizerFast:
 def build_processor(name: str) -> LlavaNextProcessor | LlavaOnevisionProcessor:
     spec = PRESETS.get(name)
     size = spec["vision"]["image_size"]
-    if spec.get("family") == "llava_onevision":
+    if family(name) == "llava_onevision":
         return build_onevision_processor(spec)
     image_processor = PilImageProcessor(
         size={"shortest_edge": size},
@@ -279,7 +284,7 @@ def build_config(name: str, tokenizer: PreTrainedTokenizerFast) -> LlavaNextConf
         )
         | spec["text"]
     )
-    if spec.get("family") == "llava_onevision":
+    if family(name) == "llava_onevision":
         return LlavaOnevisionConfig(
             vision_config=SiglipVisionConfig(vision_use_head=False, **spec["vision"]),
             text_config=spec["text_class"](**text),
