@@ -67,24 +67,20 @@ def test_loader_names_a_missing_or_foreign_weights_file(tmp_path, monkeypatch):
 
 def test_the_demo_answers_on_the_testbed(capsys, tmp_path):
     """The default demo: answers next to the truth, the accuracy per method and budget, the picture."""
-    assert (
-        main(
-            [
-                "demo",
-                "--budgets",
-                "0.5",
-                "0.1",
-                "--samples",
-                "20",
-                "--examples",
-                "2",
-                "--out",
-                str(tmp_path),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    demo = [
+        "demo",
+        "--budgets",
+        "0.5",
+        "0.1",
+        "--samples",
+        "20",
+        "--examples",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    assert main(demo) == 0
     out = capsys.readouterr().out
     assert "random weights" not in out and "Answers on test images" in out
     answers = out.split("Answers on test images")[1].split("shapes (accuracy)")[0]
@@ -99,24 +95,7 @@ def test_the_demo_answers_on_the_testbed(capsys, tmp_path):
         ("random", "0.1", "20"),
     ]
     assert (tmp_path / "kept.png").stat().st_size > 5_000
-    assert (
-        main(
-            [
-                "demo",
-                "--budgets",
-                "0.5",
-                "0.1",
-                "--samples",
-                "20",
-                "--examples",
-                "2",
-                "--out",
-                str(tmp_path),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )  # again: resumed, nothing to redo
+    assert main(demo) == 0  # again: resumed, nothing to redo
     assert "resuming" not in capsys.readouterr().out  # --no-progress: quiet
 
 
