@@ -149,7 +149,7 @@ def geometry_selection(method: Method, layout: ImageLayout):
         embed=_raise_data_needed,
     )
     try:
-        chosen = method.select_batch(ImageBatch([image], layout, _NoScores()))
+        chosen = method.select_batch(ImageBatch([image], layout))
     except _DataNeeded:
         return None
     kept = chosen.kept if isinstance(chosen, Grouping) else chosen

@@ -8,8 +8,9 @@ from torch.overrides import TorchFunctionMode
 
 import tokendrop
 from conftest import prompt
+from tokendrop import selection
 from tokendrop.adapters import adapter_for
-from tokendrop.method import build as build_method, dpp
+from tokendrop.method import build as build_method
 from tokendrop.method.base import Merged
 from tokendrop.patch import select_images
 from tokendrop.presets import synthetic_image
@@ -137,7 +138,7 @@ NO_SYNC_VARIANTS = [(n, {}) for n in NO_SYNC] + [
 
 @pytest.mark.parametrize("name, options", NO_SYNC_VARIANTS, ids=[f"{n}{o or ''}" for n, o in NO_SYNC_VARIANTS])
 def test_selection_and_compaction_read_back_once(tiny, mixed, name, options, monkeypatch):
-    monkeypatch.setattr(dpp, "SET_BY_SET_DEVICES", frozenset())  # dpp's device path, as on a GPU
+    monkeypatch.setattr(selection, "HOST_DEVICES", frozenset())  # dpp's device path, as on a GPU
     model, processor = tiny
     adapter = adapter_for(model)
     method = build_method(name, budget=0.2, processor=processor, **options).resolve(adapter)

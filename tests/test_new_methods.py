@@ -10,8 +10,8 @@ import torch
 import reference
 import tokendrop
 from conftest import QUESTIONS, greedy
+from tokendrop import selection
 from tokendrop.adapters import adapter_for
-from tokendrop.method import dpp
 from tokendrop.method.dpp import greedy_map
 from tokendrop.presets import build_preset
 
@@ -140,7 +140,7 @@ def test_greedy_map_set_by_set_equals_the_batched_device_path(monkeypatch):
     valid[..., :7] = True
     counts = torch.randint(0, 8, (3, 4), generator=generator)
     set_by_set = greedy_map(features, quality, 7, counts=counts, valid=valid, unit=True)
-    monkeypatch.setattr(dpp, "SET_BY_SET_DEVICES", frozenset())
+    monkeypatch.setattr(selection, "HOST_DEVICES", frozenset())
     batched = greedy_map(features, quality, 7, counts=counts, valid=valid, unit=True)
     taken = torch.arange(7) < counts[..., None]
     assert torch.equal(set_by_set[taken], batched[taken])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import reference
+from tokendrop.layout import members_of
 from tokendrop.selection import allocate, check_budget, keep_count, top_k_per_partition
 
 
@@ -43,8 +44,27 @@ def test_top_k_per_partition_matches_reference():
         partition = [rng.randint(0, 2) for _ in range(n)]
         scores = [float(rng.randint(0, 5)) for _ in range(n)]  # many ties
         counts = [rng.randint(0, partition.count(p)) for p in range(3)]
-        got = top_k_per_partition(torch.tensor(scores), torch.tensor(partition), torch.tensor(counts))
+        got = top_k_per_partition(torch.tensor(scores), members_of(torch.tensor(partition), 3), torch.tensor(counts))
         assert torch.nonzero(got).flatten().tolist() == reference.top_per_partition(scores, partition, counts)
+
+
+def test_top_k_per_partition_ranks_special_values_as_the_scores_order_them():
+    # scores from a pool of extremes, many equal: ties (including -0.0 with 0.0) go to the lower
+    # index, NaN ranks below -inf, padded partitions and counts of 0 and of a whole partition
+    rng = random.Random(3)
+    pool = [float("nan"), float("-inf"), float("inf"), -0.0, 0.0, -1.5, 1.5, 1e-45, -1e-45, 3.4e38, -3.4e38]
+    for _ in range(200):
+        n = rng.randint(1, 30)
+        partition = [rng.randint(0, 3) for _ in range(n)]
+        scores = [rng.choice(pool) for _ in range(n)]
+        counts = [rng.choice([0, partition.count(p), rng.randint(0, partition.count(p))]) for p in range(4)]
+        got = top_k_per_partition(torch.tensor(scores), members_of(torch.tensor(partition), 4), torch.tensor(counts))
+        expected = []
+        for p, count in enumerate(counts):
+            members = [i for i in range(n) if partition[i] == p]
+            members.sort(key=lambda i: (math.isnan(scores[i]), -scores[i] if not math.isnan(scores[i]) else 0, i))
+            expected += members[:count]
+        assert torch.nonzero(got).flatten().tolist() == sorted(expected), (scores, partition, counts)
 
 
 def test_top_k_per_partition_batched_equals_one_by_one():
@@ -53,9 +73,10 @@ def test_top_k_per_partition_batched_equals_one_by_one():
     scores = torch.randint(0, 6, (7, 50), generator=generator).float()  # many ties
     capacity = torch.bincount(partition, minlength=4)
     counts = (torch.rand(7, 4, generator=generator) * (capacity + 1)).long()
-    batched = top_k_per_partition(scores, partition, counts)
+    members = members_of(partition, 4)
+    batched = top_k_per_partition(scores, members, counts)
     for row in range(7):
-        assert torch.equal(batched[row], top_k_per_partition(scores[row], partition, counts[row]))
+        assert torch.equal(batched[row], top_k_per_partition(scores[row], members, counts[row]))
 
 
 def allocate_by_rounds(total, weights, capacity):

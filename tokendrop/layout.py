@@ -17,7 +17,7 @@ tensor (see the adapter), so it agrees with the model by construction. Terms use
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -107,11 +107,7 @@ class ImageLayout:
     def partition_members(self) -> torch.Tensor:
         """(P, M) long: each partition's feature indices, ascending, padded with -1 to the
         largest partition's size M."""
-        order = torch.sort(self.partition, stable=True).indices
-        part = self.partition[order]
-        rank = torch.arange(order.numel(), device=order.device) - (torch.cumsum(self.capacity, 0) - self.capacity)[part]
-        members = torch.full((self.n_partitions, max(self.sizes)), -1, dtype=torch.long, device=order.device)
-        return members.index_put_((part, rank), order)
+        return members_of(self.partition, self.n_partitions)
 
     @cached_property
     def canvas_features(self) -> torch.Tensor:
@@ -208,18 +204,14 @@ class ImageBatch:
 
     images: list[EncodedImage]
     layout: ImageLayout  # on the features' device
-    cls: dict[int, torch.Tensor]  # absolute layer -> (B, P, side**2) fp32
+    stacked_cls: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # filled by `cls_scores`
 
     @classmethod
     def of(cls, images: list[EncodedImage]) -> ImageBatch:
         first = images[0]
         if any(image.layout is not first.layout for image in images):
             raise ValueError("an ImageBatch holds images of one layout: group images by their layout first")
-        device = first.packed.device
-        scores = {
-            layer: torch.stack([image.cls[layer] for image in images]).to(device, torch.float32) for layer in first.cls
-        }
-        return cls(images, first.layout.on(device), scores)
+        return cls(images, first.layout.on(first.packed.device))
 
     @property
     def device(self) -> torch.device:
@@ -244,8 +236,13 @@ class ImageBatch:
         return self.images[0].embed
 
     def cls_scores(self, layer: int) -> torch.Tensor:
-        """(B, P, side**2) fp32 CLS scores of vision layer `layer` (negative counts from the end)."""
-        return self.cls[layer % self.n_layers]
+        """(B, P, side**2) fp32 CLS scores of vision layer `layer` (negative counts from the end),
+        stacked on first use: the images may carry layers that the method never reads."""
+        layer %= self.n_layers
+        if layer not in self.stacked_cls:
+            scores = torch.stack([image.cls[layer] for image in self.images])
+            self.stacked_cls[layer] = scores.to(self.device, torch.float32)
+        return self.stacked_cls[layer]
 
     @cached_property
     def features(self) -> torch.Tensor:
@@ -256,3 +253,14 @@ class ImageBatch:
         for image, rows in zip(self.images, features):  # one copy each, straight into the stack
             torch.index_select(image.packed, 0, positions, out=rows)
         return features
+
+
+def members_of(partition: torch.Tensor, n_partitions: int) -> torch.Tensor:
+    """(P, M) long: each partition's indices into `partition` (N,), ascending, padded with -1
+    to the largest partition's size M."""
+    capacity = torch.bincount(partition, minlength=n_partitions)
+    order = torch.sort(partition, stable=True).indices
+    part = partition[order]
+    rank = torch.arange(order.numel(), device=order.device) - (torch.cumsum(capacity, 0) - capacity)[part]
+    members = torch.full((n_partitions, int(capacity.max())), -1, dtype=torch.long, device=order.device)
+    return members.index_put_((part, rank), order)

@@ -18,6 +18,15 @@ from .layout import ImageLayout
 
 NEWLINE_POLICIES = ("rows", "all", "drop")
 
+# Devices where the host runs each op as it is called: reading a value back waits for nothing
+# and a loop of small ops launches no kernels, so selection takes host-driven shortcuts there
+# (the tests empty this set to run the device path on the CPU).
+HOST_DEVICES = frozenset({"cpu"})
+
+
+def on_host(tensor: torch.Tensor) -> bool:
+    return tensor.device.type in HOST_DEVICES
+
 
 def check_budget(budget) -> float | int:
     """A float in (0, 1] is a fraction of the image's feature tokens, an int >= 1 a count."""
@@ -61,7 +70,9 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tens
     partition overflows, the rounding remainder goes one token each to the largest fractional
     shares (ties: lower partition index). Zero total weight among open partitions falls back
     to capacity-proportional shares. A round either closes a partition or hands out all that
-    remains, so P + 1 rounds suffice: they run as masked tensor steps, with no host sync.
+    remains, so P + 1 rounds suffice: they run as masked tensor steps, with no host sync
+    except on a CPU, where reading a value back waits for nothing and the rounds stop as soon
+    as nothing remains (one round, unless a partition overflows).
     """
     weights = weights.double().clamp(min=0)
     capacity = capacity.long().to(weights.device).expand_as(weights)
@@ -73,6 +84,8 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tens
     n = weights.shape[-1]
     lower = torch.ones(n, n, dtype=torch.bool, device=weights.device).tril(-1)  # [p, q]: q < p
     for _ in range(weights.shape[-1] + 1):
+        if on_host(weights) and not bool(remaining.any()):
+            break
         room = capacity - alloc
         open_ = room > 0
         w = torch.where(open_, weights, zero)
@@ -94,17 +107,44 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tens
     return alloc
 
 
-def top_k_per_partition(scores: torch.Tensor, partition: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def top_k_per_partition(scores: torch.Tensor, members: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """(..., N) bool: the counts[..., p] highest-scoring features of each partition p.
-    scores (..., N), partition (N,), counts (..., P). Ties go to the lower index, so
-    selections are deterministic."""
-    order = torch.sort(-scores.float(), dim=-1, stable=True).indices
-    part = partition[order]  # (..., N) partition of each feature, in score order
-    # rank of each feature among its own partition's, in score order: a running count per partition
-    seen = torch.nn.functional.one_hot(part, counts.shape[-1]).cumsum(-2)
-    rank = seen.gather(-1, part[..., None])[..., 0] - 1
-    kept = rank < counts.to(scores.device).gather(-1, part)
-    return torch.zeros_like(kept).scatter_(-1, order, kept)
+    scores (..., N); members (P, M): each partition's feature indices, ascending, padded
+    with -1 (`ImageLayout.partition_members`, `layout.members_of`); counts (..., P). Ties go to the
+    lower index and NaN ranks last, so selections are deterministic.
+
+    No sort (on a CPU, torch sorts a row of 2,880 floats in ~90 us): each partition's
+    count-th largest score is found by one k-th value, then the scores above it are kept,
+    and as many of those equal to it as the count still allows, in index order."""
+    n_members = members.shape[-1]
+    key = order_key(scores)
+    padding = torch.iinfo(torch.int32).min
+    valid = members >= 0
+    rows = torch.where(valid, key[..., members.clamp(min=0)], padding)  # (..., P, M)
+    # the count-th largest of a row is the M-th largest once M - count entries above all
+    # scores are added to it: one k-th value (the (M + 1)-th smallest of 2M) for every row
+    counts = counts.to(scores.device)[..., None]
+    above = torch.where(torch.arange(n_members, device=scores.device) < n_members - counts, ABOVE_ALL, padding)
+    threshold = torch.kthvalue(torch.cat([rows, above], -1), n_members + 1, dim=-1, keepdim=True).values
+    greater = rows > threshold
+    equal = (rows == threshold) & valid
+    take = greater | (equal & (equal.cumsum(-1) <= counts - greater.sum(-1, keepdim=True)))
+    # back to feature order; padding writes to a spare column, cut off
+    slots = torch.where(valid, members, key.shape[-1]).flatten()
+    kept = torch.zeros(*key.shape[:-1], key.shape[-1] + 1, dtype=torch.bool, device=scores.device)
+    return kept.scatter_(-1, slots.expand(*key.shape[:-1], -1), take.flatten(-2))[..., :-1]
+
+
+ABOVE_ALL = torch.iinfo(torch.int32).max  # above `order_key` of every score
+
+
+def order_key(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys in the order of the scores as fp32 (-0.0 equal to 0.0; NaN below -inf), so
+    that ties are exact integer equality: the sign-magnitude bits, negatives' magnitude flipped."""
+    values = scores.float() + 0.0  # -0.0 + 0.0 is +0.0
+    bits = values.view(torch.int32)
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return torch.where(values.isnan(), torch.iinfo(torch.int32).min + 1, key)
 
 
 def region_sums(layout: ImageLayout, base_scores: torch.Tensor) -> torch.Tensor:

@@ -32,4 +32,4 @@ class BaseView(CLS):
             return torch.ones_like(scores, dtype=torch.bool)
         counts = torch.zeros(len(batch), layout.n_partitions, dtype=torch.long, device=scores.device)
         counts[:, 0] = min(k, layout.sizes[0])
-        return top_k_per_partition(scores, layout.partition, counts)
+        return top_k_per_partition(scores, layout.partition_members, counts)

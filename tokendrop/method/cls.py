@@ -29,4 +29,5 @@ class CLS(Method):
         layout = batch.layout
         scores = layout.per_feature(batch.cls_scores(self.select_layer))
         k = torch.full((len(batch), 1), keep_count(self.budget, layout.n_features), device=scores.device)
-        return top_k_per_partition(scores, torch.zeros_like(layout.partition), k)
+        every_feature = torch.arange(layout.n_features, device=scores.device)[None]  # one partition: all of them
+        return top_k_per_partition(scores, every_feature, k)

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import EncodedImage, ImageBatch, ImageLayout
-from ..selection import keep_count, proportional_counts
+from ..selection import keep_count, on_host, proportional_counts
 from .base import Method, check_choice, register
 from .globalcom2 import GlobalCom2
 from .hired import HiRED
@@ -190,10 +190,6 @@ def min_max(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, eps: float =
     return (x - low + eps) / (high - low).clamp(min=eps)
 
 
-# where a batch of sets runs one set at a time (see `greedy_map_set_by_set`)
-SET_BY_SET_DEVICES = frozenset({"cpu"})
-
-
 def greedy_map(
     features: torch.Tensor,
     quality: torch.Tensor,
@@ -217,7 +213,7 @@ def greedy_map(
     *lead, n, _ = features.shape
     k = min(int(k), n)
     device = features.device
-    if lead and device.type in SET_BY_SET_DEVICES:
+    if lead and on_host(features):  # see `greedy_map_set_by_set`
         return greedy_map_set_by_set(features, quality, k, counts, valid, unit, tol)
     chosen = torch.zeros(*lead, k, dtype=torch.long, device=device)
     if k == 0:

@@ -39,7 +39,7 @@ class GlobalCom2(Method):
         return {self.score_layer: "logits"}
 
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:
-        return top_k_per_partition(self.scores(batch), batch.layout.partition, self.counts(batch))
+        return top_k_per_partition(self.scores(batch), batch.layout.partition_members, self.counts(batch))
 
     def scores(self, batch: ImageBatch) -> torch.Tensor:
         """(B, N) the importance each partition's tokens are ranked by (see `token_scores`)."""

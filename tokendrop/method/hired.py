@@ -46,7 +46,7 @@ class HiRED(Method):
         return {self.alloc_layer: "probs", self.select_layer: "probs"}
 
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:
-        return top_k_per_partition(self.scores(batch), batch.layout.partition, self.counts(batch))
+        return top_k_per_partition(self.scores(batch), batch.layout.partition_members, self.counts(batch))
 
     def scores(self, batch: ImageBatch) -> torch.Tensor:
         """(B, N) the importance each partition's tokens are ranked by: CLS attention at select_layer."""
