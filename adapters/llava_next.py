@@ -296,10 +296,12 @@ class LlavaNextAdapter:
         the prompt rows without the placeholders of dropped tokens, and `inputs_embeds` holding
         image i's kept vectors (`packed[i][keep_masks[i]]`) in the remaining placeholders, with
         the matching attention_mask (and labels, when given)."""
-        compact, kept = self.compact(input_ids, attention_mask, labels, keep_masks, packed, pad_side, pad_token_id)
+        compact, vectors, counts = self.compact(
+            input_ids, attention_mask, labels, keep_masks, packed, pad_side, pad_token_id
+        )
         ids = compact.pop("input_ids")
-        compact["inputs_embeds"] = self.embed_prompt(ids, kept)
-        return ids, compact, kept
+        compact["inputs_embeds"] = self.embed_prompt(ids, vectors)
+        return ids, compact, [] if vectors is None else list(vectors.split(counts))
 
     def compact(
         self,
@@ -310,40 +312,45 @@ class LlavaNextAdapter:
         packed: list[torch.Tensor],
         pad_side: str,
         pad_token_id: int,
-    ) -> tuple[dict, list[torch.Tensor]]:
-        """({input_ids, attention_mask, labels} of the kept positions, re-padded; each image's
-        kept vectors). Existing padding stays where it is; rows that became shorter get extra
-        padding on `pad_side` (masked out, label -100). Reads one thing back from the device,
-        once: the new row lengths and per-image counts, which the shapes depend on."""
-        keep = self.kept_columns(input_ids, keep_masks)
-        per_image = [mask.sum().to(input_ids.device) for mask in keep_masks]
-        lengths = torch.stack([*keep.sum(1), *per_image]).tolist()  # the one host sync
+    ) -> tuple[dict, torch.Tensor | None, list[int]]:
+        """({input_ids, attention_mask, labels} of the kept positions, re-padded; every image's
+        kept vectors, one image after another in one tensor; each image's count of them).
+        Existing padding stays where it is; rows that became shorter get extra padding on
+        `pad_side` (masked out, label -100). Reads one thing back from the device, once: the
+        new row lengths and per-image counts, which the shapes depend on."""
+        all_kept = torch.cat([input_ids.new_zeros(0, dtype=torch.bool), *keep_masks]).to(input_ids.device)
+        keep = self.kept_columns(input_ids, all_kept)
+        # each image's kept count: the running count at its last position minus at its first
+        running = torch.cat([all_kept.new_zeros(1, dtype=torch.long), all_kept.cumsum(0)])
+        ends = torch.stack([running[i] for i in itertools.accumulate((m.numel() for m in keep_masks), initial=0)])
+        lengths = torch.cat([keep.sum(1), ends.diff()]).tolist()  # the one host sync
         rows, counts = lengths[: len(input_ids)], lengths[len(input_ids) :]
-        kept = [
-            vectors.index_select(0, torch.nonzero_static(mask.to(vectors.device), size=count)[:, 0])
-            for vectors, mask, count in zip(packed, keep_masks, counts)
+        rows_kept = [
+            torch.nonzero_static(mask.to(source.device), size=count)[:, 0]
+            for source, mask, count in zip(packed, keep_masks, counts)
         ]
-        return repad(input_ids, attention_mask, labels, keep, rows, pad_side, pad_token_id), kept
+        vectors = gather_rows(packed, rows_kept, counts) if packed else None
+        return repad(input_ids, attention_mask, labels, keep, rows, pad_side, pad_token_id), vectors, counts
 
-    def kept_columns(self, input_ids, keep_masks: list[torch.Tensor]) -> torch.Tensor:
-        """(B, T) bool: which prompt positions stay. `keep_masks[i]` covers image i's packed
-        sequence; images are numbered in (row, position) order, as the model fills
+    def kept_columns(self, input_ids, all_kept: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: which prompt positions stay. `all_kept` is the images' packed keep masks
+        one after another; images are numbered in (row, position) order, as the model fills
         placeholders (`image_rows` has checked that the rows hold exactly those placeholders)."""
         is_image = input_ids == self.image_token_id
-        if not keep_masks:
+        if not all_kept.numel():
             return torch.ones_like(is_image)
-        all_kept = torch.cat(keep_masks).to(input_ids.device)
         ordinal = (torch.cumsum(is_image.flatten(), 0) - 1).clamp(min=0).view_as(input_ids)  # placeholder number
         return torch.where(is_image, all_kept[ordinal.clamp(max=all_kept.numel() - 1)], True)
 
-    def embed_prompt(self, input_ids, image_features: list[torch.Tensor]) -> torch.Tensor:
+    def embed_prompt(self, input_ids, image_features: torch.Tensor | None) -> torch.Tensor:
         """The LLM's input as the model builds it: the ids' embeddings, with the image vectors
-        scattered over the `<image>` placeholders in (row, position) order. The callers hand
-        exactly one vector per placeholder (the count is not read back from the device)."""
+        (n, D), one image after another, scattered over the `<image>` placeholders in (row,
+        position) order. The callers hand exactly one vector per placeholder (the count is
+        not read back from the device)."""
         embeds = self.model.get_input_embeddings()(input_ids)
-        if not image_features:
+        if image_features is None:
             return embeds
-        features = torch.cat(image_features).to(embeds.device, embeds.dtype)
+        features = image_features.to(embeds.device, embeds.dtype)
         placeholders = (input_ids == self.image_token_id).flatten().to(embeds.device)
         at = torch.nonzero_static(placeholders, size=features.shape[0])[:, 0]
         return embeds.flatten(0, 1).index_put_((at,), features).view_as(embeds)
@@ -366,6 +373,18 @@ class LlavaNextAdapter:
         return assign_rows(
             per_row, [layout.packed_source.numel() for layout in self.layouts(image_sizes, **vision_kwargs)]
         )
+
+
+def gather_rows(sources: list[torch.Tensor], rows: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
+    """sources[i][rows[i]] (counts[i] rows each), one after another in one tensor: gathered
+    straight into it, unless a gradient must flow back to the sources (training the
+    projector), which a gather into a given tensor cannot carry."""
+    if torch.is_grad_enabled() and any(source.requires_grad for source in sources):
+        return torch.cat([source.index_select(0, at) for source, at in zip(sources, rows)])
+    out = sources[0].new_empty(sum(counts), sources[0].shape[-1])
+    for source, at, part in zip(sources, rows, out.split(counts)):
+        torch.index_select(source, 0, at, out=part)
+    return out
 
 
 def repad(input_ids, attention_mask, labels, keep: torch.Tensor, lengths: list[int], pad_side: str, pad_token_id: int):

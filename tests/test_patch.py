@@ -212,6 +212,27 @@ def test_forward_with_labels(tiny, batch):
     assert torch.allclose(out.loss, shifted, atol=1e-6)
 
 
+def test_training_the_projector_through_a_patched_forward(tiny, batch):
+    """A loss from a patched forward reaches the projector's weights, as unpatched: at budget
+    1.0 its gradient is the unpatched gradient exactly; pruned, it is a real, different one."""
+    model, _ = tiny
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    projector = model.model.multi_modal_projector.linear_1.weight
+
+    def projector_grad():
+        model.zero_grad(set_to_none=True)
+        model(**batch, labels=labels).loss.backward()
+        return projector.grad.clone()
+
+    expected = projector_grad()
+    with tokendrop.patched(model, "hired", budget=1.0):
+        assert torch.equal(projector_grad(), expected)
+    with tokendrop.patched(model, "hired", budget=0.2):
+        pruned = projector_grad()
+    assert pruned.abs().sum() > 0 and not torch.equal(pruned, expected)
+    model.zero_grad(set_to_none=True)
+
+
 def test_right_padding_forward_matches_single_rows(tiny, images):
     """A right-padded batch (the training layout) keeps its padding side and each row's
     logits equal that row alone."""

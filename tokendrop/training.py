@@ -257,7 +257,7 @@ class SelectionTrainer:
             images = self.adapter.encode(inputs["pixel_values"], inputs["image_sizes"], {})
             unpruned = None
             if self.config.loss != "ce":
-                embeds = self.adapter.embed_prompt(inputs["input_ids"], [image.packed for image in images])
+                embeds = self.adapter.embed_prompt(inputs["input_ids"], torch.cat([image.packed for image in images]))
                 logits = self.model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
                 unpruned = logits[:, -width - 1].float().log_softmax(-1)
         for image, example in zip(images, examples):
