@@ -51,9 +51,14 @@ def encoded(model, method, inputs):
         )
 
 
+@pytest.mark.parametrize("path", ["host", "device"])
 @pytest.mark.parametrize("budget", [0.25, 0.1, 7])
 @pytest.mark.parametrize("name, options", VARIANTS, ids=[f"{n}{o or ''}" for n, o in VARIANTS])
-def test_batched_equals_one_by_one(tiny, mixed, name, options, budget):
+def test_batched_equals_one_by_one(tiny, mixed, name, options, budget, path, monkeypatch):
+    """On the CPU's own path (host shortcuts: early stops, dpp image by image and set by set)
+    and on the device path a GPU takes."""
+    if path == "device":
+        monkeypatch.setattr(selection, "HOST_DEVICES", frozenset())
     model, processor = tiny
     options = {"budget": budget, **options}
     method = build_method(name, processor=processor, **options).resolve(adapter_for(model))

@@ -132,6 +132,10 @@ class DPP(Method):
 
     @torch.no_grad()  # a discrete choice: no graph, even when called in a training forward
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:
+        if len(batch) > 1 and on_host(batch.layout.packed_source):
+            # image by image: the greedy runs set by set here anyway, and a batch's (B, N, D)
+            # copies outgrow the blocks the C allocator reuses (each would cost fresh pages)
+            return torch.cat([self.select_batch(ImageBatch([image], batch.layout)) for image in batch.images])
         layout = batch.layout
         features = F.normalize(batch.features.float(), dim=-1)
         relevance = self.relevance_scores(batch, features)
@@ -213,7 +217,7 @@ def greedy_map(
     *lead, n, _ = features.shape
     k = min(int(k), n)
     device = features.device
-    if lead and on_host(features):  # see `greedy_map_set_by_set`
+    if on_host(features):  # see `greedy_map_set_by_set`
         return greedy_map_set_by_set(features, quality, k, counts, valid, unit, tol)
     chosen = torch.zeros(*lead, k, dtype=torch.long, device=device)
     if k == 0:
@@ -253,17 +257,48 @@ def greedy_map(
 
 
 def greedy_map_set_by_set(features, quality, k, counts, valid, unit, tol) -> torch.Tensor:
-    """`greedy_map` of each set on its own, each only as many steps as its count: on a CPU
-    there are no kernel launches to save, and a batch of row-times-matrix products runs
-    several times slower than the same products one set at a time."""
+    """`greedy_map` of each set on its own (`greedy_one_set`), each only as many steps as
+    its count: on a CPU there are no kernel launches to save and reading a value back waits
+    for nothing, and a batch of row-times-matrix products runs several times slower than the
+    same products one set at a time."""
     *lead, n, dim = features.shape
     chosen = torch.zeros(*lead, k, dtype=torch.long)
     counts = [k] * chosen[..., 0].numel() if counts is None else counts.flatten().tolist()
-    sets = zip(features.reshape(-1, n, dim), quality.reshape(-1, n), counts)
+    sets = zip(features.reshape(-1, n, dim), quality.reshape(-1, n).float(), counts)
     for i, (row, (items, qualities, count)) in enumerate(zip(chosen.view(-1, k), sets)):
         if valid is None:
-            row[:count] = greedy_map(items, qualities, count, unit=unit, tol=tol)
+            row[:count] = greedy_one_set(items, qualities, count, unit, tol)
         else:  # padding is never chosen
             at = torch.nonzero(valid.reshape(-1, n)[i]).flatten()
-            row[:count] = at[greedy_map(items[at], qualities[at], count, unit=unit, tol=tol)]
+            row[:count] = at[greedy_one_set(items[at], qualities[at], count, unit, tol)]
+    return chosen
+
+
+def greedy_one_set(features, quality, count: int, unit: bool, tol: float) -> torch.Tensor:
+    """(count,) `greedy_map` of one set, as a plain loop that stops where the gains run out
+    and fills the rest by quality (ties: lower index). Its products are written as
+    `greedy_map`'s, so that both make the same choices."""
+    n = features.shape[0]
+    count = min(count, n)
+    chosen = torch.zeros(count, dtype=torch.long)
+    factors = features.new_zeros(count, n)
+    norms = torch.ones_like(quality) if unit else (features * features).sum(-1)
+    gains = quality * quality * norms
+    floor = tol * gains.max()
+    n_greedy = 0
+    while n_greedy < count:
+        best, j = gains.max(-1)
+        if not best > floor:  # the kept items span the rest
+            break
+        i, n_greedy = n_greedy, n_greedy + 1
+        chosen[i] = j
+        row = quality[j] * quality * (features[j][None] @ features.mT)[0]
+        c_j = factors[:i].gather(-1, j.expand(i, 1))
+        e = (row - (c_j.mT @ factors[:i])[0]) / best.sqrt()
+        factors[i] = e
+        gains = gains - e * e
+        gains[j] = float("-inf")
+    taken = torch.zeros(n, dtype=torch.bool).index_fill_(0, chosen[:n_greedy], True)
+    rest = torch.sort(torch.where(taken, float("inf"), -quality), stable=True).indices
+    chosen[n_greedy:] = rest[: count - n_greedy]
     return chosen
