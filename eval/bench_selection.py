@@ -11,21 +11,26 @@ one warm-up):
 - methods: every registered method at 10% and 25% selecting for one image (`select_images`:
   selection, merging, keep masks), each median next to hired's;
 - batches: a whole call's selection plus compaction (encoded images -> the shortened
-  input_ids, attention_mask and each image's kept vectors; embedding the short prompt, which
-  the unpatched model does too, is left out) for batches of `--batches` images, the batched
-  path next to the per-image path of revision `--baseline` (loaded from git: its methods,
-  its loop, its records, its compaction), with the ratio; skipped without git history;
+  input_ids, attention_mask and each image's kept vectors), and the same through embedding
+  the short prompt with those vectors (-> the LLM's inputs_embeds; the unpatched model
+  embeds its prompt too), for batches of `--batches` images, the batched path next to the
+  per-image path of revision `--baseline` (loaded from git: its methods, its loop, its
+  records, its compaction and embedding), with the ratio; skipped without git history;
 - vision: the model's vision pass (tower, projector, packing) of one image, so that each
   method's select time reads against it.
+Freed memory stays in the process (`steady_allocator`), for both paths alike: otherwise a
+call's timing depends on whether the C library hands its buffers fresh pages.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import importlib
 import importlib.util
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -48,6 +53,10 @@ IMAGE_SIZE = (672, 672)
 QUESTION = "What is written on the sign next to the red car?"
 BASELINE = "fcf1067"  # the last revision that selected image by image on CPU tensors
 BATCH_METHODS = ("hired", "globalcom2", "cls", "text", "dpp")
+STAGES = {  # how far a timed call goes
+    "compact": "select + compact (to the shortened prompt and the kept vectors)",
+    "feed": "select + compact + embed (to the LLM's inputs_embeds)",
+}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -117,8 +126,9 @@ def load_baseline(revision: str):
     )
 
 
-def baseline_call(baseline, adapter, method, images, inputs) -> None:
-    """The baseline's pruning step after the vision pass, as its `Handle.prune` ran it."""
+def baseline_call(baseline, adapter, method, images, inputs, stage: str) -> None:
+    """The baseline's pruning step after the vision pass, as its `Handle.prune` ran it, up to
+    `stage`: "compact" (the shortened prompt and the kept vectors) or "feed" (inputs_embeds)."""
     selection, merged_type = baseline["selection"], baseline["base"].Merged
     keep_masks, kept_features, records = [], [], []
     for image in images:
@@ -137,14 +147,18 @@ def baseline_call(baseline, adapter, method, images, inputs) -> None:
                 torch.bincount(image.layout.partition[kept], minlength=image.layout.n_partitions).tolist(),
             )
         )
-    adapter.compact(inputs["input_ids"], inputs["attention_mask"], None, keep_masks, "left", 0)
+    prompt = (inputs["input_ids"], inputs["attention_mask"], None, keep_masks)
+    if stage == "compact":
+        adapter.compact(*prompt, "left", 0)
+    else:
+        adapter.feed(*prompt, kept_features, "left", 0)
 
 
-def batched_call(adapter, method, images, inputs) -> None:
-    """The batched pruning step after the vision pass, up to the shortened prompt."""
+def batched_call(adapter, method, images, inputs, stage: str) -> None:
+    """The batched pruning step after the vision pass, up to `stage`."""
     selected, packed = select_images(method, images)
-    keep_masks = [s.keep_mask for s in selected]
-    adapter.compact(inputs["input_ids"], inputs["attention_mask"], None, keep_masks, packed, "left", 0)
+    step = adapter.compact if stage == "compact" else adapter.feed
+    step(inputs["input_ids"], inputs["attention_mask"], None, [s.keep_mask for s in selected], packed, "left", 0)
 
 
 def prompt(adapter, processor, n_images: int, device: torch.device) -> dict:
@@ -182,16 +196,16 @@ def time_batches(model, processor, adapter, device, repeats: int, batches, budge
         images = encoded_images(model, adapter, device, n)
         inputs = prompt(adapter, processor, n, device)
         old_images = encoded_images(model, adapter, device, n, before["layout"]) if before else None
-        for name in BATCH_METHODS:
+        for name, stage in itertools.product(BATCH_METHODS, STAGES):
             method = build_method(name, budget=budget, processor=processor).resolve(adapter)
-            row = dict(batched=timed(partial(batched_call, adapter, method, images, inputs), repeats, device))
+            row = dict(batched=timed(partial(batched_call, adapter, method, images, inputs, stage), repeats, device))
             if before:
                 old = before["build"](name, budget=budget, processor=processor).resolve(adapter)
                 row["baseline"] = timed(
-                    partial(baseline_call, before, old_adapter, old, old_images, inputs), repeats, device
+                    partial(baseline_call, before, old_adapter, old, old_images, inputs, stage), repeats, device
                 )
                 row["speedup"] = row["baseline"]["median_s"] / row["batched"]["median_s"]
-            rows[f"{name}@{budget} x{n}"] = row
+            rows.setdefault(stage, {})[f"{name}@{budget} x{n}"] = row
     return rows
 
 
@@ -235,7 +249,8 @@ def ms(row: dict) -> list[str]:
 def report(result: dict) -> str:
     lines = [
         f"selection, {result['preset']} {result['image_size']}, N = {result['n_features']}, "
-        f"{result['repeats']} repeats, baseline {result['baseline'] or 'not loaded (no git history)'}"
+        f"{result['repeats']} repeats, baseline {result['baseline'] or 'not loaded (no git history)'}, "
+        f"freed memory {'kept' if result.get('steady_allocator') else 'left to the C library'}"
     ]
     for device, block in result["devices"].items():
         vision = block["vision"]["median_s"]
@@ -251,24 +266,39 @@ def report(result: dict) -> str:
                 title=f"one image: select, {device} ({block['device_name']}); vision pass {vision * 1e3:.1f} ms",
             )
         )
-        rows = [
-            [
-                key,
-                *ms(row["batched"]),
-                *(ms(row["baseline"]) if "baseline" in row else [None] * 3),
-                f"{row['speedup']:.2f}" if "speedup" in row else None,
+        for stage, rows in block["batches"].items():
+            rows = [
+                [
+                    key,
+                    *ms(row["batched"]),
+                    *(ms(row["baseline"]) if "baseline" in row else [None] * 3),
+                    f"{row['speedup']:.2f}" if "speedup" in row else None,
+                ]
+                for key, row in rows.items()
             ]
-            for key, row in block["batches"].items()
-        ]
-        lines.append(
-            "\n"
-            + text_table(
-                ["method x batch", "new median ms", "min", "max", "baseline median ms", "min", "max", "speedup"],
-                rows,
-                title=f"one call: select + compact, {device}",
+            lines.append(
+                "\n"
+                + text_table(
+                    ["method x batch", "new median ms", "min", "max", "baseline median ms", "min", "max", "speedup"],
+                    rows,
+                    title=f"one call: {STAGES[stage]}, {device}",
+                )
             )
-        )
     return "\n".join(lines)
+
+
+def steady_allocator() -> bool:
+    """Keep freed memory in the process (glibc: no mmap for blocks up to 32 MB, no trimming),
+    so that a call's fresh buffers cost their work, not the kernel's zeroing of new pages:
+    left to glibc's adaptive threshold, the same call measured 3 or 5 ms on this benchmark's
+    history. Both paths run under it. False where the C library has no mallopt."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,8 +314,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    steady = steady_allocator()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     result = benchmark(args.preset, args.repeats, devices, tuple(args.batches), args.baseline)
+    result["steady_allocator"] = steady
     print(report(result))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
