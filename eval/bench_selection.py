@@ -95,19 +95,26 @@ def timed(run, repeats: int, device: torch.device) -> dict:
     return dict(median_s=stats["median"], min_s=stats["min"], max_s=stats["max"])
 
 
-def load_baseline(revision: str):
+def load_baseline(revision: str, archive: Path | None = None):
     """The baseline's `tokendrop.layout`, `selection`, `method.base` and registry, and its
-    adapter class, imported from `revision` under another package name; None without git."""
-    try:
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", revision, "tokendrop", "adapters/llava_next.py"],
-            capture_output=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    adapter class, imported under another package name from `archive` (the tar that
+    `git archive REV tokendrop adapters/llava_next.py` writes, for a machine without the
+    history: its revision is read from it) or else from git revision `revision`; None
+    without either."""
+    if archive is not None:
+        data = archive.read_bytes()
+    else:
+        try:
+            data = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", revision, "tokendrop", "adapters/llava_next.py"],
+                capture_output=True,
+                check=True,
+            ).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
     folder = Path(tempfile.mkdtemp(prefix="tokendrop_baseline_"))
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        revision = tar.pax_headers.get("comment", revision)[:7]  # git archive records the commit there
         tar.extractall(folder, filter="data")
     package = f"tokendrop_{revision}"
     (folder / "tokendrop").rename(folder / package)
@@ -210,12 +217,12 @@ def time_batches(model, processor, adapter, device, repeats: int, batches, budge
 
 
 def benchmark(
-    preset: str, repeats: int, devices: list[torch.device], batches=(1, 8), baseline=BASELINE, budgets=(0.1, 0.25)
+    preset: str, repeats: int, devices: list[torch.device], batches=(1, 8), before=None, budgets=(0.1, 0.25)
 ) -> dict:
+    """`before`: the loaded baseline (`load_baseline`), or None to time the batched path alone."""
     model, processor = build_preset(preset)
     model.eval()
     adapter = adapter_for(model)
-    before = load_baseline(baseline) if baseline else None
     results = {}
     for device in devices:
         model.to(device)
@@ -309,6 +316,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8])
     parser.add_argument("--baseline", default=BASELINE, help="git revision of the per-image path ('' to skip)")
+    parser.add_argument(
+        "--baseline-archive",
+        type=Path,
+        help="the baseline as `git archive REV tokendrop adapters/llava_next.py` wrote it, where there is no git",
+    )
     parser.add_argument("--threads", type=positive_int, help="torch's CPU threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=Path("bench_selection.json"))
     args = parser.parse_args(argv)
@@ -316,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     steady = steady_allocator()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    result = benchmark(args.preset, args.repeats, devices, tuple(args.batches), args.baseline)
+    before = load_baseline(args.baseline, args.baseline_archive) if args.baseline or args.baseline_archive else None
+    result = benchmark(args.preset, args.repeats, devices, tuple(args.batches), before)
     result["steady_allocator"] = steady
     print(report(result))
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -344,6 +344,20 @@ def test_dpp_needs_no_processor_without_text_relevance(tiny, batch):
         assert all(r.n_kept == reference.keep_count(0.2, r.n_before) for r in handle.last)
 
 
+def test_selection_benchmark_reads_its_baseline_from_an_archive_where_there_is_no_git(tmp_path):
+    import subprocess
+
+    from tokendrop.eval import bench_selection
+
+    archive = tmp_path / "baseline.tar"
+    files = ["tokendrop", "adapters/llava_next.py"]
+    git = ["git", "-C", str(bench_selection.ROOT), "archive", bench_selection.BASELINE, *files]
+    archive.write_bytes(subprocess.run(git, check=True, capture_output=True).stdout)
+    before = bench_selection.load_baseline("", archive)
+    assert before["revision"] == bench_selection.BASELINE  # read from the archive, not the argument
+    assert before["build"]("hired", budget=0.1).budget == 0.1
+
+
 def test_selection_benchmark_runs_and_writes_json(tmp_path, capsys):
     import json
 
