@@ -117,6 +117,8 @@ def test_allocate_equals_the_round_by_round_loop():
         total = rng.randint(0, sum(capacity) + 5)
         got = allocate(total, torch.tensor(weights), torch.tensor(capacity))
         assert torch.equal(got, allocate_by_rounds(total, torch.tensor(weights), torch.tensor(capacity)))
+        # only 1 + (the partitions that cannot hold the whole total) rounds, when told the capacities
+        assert torch.equal(allocate(total, torch.tensor(weights), torch.tensor(capacity), capacity), got)
 
 
 def test_allocate_batched_equals_one_by_one():

@@ -58,22 +58,29 @@ def keep_count(budget: float | int, n: int) -> int:
     return min(n, max(1, floor_fraction(budget, n)))
 
 
-def allocate(total, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+def allocate(total, weights: torch.Tensor, capacity: torch.Tensor, host_capacity=None) -> torch.Tensor:
     """Split `total` tokens over partitions in proportion to `weights`, at most `capacity[p]`
     each, summing exactly to min(total, capacity.sum()).
 
-    weights: (..., P); capacity: (P,) or (..., P); total: an int or a (...,) tensor.
-    Returns (..., P) long, on the weights' device.
+    weights: (..., P); capacity: (P,) or (..., P); total: an int or a (...,) tensor;
+    host_capacity: `capacity` (P,) as Python ints, where the caller has them (a layout's
+    `sizes`). Returns (..., P) long, on the weights' device.
 
     Each round gives every open partition floor(remaining * w_p / sum w); a partition that
     would exceed its capacity is filled and closed and its overflow goes round again. When no
     partition overflows, the rounding remainder goes one token each to the largest fractional
     shares (ties: lower partition index). Zero total weight among open partitions falls back
-    to capacity-proportional shares. A round either closes a partition or hands out all that
-    remains, so P + 1 rounds suffice: they run as masked tensor steps, with no host sync
-    except on a CPU, where reading a value back waits for nothing and the rounds stop as soon
-    as nothing remains (one round, unless a partition overflows).
+    to capacity-proportional shares. The rounds run as masked tensor steps, with no host sync.
+    A round either closes a partition or hands out all that remains, and a partition that can
+    hold all that is handed out never overflows (its share never exceeds what remains), so
+    1 + (the partitions that cannot) rounds suffice: with an int total and `host_capacity`,
+    only those run (one for a budget that every partition could hold), else P + 1.
     """
+    n = weights.shape[-1]
+    rounds = n + 1
+    if host_capacity is not None and not isinstance(total, torch.Tensor):
+        handed_out = min(total, sum(host_capacity))
+        rounds = 1 + sum(size < handed_out for size in host_capacity)
     weights = weights.double().clamp(min=0)
     capacity = capacity.long().to(weights.device).expand_as(weights)
     alloc = torch.zeros_like(capacity)
@@ -81,11 +88,8 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tens
         total = torch.full(weights.shape[:-1], total, dtype=torch.long, device=weights.device)
     remaining = torch.minimum(total, capacity.sum(-1))
     zero = torch.zeros_like(weights)
-    n = weights.shape[-1]
     lower = torch.ones(n, n, dtype=torch.bool, device=weights.device).tril(-1)  # [p, q]: q < p
-    for _ in range(weights.shape[-1] + 1):
-        if on_host(weights) and not bool(remaining.any()):
-            break
+    for _ in range(rounds):
         room = capacity - alloc
         open_ = room > 0
         w = torch.where(open_, weights, zero)
@@ -156,7 +160,7 @@ def region_sums(layout: ImageLayout, base_scores: torch.Tensor) -> torch.Tensor:
 
 def proportional_counts(k: int, layout: ImageLayout) -> torch.Tensor:
     """(P,) k tokens spread over partitions in proportion to their sizes (exact total)."""
-    return allocate(k, layout.capacity.double(), layout.capacity)
+    return allocate(k, layout.capacity.double(), layout.capacity, layout.sizes)
 
 
 def first_k(mask: torch.Tensor, k: int) -> torch.Tensor:

@@ -58,7 +58,7 @@ class GlobalCom2(Method):
         sums = region_sums(layout, logits[:, 0])
         sigma = torch.softmax((sums - sums.max(-1, keepdim=True).values) / self.tau, dim=-1)
         crop_ratio = (ratio * (1 + sigma - 1 / sigma.shape[-1])).clamp(max=1.0)
-        crops = allocate(k - n_base, crop_ratio * layout.capacity[1:], layout.capacity[1:])
+        crops = allocate(k - n_base, crop_ratio * layout.capacity[1:], layout.capacity[1:], layout.sizes[1:])
         return torch.cat([k - crops.sum(-1, keepdim=True), crops], -1)
 
     @staticmethod

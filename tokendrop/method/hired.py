@@ -61,6 +61,6 @@ class HiRED(Method):
         if self.allocation == "count":
             top = torch.sort(-signal, dim=-1, stable=True).indices[:, : floor_fraction(1 - self.alpha, layout.tile)]
             signal = torch.zeros_like(signal).scatter_(-1, top, 1.0)
-        crops = allocate(k - n_base, region_sums(layout, signal), layout.capacity[1:])
+        crops = allocate(k - n_base, region_sums(layout, signal), layout.capacity[1:], layout.sizes[1:])
         # whatever the crops cannot hold returns to the base, so exactly k survive
         return torch.cat([k - crops.sum(-1, keepdim=True), crops], -1)

@@ -64,7 +64,8 @@ def pool_cells(grid: torch.Tensor, count: int) -> list[torch.Tensor]:
     edges = [i * h // bands for i in range(bands + 1)]
     heights = torch.tensor([edges[i + 1] - edges[i] for i in range(bands)])
     # one cell per band first, so that every band (every row) is covered
-    per_band = 1 + allocate(count - bands, heights.double(), torch.full((bands,), w - 1))
+    room = [w - 1] * bands
+    per_band = 1 + allocate(count - bands, heights.double(), torch.tensor(room), room)
     cells = []
     for i, n in enumerate(per_band.tolist()):
         cuts = [j * w // n for j in range(n + 1)]
