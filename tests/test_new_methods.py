@@ -145,6 +145,10 @@ def test_greedy_map_set_by_set_equals_the_batched_device_path(monkeypatch):
     taken = torch.arange(7) < counts[..., None]
     assert torch.equal(set_by_set[taken], batched[taken])
     assert bool(valid.gather(-1, set_by_set)[taken].all())
+    assert greedy_map(features, quality, 0).shape == (3, 4, 0)  # the device path; the host path below
+    monkeypatch.undo()
+    assert greedy_map(features, quality, 0).shape == (3, 4, 0)
+    assert greedy_map(features[0, 0], quality[0, 0], 0).shape == (0,)
 
 
 @pytest.mark.parametrize("budget", BUDGETS)

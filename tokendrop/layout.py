@@ -204,7 +204,7 @@ class ImageBatch:
 
     images: list[EncodedImage]
     layout: ImageLayout  # on the features' device
-    stacked_cls: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # filled by `cls_scores`
+    stacked_cls: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # by `cls_scores`
 
     @classmethod
     def of(cls, images: list[EncodedImage]) -> ImageBatch:

@@ -60,6 +60,7 @@ explicit relevance= still applies as written with every allocation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -262,16 +263,17 @@ def greedy_map_set_by_set(features, quality, k, counts, valid, unit, tol) -> tor
     for nothing, and a batch of row-times-matrix products runs several times slower than the
     same products one set at a time."""
     *lead, n, dim = features.shape
-    chosen = torch.zeros(*lead, k, dtype=torch.long)
-    counts = [k] * chosen[..., 0].numel() if counts is None else counts.flatten().tolist()
-    sets = zip(features.reshape(-1, n, dim), quality.reshape(-1, n).float(), counts)
-    for i, (row, (items, qualities, count)) in enumerate(zip(chosen.view(-1, k), sets)):
+    n_sets = math.prod(lead)
+    chosen = torch.zeros(n_sets, k, dtype=torch.long)
+    counts = [k] * n_sets if counts is None else counts.flatten().tolist()
+    sets = zip(features.reshape(n_sets, n, dim), quality.reshape(n_sets, n).float(), counts)
+    for i, (row, (items, qualities, count)) in enumerate(zip(chosen, sets)):
         if valid is None:
             row[:count] = greedy_one_set(items, qualities, count, unit, tol)
         else:  # padding is never chosen
-            at = torch.nonzero(valid.reshape(-1, n)[i]).flatten()
+            at = torch.nonzero(valid.reshape(n_sets, n)[i]).flatten()
             row[:count] = at[greedy_one_set(items[at], qualities[at], count, unit, tol)]
-    return chosen
+    return chosen.view(*lead, k)
 
 
 def greedy_one_set(features, quality, count: int, unit: bool, tol: float) -> torch.Tensor:
