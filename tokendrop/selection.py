@@ -19,8 +19,8 @@ from .layout import ImageLayout
 NEWLINE_POLICIES = ("rows", "all", "drop")
 
 # Devices where the host runs each op as it is called: reading a value back waits for nothing
-# and a loop of small ops launches no kernels, so selection takes host-driven shortcuts there
-# (the tests empty this set to run the device path on the CPU).
+# and a loop of small ops launches no kernels, so a method may take host-driven shortcuts
+# there (dpp: image by image, set by set); the tests empty this set to run the device path.
 HOST_DEVICES = frozenset({"cpu"})
 
 
