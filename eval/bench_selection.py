@@ -1,7 +1,8 @@
 """What selection costs, without running the LLM.
 
     python -m tokendrop.eval.bench_selection [--preset llava-next-shape] [--repeats 5]
-        [--batches 1 8] [--baseline REV] [--threads N] [--out bench_selection.json]
+        [--batches 1 8] [--baseline REV | --baseline-archive TAR] [--threads N]
+        [--out bench_selection.json]
 
 Images are 672x672 in the preset's geometry (base + 4 crops: N = 2,880 feature tokens on
 llava-next-shape), each an `EncodedImage` of random projected features and random CLS scores
@@ -15,7 +16,8 @@ one warm-up):
   the short prompt with those vectors (-> the LLM's inputs_embeds; the unpatched model
   embeds its prompt too), for batches of `--batches` images, the batched path next to the
   per-image path of revision `--baseline` (loaded from git: its methods, its loop, its
-  records, its compaction and embedding), with the ratio; skipped without git history;
+  records, its compaction and embedding; or from a `git archive` tar of it), with the
+  ratio; skipped without either;
 - vision: the model's vision pass (tower, projector, packing) of one image, so that each
   method's select time reads against it.
 Freed memory stays in the process (`steady_allocator`), for both paths alike: otherwise a
