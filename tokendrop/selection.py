@@ -111,35 +111,8 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor, host_capacity
     return alloc
 
 
-def top_k_per_partition(scores: torch.Tensor, members: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(..., N) bool: the counts[..., p] highest-scoring features of each partition p.
-    scores (..., N); members (P, M): each partition's feature indices, ascending, padded
-    with -1 (`ImageLayout.partition_members`, `layout.members_of`); counts (..., P). Ties go to the
-    lower index and NaN ranks last, so selections are deterministic.
-
-    No sort (on a CPU, torch sorts a row of 2,880 floats in ~90 us): each partition's
-    count-th largest score is found by one k-th value, then the scores above it are kept,
-    and as many of those equal to it as the count still allows, in index order."""
-    n_members = members.shape[-1]
-    key = order_key(scores)
-    padding = torch.iinfo(torch.int32).min
-    valid = members >= 0
-    rows = torch.where(valid, key[..., members.clamp(min=0)], padding)  # (..., P, M)
-    # the count-th largest of a row is the M-th largest once M - count entries above all
-    # scores are added to it: one k-th value (the (M + 1)-th smallest of 2M) for every row
-    counts = counts.to(scores.device)[..., None]
-    above = torch.where(torch.arange(n_members, device=scores.device) < n_members - counts, ABOVE_ALL, padding)
-    threshold = torch.kthvalue(torch.cat([rows, above], -1), n_members + 1, dim=-1, keepdim=True).values
-    greater = rows > threshold
-    equal = (rows == threshold) & valid
-    take = greater | (equal & (equal.cumsum(-1) <= counts - greater.sum(-1, keepdim=True)))
-    # back to feature order; padding writes to a spare column, cut off
-    slots = torch.where(valid, members, key.shape[-1]).flatten()
-    kept = torch.zeros(*key.shape[:-1], key.shape[-1] + 1, dtype=torch.bool, device=scores.device)
-    return kept.scatter_(-1, slots.expand(*key.shape[:-1], -1), take.flatten(-2))[..., :-1]
-
-
-ABOVE_ALL = torch.iinfo(torch.int32).max  # above `order_key` of every score
+# outside `order_key`'s range: above every score's key, and below it (NaN's key is BELOW_ALL + 1)
+ABOVE_ALL, BELOW_ALL = torch.iinfo(torch.int32).max, torch.iinfo(torch.int32).min
 
 
 def order_key(scores: torch.Tensor) -> torch.Tensor:
@@ -148,7 +121,34 @@ def order_key(scores: torch.Tensor) -> torch.Tensor:
     values = scores.float() + 0.0  # -0.0 + 0.0 is +0.0
     bits = values.view(torch.int32)
     key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return torch.where(values.isnan(), torch.iinfo(torch.int32).min + 1, key)
+    return torch.where(values.isnan(), BELOW_ALL + 1, key)
+
+
+def top_k_per_partition(scores: torch.Tensor, members: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(..., N) bool: the counts[..., p] highest-scoring features of each partition p.
+    scores (..., N); members (P, M): each partition's feature indices, ascending, padded
+    with -1 (`ImageLayout.partition_members`, `layout.members_of`); counts (..., P). Ties go
+    to the lower index and NaN ranks last, so selections are deterministic.
+
+    No sort (on a CPU, torch sorts a row of 2,880 floats in ~90 us): each partition's
+    count-th largest score is found by one k-th value, then the scores above it are kept,
+    and as many of those equal to it as the count still allows, in index order."""
+    n_members = members.shape[-1]
+    key = order_key(scores)
+    valid = members >= 0
+    rows = torch.where(valid, key[..., members.clamp(min=0)], BELOW_ALL)  # (..., P, M), padded
+    # the count-th largest of a row is the M-th largest once M - count entries above all
+    # scores are added to it: one k-th value (the (M + 1)-th smallest of 2M) for every row
+    counts = counts.to(scores.device)[..., None]
+    above = torch.where(torch.arange(n_members, device=scores.device) < n_members - counts, ABOVE_ALL, BELOW_ALL)
+    threshold = torch.kthvalue(torch.cat([rows, above], -1), n_members + 1, dim=-1, keepdim=True).values
+    greater = rows > threshold
+    equal = (rows == threshold) & valid
+    take = greater | (equal & (equal.cumsum(-1) <= counts - greater.sum(-1, keepdim=True)))
+    # back to feature order; padding writes to a spare column, cut off
+    slots = torch.where(valid, members, key.shape[-1]).flatten()
+    kept = torch.zeros(*key.shape[:-1], key.shape[-1] + 1, dtype=torch.bool, device=scores.device)
+    return kept.scatter_(-1, slots.expand(*key.shape[:-1], -1), take.flatten(-2))[..., :-1]
 
 
 def region_sums(layout: ImageLayout, base_scores: torch.Tensor) -> torch.Tensor:
