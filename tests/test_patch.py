@@ -1,5 +1,7 @@
 """The patch end to end on the tiny preset, for every registered method."""
 
+import copy
+
 import pytest
 import torch
 
@@ -24,6 +26,33 @@ def test_full_budget_is_identical(tiny, batch, method):
             assert [r.n_kept for r in handle.last] == [r.n_before for r in handle.last]
             with torch.no_grad():
                 assert torch.equal(model(**batch).logits, expected_logits)
+
+
+@pytest.fixture(scope="module", params=[torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def half(request, tiny, images):
+    """The tiny model and a batch in half precision, as on a GPU (CPU kernels here)."""
+    model, processor = tiny
+    texts = [prompt(processor, q) for q in QUESTIONS]
+    inputs = processor(images=list(images.values()), text=texts, return_tensors="pt", padding=True)
+    inputs = {k: v.to(request.param) if v.is_floating_point() else v for k, v in inputs.items()}
+    return copy.deepcopy(model).to(request.param), inputs
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_half_precision_full_budget_is_identical_and_pruning_runs(tiny, half, method):
+    _, processor = tiny
+    model, inputs = half
+    expected = greedy(model, inputs, n=3)
+    with torch.no_grad():
+        expected_logits = model(**inputs).logits
+    with tokendrop.patched(model, method, budget=1.0, processor=processor):
+        assert torch.equal(greedy(model, inputs, n=3), expected)
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, expected_logits)
+    with tokendrop.patched(model, method, budget=0.2, processor=processor) as handle:
+        out = greedy(model, inputs, n=3)
+    assert out.shape[0] == expected.shape[0]
+    assert all(record.n_kept < record.n_before for record in handle.last)
 
 
 def test_unpatch_restores_exactly(tiny, batch):
