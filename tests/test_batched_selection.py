@@ -10,6 +10,7 @@ import tokendrop
 from conftest import prompt
 from tokendrop import selection
 from tokendrop.adapters import adapter_for
+from tokendrop.layout import members_of
 from tokendrop.method import build as build_method
 from tokendrop.method.base import Merged
 from tokendrop.patch import select_images
@@ -128,6 +129,14 @@ def test_the_counter_sees_syncs():
         int(t.sum()), t[t > 2], t.nonzero(), bool(t.any()), t.tolist()
         t[torch.tensor([1, 2])]  # an index tensor: a host copy (counted as torch.tensor), no read-back
     assert counter.calls == ["__int__", "__getitem__", "nonzero", "__bool__", "tolist", "tensor"]
+
+
+def test_the_partition_table_is_built_without_reading_back():
+    partition = torch.tensor([0, 1, 0, 2, 1])
+    with SyncCounter() as counter:
+        members = members_of(partition, (2, 2, 1))
+    assert counter.calls == []
+    assert members.tolist() == [[0, 2], [1, 4], [3, -1]]
 
 
 # every method that batches and reads no question (the question's tokens are host text)

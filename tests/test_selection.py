@@ -37,6 +37,10 @@ def test_allocate_redistributes_overflow():
     assert allocate(10, torch.tensor([100.0, 1.0, 1.0]), torch.tensor([4, 10, 10])).tolist() == [4, 3, 3]
 
 
+def sizes(partition: list[int], n_partitions: int) -> tuple[int, ...]:
+    return tuple(partition.count(p) for p in range(n_partitions))
+
+
 def test_top_k_per_partition_matches_reference():
     rng = random.Random(1)
     for _ in range(100):
@@ -44,7 +48,9 @@ def test_top_k_per_partition_matches_reference():
         partition = [rng.randint(0, 2) for _ in range(n)]
         scores = [float(rng.randint(0, 5)) for _ in range(n)]  # many ties
         counts = [rng.randint(0, partition.count(p)) for p in range(3)]
-        got = top_k_per_partition(torch.tensor(scores), members_of(torch.tensor(partition), 3), torch.tensor(counts))
+        got = top_k_per_partition(
+            torch.tensor(scores), members_of(torch.tensor(partition), sizes(partition, 3)), torch.tensor(counts)
+        )
         assert torch.nonzero(got).flatten().tolist() == reference.top_per_partition(scores, partition, counts)
 
 
@@ -58,7 +64,9 @@ def test_top_k_per_partition_ranks_special_values_as_the_scores_order_them():
         partition = [rng.randint(0, 3) for _ in range(n)]
         scores = [rng.choice(pool) for _ in range(n)]
         counts = [rng.choice([0, partition.count(p), rng.randint(0, partition.count(p))]) for p in range(4)]
-        got = top_k_per_partition(torch.tensor(scores), members_of(torch.tensor(partition), 4), torch.tensor(counts))
+        got = top_k_per_partition(
+            torch.tensor(scores), members_of(torch.tensor(partition), sizes(partition, 4)), torch.tensor(counts)
+        )
         expected = []
         for p, count in enumerate(counts):
             members = [i for i in range(n) if partition[i] == p]
@@ -73,7 +81,7 @@ def test_top_k_per_partition_batched_equals_one_by_one():
     scores = torch.randint(0, 6, (7, 50), generator=generator).float()  # many ties
     capacity = torch.bincount(partition, minlength=4)
     counts = (torch.rand(7, 4, generator=generator) * (capacity + 1)).long()
-    members = members_of(partition, 4)
+    members = members_of(partition, sizes(partition.tolist(), 4))
     batched = top_k_per_partition(scores, members, counts)
     for row in range(7):
         assert torch.equal(batched[row], top_k_per_partition(scores[row], members, counts[row]))

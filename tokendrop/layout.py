@@ -107,7 +107,7 @@ class ImageLayout:
     def partition_members(self) -> torch.Tensor:
         """(P, M) long: each partition's feature indices, ascending, padded with -1 to the
         largest partition's size M."""
-        return members_of(self.partition, self.n_partitions)
+        return members_of(self.partition, self.sizes)
 
     @cached_property
     def canvas_features(self) -> torch.Tensor:
@@ -255,12 +255,14 @@ class ImageBatch:
         return features
 
 
-def members_of(partition: torch.Tensor, n_partitions: int) -> torch.Tensor:
+def members_of(partition: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
     """(P, M) long: each partition's indices into `partition` (N,), ascending, padded with -1
-    to the largest partition's size M."""
-    capacity = torch.bincount(partition, minlength=n_partitions)
+    to the largest partition's size M. `sizes`: each partition's count as host ints, so that
+    the table's shape is known without reading the device back."""
+    capacity = torch.zeros(len(sizes), dtype=torch.long, device=partition.device)
+    capacity.index_add_(0, partition, torch.ones_like(partition))  # bincount would read the max back
     order = torch.sort(partition, stable=True).indices
     part = partition[order]
     rank = torch.arange(order.numel(), device=order.device) - (torch.cumsum(capacity, 0) - capacity)[part]
-    members = torch.full((n_partitions, int(capacity.max())), -1, dtype=torch.long, device=order.device)
+    members = torch.full((len(sizes), max(sizes)), -1, dtype=torch.long, device=order.device)
     return members.index_put_((part, rank), order)
