@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 import tokendrop
 
-from ..harness import REFERENCE, jsonable, provenance, text_table
+from ..harness import REFERENCE, jsonable, method_options, provenance, text_table
 from ..loading import DTYPES, check_device_map, check_model_name, load_model, load_processor
 from ..method import METHODS, build as build_method
 from ..patch import ATTRIBUTE
@@ -131,14 +131,8 @@ class SweepConfig:
         self.budgets = [check_budget(b) for b in self.budgets]
         if not self.budgets or len(set(map(repr, self.budgets))) != len(self.budgets):
             raise ValueError(f"budgets must be a non-empty list without repeats, got {self.budgets!r}")
-        self.options = {m: dict(o) for m, o in (self.options or {}).items()}
+        self.options = method_options(self.options, self.methods, "this sweep", "swept")
         for name, opts in self.options.items():
-            if name not in self.methods:
-                raise ValueError(
-                    f"options given for method {name!r}, which this sweep does not run ({', '.join(self.methods)})"
-                )
-            if "budget" in opts:
-                raise ValueError(f"options for {name!r}: the budget is swept; set it with budgets, not options")
             try:
                 json.dumps(opts)
             except TypeError:

@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .registry import did_you_mean
+
 REFERENCE = "none"  # the unpatched model, a row of every profile and every sweep
 SPREAD_TOLERANCE = 0.2  # repeats whose max - min exceeds this share of the median are flagged
 
@@ -46,6 +48,24 @@ def chat_prompt(processor, question: str, n_images: int = 1, answer: str | None 
         return processor.apply_chat_template(conversation, add_generation_prompt=True)
     conversation.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return processor.apply_chat_template(conversation)
+
+
+def method_options(options, methods: list[str], harness: str, varied: str) -> dict[str, dict]:
+    """A harness's per-method options as plain dicts, refused where they name a method that
+    `harness` ("this profile") does not run or set the budget, which it varies (`varied`:
+    "profiled")."""
+    options = {name: dict(opts) for name, opts in (options or {}).items()}
+    for name, opts in options.items():
+        if name not in methods:
+            raise ValueError(
+                f"options given for method {name!r}, which {harness} does not run "
+                f"({', '.join(methods)}).{did_you_mean(name, methods)}"
+            )
+        if "budget" in opts:
+            raise ValueError(
+                f"options for {name!r}: the budget is {varied}; set it with budgets (--budgets), not as an option"
+            )
+    return options
 
 
 def spread(values) -> dict:

@@ -29,11 +29,19 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
-from .harness import REFERENCE, SPREAD_TOLERANCE, chat_prompt, provenance, spread, spread_exceeds, text_table
+from .harness import (
+    REFERENCE,
+    SPREAD_TOLERANCE,
+    chat_prompt,
+    method_options,
+    provenance,
+    spread,
+    spread_exceeds,
+    text_table,
+)
 from .measure import cpu_peak_available, measure_generate, model_device, parse_memory_size, release_memory
 from .method import METHODS, build as build_method
 from .patch import ATTRIBUTE, patched, unpatch
-from .registry import did_you_mean
 from .selection import check_budget
 
 TIMED = (  # measured every repeat: reported as median, min and max
@@ -82,17 +90,7 @@ class _Measurement:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         if not isinstance(self.prompt, str):
             raise TypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
-        self.options = {name: dict(opts) for name, opts in (self.options or {}).items()}
-        for name, opts in self.options.items():
-            if name not in self.methods:
-                raise ValueError(
-                    f"options given for method {name!r}, which this profile does not run "
-                    f"({', '.join(self.methods)}).{did_you_mean(name, self.methods)}"
-                )
-            if "budget" in opts:
-                raise ValueError(
-                    f"options for {name!r}: the budget is profiled; set it with budgets (--budgets), not as an option"
-                )
+        self.options = method_options(self.options, self.methods, "this profile", "profiled")
         if self.memory_limit is not None:
             parse_memory_size(self.memory_limit)
         if self.out is not None:
