@@ -111,17 +111,15 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor, host_capacity
     return alloc
 
 
-# outside `order_key`'s range: above every score's key, and below it (NaN's key is BELOW_ALL + 1)
-ABOVE_ALL, BELOW_ALL = torch.iinfo(torch.int32).max, torch.iinfo(torch.int32).min
+# `order_key`'s range is [NAN_KEY, INF_KEY]: -inf and inf stand below and above every key
+NAN_KEY, INF_KEY = -2e300, 1e300
 
 
 def order_key(scores: torch.Tensor) -> torch.Tensor:
-    """int32 keys in the order of the scores as fp32 (-0.0 equal to 0.0; NaN below -inf), so
-    that ties are exact integer equality: the sign-magnitude bits, negatives' magnitude flipped."""
-    values = scores.float() + 0.0  # -0.0 + 0.0 is +0.0
-    bits = values.view(torch.int32)
-    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return torch.where(values.isnan(), BELOW_ALL + 1, key)
+    """float64 keys in the order of the scores (exact: an fp32 score is a float64), with the
+    infinities made finite and NaN below them, so that ties are exact equality (-0.0 == 0.0)
+    and the true infinities are free to pad below and above every key."""
+    return scores.double().nan_to_num(nan=NAN_KEY, posinf=INF_KEY, neginf=-INF_KEY)
 
 
 def top_k_per_partition(scores: torch.Tensor, members: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -134,21 +132,21 @@ def top_k_per_partition(scores: torch.Tensor, members: torch.Tensor, counts: tor
     count-th largest score is found by one k-th value, then the scores above it are kept,
     and as many of those equal to it as the count still allows, in index order."""
     n_members = members.shape[-1]
-    key = order_key(scores)
-    valid = members >= 0
-    rows = torch.where(valid, key[..., members.clamp(min=0)], BELOW_ALL)  # (..., P, M), padded
+    # padding points at a spare column of -inf, below every key, so it is never taken
+    slots = torch.where(members >= 0, members, scores.shape[-1])
+    key = torch.nn.functional.pad(order_key(scores), (0, 1), value=-math.inf)
+    rows = key[..., slots]  # (..., P, M)
     # the count-th largest of a row is the M-th largest once M - count entries above all
-    # scores are added to it: one k-th value (the (M + 1)-th smallest of 2M) for every row
+    # keys are added to it: one k-th value (the (M + 1)-th smallest of 2M) for every row
     counts = counts.to(scores.device)[..., None]
-    above = torch.where(torch.arange(n_members, device=scores.device) < n_members - counts, ABOVE_ALL, BELOW_ALL)
-    threshold = torch.kthvalue(torch.cat([rows, above], -1), n_members + 1, dim=-1, keepdim=True).values
+    fill = torch.where(torch.arange(n_members, device=scores.device) < n_members - counts, math.inf, -math.inf)
+    threshold = torch.kthvalue(torch.cat([rows, fill.to(rows.dtype)], -1), n_members + 1, -1, keepdim=True).values
     greater = rows > threshold
-    equal = (rows == threshold) & valid
+    equal = rows == threshold
     take = greater | (equal & (equal.cumsum(-1) <= counts - greater.sum(-1, keepdim=True)))
-    # back to feature order; padding writes to a spare column, cut off
-    slots = torch.where(valid, members, key.shape[-1]).flatten()
-    kept = torch.zeros(*key.shape[:-1], key.shape[-1] + 1, dtype=torch.bool, device=scores.device)
-    return kept.scatter_(-1, slots.expand(*key.shape[:-1], -1), take.flatten(-2))[..., :-1]
+    # back to feature order; padding writes to the spare column, cut off
+    kept = torch.zeros(key.shape, dtype=torch.bool, device=scores.device)
+    return kept.scatter_(-1, slots.flatten().expand(*key.shape[:-1], -1), take.flatten(-2))[..., :-1]
 
 
 def region_sums(layout: ImageLayout, base_scores: torch.Tensor) -> torch.Tensor:
