@@ -293,54 +293,62 @@ class LlavaNextAdapter:
         pad_token_id: int,
     ) -> tuple[torch.Tensor, dict, list[torch.Tensor]]:
         """(shortened input_ids, the LLM's keyword inputs, the vectors each image feeds the LLM):
-        the prompt rows without the placeholders of dropped tokens, and `inputs_embeds` holding
-        image i's kept vectors (`packed[i][keep_masks[i]]`) in the remaining placeholders, with
-        the matching attention_mask (and labels, when given)."""
-        compact, vectors, counts = self.compact(
-            input_ids, attention_mask, labels, keep_masks, packed, pad_side, pad_token_id
-        )
-        ids = compact.pop("input_ids")
-        compact["inputs_embeds"] = self.embed_prompt(ids, vectors)
-        return ids, compact, [] if vectors is None else list(vectors.split(counts))
+        the prompt rows without the placeholders of dropped tokens, re-padded, and
+        `inputs_embeds`: the text's embeddings with image i's kept vectors
+        (`packed[i][keep_masks[i]]`) in its remaining placeholders; plus the matching
+        attention_mask (and labels, when given).
 
-    def compact(
-        self,
-        input_ids,
-        attention_mask,
-        labels,
-        keep_masks: list[torch.Tensor],
-        packed: list[torch.Tensor],
-        pad_side: str,
-        pad_token_id: int,
-    ) -> tuple[dict, torch.Tensor | None, list[int]]:
-        """({input_ids, attention_mask, labels} of the kept positions, re-padded; every image's
-        kept vectors, one image after another in one tensor; each image's count of them).
-        Existing padding stays where it is; rows that became shorter get extra padding on
-        `pad_side` (masked out, label -100). Reads one thing back from the device, once: the
-        new row lengths and per-image counts, which the shapes depend on."""
-        all_kept = torch.cat([input_ids.new_zeros(0, dtype=torch.bool), *keep_masks]).to(input_ids.device)
-        keep = self.kept_columns(input_ids, all_kept)
-        # each image's kept count: the running count at its last position minus at its first
-        running = torch.cat([all_kept.new_zeros(1, dtype=torch.long), all_kept.cumsum(0)])
-        ends = torch.stack([running[i] for i in itertools.accumulate((m.numel() for m in keep_masks), initial=0)])
-        lengths = torch.cat([keep.sum(1), ends.diff()]).tolist()  # the one host sync
-        rows, counts = lengths[: len(input_ids)], lengths[len(input_ids) :]
-        rows_kept = [
-            torch.nonzero_static(mask.to(source.device), size=count)[:, 0]
-            for source, mask, count in zip(packed, keep_masks, counts)
-        ]
-        vectors = gather_rows(packed, rows_kept, counts) if packed else None
-        return repad(input_ids, attention_mask, labels, keep, rows, pad_side, pad_token_id), vectors, counts
-
-    def kept_columns(self, input_ids, all_kept: torch.Tensor) -> torch.Tensor:
-        """(B, T) bool: which prompt positions stay. `all_kept` is the images' packed keep masks
-        one after another; images are numbered in (row, position) order, as the model fills
-        placeholders (`image_rows` has checked that the rows hold exactly those placeholders)."""
+        Images are numbered in (row, position) order, as the model fills placeholders
+        (`image_rows` has checked that the rows hold exactly those placeholders). Existing
+        padding stays where it is; rows that became shorter get extra padding on `pad_side`
+        (masked out, label -100). Reads one thing back from the device, once: the new row
+        lengths and where each image's kept placeholders land, which the shapes depend on."""
+        n_rows, n_images = len(input_ids), len(keep_masks)
         is_image = input_ids == self.image_token_id
-        if not all_kept.numel():
-            return torch.ones_like(is_image)
-        ordinal = (torch.cumsum(is_image.flatten(), 0) - 1).clamp(min=0).view_as(input_ids)  # placeholder number
-        return torch.where(is_image, all_kept[ordinal.clamp(max=all_kept.numel() - 1)], True)
+        all_kept = torch.cat([input_ids.new_zeros(0, dtype=torch.bool), *keep_masks]).to(input_ids.device)
+        keep = kept_columns(is_image, all_kept)
+        sizes = [mask.numel() for mask in keep_masks]
+        read = torch.cat([keep.sum(1), image_runs(is_image, keep, all_kept, sizes).flatten()]).tolist()  # the sync
+        rows = read[:n_rows]
+        counts, first, last, before = (read[n_rows + n_images * i : n_rows + n_images * (i + 1)] for i in range(4))
+        compact = repad(input_ids, attention_mask, labels, keep, rows, pad_side, pad_token_id)
+        ids = compact.pop("input_ids")
+        new_len, old_len = ids.shape[1], input_ids.shape[1]
+        spans = []
+        for size, count, start, end, ahead in zip(sizes, counts, first, last, before):
+            if end - start + 1 != size:  # the image's placeholders are not one run
+                spans.append(None)
+                continue
+            row = start // old_len
+            at = row * new_len + ahead + (new_len - rows[row] if pad_side == "left" else 0)
+            spans.append(slice(at, at + count))
+        compact["inputs_embeds"], kept = self.embed_kept(ids, packed, keep_masks, counts, spans)
+        return ids, compact, kept
+
+    def embed_kept(self, ids, packed, keep_masks, counts: list[int], spans: list[slice | None]):
+        """(inputs_embeds for the shortened `ids`, each image's vectors in it): the text's
+        embeddings, and image i's kept vectors gathered straight into its placeholders,
+        `spans[i]` of the flattened prompt (None where other tokens split them: placed by
+        position). Where a gradient must flow back, or the dtype or device differ, the vectors
+        are gathered first and copied in (a gather into given memory carries no gradient)."""
+        placeholders = (ids == self.image_token_id).flatten()
+        text_at = torch.nonzero_static(~placeholders, size=ids.numel() - sum(counts))[:, 0]
+        text = self.model.get_input_embeddings()(ids.flatten()[text_at])
+        flat = text.new_empty(ids.numel(), text.shape[-1]).index_copy_(0, text_at.to(text.device), text)
+        if None in spans:
+            placeholders = placeholders.to(flat.device)
+            positions = torch.nonzero_static(placeholders, size=sum(counts))[:, 0].split(counts)
+            spans = [positions[i] if span is None else span for i, span in enumerate(spans)]
+        tracked = torch.is_grad_enabled() and (flat.requires_grad or any(source.requires_grad for source in packed))
+        kept = []
+        for source, mask, count, where in zip(packed, keep_masks, counts, spans):
+            rows = torch.nonzero_static(mask.to(source.device), size=count)[:, 0]
+            if isinstance(where, slice) and not tracked and (source.dtype, source.device) == (flat.dtype, flat.device):
+                kept.append(torch.index_select(source, 0, rows, out=flat[where]))
+            else:
+                kept.append(source.index_select(0, rows))
+                flat[where] = kept[-1].to(flat.device, flat.dtype)
+        return flat.view(*ids.shape, -1), kept
 
     def embed_prompt(self, input_ids, image_features: torch.Tensor | None) -> torch.Tensor:
         """The LLM's input as the model builds it: the ids' embeddings, with the image vectors
@@ -375,16 +383,26 @@ class LlavaNextAdapter:
         )
 
 
-def gather_rows(sources: list[torch.Tensor], rows: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
-    """sources[i][rows[i]] (counts[i] rows each), one after another in one tensor: gathered
-    straight into it, unless a gradient must flow back to the sources (training the
-    projector), which a gather into a given tensor cannot carry."""
-    if torch.is_grad_enabled() and any(source.requires_grad for source in sources):
-        return torch.cat([source.index_select(0, at) for source, at in zip(sources, rows)])
-    out = sources[0].new_empty(sum(counts), sources[0].shape[-1])
-    for source, at, part in zip(sources, rows, out.split(counts)):
-        torch.index_select(source, 0, at, out=part)
-    return out
+def kept_columns(is_image: torch.Tensor, all_kept: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: which prompt positions stay. `is_image`: the (B, T) placeholders;
+    `all_kept`: the images' packed keep masks one after another."""
+    if not all_kept.numel():
+        return torch.ones_like(is_image)
+    ordinal = (torch.cumsum(is_image.flatten(), 0) - 1).clamp(0, all_kept.numel() - 1).view_as(is_image)
+    return all_kept[ordinal] | ~is_image  # ordinal: the placeholder's number
+
+
+def image_runs(is_image: torch.Tensor, keep: torch.Tensor, all_kept: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """(4, n_images) long, on the device: each image's kept count, the flat positions of its
+    first and last placeholder in the prompt, and the positions its row keeps before the first
+    (where its kept placeholders start in the shortened row, before re-padding)."""
+    bounds = torch.tensor(list(itertools.accumulate(sizes, initial=0)))
+    bounds = bounds.to(is_image.device, non_blocking=True)  # from pageable memory: staged at once, no wait
+    at = torch.nonzero_static(is_image.flatten(), size=sum(sizes))[:, 0]
+    running = torch.cat([bounds.new_zeros(1), all_kept.cumsum(0)])
+    first = at[bounds[:-1]]
+    kept_ahead = (keep.cumsum(1) - keep.long()).flatten()
+    return torch.stack([running[bounds[1:]] - running[bounds[:-1]], first, at[bounds[1:] - 1], kept_ahead[first]])
 
 
 def repad(input_ids, attention_mask, labels, keep: torch.Tensor, lengths: list[int], pad_side: str, pad_token_id: int):
@@ -398,7 +416,7 @@ def repad(input_ids, attention_mask, labels, keep: torch.Tensor, lengths: list[i
     n = keep.sum(1, keepdim=True)
     # each kept position's column in the new row; dropped ones go to a spare column, cut off
     column = torch.cumsum(keep, 1) - 1 + ((new_len - n) if pad_side == "left" else 0)
-    column = torch.where(keep, column, new_len)
+    column.masked_fill_(~keep, new_len)
     columns = {"input_ids": (input_ids, pad_token_id), "attention_mask": (attention_mask, 0)}
     if labels is not None:
         columns["labels"] = (labels, IGNORE_INDEX)

@@ -11,13 +11,12 @@ On CPU, and on CUDA where available, it times (median, min and max over the repe
 one warm-up):
 - methods: every registered method at 10% and 25% selecting for one image (`select_images`:
   selection, merging, keep masks), each median next to hired's;
-- batches: a whole call's selection plus compaction (encoded images -> the shortened
-  input_ids, attention_mask and each image's kept vectors), and the same through embedding
-  the short prompt with those vectors (-> the LLM's inputs_embeds; the unpatched model
-  embeds its prompt too), for batches of `--batches` images, the batched path next to the
-  per-image path of revision `--baseline` (loaded from git: its methods, its loop, its
-  records, its compaction and embedding; or from a `git archive` tar of it), with the
-  ratio; skipped without either;
+- batches: a whole call's selection and compaction, up to what the LLM receives (encoded
+  images -> the shortened input_ids, attention_mask and inputs_embeds with each image's kept
+  vectors in place; the unpatched model embeds its prompt too), for batches of `--batches`
+  images, the batched path next to the per-image path of revision `--baseline` (loaded from
+  git: its methods, its loop, its records, its compaction and embedding; or from a `git
+  archive` tar of it), with the ratio; skipped without either;
 - vision: the model's vision pass (tower, projector, packing) of one image, so that each
   method's select time reads against it.
 Freed memory stays in the process (`steady_allocator`), for both paths alike: otherwise a
@@ -32,7 +31,6 @@ import datetime
 import importlib
 import importlib.util
 import io
-import itertools
 import json
 import subprocess
 import sys
@@ -55,10 +53,6 @@ IMAGE_SIZE = (672, 672)
 QUESTION = "What is written on the sign next to the red car?"
 BASELINE = "fcf1067"  # the last revision that selected image by image on CPU tensors
 BATCH_METHODS = ("hired", "globalcom2", "cls", "text", "dpp")
-STAGES = {  # how far a timed call goes
-    "compact": "select + compact (to the shortened prompt and the kept vectors)",
-    "feed": "select + compact + embed (to the LLM's inputs_embeds)",
-}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -135,9 +129,8 @@ def load_baseline(revision: str, archive: Path | None = None):
     )
 
 
-def baseline_call(baseline, adapter, method, images, inputs, stage: str) -> None:
-    """The baseline's pruning step after the vision pass, as its `Handle.prune` ran it, up to
-    `stage`: "compact" (the shortened prompt and the kept vectors) or "feed" (inputs_embeds)."""
+def baseline_call(baseline, adapter, method, images, inputs) -> None:
+    """The baseline's pruning step after the vision pass, as its `Handle.prune` ran it."""
     selection, merged_type = baseline["selection"], baseline["base"].Merged
     keep_masks, kept_features, records = [], [], []
     for image in images:
@@ -156,18 +149,14 @@ def baseline_call(baseline, adapter, method, images, inputs, stage: str) -> None
                 torch.bincount(image.layout.partition[kept], minlength=image.layout.n_partitions).tolist(),
             )
         )
-    prompt = (inputs["input_ids"], inputs["attention_mask"], None, keep_masks)
-    if stage == "compact":
-        adapter.compact(*prompt, "left", 0)
-    else:
-        adapter.feed(*prompt, kept_features, "left", 0)
+    adapter.feed(inputs["input_ids"], inputs["attention_mask"], None, keep_masks, kept_features, "left", 0)
 
 
-def batched_call(adapter, method, images, inputs, stage: str) -> None:
-    """The batched pruning step after the vision pass, up to `stage`."""
+def batched_call(adapter, method, images, inputs) -> None:
+    """The batched pruning step after the vision pass, as `Handle.prune` runs it."""
     selected, packed = select_images(method, images)
-    step = adapter.compact if stage == "compact" else adapter.feed
-    step(inputs["input_ids"], inputs["attention_mask"], None, [s.keep_mask for s in selected], packed, "left", 0)
+    keep_masks = [s.keep_mask for s in selected]
+    adapter.feed(inputs["input_ids"], inputs["attention_mask"], None, keep_masks, packed, "left", 0)
 
 
 def prompt(adapter, processor, n_images: int, device: torch.device) -> dict:
@@ -205,16 +194,16 @@ def time_batches(model, processor, adapter, device, repeats: int, batches, budge
         images = encoded_images(model, adapter, device, n)
         inputs = prompt(adapter, processor, n, device)
         old_images = encoded_images(model, adapter, device, n, before["layout"]) if before else None
-        for name, stage in itertools.product(BATCH_METHODS, STAGES):
+        for name in BATCH_METHODS:
             method = build_method(name, budget=budget, processor=processor).resolve(adapter)
-            row = dict(batched=timed(partial(batched_call, adapter, method, images, inputs, stage), repeats, device))
+            row = dict(batched=timed(partial(batched_call, adapter, method, images, inputs), repeats, device))
             if before:
                 old = before["build"](name, budget=budget, processor=processor).resolve(adapter)
                 row["baseline"] = timed(
-                    partial(baseline_call, before, old_adapter, old, old_images, inputs, stage), repeats, device
+                    partial(baseline_call, before, old_adapter, old, old_images, inputs), repeats, device
                 )
                 row["speedup"] = row["baseline"]["median_s"] / row["batched"]["median_s"]
-            rows.setdefault(stage, {})[f"{name}@{budget} x{n}"] = row
+            rows[f"{name}@{budget} x{n}"] = row
     return rows
 
 
@@ -275,24 +264,23 @@ def report(result: dict) -> str:
                 title=f"one image: select, {device} ({block['device_name']}); vision pass {vision * 1e3:.1f} ms",
             )
         )
-        for stage, rows in block["batches"].items():
-            rows = [
-                [
-                    key,
-                    *ms(row["batched"]),
-                    *(ms(row["baseline"]) if "baseline" in row else [None] * 3),
-                    f"{row['speedup']:.2f}" if "speedup" in row else None,
-                ]
-                for key, row in rows.items()
+        rows = [
+            [
+                key,
+                *ms(row["batched"]),
+                *(ms(row["baseline"]) if "baseline" in row else [None] * 3),
+                f"{row['speedup']:.2f}" if "speedup" in row else None,
             ]
-            lines.append(
-                "\n"
-                + text_table(
-                    ["method x batch", "new median ms", "min", "max", "baseline median ms", "min", "max", "speedup"],
-                    rows,
-                    title=f"one call: {STAGES[stage]}, {device}",
-                )
+            for key, row in block["batches"].items()
+        ]
+        lines.append(
+            "\n"
+            + text_table(
+                ["method x batch", "new median ms", "min", "max", "baseline median ms", "min", "max", "speedup"],
+                rows,
+                title=f"one call: select + compact, to the LLM's inputs_embeds, {device}",
             )
+        )
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import reference
 import tokendrop
 from conftest import prompt
 from tokendrop import selection
@@ -167,7 +168,9 @@ def test_selection_and_compaction_read_back_once(tiny, mixed, name, options, mon
         call()  # the first call fills the caches: layouts on the device, fixed selections
         with SyncCounter() as counter:
             ids, llm_inputs, kept = call()
-    assert counter.calls == ["tolist"], counter.calls  # the new prompt lengths, once
+    # the images' offsets go to the device just before the one read-back (the new prompt
+    # lengths and where the images land), so even a copy that waited would share its wait
+    assert counter.calls == ["tensor", "tolist"], counter.calls
     assert len(kept) == len(images) and llm_inputs["inputs_embeds"].shape[:2] == ids.shape
 
 
@@ -180,3 +183,71 @@ def test_records_are_read_back_on_first_access(tiny, mixed):
     records = handle.last
     assert [r.n_kept for r in records] == [tokendrop.selection.keep_count(0.2, r.n_before) for r in records]
     assert handle.last is records  # built once
+
+
+def feed_by_hand(model, input_ids, attention_mask, keep_masks, packed):
+    """The shortened, left-padded prompt and its inputs_embeds, one position at a time: the
+    placeholders numbered in (row, position) order and dropped where their image's keep mask
+    drops them, the kept vectors written over the remaining ones in order."""
+    token = model.config.image_token_id
+    kept_flags = iter(torch.cat(keep_masks).tolist())
+    rows = []
+    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+        rows.append([(t, m) for t, m in zip(ids, mask) if t != token or next(kept_flags)])
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(row)) + [t for t, _ in row] for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [m for _, m in row] for row in rows])
+    vectors = [vectors[keep].float() for vectors, keep in zip(packed, keep_masks)]
+    return ids, mask, reference.embed_prompt(model, ids, vectors)
+
+
+@pytest.mark.parametrize("case", ["processor", "split placeholders", "float64 vectors"])
+def test_feed_places_the_kept_vectors_as_the_model_does(tiny, images, case):
+    """Rows with two images, none and one; with an image's placeholders split by a text token
+    (placed by position); with vectors of another dtype than the embeddings (gathered, then
+    cast). Where an image's placeholders are one run, its vectors are gathered straight into
+    inputs_embeds: what `kept` returns is a view of it."""
+    model, processor = tiny
+    adapter = adapter_for(model)
+    texts = [
+        prompt(processor, "Compare them.", n_images=2),
+        "USER: no picture here ASSISTANT:",
+        prompt(processor, "Hi?"),
+    ]
+    inputs = processor(images=list(images.values()), text=texts, return_tensors="pt", padding=True)
+    method = build_method("hired", budget=0.25).resolve(adapter)
+    with torch.no_grad():
+        selected, packed = select_images(method, encoded(model, method, inputs))
+    masks = [s.keep_mask for s in selected]
+    ids, attention = inputs["input_ids"], inputs["attention_mask"]
+    if case == "split placeholders":  # a text column through the middle of the last row's image
+        placeholders = (ids[2] == adapter.image_token_id).nonzero().flatten()
+        middle = int(placeholders[len(placeholders) // 2])
+        column = torch.full((len(ids), 1), 100)
+        ids = torch.cat([ids[:, :middle], column, ids[:, middle:]], 1)
+        attention = torch.cat([attention[:, :middle], torch.ones_like(column), attention[:, middle:]], 1)
+    if case == "float64 vectors":
+        packed = [vectors.double() for vectors in packed]
+    with torch.no_grad():
+        short, llm_inputs, kept = adapter.feed(ids, attention, None, masks, packed, "left", 0)
+    expected_ids, expected_mask, expected_embeds = feed_by_hand(model, ids, attention, masks, packed)
+    assert torch.equal(short, expected_ids)
+    assert torch.equal(llm_inputs["attention_mask"], expected_mask)
+    assert torch.equal(llm_inputs["inputs_embeds"], expected_embeds)
+    runs = one_run(ids, adapter.image_token_id, [keep.numel() for keep in masks])
+    assert all(runs) == (case != "split placeholders")
+    embeds = llm_inputs["inputs_embeds"].untyped_storage().data_ptr()
+    for vectors, keep, image_kept, run in zip(packed, masks, kept, runs):
+        assert torch.equal(image_kept, vectors[keep])
+        in_place = run and case != "float64 vectors"
+        assert (image_kept.untyped_storage().data_ptr() == embeds) == in_place
+
+
+def one_run(input_ids, token: int, sizes: list[int]) -> list[bool]:
+    """Whether each image's placeholders (sizes[i] of them, in (row, position) order) are one run."""
+    positions = [(r, c) for r, row in enumerate(input_ids.tolist()) for c, t in enumerate(row) if t == token]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [
+        all((r, c + 1) == after for (r, c), after in zip(part, part[1:]))
+        for part in (positions[start : start + size] for start, size in zip(starts, sizes))
+    ]

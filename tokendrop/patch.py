@@ -9,9 +9,10 @@ carries images, the wrapper runs once, before the LLM:
     select_images    the images of each layout stacked (`ImageBatch`) and selected together
                      on the features' device (`method.select_batch`: exact budget, spatial
                      order), merged where the method merges, plus the newlines the policy keeps
-    adapter.feed     drop the matching placeholders from input_ids/attention_mask/labels and
-                     embed the short prompt with the kept vectors in its placeholders; the
-                     call's one host sync, for the new prompt length
+    adapter.feed     drop the matching placeholders from input_ids/attention_mask/labels,
+                     embed the short prompt's text and gather each image's kept vectors
+                     straight into its placeholders; the call's one host sync, for the new
+                     prompt length and where each image lands
     original call    with those inputs_embeds (generate also gets the short input_ids)
 
 `handle.last` is built from the selection's device tensors when first read, not in the call.
