@@ -305,13 +305,16 @@ class LlavaNextAdapter:
         lengths and where each image's kept placeholders land, which the shapes depend on."""
         n_rows, n_images = len(input_ids), len(keep_masks)
         is_image = input_ids == self.image_token_id
+        numbered = is_image.flatten().cumsum(0)  # placeholders up to each position of the flat prompt
         all_kept = torch.cat([input_ids.new_zeros(0, dtype=torch.bool), *keep_masks]).to(input_ids.device)
-        keep = kept_columns(is_image, all_kept)
+        keep = kept_columns(is_image, numbered, all_kept)
+        kept_upto = keep.cumsum(1)
         sizes = [mask.numel() for mask in keep_masks]
-        read = torch.cat([keep.sum(1), image_runs(is_image, keep, all_kept, sizes).flatten()]).tolist()  # the sync
+        runs = image_runs(numbered, keep, kept_upto, sizes)
+        read = torch.cat([kept_upto[:, -1], runs.flatten()]).tolist()  # the one sync
         rows = read[:n_rows]
         counts, first, last, before = (read[n_rows + n_images * i : n_rows + n_images * (i + 1)] for i in range(4))
-        compact = repad(input_ids, attention_mask, labels, keep, rows, pad_side, pad_token_id)
+        compact = repad(input_ids, attention_mask, labels, keep, kept_upto, rows, pad_side, pad_token_id)
         ids = compact.pop("input_ids")
         new_len, old_len = ids.shape[1], input_ids.shape[1]
         spans = []
@@ -383,39 +386,45 @@ class LlavaNextAdapter:
         )
 
 
-def kept_columns(is_image: torch.Tensor, all_kept: torch.Tensor) -> torch.Tensor:
+def kept_columns(is_image: torch.Tensor, numbered: torch.Tensor, all_kept: torch.Tensor) -> torch.Tensor:
     """(B, T) bool: which prompt positions stay. `is_image`: the (B, T) placeholders;
-    `all_kept`: the images' packed keep masks one after another."""
+    `numbered`: the flattened prompt's running count of them; `all_kept`: the images' packed
+    keep masks one after another."""
     if not all_kept.numel():
         return torch.ones_like(is_image)
-    ordinal = (torch.cumsum(is_image.flatten(), 0) - 1).clamp(0, all_kept.numel() - 1).view_as(is_image)
-    return all_kept[ordinal] | ~is_image  # ordinal: the placeholder's number
+    ordinal = (numbered - 1).clamp(0, all_kept.numel() - 1).view_as(is_image)  # the placeholder's number
+    return all_kept[ordinal] | ~is_image
 
 
-def image_runs(is_image: torch.Tensor, keep: torch.Tensor, all_kept: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+def image_runs(numbered: torch.Tensor, keep: torch.Tensor, kept_upto: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """(4, n_images) long, on the device: each image's kept count, the flat positions of its
     first and last placeholder in the prompt, and the positions its row keeps before the first
-    (where its kept placeholders start in the shortened row, before re-padding)."""
+    (where its kept placeholders start in the shortened row, before re-padding). `numbered`:
+    the flattened prompt's running count of placeholders; `keep` (B, T) and `kept_upto`, each
+    row's running count of it; `sizes`: each image's placeholders."""
     bounds = torch.tensor(list(itertools.accumulate(sizes, initial=0)))
-    bounds = bounds.to(is_image.device, non_blocking=True)  # from pageable memory: staged at once, no wait
-    at = torch.nonzero_static(is_image.flatten(), size=sum(sizes))[:, 0]
-    running = torch.cat([bounds.new_zeros(1), all_kept.cumsum(0)])
-    first = at[bounds[:-1]]
-    kept_ahead = (keep.cumsum(1) - keep.long()).flatten()
-    return torch.stack([running[bounds[1:]] - running[bounds[:-1]], first, at[bounds[1:] - 1], kept_ahead[first]])
+    bounds = bounds.to(numbered.device, non_blocking=True)  # from pageable memory: staged at once, no wait
+    first = torch.searchsorted(numbered, bounds[:-1] + 1)
+    last = torch.searchsorted(numbered, bounds[1:])
+    keep, kept_upto = keep.flatten(), kept_upto.flatten()
+    ahead = kept_upto[first] - keep[first].long()
+    # an image lies in one row: what its row keeps from its first to its last placeholder,
+    # less the text between them (all kept), where other tokens split its placeholders
+    counts = kept_upto[last] - ahead - (last - first + 1 - bounds.diff())
+    return torch.stack([counts, first, last, ahead])
 
 
-def repad(input_ids, attention_mask, labels, keep: torch.Tensor, lengths: list[int], pad_side: str, pad_token_id: int):
+def repad(input_ids, attention_mask, labels, keep, kept_upto, lengths: list[int], pad_side: str, pad_token_id: int):
     """Keep the `keep` (B, T) positions of every row and re-pad the batch, given each row's
-    kept count (`lengths`, read back once by `compact`). Existing padding stays where it is;
-    rows that became shorter get extra padding on `pad_side` (masked out, label -100)."""
+    running count of them (`kept_upto`) and its total (`lengths`, read back once by `feed`).
+    Existing padding stays where it is; rows that became shorter get extra padding on
+    `pad_side` (masked out, label -100)."""
     new_len = max(lengths)
     needs_mask = attention_mask is not None or min(lengths) != new_len
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    n = keep.sum(1, keepdim=True)
     # each kept position's column in the new row; dropped ones go to a spare column, cut off
-    column = torch.cumsum(keep, 1) - 1 + ((new_len - n) if pad_side == "left" else 0)
+    column = kept_upto - 1 + ((new_len - kept_upto[:, -1:]) if pad_side == "left" else 0)
     column.masked_fill_(~keep, new_len)
     columns = {"input_ids": (input_ids, pad_token_id), "attention_mask": (attention_mask, 0)}
     if labels is not None:
