@@ -72,14 +72,13 @@ class GlobalCom2(Method):
         y0, y1, x0, x1 = layout.valid_box
         base_map = logits[:, :1].unflatten(-1, (layout.side, layout.side))
         global_map = F.interpolate(base_map, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)[:, 0]
+        # every feature reads the map at its canvas place, clamped into it: the base tokens'
+        # reads are never used (they keep their own logits)
         y, x = layout.canvas_yx
-        crop = layout.canvas_features
-        global_ = torch.zeros_like(local)
-        global_[:, crop] = global_map[:, y[crop] - y0, x[crop] - x0]
-
-        def l2_normalised(scores):
-            squares = torch.zeros(*scores.shape[:-1], layout.n_partitions, dtype=torch.float64, device=scores.device)
-            norms = squares.index_add_(-1, layout.partition, scores.double() ** 2).sqrt().float()
-            return scores / norms[..., layout.partition].clamp(min=1e-12)
-
-        return torch.where(in_crop, l2_normalised(local) + l2_normalised(global_), local)
+        global_ = global_map[:, (y - y0).clamp(0, y1 - y0 - 1), (x - x0).clamp(0, x1 - x0 - 1)]
+        # local and global normalised together: one pass of each op, the same sums per row
+        both = torch.stack([local, global_])
+        squares = torch.zeros(*both.shape[:-1], layout.n_partitions, dtype=torch.float64, device=both.device)
+        norms = squares.index_add_(-1, layout.partition, both.double() ** 2).sqrt().float().clamp(min=1e-12)
+        normalised = both / norms[..., layout.partition]
+        return torch.where(in_crop, normalised[0] + normalised[1], local)
