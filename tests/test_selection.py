@@ -8,7 +8,7 @@ import torch
 
 import reference
 from tokendrop.layout import members_of
-from tokendrop.selection import allocate, check_budget, keep_count, top_k_per_partition
+from tokendrop.selection import allocate, check_budget, keep_count, top_k, top_k_per_partition
 
 
 @pytest.mark.parametrize(
@@ -73,6 +73,12 @@ def test_top_k_per_partition_ranks_special_values_as_the_scores_order_them():
             members.sort(key=lambda i: (math.isnan(scores[i]), -scores[i] if not math.isnan(scores[i]) else 0, i))
             expected += members[:count]
         assert torch.nonzero(got).flatten().tolist() == sorted(expected), (scores, partition, counts)
+        # one partition of every feature, the count a host int: `top_k`
+        k = rng.randint(0, n + 1)
+        ranked = sorted(
+            range(n), key=lambda i: (math.isnan(scores[i]), -scores[i] if not math.isnan(scores[i]) else 0, i)
+        )
+        assert torch.nonzero(top_k(torch.tensor(scores), k)).flatten().tolist() == sorted(ranked[:k]), (scores, k)
 
 
 def test_top_k_per_partition_batched_equals_one_by_one():

@@ -141,12 +141,30 @@ def top_k_per_partition(scores: torch.Tensor, members: torch.Tensor, counts: tor
     counts = counts.to(scores.device)[..., None]
     fill = torch.where(torch.arange(n_members, device=scores.device) < n_members - counts, math.inf, -math.inf)
     threshold = torch.kthvalue(torch.cat([rows, fill.to(rows.dtype)], -1), n_members + 1, -1, keepdim=True).values
-    greater = rows > threshold
-    equal = rows == threshold
-    take = greater | (equal & (equal.cumsum(-1) <= counts - greater.sum(-1, keepdim=True)))
+    take = take_to_count(rows, threshold, counts)
     # back to feature order; padding writes to the spare column, cut off
     kept = torch.zeros(key.shape, dtype=torch.bool, device=scores.device)
     return kept.scatter_(-1, slots.flatten().expand(*key.shape[:-1], -1), take.flatten(-2))[..., :-1]
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., N) bool: each row's k highest scores, k a host int: `top_k_per_partition` with
+    one partition of every feature, without its padding, gather and scatter."""
+    k = min(max(k, 0), scores.shape[-1])
+    if k == 0:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    key = order_key(scores)
+    threshold = torch.kthvalue(key, key.shape[-1] - k + 1, -1, keepdim=True).values
+    return take_to_count(key, threshold, k)
+
+
+def take_to_count(key: torch.Tensor, threshold: torch.Tensor, counts) -> torch.Tensor:
+    """(..., n) bool: the keys above each row's threshold (its count-th largest), then as many
+    equal to it as the row's count (an int, or a tensor broadcasting as (..., 1)) still
+    allows, in index order."""
+    greater = key > threshold
+    equal = key == threshold
+    return greater | (equal & (equal.cumsum(-1) <= counts - greater.sum(-1, keepdim=True)))
 
 
 def region_sums(layout: ImageLayout, base_scores: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..layout import ImageBatch
-from ..selection import keep_count, top_k_per_partition
+from ..selection import keep_count, top_k
 from .base import Method, check_layer, register
 
 
@@ -27,7 +27,6 @@ class CLS(Method):
 
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:
         layout = batch.layout
-        scores = layout.per_feature(batch.cls_scores(self.select_layer))
-        k = torch.full((len(batch), 1), keep_count(self.budget, layout.n_features), device=scores.device)
-        every_feature = torch.arange(layout.n_features, device=scores.device)[None]  # one partition: all of them
-        return top_k_per_partition(scores, every_feature, k)
+        return top_k(
+            layout.per_feature(batch.cls_scores(self.select_layer)), keep_count(self.budget, layout.n_features)
+        )
