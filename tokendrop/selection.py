@@ -74,7 +74,8 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor, host_capacity
     A round either closes a partition or hands out all that remains, and a partition that can
     hold all that is handed out never overflows (its share never exceeds what remains), so
     1 + (the partitions that cannot) rounds suffice: with an int total and `host_capacity`,
-    only those run (one for a budget that every partition could hold), else P + 1.
+    only those run (one for a budget that every partition could hold), else P + 1; the last
+    of them, with no partition left to overflow, skips the check.
     """
     n = weights.shape[-1]
     rounds = n + 1
@@ -89,7 +90,7 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor, host_capacity
     remaining = torch.minimum(total, capacity.sum(-1))
     zero = torch.zeros_like(weights)
     lower = torch.ones(n, n, dtype=torch.bool, device=weights.device).tril(-1)  # [p, q]: q < p
-    for _ in range(rounds):
+    for round_ in range(rounds):
         room = capacity - alloc
         open_ = room > 0
         w = torch.where(open_, weights, zero)
@@ -97,18 +98,19 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor, host_capacity
         active = (remaining > 0)[..., None]
         share = torch.where(active, remaining[..., None] * w / w.sum(-1, keepdim=True), zero)
         floor = share.floor().long()
-        full = open_ & (floor >= room)
         leftover = remaining - floor.sum(-1)
         frac = torch.where(open_, share - floor, torch.full_like(share, -1.0))
         # each partition's place in the order of descending fractions (ties: lower index first)
         ahead = (frac[..., None, :] > frac[..., :, None]) | ((frac[..., None, :] == frac[..., :, None]) & lower)
         place = ahead.sum(-1)
         spread = floor + (place < leftover[..., None]).long()
+        if round_ == rounds - 1:  # the bound leaves nothing to overflow in the last round
+            return alloc + torch.where(active, spread, 0)
+        full = open_ & (floor >= room)
         take = torch.where(full.any(-1, keepdim=True), torch.where(full, room, 0), spread)
         take = torch.where(active, take, 0)
         alloc += take
         remaining = remaining - take.sum(-1)
-    return alloc
 
 
 # `order_key`'s range is [NAN_KEY, INF_KEY]: -inf and inf stand below and above every key
