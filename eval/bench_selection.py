@@ -16,7 +16,8 @@ one warm-up):
   vectors in place; the unpatched model embeds its prompt too), for batches of `--batches`
   images, the batched path next to the per-image path of revision `--baseline` (loaded from
   git: its methods, its loop, its records, its compaction and embedding; or from a `git
-  archive` tar of it), with the ratio; skipped without either;
+  archive` tar of it), the two taking turns call by call, with the ratio of their medians;
+  the baseline is skipped without either;
 - vision: the model's vision pass (tower, projector, packing) of one image, so that each
   method's select time reads against it.
 Freed memory stays in the process (`steady_allocator`), for both paths alike: otherwise a
@@ -86,9 +87,20 @@ def encoded_images(model, adapter, device: torch.device, n: int, layout_module=N
 
 
 def timed(run, repeats: int, device: torch.device) -> dict:
-    time_call(run, device)  # warm-up: caches (layouts on the device, fixed selections) fill here
-    stats = spread(time_call(run, device) for _ in range(repeats))
-    return dict(median_s=stats["median"], min_s=stats["min"], max_s=stats["max"])
+    return timed_alike({"run": run}, repeats, device)["run"]
+
+
+def timed_alike(runs: dict, repeats: int, device: torch.device) -> dict:
+    """Each run's median, min and max, the runs taking turns call by call, so that a change in
+    the machine's speed during the measurement falls on all of them alike."""
+    for run in runs.values():
+        time_call(run, device)  # warm-up: caches (layouts on the device, fixed selections) fill here
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            times[name].append(time_call(run, device))
+    stats = {name: spread(t) for name, t in times.items()}
+    return {name: dict(median_s=s["median"], min_s=s["min"], max_s=s["max"]) for name, s in stats.items()}
 
 
 def load_baseline(revision: str, archive: Path | None = None):
@@ -196,12 +208,12 @@ def time_batches(model, processor, adapter, device, repeats: int, batches, budge
         old_images = encoded_images(model, adapter, device, n, before["layout"]) if before else None
         for name in BATCH_METHODS:
             method = build_method(name, budget=budget, processor=processor).resolve(adapter)
-            row = dict(batched=timed(partial(batched_call, adapter, method, images, inputs), repeats, device))
+            runs = dict(batched=partial(batched_call, adapter, method, images, inputs))
             if before:
                 old = before["build"](name, budget=budget, processor=processor).resolve(adapter)
-                row["baseline"] = timed(
-                    partial(baseline_call, before, old_adapter, old, old_images, inputs), repeats, device
-                )
+                runs["baseline"] = partial(baseline_call, before, old_adapter, old, old_images, inputs)
+            row = timed_alike(runs, repeats, device)
+            if before:
                 row["speedup"] = row["baseline"]["median_s"] / row["batched"]["median_s"]
             rows[f"{name}@{budget} x{n}"] = row
     return rows
