@@ -353,19 +353,6 @@ class LlavaNextAdapter:
                 flat[where] = kept[-1].to(flat.device, flat.dtype)
         return flat.view(*ids.shape, -1), kept
 
-    def embed_prompt(self, input_ids, image_features: torch.Tensor | None) -> torch.Tensor:
-        """The LLM's input as the model builds it: the ids' embeddings, with the image vectors
-        (n, D), one image after another, scattered over the `<image>` placeholders in (row,
-        position) order. The callers hand exactly one vector per placeholder (the count is
-        not read back from the device)."""
-        embeds = self.model.get_input_embeddings()(input_ids)
-        if image_features is None:
-            return embeds
-        features = image_features.to(embeds.device, embeds.dtype)
-        placeholders = (input_ids == self.image_token_id).flatten().to(embeds.device)
-        at = torch.nonzero_static(placeholders, size=features.shape[0])[:, 0]
-        return embeds.flatten(0, 1).index_put_((at,), features).view_as(embeds)
-
     @staticmethod
     def with_image_features(output, kept_features: list[torch.Tensor]):
         """A forward's output carrying the vectors the LLM received, where the release's output

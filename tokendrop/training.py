@@ -257,8 +257,20 @@ class SelectionTrainer:
             images = self.adapter.encode(inputs["pixel_values"], inputs["image_sizes"], {})
             unpruned = None
             if self.config.loss != "ce":
-                embeds = self.adapter.embed_prompt(inputs["input_ids"], torch.cat([image.packed for image in images]))
-                logits = self.model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
+                # the rewards' own path (`feed`), every vector kept
+                keep_all = [
+                    torch.ones(len(image.packed), dtype=torch.bool, device=image.packed.device) for image in images
+                ]
+                _, llm_inputs, _ = self.adapter.feed(
+                    inputs["input_ids"],
+                    inputs["attention_mask"],
+                    None,
+                    keep_all,
+                    [image.packed for image in images],
+                    "left",
+                    self.pad_token_id,
+                )
+                logits = self.model(**llm_inputs).logits
                 unpruned = logits[:, -width - 1].float().log_softmax(-1)
         for image, example in zip(images, examples):
             image.question = example.question
