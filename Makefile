@@ -6,6 +6,7 @@
 #   make test-vllm  the vLLM plugin's tests alone (SKIP_VLLM=1 leaves them out of make test)
 # Every venv is created on first use: torch only when the venv lacks it (TORCH picks the build;
 # torch==2.13.0 is a CPU wheel on the project's machines), then tokendrop with its test extras.
+# pip keeps no cache: the venvs already hold what it would, and CI's disk is not always large.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
@@ -19,6 +20,7 @@ VLLM_VENV := .venv-vllm
 VLLM_SETUP_TIMEOUT ?= 900
 VLLM_TEST_TIMEOUT ?= 900
 SKIP_VLLM ?=
+export PIP_NO_CACHE_DIR := 1
 CORE_TESTS := tests/test_patch.py tests/test_patch_lifecycle.py tests/test_call_inputs.py tests/test_errors.py \
 	tests/test_hired.py tests/test_globalcom2_text.py tests/test_new_methods.py tests/test_merging.py tests/test_peft.py \
 	tests/test_onevision.py tests/test_vision_pass.py
@@ -36,7 +38,7 @@ test: lint $(VENV)/.ready $(OLDER_TRANSFORMERS:%=.venv-transformers-%/.ready)
 	$(BIN)/pytest -q
 	for version in $(OLDER_TRANSFORMERS); do \
 		echo "core tests on transformers $$version"; \
-		.venv-transformers-$$version/bin/pytest -q -p no:cacheprovider $(CORE_TESTS) || exit 1; \
+		.venv-transformers-$$version/bin/python -m pytest -q -p no:cacheprovider $(CORE_TESTS) || exit 1; \
 	done
 	$(if $(SKIP_VLLM),@echo "vLLM plugin tests skipped (SKIP_VLLM)",$(MAKE) test-vllm)
 
@@ -55,9 +57,14 @@ $(VENV)/.ready: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
-.venv-transformers-%/.ready: setup.cfg pyproject.toml
+# Layered on .venv: a .pth puts .venv's packages after the venv's own, so torch and the rest
+# (1.5 GB of the 1.7) are shared and the venv holds only what differs, the pinned transformers
+# and what that version needs. CI's disk once ran out building four full venvs.
+.venv-transformers-%/.ready: setup.cfg pyproject.toml $(VENV)/.ready
+	rm -rf .venv-transformers-$*
 	$(PYTHON) -m venv .venv-transformers-$*
-	.venv-transformers-$*/bin/python -m pip install -q --upgrade pip
-	.venv-transformers-$*/bin/python -c "import torch" 2>/dev/null || .venv-transformers-$*/bin/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$(.venv-transformers-$*/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/tokendrop-shared-venv.pth"
 	.venv-transformers-$*/bin/python -m pip install -q -e ".[test]" "transformers==$*"
+	.venv-transformers-$*/bin/python -c "import transformers; assert transformers.__version__ == '$*', transformers.__file__"
 	touch $@
