@@ -79,37 +79,37 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor, host_capacity
     """
     n = weights.shape[-1]
     rounds = n + 1
+    weights = weights.double().clamp(min=0)
+    capacity = capacity.long().to(weights.device).expand_as(weights)
     if host_capacity is not None and not isinstance(total, torch.Tensor):
         handed_out = min(total, sum(host_capacity))
         rounds = 1 + sum(size < handed_out for size in host_capacity)
-    weights = weights.double().clamp(min=0)
-    capacity = capacity.long().to(weights.device).expand_as(weights)
-    alloc = torch.zeros_like(capacity)
-    if not isinstance(total, torch.Tensor):  # made on the device: a copy there would wait for it
-        total = torch.full(weights.shape[:-1], total, dtype=torch.long, device=weights.device)
-    remaining = torch.minimum(total, capacity.sum(-1))
-    zero = torch.zeros_like(weights)
-    lower = torch.ones(n, n, dtype=torch.bool, device=weights.device).tril(-1)  # [p, q]: q < p
+        remaining = torch.full(weights.shape[:-1], handed_out, dtype=torch.long, device=weights.device)
+    else:
+        if not isinstance(total, torch.Tensor):  # made on the device: a copy there would wait for it
+            total = torch.full(weights.shape[:-1], total, dtype=torch.long, device=weights.device)
+        remaining = torch.minimum(total, capacity.sum(-1))
+    alloc = None  # nothing handed out before the first round
     for round_ in range(rounds):
-        room = capacity - alloc
+        room = capacity if alloc is None else capacity - alloc
         open_ = room > 0
-        w = torch.where(open_, weights, zero)
-        w = torch.where(w.sum(-1, keepdim=True) <= 0, torch.where(open_, room.double(), zero), w)
+        w = torch.where(open_, weights, 0.0)
+        w = torch.where(w.sum(-1, keepdim=True) <= 0, room.double(), w)  # a closed partition's room is 0
         active = (remaining > 0)[..., None]
-        share = torch.where(active, remaining[..., None] * w / w.sum(-1, keepdim=True), zero)
+        share = torch.where(active, remaining[..., None] * w / w.sum(-1, keepdim=True), 0.0)
         floor = share.floor().long()
         leftover = remaining - floor.sum(-1)
-        frac = torch.where(open_, share - floor, torch.full_like(share, -1.0))
+        frac = torch.where(open_, share - floor, -1.0)
         # each partition's place in the order of descending fractions (ties: lower index first)
-        ahead = (frac[..., None, :] > frac[..., :, None]) | ((frac[..., None, :] == frac[..., :, None]) & lower)
-        place = ahead.sum(-1)
-        spread = floor + (place < leftover[..., None]).long()
+        place = torch.sort(frac, dim=-1, descending=True, stable=True).indices.argsort(dim=-1)
+        spread = floor + (place < leftover[..., None])
         if round_ == rounds - 1:  # the bound leaves nothing to overflow in the last round
-            return alloc + torch.where(active, spread, 0)
+            spread = torch.where(active, spread, 0)
+            return spread if alloc is None else alloc + spread
         full = open_ & (floor >= room)
         take = torch.where(full.any(-1, keepdim=True), torch.where(full, room, 0), spread)
         take = torch.where(active, take, 0)
-        alloc += take
+        alloc = take if alloc is None else alloc + take
         remaining = remaining - take.sum(-1)
 
 
