@@ -209,12 +209,13 @@ class LlavaNextAdapter:
         vision_kwargs: dict,
     ) -> list[EncodedImage]:
         """Every image of a call, checked against its prompt and encoded, with its prompt row
-        (padding removed) and the caller's question for that row, in placeholder order."""
+        (and its attention mask) and the caller's question for that row, in placeholder order."""
         sizes = self.check_images(pixel_values, image_sizes, **vision_kwargs)
         rows = self.image_rows(input_ids, sizes, **vision_kwargs)
         images = self.encode(pixel_values, sizes, signals, **vision_kwargs)
         for image, row in zip(images, rows):
-            image.prompt_ids = input_ids[row] if attention_mask is None else input_ids[row][attention_mask[row] == 1]
+            image.prompt_row = input_ids[row]
+            image.prompt_mask = None if attention_mask is None else attention_mask[row]
             image.question = None if questions is None else questions[row]
         return images
 

@@ -174,6 +174,19 @@ def test_selection_and_compaction_read_back_once(tiny, mixed, name, options, mon
     assert len(kept) == len(images) and llm_inputs["inputs_embeds"].shape[:2] == ids.shape
 
 
+def test_reading_the_images_leaves_the_prompts_on_the_device(tiny, mixed):
+    # each image's prompt row without its padding is sized by the mask: made only when a
+    # question-reading method asks for it, not once per image in every call
+    model, processor = tiny
+    method = build_method("hired", budget=0.2).resolve(adapter_for(model))
+    with SyncCounter() as counter:
+        images = encoded(model, method, mixed)
+    assert "__getitem__" not in counter.calls, counter.calls
+    for image, row in zip(images, [0, 1, 2, 3, 4, 5]):
+        ids, mask = mixed["input_ids"][row], mixed["attention_mask"][row]
+        assert image.prompt_ids.tolist() == [t for t, m in zip(ids.tolist(), mask.tolist()) if m == 1]
+
+
 def test_records_are_read_back_on_first_access(tiny, mixed):
     model, _ = tiny
     handle = tokendrop.patch(model, "hired", budget=0.2)

@@ -185,11 +185,20 @@ class EncodedImage:
     cls: dict[int, torch.Tensor]  # absolute layer -> (P, side**2) fp32 CLS scores, on any device
     n_layers: int  # vision layers, to resolve negative layer indices
     embed: Callable[[torch.Tensor], torch.Tensor]  # token ids -> the LLM's input embeddings
-    prompt_ids: torch.Tensor | None = None  # the image's prompt row, padding removed
+    prompt_row: torch.Tensor | None = None  # the image's prompt row, as the batch pads it
+    prompt_mask: torch.Tensor | None = None  # that row's attention mask (None: no padding)
     question: str | None = None  # the caller's explicit question for that row, if given
 
     def cls_scores(self, layer: int) -> torch.Tensor:
         return self.cls[layer % self.n_layers]
+
+    @property
+    def prompt_ids(self) -> torch.Tensor | None:
+        """The image's prompt row, padding removed. Made on access, for the methods that read
+        the question: its size depends on the mask's contents, a read-back on an accelerator."""
+        if self.prompt_row is None or self.prompt_mask is None:
+            return self.prompt_row
+        return self.prompt_row[self.prompt_mask == 1]
 
     @property
     def features(self) -> torch.Tensor:
