@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import reference
-from tokendrop.layout import members_of
-from tokendrop.selection import allocate, check_budget, keep_count, top_k, top_k_per_partition
+from tokendrop.adapters import adapter_for
+from tokendrop.layout import NEWLINE, ImageLayout, members_of
+from tokendrop.presets import build_preset
+from tokendrop.selection import allocate, check_budget, keep_count, top_k, top_k_per_partition, top_k_per_tile
 
 
 @pytest.mark.parametrize(
@@ -91,6 +93,51 @@ def test_top_k_per_partition_batched_equals_one_by_one():
     batched = top_k_per_partition(scores, members, counts)
     for row in range(7):
         assert torch.equal(batched[row], top_k_per_partition(scores[row], members, counts[row]))
+
+
+def ranked_per_partition(scores: list[float], partition: list[int], counts: list[int]) -> list[int]:
+    """Each partition's counts[p] best features by the sort definition (descending score,
+    NaN last, ties to the lower index), ascending."""
+    kept = []
+    for p, count in enumerate(counts):
+        members = [i for i in range(len(scores)) if partition[i] == p]
+        members.sort(key=lambda i: (math.isnan(scores[i]), -scores[i] if not math.isnan(scores[i]) else 0, i))
+        kept += members[:count]
+    return sorted(kept)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-onevision"])
+def test_top_k_per_tile_ranks_as_the_features_would(preset):
+    # scores given per tile cell, many equal and some special: what each partition keeps is its
+    # features' ranking, whatever cells the crops' padding leaves empty (tiny-onevision's
+    # large images are resampled canvases)
+    model, _ = build_preset(preset)
+    adapter = adapter_for(model)
+    rng = random.Random(7)
+    pool = [float("nan"), float("-inf"), float("inf"), -0.0, 0.0, 0.25, 0.5, 0.75, 1e-45]
+    for size in [(38, 96), (96, 38), (60, 100), (300, 700), (1500, 1500)]:
+        layout = adapter.layout(size)
+        assert layout.features_in_tile_order
+        tiles = torch.tensor([rng.choice(pool) for _ in range(3 * layout.n_partitions * layout.tile)])
+        tiles = tiles.view(3, layout.n_partitions, layout.tile)
+        counts = torch.tensor([[rng.randint(0, c) for c in layout.sizes] for _ in range(3)])
+        got = top_k_per_tile(layout, tiles, counts)
+        for row in range(3):
+            scores = layout.per_feature(tiles[row]).tolist()
+            expected = ranked_per_partition(scores, layout.partition.tolist(), counts[row].tolist())
+            assert torch.nonzero(got[row]).flatten().tolist() == expected, size
+
+
+@pytest.mark.parametrize("crop", [[5, 4], [4, 4, 5]], ids=["out of raster order", "two tokens in one cell"])
+def test_top_k_per_tile_ranks_features_where_cells_cannot(crop):
+    # a canvas whose tokens do not stand for distinct cells in raster order: ranked per feature
+    layout = ImageLayout(side=2, grid=(1, 1), packed_source=torch.tensor([0, 1, 2, 3, *crop, NEWLINE]))
+    assert not layout.features_in_tile_order
+    tiles = torch.tensor([[0.0, 0.5, 0.5, 0.25], [0.0, 1.0, 0.0, 0.0]])
+    scores = layout.per_feature(tiles).tolist()
+    for counts in ([2, 1], [1, 2], [0, len(crop)]):
+        got = top_k_per_tile(layout, tiles, torch.tensor(counts))
+        assert torch.nonzero(got).flatten().tolist() == ranked_per_partition(scores, layout.partition.tolist(), counts)
 
 
 def allocate_by_rounds(total, weights, capacity):

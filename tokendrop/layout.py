@@ -110,6 +110,26 @@ class ImageLayout:
         return members_of(self.partition, self.sizes)
 
     @cached_property
+    def cell(self) -> torch.Tensor:
+        """(N,) each feature's cell in the flattened (P * side**2) partition tiles."""
+        return self.partition * self.tile + self.local
+
+    @cached_property
+    def features_in_tile_order(self) -> bool:
+        """Whether each partition's features are distinct cells of its tile, in the tile's
+        raster order (every LLaVA-NeXT layout): then a tile's cells rank its features as
+        their feature indices do. A resampled canvas may map two tokens to one patch."""
+        cells = self.host.cell[self.host.partition_members.clamp(min=0)]
+        later = self.host.partition_members[:, 1:] >= 0
+        return bool((cells[:, 1:] > cells[:, :-1])[later].all())
+
+    @cached_property
+    def empty_cells(self) -> torch.Tensor:
+        """(P, side**2) bool: the tile cells that hold no feature (a crop's padding)."""
+        empty = torch.ones(self.n_partitions * self.tile, dtype=torch.bool, device=self.packed_source.device)
+        return empty.index_fill_(0, self.cell, False).view(self.n_partitions, self.tile)
+
+    @cached_property
     def canvas_features(self) -> torch.Tensor:
         """(n,) feature indices of the crop tokens (those on the unpadded canvas), ascending."""
         return torch.nonzero(self.partition > 0).flatten()

@@ -128,25 +128,41 @@ def top_k_per_partition(scores: torch.Tensor, members: torch.Tensor, counts: tor
     """(..., N) bool: the counts[..., p] highest-scoring features of each partition p.
     scores (..., N); members (P, M): each partition's feature indices, ascending, padded
     with -1 (`ImageLayout.partition_members`, `layout.members_of`); counts (..., P). Ties go
-    to the lower index and NaN ranks last, so selections are deterministic.
-
-    No sort (on a CPU, torch sorts a row of 2,880 floats in ~90 us): each partition's
-    count-th largest score is found by one k-th value, then the scores above it are kept,
-    and as many of those equal to it as the count still allows, in index order."""
-    n_members = members.shape[-1]
+    to the lower index and NaN ranks last, so selections are deterministic."""
     # padding points at a spare column of -inf, below every key, so it is never taken
     slots = torch.where(members >= 0, members, scores.shape[-1])
     key = torch.nn.functional.pad(order_key(scores), (0, 1), value=-math.inf)
-    rows = key[..., slots]  # (..., P, M)
-    # the count-th largest of a row is the M-th largest once M - count entries above all
-    # keys are added to it: one k-th value (the (M + 1)-th smallest of 2M) for every row
-    counts = counts.to(scores.device)[..., None]
-    fill = torch.where(torch.arange(n_members, device=scores.device) < n_members - counts, math.inf, -math.inf)
-    threshold = torch.kthvalue(torch.cat([rows, fill.to(rows.dtype)], -1), n_members + 1, -1, keepdim=True).values
-    take = take_to_count(rows, threshold, counts)
+    take = top_counts(key[..., slots], counts)  # (..., P, M)
     # back to feature order; padding writes to the spare column, cut off
     kept = torch.zeros(key.shape, dtype=torch.bool, device=scores.device)
     return kept.scatter_(-1, slots.flatten().expand(*key.shape[:-1], -1), take.flatten(-2))[..., :-1]
+
+
+def top_k_per_tile(layout: ImageLayout, tile_scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`top_k_per_partition(layout.per_feature(tile_scores), layout.partition_members,
+    counts)` for scores given per partition tile (..., P, side**2), ranked in the tiles
+    themselves where their cells rank the features as the feature indices do
+    (`features_in_tile_order`): no gather into partition rows and no scatter back; a cell
+    that holds no feature ranks below every key."""
+    if not layout.features_in_tile_order:
+        return top_k_per_partition(layout.per_feature(tile_scores), layout.partition_members, counts)
+    key = order_key(tile_scores).masked_fill_(layout.empty_cells, -math.inf)
+    return top_counts(key, counts).flatten(-2)[..., layout.cell]
+
+
+def top_counts(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(..., P, M) bool: the counts[..., p] largest `order_key`s of each row p (-inf: never).
+
+    No sort (on a CPU, torch sorts a row of 2,880 floats in ~90 us): each row's count-th
+    largest key is found by one k-th value, then the keys above it are kept, and as many of
+    those equal to it as the count still allows, in index order."""
+    n = rows.shape[-1]
+    # the count-th largest of a row is the n-th largest once n - count entries above all
+    # keys are added to it: one k-th value (the (n + 1)-th smallest of 2n) for every row
+    counts = counts.to(rows.device)[..., None]
+    fill = torch.where(torch.arange(n, device=rows.device) < n - counts, math.inf, -math.inf)
+    threshold = torch.kthvalue(torch.cat([rows, fill.to(rows.dtype)], -1), n + 1, -1, keepdim=True).values
+    return take_to_count(rows, threshold, counts)
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

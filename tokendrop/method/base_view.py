@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import ImageBatch
-from ..selection import keep_count, top_k_per_partition
+from ..selection import keep_count, top_k_per_tile
 from .base import register
 from .cls import CLS
 
@@ -27,9 +27,9 @@ class BaseView(CLS):
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:
         layout = batch.layout
         k = keep_count(self.budget, layout.n_features)
-        scores = layout.per_feature(batch.cls_scores(self.select_layer))
+        scores = batch.cls_scores(self.select_layer)
         if k >= layout.n_features:
-            return torch.ones_like(scores, dtype=torch.bool)
+            return torch.ones(len(batch), layout.n_features, dtype=torch.bool, device=scores.device)
         counts = torch.zeros(len(batch), layout.n_partitions, dtype=torch.long, device=scores.device)
         counts[:, 0] = min(k, layout.sizes[0])
-        return top_k_per_partition(scores, layout.partition_members, counts)
+        return top_k_per_tile(layout, scores, counts)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..layout import ImageBatch
-from ..selection import allocate, floor_fraction, keep_count, region_sums, top_k_per_partition
+from ..selection import allocate, floor_fraction, keep_count, region_sums, top_k_per_tile
 from .base import Method, check_choice, check_layer, check_real, register
 
 ALLOCATIONS = ("mass", "count")
@@ -46,7 +46,7 @@ class HiRED(Method):
         return {self.alloc_layer: "probs", self.select_layer: "probs"}
 
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:
-        return top_k_per_partition(self.scores(batch), batch.layout.partition_members, self.counts(batch))
+        return top_k_per_tile(batch.layout, batch.cls_scores(self.select_layer), self.counts(batch))
 
     def scores(self, batch: ImageBatch) -> torch.Tensor:
         """(B, N) the importance each partition's tokens are ranked by: CLS attention at select_layer."""
