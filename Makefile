@@ -43,11 +43,12 @@ test: lint $(VENV)/.ready $(OLDER_TRANSFORMERS:%=.venv-transformers-%/.ready)
 	$(if $(SKIP_VLLM),@echo "vLLM plugin tests skipped (SKIP_VLLM)",$(MAKE) test-vllm)
 
 test-vllm: | $(VLLM_VENV)/.ready
-	timeout $(VLLM_TEST_TIMEOUT) $(VLLM_VENV)/bin/pytest -q -p no:cacheprovider tests/vllm_plugin
+	timeout $(VLLM_TEST_TIMEOUT) $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/vllm_plugin
 
-# order-only: made when missing, never remade because setup.cfg changed (delete it to remake)
-$(VLLM_VENV)/.ready:
-	timeout $(VLLM_SETUP_TIMEOUT) tests/vllm_plugin/setup_venv.sh $(VLLM_VENV) "$(TORCH)" "$(VLLM)" $(PYTHON)
+# order-only: made when missing, never remade because setup.cfg changed (delete it to remake);
+# layered on .venv like the version venvs (torch and what else vLLM accepts as it is there)
+$(VLLM_VENV)/.ready: | $(VENV)/.ready
+	timeout $(VLLM_SETUP_TIMEOUT) tests/vllm_plugin/setup_venv.sh $(VLLM_VENV) "$(TORCH)" "$(VLLM)" $(PYTHON) $(VENV)
 	touch $@
 
 $(VENV)/.ready: setup.cfg pyproject.toml
