@@ -117,8 +117,9 @@ class ImageLayout:
     @cached_property
     def features_in_tile_order(self) -> bool:
         """Whether each partition's features are distinct cells of its tile, in the tile's
-        raster order (every LLaVA-NeXT layout): then a tile's cells rank its features as
-        their feature indices do. A resampled canvas may map two tokens to one patch."""
+        raster order (every LLaVA-NeXT and OneVision layout, resampled canvases included):
+        then a tile's cells rank its features as their feature indices do. A packing that put
+        two tokens on one patch, or out of raster order, would not."""
         cells = self.host.cell[self.host.partition_members.clamp(min=0)]
         later = self.host.partition_members[:, 1:] >= 0
         return bool((cells[:, 1:] > cells[:, :-1])[later].all())
