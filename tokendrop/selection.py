@@ -89,9 +89,9 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor, host_capacity
         if not isinstance(total, torch.Tensor):  # made on the device: a copy there would wait for it
             total = torch.full(weights.shape[:-1], total, dtype=torch.long, device=weights.device)
         remaining = torch.minimum(total, capacity.sum(-1))
-    alloc = None  # nothing handed out before the first round
+    alloc = torch.zeros_like(capacity)
     for round_ in range(rounds):
-        room = capacity if alloc is None else capacity - alloc
+        room = capacity - alloc
         open_ = room > 0
         w = torch.where(open_, weights, 0.0)
         w = torch.where(w.sum(-1, keepdim=True) <= 0, room.double(), w)  # a closed partition's room is 0
@@ -104,12 +104,11 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor, host_capacity
         place = torch.sort(frac, dim=-1, descending=True, stable=True).indices.argsort(dim=-1)
         spread = floor + (place < leftover[..., None])
         if round_ == rounds - 1:  # the bound leaves nothing to overflow in the last round
-            spread = torch.where(active, spread, 0)
-            return spread if alloc is None else alloc + spread
+            return alloc + torch.where(active, spread, 0)
         full = open_ & (floor >= room)
         take = torch.where(full.any(-1, keepdim=True), torch.where(full, room, 0), spread)
         take = torch.where(active, take, 0)
-        alloc = take if alloc is None else alloc + take
+        alloc += take
         remaining = remaining - take.sum(-1)
 
 
