@@ -46,7 +46,7 @@ test-vllm: | $(VLLM_VENV)/.ready
 	timeout $(VLLM_TEST_TIMEOUT) $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/vllm_plugin
 
 # order-only: made when missing, never remade because setup.cfg changed (delete it to remake);
-# layered on .venv like the version venvs (torch and what else vLLM accepts as it is there)
+# layered on .venv like the version venvs
 $(VLLM_VENV)/.ready: | $(VENV)/.ready
 	timeout $(VLLM_SETUP_TIMEOUT) tests/vllm_plugin/setup_venv.sh $(VLLM_VENV) "$(TORCH)" "$(VLLM)" $(PYTHON) $(VENV)
 	touch $@
@@ -58,14 +58,11 @@ $(VENV)/.ready: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
-# Layered on .venv: a .pth puts .venv's packages after the venv's own, so torch and the rest
-# (1.5 GB of the 1.7) are shared and the venv holds only what differs, the pinned transformers
-# and what that version needs. CI's disk once ran out building four full venvs.
+# Layered on .venv (tests/layered_venv.sh): torch and the rest (1.5 GB of the 1.7) are shared
+# and the venv holds only what differs, the pinned transformers and what that version needs.
+# CI's disk once ran out building four full venvs.
 .venv-transformers-%/.ready: setup.cfg pyproject.toml $(VENV)/.ready
-	rm -rf .venv-transformers-$*
-	$(PYTHON) -m venv .venv-transformers-$*
-	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
-		"$$(.venv-transformers-$*/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/tokendrop-shared-venv.pth"
+	tests/layered_venv.sh .venv-transformers-$* $(VENV) $(PYTHON)
 	.venv-transformers-$*/bin/python -m pip install -q -e ".[test]" "transformers==$*"
 	.venv-transformers-$*/bin/python -c "import transformers; assert transformers.__version__ == '$*', transformers.__file__"
 	touch $@
