@@ -12,7 +12,7 @@ from conftest import prompt
 from tokendrop import selection
 from tokendrop.adapters import adapter_for
 from tokendrop.layout import members_of
-from tokendrop.method import build as build_method
+from tokendrop.method import build as build_method, text as text_method
 from tokendrop.method.base import Merged
 from tokendrop.patch import select_images
 from tokendrop.presets import synthetic_image
@@ -183,8 +183,64 @@ def test_reading_the_images_leaves_the_prompts_on_the_device(tiny, mixed):
         images = encoded(model, method, mixed)
     assert "__getitem__" not in counter.calls, counter.calls
     for image, row in zip(images, [0, 1, 2, 3, 4, 5]):
-        ids, mask = mixed["input_ids"][row], mixed["attention_mask"][row]
-        assert image.prompt_ids.tolist() == [t for t, m in zip(ids.tolist(), mask.tolist()) if m == 1]
+        assert torch.equal(image.prompt_row, mixed["input_ids"][row])
+        assert torch.equal(image.prompt_mask, mixed["attention_mask"][row])
+
+
+# the question-reading methods, on their device path
+QUESTION_VARIANTS = [("text", {}), ("router", {}), ("dpp", {"relevance": "text"})]
+
+
+@pytest.mark.parametrize("name, options", QUESTION_VARIANTS, ids=[n for n, _ in QUESTION_VARIANTS])
+def test_questions_are_read_back_once_per_call(tiny, mixed, name, options, monkeypatch):
+    # the question is host text: all the images' prompts come back in one read (then their
+    # tokens go to the device in one copy), not a mask index, a max and a decode per image
+    monkeypatch.setattr(selection, "HOST_DEVICES", frozenset())
+    model, processor = tiny
+    adapter = adapter_for(model)
+    method = build_method(name, budget=0.2, processor=processor, **options).resolve(adapter)
+    images = encoded(model, method, mixed)
+    with torch.no_grad():
+        select_images(method, images)
+        with SyncCounter() as counter:
+            select_images(method, images)
+    n_layouts = len(set(SIZES))  # images of one layout are selected together
+    assert counter.calls == ["tolist", "tensor"] * n_layouts, counter.calls
+
+
+def test_each_images_question_is_the_text_after_its_last_image(tiny, mixed):
+    # the rule written out on the host, row by row: padding removed, the tokens after the
+    # row's last <image>, decoded without special tokens, the chat template's text stripped
+    model, processor = tiny
+    method = build_method("text", budget=0.2, processor=processor).resolve(adapter_for(model))
+    images = encoded(model, method, mixed)
+    image_token = method.image_token_id
+    special = set(processor.tokenizer.all_special_ids)
+    for image, ids, mask, question in zip(
+        images, mixed["input_ids"].tolist(), mixed["attention_mask"].tolist(), QUESTIONS
+    ):
+        row = [t for t, m in zip(ids, mask) if m == 1]
+        after = row[max(i for i, t in enumerate(row) if t == image_token) + 1 :]
+        text = text_method.strip_template(processor.tokenizer.decode(after, skip_special_tokens=True), method.affixes)
+        assert text == question
+        expected = [t for t in processor.tokenizer(text, add_special_tokens=False).input_ids if t not in special]
+        assert method.question_ids([image]) == [expected]
+    assert method.question_ids(images) == [method.question_ids([image])[0] for image in images]
+
+
+def test_questions_given_by_the_caller_need_no_prompt(tiny):
+    # an image without a prompt row takes its question from the caller, and says so when none is given
+    model, processor = tiny
+    method = build_method("text", budget=0.2, processor=processor).resolve(adapter_for(model))
+    image = encoded(
+        model, method, processor(images=[synthetic_image(40, 40)], text=[prompt(processor, "Hi?")], return_tensors="pt")
+    )[0]
+    image.prompt_row = image.prompt_mask = None
+    with pytest.raises(ValueError, match="pass questions="):
+        method.question_ids([image])
+    image.question = "What is red?"
+    expected = processor.tokenizer("What is red?", add_special_tokens=False).input_ids
+    assert method.question_ids([image, image]) == [expected, expected]
 
 
 def test_records_are_read_back_on_first_access(tiny, mixed):

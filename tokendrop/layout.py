@@ -214,14 +214,6 @@ class EncodedImage:
         return self.cls[layer % self.n_layers]
 
     @property
-    def prompt_ids(self) -> torch.Tensor | None:
-        """The image's prompt row, padding removed. Made on access, for the methods that read
-        the question: its size depends on the mask's contents, a read-back on an accelerator."""
-        if self.prompt_row is None or self.prompt_mask is None:
-            return self.prompt_row
-        return self.prompt_row[self.prompt_mask == 1]
-
-    @property
     def features(self) -> torch.Tensor:
         """(N, D) projected feature tokens, newlines removed, in feature-index order."""
         return self.packed[self.layout.on(self.packed.device).feature_positions]

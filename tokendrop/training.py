@@ -282,7 +282,7 @@ class SelectionTrainer:
         in_scope = self.in_scope(image)
         candidates, fixed = torch.nonzero(in_scope).flatten(), torch.nonzero(~in_scope).flatten()
         with torch.no_grad():  # the model's embeddings stay out of the router's graph
-            question = self.question_rule.question(image)
+            question = self.question_rule.questions([image])[0].to(image.packed.device)
         scores = router(image.features, question)
         return (
             scores[candidates.to(scores.device)],

@@ -67,7 +67,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..layout import EncodedImage, ImageBatch, ImageLayout
+from ..layout import ImageBatch, ImageLayout
 from ..selection import keep_count, on_host, proportional_counts
 from .base import Method, check_choice, register
 from .globalcom2 import GlobalCom2
@@ -174,20 +174,22 @@ class DPP(Method):
         if self.relevance == "cls":
             x = layout.per_feature(batch.cls_scores(self.feature_layer)).to(features.device).float()
         else:
-            x = torch.stack([self.question_relevance(image, f) for image, f in zip(batch.images, features)])
+            questions = self.question.questions(batch.images)
+            x = torch.stack([question_relevance(f, question) for f, question in zip(features, questions)])
         return min_max(x, x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values)
-
-    def question_relevance(self, image: EncodedImage, features: torch.Tensor) -> torch.Tensor:
-        """(N,) mean cosine of each unit feature to the question's tokens (the paper's sign)."""
-        ids = self.question.question_ids(image).to(image.embed.weight.device)
-        question = F.normalize(image.embed(ids).float().to(features.device), dim=-1)
-        return (features @ question.T).mean(-1)
 
 
 @lru_cache(maxsize=64)
 def largest_share(layout: ImageLayout, k: int) -> int:
     """The largest partition share of `proportional_counts`, worked out once on the host."""
     return max(proportional_counts(k, layout).tolist())
+
+
+def question_relevance(features: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+    """(N,) mean cosine of each unit feature (N, D) to the question's (T, D) input embeddings
+    (the paper's sign)."""
+    question = F.normalize(question.float().to(features.device), dim=-1)
+    return (features @ question.T).mean(-1)
 
 
 def min_max(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

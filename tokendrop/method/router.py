@@ -27,7 +27,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..layout import EncodedImage
 from .base import check_int, register
 from .text import Text
 
@@ -190,13 +189,7 @@ class Router(Text):
         self.weights.requires_grad_(False)
         return self
 
-    def scores(self, image: EncodedImage, visual: torch.Tensor) -> torch.Tensor:
+    def scores(self, visual: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
         if self.weights.visual.device != visual.device:  # fp32 on the features' device, moved once
             self.weights.to(visual.device)
-        return self.weights(visual, self.question(image).to(visual.device))
-
-    def question(self, image: EncodedImage) -> torch.Tensor:
-        """(T, D) the LLM input embeddings of the image's question, on the features' device
-        (what the router scores against, in training as in use)."""
-        ids = self.question_ids(image).to(image.embed.weight.device)
-        return image.embed(ids).to(image.packed.device)
+        return self.weights(visual, question.to(visual.device))

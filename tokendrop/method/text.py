@@ -19,6 +19,7 @@ stripped of special tokens. Where that rule cannot tell, pass the question text 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +79,9 @@ class Text(Method):
 
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:
         layout = batch.layout
+        questions = self.questions(batch.images)
         # image by image: each image's question differs in length (the scores stay on the device)
-        scores = torch.stack([self.scores(image, image.features) for image in batch.images])
+        scores = torch.stack([self.scores(image.features, q) for image, q in zip(batch.images, questions)])
         in_scope = (layout.partition > 0) | (self.scope == "all")
         n_candidates = sum(layout.sizes[1:]) if self.scope == "crops" else layout.n_features
         # candidates first, by descending score (ties: lower index), the tokens out of scope after them
@@ -96,27 +98,65 @@ class Text(Method):
         kept = torch.zeros_like(in_scope.expand_as(scores)).scatter(-1, ranked, place < count)
         return kept | ~in_scope
 
-    def scores(self, image: EncodedImage, visual: torch.Tensor) -> torch.Tensor:
-        """(N,) fp32, on the device of `visual` (the image's (N, D) feature tokens): summed cosine
-        similarity of each feature token to the question tokens."""
-        question = image.embed(self.question_ids(image).to(image.embed.weight.device))
+    def scores(self, visual: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        """(N,) fp32, on the device of `visual` (an image's (N, D) feature tokens): summed cosine
+        similarity of each feature token to the question's (T, D) input embeddings, computed
+        where the question is."""
         return cosine_scores(visual.to(question.device), question).to(visual.device)
 
-    def question_ids(self, image: EncodedImage) -> torch.Tensor:
+    def questions(self, images: list[EncodedImage]) -> list[torch.Tensor]:
+        """Each image's question as the LLM's (T, D) input embeddings, on the embedding's device:
+        one lookup for all of them."""
+        ids = self.question_ids(images)
+        embed = images[0].embed
+        looked_up = embed(torch.tensor([i for row in ids for i in row], device=embed.weight.device))
+        return list(looked_up.split([len(row) for row in ids]))
+
+    def question_ids(self, images: list[EncodedImage]) -> list[list[int]]:
+        """Each image's question tokens (see the module docstring), worked out on the host: the
+        prompts of the images without an explicit question are read back together, and each
+        distinct question is tokenised once."""
         tokenizer = self.tokenizer
-        text = image.question
-        if text is None:
-            ids = image.prompt_ids
-            after_image = ids[int(torch.nonzero(ids == self.image_token_id).max()) + 1 :]
-            text = strip_template(tokenizer.decode(after_image, skip_special_tokens=True), self.affixes)
+        prompts = iter(read_questions([image for image in images if image.question is None], self.image_token_id))
+        texts = [
+            image.question
+            if image.question is not None
+            else strip_template(tokenizer.decode(next(prompts), skip_special_tokens=True), self.affixes)
+            for image in images
+        ]
         special = set(tokenizer.all_special_ids)
-        ids = [i for i in tokenizer(text, add_special_tokens=False).input_ids if i not in special]
-        if not ids:
-            raise ValueError(
-                f"text found no question tokens in the prompt (text after the last image: {text!r}); "
-                "pass questions=[...] to generate/forward, one per prompt row"
-            )
-        return torch.tensor(ids)
+        distinct = list(dict.fromkeys(texts))
+        tokens = {}
+        for text, ids in zip(distinct, tokenizer(distinct, add_special_tokens=False).input_ids):
+            tokens[text] = [i for i in ids if i not in special]
+            if not tokens[text]:
+                raise ValueError(
+                    f"text found no question tokens in the prompt (text after the last image: {text!r}); "
+                    "pass questions=[...] to generate/forward, one per prompt row"
+                )
+        return [tokens[text] for text in texts]
+
+
+def read_questions(images: list[EncodedImage], image_token_id: int) -> list[list[int]]:
+    """The tokens after the last image placeholder of each image's prompt row, padding
+    removed: marked on the device and read back in one transfer for all the images (on an
+    accelerator, one wait per call rather than several per image)."""
+    if not images:
+        return []
+    if any(image.prompt_row is None for image in images):
+        raise ValueError(
+            "text reads each image's question from its prompt row, and these images carry none: "
+            "pass questions=[...] to generate/forward, one per prompt row"
+        )
+    rows = []
+    for image in images:
+        row = image.prompt_row
+        real = torch.ones_like(row, dtype=torch.bool) if image.prompt_mask is None else image.prompt_mask == 1
+        is_image = (row == image_token_id) & real
+        after_last_image = (is_image.cumsum(0) == is_image.sum()) & ~is_image & real
+        rows.append(row.masked_fill(~after_last_image, -1))
+    flat = iter(torch.cat(rows).tolist())
+    return [[t for t in islice(flat, row.numel()) if t >= 0] for row in rows]
 
 
 def cosine_scores(visual: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
