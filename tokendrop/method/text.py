@@ -150,11 +150,10 @@ def read_questions(images: list[EncodedImage], image_token_id: int) -> list[list
         )
     rows = []
     for image in images:
-        row = image.prompt_row
-        real = torch.ones_like(row, dtype=torch.bool) if image.prompt_mask is None else image.prompt_mask == 1
-        is_image = (row == image_token_id) & real
-        after_last_image = (is_image.cumsum(0) == is_image.sum()) & ~is_image & real
-        rows.append(row.masked_fill(~after_last_image, -1))
+        row = image.prompt_row  # padding, then the row up to its last image, marked -1
+        row = row if image.prompt_mask is None else row.masked_fill(image.prompt_mask != 1, -1)
+        is_image = row == image_token_id
+        rows.append(row.masked_fill((is_image.cumsum(0) < is_image.sum()) | is_image, -1))
     flat = iter(torch.cat(rows).tolist())
     return [[t for t in islice(flat, row.numel()) if t >= 0] for row in rows]
 
