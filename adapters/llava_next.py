@@ -2,10 +2,10 @@
 
 The model packs each image as: base tile, then the unpadded crop canvas with one newline per
 row, and fills the prompt's `<image>` placeholders with those vectors in (batch, position)
-order. tokendrop runs the vision pass itself, keeps a subset of each packed sequence, removes
-the matching placeholders from `input_ids`, and feeds the LLM `inputs_embeds` made as the
-model makes them (its input embedding of the ids, the image vectors scattered into the
-placeholders). `inputs_embeds` is an input of every supported release, unlike the
+order. This adapter checks a call's images against its prompt and runs the vision pass itself,
+only as deep as it is read, with the score hooks the method needs; the core then keeps a
+subset of each packed sequence and feeds the LLM the shortened prompt as `inputs_embeds`
+(`tokendrop.compaction`). `inputs_embeds` is an input of every supported release, unlike the
 precomputed-features keywords, so the LLM only ever sees the short prompt on each of them,
 and `generate` (given the short ids too) keeps its mask and position bookkeeping consistent.
 """
@@ -15,23 +15,25 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import ClassVar
 
 import torch
 import transformers
 from packaging.version import Version
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
+from tokendrop.checks import is_int
+from tokendrop.family import Adapter, ModelFacts
 from tokendrop.layout import NEWLINE, EncodedImage, ImageLayout
 from tokendrop.scoring import SIGNAL_KINDS, capture_cls_scores
 
 # The one statement of the supported range; setup.cfg and the README say the same.
 SUPPORTED_TRANSFORMERS = (Version("4.56"), Version("6.0"))
-IGNORE_INDEX = -100  # labels of padding added by compaction
 
 
 def installed_transformers() -> str:
@@ -48,45 +50,58 @@ def check_transformers() -> None:
         )
 
 
-class LlavaNextAdapter:
+class LlavaNextAdapter(Adapter):
     model_class = "LlavaNextForConditionalGeneration"
-    signal_kinds = SIGNAL_KINDS  # the signals `encode` can capture: CLS attention of any CLIP layer
+    image_inputs = ("pixel_values", "image_sizes")
+    call_options = ("vision_feature_layer", "vision_feature_select_strategy")
+    signal_kinds = SIGNAL_KINDS  # CLS attention of any CLIP layer
+    model_type: ClassVar[str] = "llava_next"  # the config's model_type of the family
+    layer_type: ClassVar[type[nn.Module]] = CLIPEncoderLayer  # the vision tower's encoder layers
+    tower: ClassVar[str] = "by CLS attention of a CLIP vision tower"  # how it scores, for errors
 
     @classmethod
     def supports(cls, model) -> bool:
-        return getattr(getattr(model, "config", None), "model_type", None) == "llava_next" and hasattr(model, "model")
+        return getattr(getattr(model, "config", None), "model_type", None) == cls.model_type and hasattr(model, "model")
 
-    def __init__(self, model):
-        check_transformers()
-        config = model.config
-        if type(model).__name__ != self.model_class:
-            raise ValueError(
-                f"patch the generating model ({self.model_class}), not its {type(model).__name__} submodule"
-            )
+    @staticmethod
+    def check_config(config) -> None:
+        """Raise ValueError for a configuration this adapter cannot serve."""
         if config.vision_feature_select_strategy != "default":
             raise ValueError(
                 "tokendrop supports LLaVA-NeXT with vision_feature_select_strategy='default'; this model has "
                 f"{config.vision_feature_select_strategy!r}"
             )
+
+    @classmethod
+    def facts(cls, config) -> ModelFacts:
+        """What methods read of a model of this `config` when no model is loaded (vLLM)."""
+        cls.check_config(config)
+        n_layers = config.vision_config.num_hidden_layers
+        return ModelFacts(
+            cls.model_class, cls.signal_kinds, config.image_token_id, n_layers, feature_layer_of(config, n_layers)
+        )
+
+    def __init__(self, model):
+        check_transformers()
+        if type(model).__name__ != self.model_class:
+            raise ValueError(
+                f"patch the generating model ({self.model_class}), not its {type(model).__name__} submodule"
+            )
+        config = model.config
+        self.check_config(config)
         self.model = model
         self.vlm = model.model
-        self.vision_layers = [m for m in self.vlm.vision_tower.modules() if isinstance(m, CLIPEncoderLayer)]
+        self.vision_layers = [m for m in self.vlm.vision_tower.modules() if isinstance(m, self.layer_type)]
         if not self.vision_layers:
             raise ValueError(
-                f"tokendrop scores tokens by CLS attention of a CLIP vision tower; this model's tower is a "
+                f"tokendrop's {self.model_class} adapter scores tokens {self.tower}; this model's tower is a "
                 f"{type(self.vlm.vision_tower).__name__}"
             )
         self.n_vision_layers = len(self.vision_layers)
-        # vision_feature_layer indexes hidden states (0 = embeddings); as a layer index the same
-        # negative value names the same layer, a positive one is one less. Of a list (features
-        # concatenated from several layers), the deepest stands for the features.
-        requested = feature_layers(config.vision_feature_layer)
-        absolute = hidden_state_indices(requested, self.n_vision_layers)
-        hidden = requested[absolute.index(max(absolute))]
-        self.feature_layer = hidden if hidden < 0 else hidden - 1
+        self.feature_layer = feature_layer_of(config, self.n_vision_layers)
         self.side = config.vision_config.image_size // config.vision_config.patch_size
         self.image_token_id = config.image_token_id
-        self._layouts: dict[tuple[int, int], ImageLayout] = {}
+        self._layouts: dict[tuple, ImageLayout] = {}
 
     # --- geometry ---------------------------------------------------------------------
 
@@ -97,16 +112,12 @@ class LlavaNextAdapter:
         if key not in self._layouts:
             config = self.model.config
             grid = get_anyres_image_grid_shape(list(key), config.image_grid_pinpoints, config.vision_config.image_size)
-            tile = self.side * self.side
-            n_partitions = 1 + grid[0] * grid[1]
-            source = torch.arange(n_partitions * tile, dtype=torch.float64).view(n_partitions, tile, 1)
-            packed, _ = self.vlm.pack_image_features(
-                [source],
-                torch.tensor([key]),
-                "default",
-                image_newline=torch.tensor([float(NEWLINE)], dtype=torch.float64),
-            )
-            self._layouts[key] = ImageLayout(self.side, tuple(grid), packed[0][:, 0].round().long())
+
+            def pack(tiles: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+                packed, _ = self.vlm.pack_image_features([tiles], torch.tensor([key]), "default", image_newline=newline)
+                return packed[0]
+
+            self._layouts[key] = packed_layout(self.side, tuple(grid), pack)
         return self._layouts[key]
 
     def layouts(self, image_sizes: torch.Tensor, **vision_kwargs) -> list[ImageLayout]:
@@ -165,14 +176,11 @@ class LlavaNextAdapter:
 
     @property
     def language_model(self) -> nn.Module:
-        """The decoder the prompt's embeddings go through (its first call is the prefill)."""
         return self.vlm.language_model
 
     @property
     def vision_entry(self) -> tuple[nn.Module, str]:
-        """(module, method name) through which the model runs its whole vision pass (tower,
-        projector, packing), patched or not: the place to time it."""
-        return self.vlm, "get_image_features"
+        return self.vlm, "get_image_features"  # tower, projector and packing
 
     # --- vision pass ------------------------------------------------------------------
 
@@ -197,27 +205,6 @@ class LlavaNextAdapter:
         needs = [self.layout(size).n_partitions for size in self.check_images(pixel_values, image_sizes).tolist()]
         tiles = pixel_values if pixel_values.dim() == 4 else torch.cat([t[:n] for t, n in zip(pixel_values, needs)])
         return self.vision_tower(tiles, output_attentions=True).attentions
-
-    def read(
-        self,
-        input_ids,
-        attention_mask,
-        pixel_values,
-        image_sizes,
-        questions,
-        signals: dict[int, str],
-        vision_kwargs: dict,
-    ) -> list[EncodedImage]:
-        """Every image of a call, checked against its prompt and encoded, with its prompt row
-        (and its attention mask) and the caller's question for that row, in placeholder order."""
-        sizes = self.check_images(pixel_values, image_sizes, **vision_kwargs)
-        rows = self.image_rows(input_ids, sizes, **vision_kwargs)
-        images = self.encode(pixel_values, sizes, signals, **vision_kwargs)
-        for image, row in zip(images, rows):
-            image.prompt_row = input_ids[row]
-            image.prompt_mask = None if attention_mask is None else attention_mask[row]
-            image.question = None if questions is None else questions[row]
-        return images
 
     def encode(self, pixel_values, image_sizes, signals: dict[int, str], **vision_kwargs) -> list[EncodedImage]:
         """Run the vision pass once, only as deep as it is read (`vision_pass`), capturing the
@@ -281,184 +268,32 @@ class LlavaNextAdapter:
         kinds = {layer % self.n_vision_layers: kind for layer, kind in signals.items()}
         return capture_cls_scores(attention, kinds)
 
-    # --- the LLM's side ---------------------------------------------------------------
 
-    def feed(
-        self,
-        input_ids,
-        attention_mask,
-        labels,
-        keep_masks: list[torch.Tensor],
-        packed: list[torch.Tensor],
-        pad_side: str,
-        pad_token_id: int,
-    ) -> tuple[torch.Tensor, dict, list[torch.Tensor]]:
-        """(shortened input_ids, the LLM's keyword inputs, the vectors each image feeds the LLM):
-        the prompt rows without the placeholders of dropped tokens, re-padded, and
-        `inputs_embeds`: the text's embeddings with image i's kept vectors
-        (`packed[i][keep_masks[i]]`) in its remaining placeholders; plus the matching
-        attention_mask (and labels, when given).
-
-        Images are numbered in (row, position) order, as the model fills placeholders
-        (`image_rows` has checked that the rows hold exactly those placeholders). Existing
-        padding stays where it is; rows that became shorter get extra padding on `pad_side`
-        (masked out, label -100). Reads one thing back from the device, once: the new row
-        lengths and where each image's kept placeholders land, which the shapes depend on."""
-        n_rows, n_images = len(input_ids), len(keep_masks)
-        is_image = input_ids == self.image_token_id
-        numbered = is_image.flatten().cumsum(0)  # placeholders up to each position of the flat prompt
-        all_kept = torch.cat([input_ids.new_zeros(0, dtype=torch.bool), *keep_masks]).to(input_ids.device)
-        keep = kept_columns(is_image, numbered, all_kept)
-        kept_upto = keep.cumsum(1)
-        sizes = [mask.numel() for mask in keep_masks]
-        runs = image_runs(numbered, keep, kept_upto, sizes)
-        read = torch.cat([kept_upto[:, -1], runs.flatten()]).tolist()  # the one sync
-        rows = read[:n_rows]
-        counts, first, last, before = (read[n_rows + n_images * i : n_rows + n_images * (i + 1)] for i in range(4))
-        compact = repad(input_ids, attention_mask, labels, keep, kept_upto, rows, pad_side, pad_token_id)
-        ids = compact.pop("input_ids")
-        new_len, old_len = ids.shape[1], input_ids.shape[1]
-        spans = []
-        for size, count, start, end, ahead in zip(sizes, counts, first, last, before):
-            if end - start + 1 != size:  # the image's placeholders are not one run
-                spans.append(None)
-                continue
-            row = start // old_len
-            at = row * new_len + ahead + (new_len - rows[row] if pad_side == "left" else 0)
-            spans.append(slice(at, at + count))
-        compact["inputs_embeds"], kept = self.embed_kept(ids, packed, keep_masks, counts, spans)
-        return ids, compact, kept
-
-    def embed_kept(self, ids, packed, keep_masks, counts: list[int], spans: list[slice | None]):
-        """(inputs_embeds for the shortened `ids`, each image's vectors in it): the text's
-        embeddings, and image i's kept vectors gathered straight into its placeholders,
-        `spans[i]` of the flattened prompt (None where other tokens split them: placed by
-        position). Where a gradient must flow back, or the dtype or device differ, the vectors
-        are gathered first and copied in (a gather into given memory carries no gradient)."""
-        placeholders = (ids == self.image_token_id).flatten()
-        text_at = torch.nonzero_static(~placeholders, size=ids.numel() - sum(counts))[:, 0]
-        text = self.model.get_input_embeddings()(ids.flatten()[text_at])
-        flat = text.new_empty(ids.numel(), text.shape[-1]).index_copy_(0, text_at.to(text.device), text)
-        if None in spans:
-            placeholders = placeholders.to(flat.device)
-            positions = torch.nonzero_static(placeholders, size=sum(counts))[:, 0].split(counts)
-            spans = [positions[i] if span is None else span for i, span in enumerate(spans)]
-        tracked = torch.is_grad_enabled() and (flat.requires_grad or any(source.requires_grad for source in packed))
-        kept = []
-        for source, mask, count, where in zip(packed, keep_masks, counts, spans):
-            rows = torch.nonzero_static(mask.to(source.device), size=count)[:, 0]
-            if isinstance(where, slice) and not tracked and (source.dtype, source.device) == (flat.dtype, flat.device):
-                kept.append(torch.index_select(source, 0, rows, out=flat[where]))
-            else:
-                kept.append(source.index_select(0, rows))
-                flat[where] = kept[-1].to(flat.device, flat.dtype)
-        return flat.view(*ids.shape, -1), kept
-
-    @staticmethod
-    def with_image_features(output, kept_features: list[torch.Tensor]):
-        """A forward's output carrying the vectors the LLM received, where the release's output
-        has a field for them (the unpatched model fills it with every vector)."""
-        if "image_outputs" in getattr(output, "__dataclass_fields__", {}):  # 5.x
-            output["image_outputs"] = BaseModelOutputWithPooling(pooler_output=kept_features)
-        elif "image_hidden_states" in getattr(output, "__dataclass_fields__", {}):  # 4.x: one tensor
-            output["image_hidden_states"] = torch.cat(kept_features)
-        return output
-
-    def image_rows(self, input_ids, image_sizes: torch.Tensor, **vision_kwargs) -> list[int]:
-        """The prompt row of every image. Each row's `<image>` placeholders must be exactly
-        the packed lengths of whole images, in order: the model itself checks only the batch
-        total, which can silently move features between rows."""
-        per_row = (input_ids == self.image_token_id).sum(1).tolist()
-        return assign_rows(
-            per_row, [layout.packed_source.numel() for layout in self.layouts(image_sizes, **vision_kwargs)]
-        )
+def feature_layer_of(config, n_layers: int) -> int:
+    """The vision layer whose output the LLM receives, as a layer index. `vision_feature_layer`
+    indexes hidden states (0 = embeddings); as a layer index the same negative value names the
+    same layer, a positive one is one less. Of a list (features concatenated from several
+    layers), the deepest stands for the features."""
+    requested = feature_layers(config.vision_feature_layer)
+    absolute = hidden_state_indices(requested, n_layers)
+    hidden = requested[absolute.index(max(absolute))]
+    return hidden if hidden < 0 else hidden - 1
 
 
-def kept_columns(is_image: torch.Tensor, numbered: torch.Tensor, all_kept: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: which prompt positions stay. `is_image`: the (B, T) placeholders;
-    `numbered`: the flattened prompt's running count of them; `all_kept`: the images' packed
-    keep masks one after another."""
-    if not all_kept.numel():
-        return torch.ones_like(is_image)
-    ordinal = (numbered - 1).clamp(0, all_kept.numel() - 1).view_as(is_image)  # the placeholder's number
-    return all_kept[ordinal] | ~is_image
-
-
-def image_runs(numbered: torch.Tensor, keep: torch.Tensor, kept_upto: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """(4, n_images) long, on the device: each image's kept count, the flat positions of its
-    first and last placeholder in the prompt, and the positions its row keeps before the first
-    (where its kept placeholders start in the shortened row, before re-padding). `numbered`:
-    the flattened prompt's running count of placeholders; `keep` (B, T) and `kept_upto`, each
-    row's running count of it; `sizes`: each image's placeholders."""
-    bounds = torch.tensor(list(itertools.accumulate(sizes, initial=0)))
-    bounds = bounds.to(numbered.device, non_blocking=True)  # from pageable memory: staged at once, no wait
-    first = torch.searchsorted(numbered, bounds[:-1] + 1)
-    last = torch.searchsorted(numbered, bounds[1:])
-    keep, kept_upto = keep.flatten(), kept_upto.flatten()
-    ahead = kept_upto[first] - keep[first].long()
-    # an image lies in one row: what its row keeps from its first to its last placeholder,
-    # less the text between them (all kept), where other tokens split its placeholders
-    counts = kept_upto[last] - ahead - (last - first + 1 - bounds.diff())
-    return torch.stack([counts, first, last, ahead])
-
-
-def repad(input_ids, attention_mask, labels, keep, kept_upto, lengths: list[int], pad_side: str, pad_token_id: int):
-    """Keep the `keep` (B, T) positions of every row and re-pad the batch, given each row's
-    running count of them (`kept_upto`) and its total (`lengths`, read back once by `feed`).
-    Existing padding stays where it is; rows that became shorter get extra padding on
-    `pad_side` (masked out, label -100)."""
-    new_len = max(lengths)
-    needs_mask = attention_mask is not None or min(lengths) != new_len
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    # each kept position's column in the new row; dropped ones go to a spare column, cut off
-    column = kept_upto - 1 + ((new_len - kept_upto[:, -1:]) if pad_side == "left" else 0)
-    column.masked_fill_(~keep, new_len)
-    columns = {"input_ids": (input_ids, pad_token_id), "attention_mask": (attention_mask, 0)}
-    if labels is not None:
-        columns["labels"] = (labels, IGNORE_INDEX)
-    out = {
-        name: tensor.new_full((tensor.shape[0], new_len + 1), fill).scatter_(1, column, tensor)[:, :new_len]
-        for name, (tensor, fill) in columns.items()
-    }
-    if not needs_mask:
-        out["attention_mask"] = None
-    return out
-
-
-def assign_rows(per_row: list[int], image_lengths: list[int]) -> list[int]:
-    rows = []
-    images = iter(image_lengths)
-    for row, count in enumerate(per_row):
-        need = 0
-        while need < count:
-            length = next(images, None)
-            if length is None:
-                break
-            need += length
-            rows.append(row)
-        if need != count:
-            raise ValueError(
-                f"row {row} of input_ids has {count} image placeholder tokens, which does not match its "
-                f"images' feature counts (images need {image_lengths} in order). Build the inputs with the "
-                "model's own processor (the one loaded with it, e.g. AutoProcessor.from_pretrained) and one image "
-                "per <image> in the text"
-            )
-    if next(images, None) is not None:
-        raise ValueError(
-            f"more images ({len(image_lengths)}) than <image> placeholders in the prompts; pass one image per <image>"
-        )
-    return rows
+def packed_layout(side: int, grid: tuple[int, int], pack: Callable) -> ImageLayout:
+    """The layout of an image whose (1 + n_h * n_w, side**2) tiles `pack(tiles, newline)` packs
+    as the model packs features: applied to each patch's index (newlines NEWLINE), so that the
+    layout agrees with the packing by construction."""
+    n_partitions = 1 + grid[0] * grid[1]
+    source = torch.arange(n_partitions * side * side, dtype=torch.float64).view(n_partitions, side * side, 1)
+    packed = pack(source, torch.tensor([float(NEWLINE)], dtype=torch.float64))
+    return ImageLayout(side, tuple(grid), packed[:, 0].round().long())
 
 
 def feature_layers(vision_feature_layer) -> list[int]:
     """`vision_feature_layer` (an int or a list of them, as the model takes it) as a list."""
     layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer
-    if (
-        not isinstance(layers, (list, tuple))
-        or not layers
-        or not all(isinstance(h, int) and not isinstance(h, bool) for h in layers)
-    ):
+    if not isinstance(layers, (list, tuple)) or not layers or not all(is_int(h) for h in layers):
         raise ValueError(
             f"vision_feature_layer must be a hidden-state index (an int) or a non-empty list of them, got "
             f"{vision_feature_layer!r}"

@@ -41,7 +41,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from tokendrop.layout import NEWLINE, ImageLayout
 from tokendrop.scoring import SIGNAL_KINDS, capture_siglip_scores
 
-from .llava_next import LlavaNextAdapter, check_transformers
+from .llava_next import LlavaNextAdapter
 
 UNCAPPED = "anyres_max_1000000"  # a cap no canvas reaches: the packing without resampling
 TIE = 1e-6  # sample points exactly between two patches go to the upper/left one
@@ -49,41 +49,20 @@ TIE = 1e-6  # sample points exactly between two patches go to the upper/left one
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     model_class = "LlavaOnevisionForConditionalGeneration"
+    call_options = (*LlavaNextAdapter.call_options, "batch_num_images")
     signal_kinds = SIGNAL_KINDS  # both, as the CLS-free equivalents of `capture_siglip_scores`
+    model_type = "llava_onevision"
+    layer_type = SiglipEncoderLayer
+    tower = "in a SigLIP vision tower"
 
-    @classmethod
-    def supports(cls, model) -> bool:
-        return getattr(getattr(model, "config", None), "model_type", None) == "llava_onevision" and hasattr(
-            model, "model"
-        )
-
-    def __init__(self, model):
-        check_transformers()
-        if type(model).__name__ != self.model_class:
-            raise ValueError(
-                f"patch the generating model ({self.model_class}), not its {type(model).__name__} submodule"
-            )
-        config = model.config
+    @staticmethod
+    def check_config(config) -> None:
         if config.vision_feature_select_strategy != "full" or not isinstance(config.vision_feature_layer, int):
             raise ValueError(
                 "tokendrop supports LLaVA-OneVision with vision_feature_select_strategy='full' (SigLIP has no CLS "
                 f"token to drop) and a single vision_feature_layer; this model has "
                 f"{config.vision_feature_select_strategy!r} and {config.vision_feature_layer!r}"
             )
-        self.model = model
-        self.vlm = model.model
-        self.vision_layers = [m for m in self.vlm.vision_tower.modules() if isinstance(m, SiglipEncoderLayer)]
-        if not self.vision_layers:
-            raise ValueError(
-                f"tokendrop's LLaVA-OneVision adapter scores tokens in a SigLIP vision tower; this model's "
-                f"tower is a {type(self.vlm.vision_tower).__name__}"
-            )
-        self.n_vision_layers = len(self.vision_layers)
-        hidden = config.vision_feature_layer  # a hidden-state index (0 = embeddings), as in LLaVA-NeXT
-        self.feature_layer = hidden if hidden < 0 else hidden - 1
-        self.side = config.vision_config.image_size // config.vision_config.patch_size
-        self.image_token_id = config.image_token_id
-        self._layouts: dict[tuple[int, int, bool], ImageLayout] = {}
 
     # --- geometry ---------------------------------------------------------------------
 

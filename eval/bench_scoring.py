@@ -30,7 +30,8 @@ from tokendrop.adapters import adapter_for
 from tokendrop.harness import positive_int, provenance, spread, text_table
 from tokendrop.measure import measure_call
 from tokendrop.method import METHODS, Method, build as build_method
-from tokendrop.presets import PRESETS, build_preset, family, synthetic_image
+from tokendrop.preset_specs import PRESETS, family
+from tokendrop.presets import build_preset, synthetic_image
 from tokendrop.scoring import capture_cls_scores
 
 IMAGE_SIZE = (672, 672)

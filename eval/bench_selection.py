@@ -14,10 +14,12 @@ one warm-up):
 - batches: a whole call's selection and compaction, up to what the LLM receives (encoded
   images -> the shortened input_ids, attention_mask and inputs_embeds with each image's kept
   vectors in place; the unpatched model embeds its prompt too), for batches of `--batches`
-  images, the batched path next to the per-image path of revision `--baseline` (loaded from
-  git: its methods, its loop, its records, its compaction and embedding; or from a `git
-  archive` tar of it), the two taking turns call by call, with the ratio of their medians;
-  the baseline is skipped without either;
+  images, this tree's batched path next to revision `--baseline`'s own (loaded from git, or
+  from a `git archive` tar of it: its methods, its batched `select_images` or, before there
+  was one, its loop image by image, its records, its compaction and embedding), the two
+  taking turns call by call, with the ratio of their medians; the baseline is skipped
+  without either. The default baseline is the last per-image revision; pass the previous
+  commit to check a change for a slowdown;
 - vision: the model's vision pass (tower, projector, packing) of one image, so that each
   method's select time reads against it.
 Freed memory stays in the process (`steady_allocator`), for both paths alike: otherwise a
@@ -30,9 +32,9 @@ import argparse
 import ctypes
 import datetime
 import importlib
-import importlib.util
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -47,8 +49,9 @@ from tokendrop.harness import device_name, positive_int, spread, text_table
 from tokendrop.layout import EncodedImage
 from tokendrop.measure import time_call
 from tokendrop.method import METHODS, build as build_method
-from tokendrop.patch import select_images
-from tokendrop.presets import PRESETS, build_preset
+from tokendrop.preset_specs import PRESETS
+from tokendrop.presets import build_preset
+from tokendrop.pruning import select_images
 
 IMAGE_SIZE = (672, 672)
 QUESTION = "What is written on the sign next to the red car?"
@@ -104,19 +107,18 @@ def timed_alike(runs: dict, repeats: int, device: torch.device) -> dict:
 
 
 def load_baseline(revision: str, archive: Path | None = None):
-    """The baseline's `tokendrop.layout`, `selection`, `method.base` and registry, and its
-    adapter class, imported under another package name from `archive` (the tar that
-    `git archive REV tokendrop adapters/llava_next.py` writes, for a machine without the
-    history: its revision is read from it) or else from git revision `revision`; None
-    without either."""
+    """The baseline revision's `tokendrop` package with its `adapters` folder inside it, imported
+    under another package name (its adapters' absolute imports rewritten to it, so that none
+    of today's code runs in it), from `archive` (the tar that `git archive REV tokendrop
+    adapters` writes, for a machine without the history: its revision is read from it) or
+    else from git revision `revision`; None without either. A revision with a batched
+    `select_images` (in `pruning` or `patch`) is timed through it, an older one image by image."""
     if archive is not None:
         data = archive.read_bytes()
     else:
         try:
             data = subprocess.run(
-                ["git", "-C", str(ROOT), "archive", revision, "tokendrop", "adapters/llava_next.py"],
-                capture_output=True,
-                check=True,
+                ["git", "-C", str(ROOT), "archive", revision, "tokendrop", "adapters"], capture_output=True, check=True
             ).stdout
         except (OSError, subprocess.CalledProcessError):
             return None
@@ -126,23 +128,36 @@ def load_baseline(revision: str, archive: Path | None = None):
         tar.extractall(folder, filter="data")
     package = f"tokendrop_{revision}"
     (folder / "tokendrop").rename(folder / package)
+    if not (folder / package / "adapters").exists():
+        (folder / "adapters").rename(folder / package / "adapters")
+        for path in (folder / package / "adapters").glob("*.py"):
+            path.write_text(re.sub(r"\btokendrop\.", f"{package}.", path.read_text()))
     sys.path.insert(0, str(folder))
     methods = importlib.import_module(f"{package}.method")
-    spec = importlib.util.spec_from_file_location(f"{package}_llava_next", folder / "adapters" / "llava_next.py")
-    adapter_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(adapter_module)
+    batched = None
+    for home in ("pruning", "patch"):
+        try:
+            batched = getattr(importlib.import_module(f"{package}.{home}"), "select_images", None)
+        except ImportError:
+            continue
+        if batched is not None:
+            break
     return dict(
         revision=revision,
         layout=importlib.import_module(f"{package}.layout"),
         selection=importlib.import_module(f"{package}.selection"),
         base=importlib.import_module(f"{package}.method.base"),
         build=methods.build,
-        adapter=adapter_module.LlavaNextAdapter,
+        adapter=importlib.import_module(f"{package}.adapters.llava_next").LlavaNextAdapter,
+        select_images=batched,
     )
 
 
 def baseline_call(baseline, adapter, method, images, inputs) -> None:
-    """The baseline's pruning step after the vision pass, as its `Handle.prune` ran it."""
+    """The baseline's pruning step after the vision pass, as its `Handle.prune` ran it: its
+    batched `select_images` where it has one, else its loop image by image."""
+    if baseline["select_images"] is not None:
+        return batched_call(adapter, method, images, inputs, baseline["select_images"])
     selection, merged_type = baseline["selection"], baseline["base"].Merged
     keep_masks, kept_features, records = [], [], []
     for image in images:
@@ -164,9 +179,9 @@ def baseline_call(baseline, adapter, method, images, inputs) -> None:
     adapter.feed(inputs["input_ids"], inputs["attention_mask"], None, keep_masks, kept_features, "left", 0)
 
 
-def batched_call(adapter, method, images, inputs) -> None:
+def batched_call(adapter, method, images, inputs, select=select_images) -> None:
     """The batched pruning step after the vision pass, as `Handle.prune` runs it."""
-    selected, packed = select_images(method, images)
+    selected, packed = select(method, images)
     keep_masks = [s.keep_mask for s in selected]
     adapter.feed(inputs["input_ids"], inputs["attention_mask"], None, keep_masks, packed, "left", 0)
 
@@ -317,11 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", choices=PRESETS.names(), default="llava-next-shape")
     parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8])
-    parser.add_argument("--baseline", default=BASELINE, help="git revision of the per-image path ('' to skip)")
+    parser.add_argument("--baseline", default=BASELINE, help="git revision to time beside this tree ('' to skip)")
     parser.add_argument(
         "--baseline-archive",
         type=Path,
-        help="the baseline as `git archive REV tokendrop adapters/llava_next.py` wrote it, where there is no git",
+        help="the baseline as `git archive REV tokendrop adapters` wrote it, where there is no git",
     )
     parser.add_argument("--threads", type=positive_int, help="torch's CPU threads (default: torch's own)")
     parser.add_argument("--out", type=Path, default=Path("bench_selection.json"))

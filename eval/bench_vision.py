@@ -32,7 +32,8 @@ from tokendrop.adapters import adapter_for
 from tokendrop.harness import REFERENCE, device_name, positive_int, provenance, spread, text_table
 from tokendrop.measure import time_call
 from tokendrop.method import build as build_method
-from tokendrop.presets import PRESETS, build_preset, family, synthetic_image
+from tokendrop.preset_specs import PRESETS, family
+from tokendrop.presets import build_preset, synthetic_image
 
 IMAGE_SIZE = (672, 672)
 METHODS = (REFERENCE, "hired", "globalcom2")

@@ -2,7 +2,7 @@
 # The speed figures that need a GPU, in one run: each benchmark's JSON in OUT, every printout in
 # OUT/log.txt (six files: under the device tool's eight).
 #
-#   git archive fcf1067 tokendrop adapters/llava_next.py > .bench/baseline.tar   # where git history is
+#   git archive fcf1067 tokendrop adapters > .bench/baseline.tar                 # where git history is
 #   bash eval/gpu_bench.sh OUT [.bench/baseline.tar]                             # on the GPU machine
 #
 # The machine needs python3 with torch (CUDA), transformers and accelerate; tokendrop installs

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 import tokendrop
 
 from ..harness import REFERENCE
-from ..loading import load_model, load_processor
+from ..loading import LoadOptions, load_model, load_processor
 from ..method import build as build_method
 from .generation import generate_answers
 
@@ -91,7 +91,9 @@ class LlavaHfTokendrop(lmms):
         elif device_map is None and device is not None:
             device_map = device
         self.pretrained = pretrained
-        self.model = load_model(pretrained, dtype, device_map, load_in_4bit, load_in_8bit, attn_implementation)
+        self.model = load_model(
+            pretrained, LoadOptions(dtype, device_map, load_in_4bit, load_in_8bit, attn_implementation)
+        )
         self.handle = (
             None
             if method == REFERENCE

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..checks import check_int
 from ..layout import EncodedImage, ImageLayout
 from ..method import Method
 from ..selection import keep_count
@@ -81,9 +82,7 @@ def check_split(split) -> None:
 
 
 def check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 0:
+    if check_int(name, value) < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 

@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,11 +42,12 @@ from tqdm.auto import tqdm
 
 import tokendrop
 
+from ..checks import is_int
 from ..harness import REFERENCE, jsonable, method_options, provenance, text_table
-from ..loading import DTYPES, check_device_map, check_model_name, load_model, load_processor
+from ..loading import LoadOptions, check_model_name, load_model, load_processor
 from ..method import METHODS, build as build_method
-from ..patch import ATTRIBUTE
-from ..presets import with_preset_defaults
+from ..patch import handle_of
+from ..preset_specs import with_preset_defaults
 from ..selection import check_budget
 from .data import fingerprint, subset
 from .generation import generate_answers
@@ -145,17 +146,13 @@ class SweepConfig:
             if name not in self.tasks:
                 raise ValueError(f"--data names task {name!r}, which this sweep does not run ({', '.join(self.tasks)})")
         for value, what in ((self.limit, "limit"), (self.max_new_tokens, "max_new_tokens")):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{what} must be an int >= 1 (or None), got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_int(self.seed):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if not is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("pick one of load_in_4bit and load_in_8bit")
-        check_device_map(self.device_map)
+        self.load_options()  # raises where they are wrong, before any model loads
         if (self.rank is None) != (self.world_size is None) or (
             self.rank is not None and not 0 <= self.rank < self.world_size
         ):
@@ -164,9 +161,12 @@ class SweepConfig:
             )
         self.out = Path(self.out)
 
+    def load_options(self) -> LoadOptions:
+        return LoadOptions(self.dtype, self.device_map, self.load_in_4bit, self.load_in_8bit, self.attn_implementation)
+
     @property
     def quantization(self) -> str | None:
-        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+        return self.load_options().quantization
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ def model_identity(name: str, model: nn.Module | None = None) -> dict:
     """What tells one model's weights from another's, cheaply: a preset's committed weights
     file or its seed, a local checkpoint's files (names, sizes, modification times), a hub
     checkpoint's commit. Part of the run id: new weights never resume into old records."""
-    from ..presets import PRESETS
+    from ..preset_specs import PRESETS
 
     if model is None and name in PRESETS.names():
         if PRESETS.get(name).get("task"):
@@ -442,7 +442,7 @@ def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -
             raise TypeError(f"model must be a loaded model (or None to load config.model), got {type(model).__name__}")
         if processor is None:
             raise TypeError("a loaded model needs its processor: sweep(config, model=model, processor=processor)")
-        handle = model.__dict__.get(ATTRIBUTE)
+        handle = handle_of(model)
         if handle is not None:  # its reference cell would not be the unpatched model
             raise ValueError(
                 f"the model is patched ({handle!r}): a sweep patches it itself, cell by cell, and "
@@ -474,17 +474,10 @@ def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -
         if finished and show:
             print(f"resuming: {finished} of {total} records done", flush=True)
         if model is None:
-            device_map = config.device_map
-            if state is not None and device_map is None:
-                device_map = {"": state.device}  # data-parallel: a whole model per process
-            model = load_model(
-                config.model,
-                config.dtype,
-                device_map,
-                config.load_in_4bit,
-                config.load_in_8bit,
-                config.attn_implementation,
-            )
+            options = config.load_options()
+            if state is not None and options.device_map is None:
+                options = replace(options, device_map={"": state.device})  # data-parallel: a whole model per process
+            model = load_model(config.model, options)
         overall = tqdm(total=total, initial=finished, desc="sweep", unit="sample", disable=not show, position=0)
         for task_name, task in plan.tasks.items():
             for method, budget in plan.cells():

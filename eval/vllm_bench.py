@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from tokendrop.adapters.vllm_plugin import ARCHITECTURE, RECORD_ENV
+from tokendrop.integrations.vllm import ARCHITECTURE, RECORD_ENV
 
 from ..harness import chat_prompt
 from .generation import generate_answers

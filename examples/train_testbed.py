@@ -265,16 +265,8 @@ def continued(model, prefix, rest, n: int, labels=None, handle=None):
     With a tokendrop `handle`, the prefix is pruned as a patched model prunes a prompt, left
     padded so that the continuations follow every row's end."""
     if handle is not None:
-        _, prefix, _ = handle.prune(
-            prefix["input_ids"],
-            prefix["attention_mask"],
-            None,
-            prefix["pixel_values"],
-            prefix["image_sizes"],
-            "left",
-            {},
-            None,
-        )
+        images = {name: prefix[name] for name in handle.adapter.image_inputs}
+        _, prefix, _ = handle.prune(prefix["input_ids"], prefix["attention_mask"], None, images, None, "left")
     cache = output_cache(model(**prefix, use_cache=True))
     cache.batch_repeat_interleave(n)
     mask = torch.cat([prefix["attention_mask"].repeat_interleave(n, 0), rest["attention_mask"]], 1)

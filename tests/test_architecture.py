@@ -1,30 +1,45 @@
 """The layers of ARCHITECTURE.md: no module imports a layer above its own (function-level
-imports included), and the core loads neither plotting nor table libraries."""
+imports included), adapters import no method, selection or patch code, and the core loads
+neither plotting nor table libraries."""
 
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 FOLDERS = {"tokendrop": "tokendrop", "eval": "tokendrop.eval", "adapters": "tokendrop.adapters"}
-CORE = (
-    "tokendrop.patch",
-    "tokendrop.method",
-    "tokendrop.selection",
-    "tokendrop.scoring",
-    "tokendrop.layout",
-    "tokendrop.registry",
-    "tokendrop.adapters",
-)
-COMMAND_LINE = ("tokendrop.cli", "tokendrop.__main__")
+# bottom to top; a module belongs to the first layer one of whose prefixes it starts with
+LAYERS = [
+    (
+        "base",
+        (
+            "tokendrop.layout",
+            "tokendrop.scoring",
+            "tokendrop.selection",
+            "tokendrop.registry",
+            "tokendrop.checks",
+            "tokendrop.compaction",
+            "tokendrop.family",
+        ),
+    ),
+    ("methods", ("tokendrop.method",)),
+    ("adapters", ("tokendrop.adapters",)),
+    ("patch", ("tokendrop.patch", "tokendrop.pruning")),
+    ("integrations", ("tokendrop.integrations",)),
+    ("evaluation", ("tokendrop.eval",)),
+    ("command line", ("tokendrop.cli", "tokendrop.__main__")),
+]
+HARNESSES = "harnesses"  # every other module of the package: between the integrations and evaluation
+ORDER = ["base", "methods", "adapters", "patch", "integrations", HARNESSES, "evaluation", "command line"]
+CORE = ("base", "methods", "adapters", "patch")  # what a user who only patches a model loads
 
 
-def layer(module: str) -> int:
-    """0 core, 1 harnesses, 2 evaluation, 3 command line."""
-    if module == "tokendrop" or module.startswith(COMMAND_LINE):
-        return 3 if module != "tokendrop" else 0  # the package root only re-exports, lazily
-    if module.startswith("tokendrop.eval"):
-        return 2
-    return 0 if module.startswith(CORE) else 1
+def layer(module: str) -> str:
+    for name, prefixes in LAYERS:
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return name
+    return HARNESSES
 
 
 def modules():
@@ -49,20 +64,69 @@ def imports(name: str, path: Path, is_package: bool):
             yield from (f"{target}.{alias.name}" for alias in node.names)  # `from . import x` names a module
 
 
+def upward_imports(sources) -> list[str]:
+    """`module imports target` for every import of a known module from a layer above its own;
+    the package root only re-exports, lazily, and stands outside the layers."""
+    sources = list(sources)
+    known = {name for name, _, _ in sources}
+    return [
+        f"{name} ({layer(name)}) imports {target} ({layer(target)})"
+        for name, path, is_package in sources
+        if name != "tokendrop"
+        for target in imports(name, path, is_package)
+        if target in known and target != "tokendrop" and ORDER.index(layer(target)) > ORDER.index(layer(name))
+    ]
+
+
+def test_every_module_has_a_layer_and_the_listed_ones_exist():
+    names = {name for name, _, _ in modules()}
+    for _, prefixes in LAYERS:
+        for prefix in prefixes:
+            assert any(n == prefix or n.startswith(prefix + ".") for n in names), f"{prefix} names no module"
+
+
 def test_no_module_imports_a_layer_above_its_own():
-    known = {name for name, _, _ in modules()}
-    upward = []
-    for name, path, is_package in modules():
-        for target in imports(name, path, is_package):
-            if target in known and layer(target) > layer(name) and name != "tokendrop":
-                upward.append(f"{name} imports {target}")
+    upward = upward_imports(modules())
     assert not upward, "\n".join(upward)
+
+
+@pytest.mark.parametrize(
+    "module, planted",
+    [
+        ("tokendrop.adapters.llava_next", "from tokendrop.patch import patch"),
+        ("tokendrop.method.hired", "from ..adapters import adapter_for"),
+        ("tokendrop.selection", "from .method import METHODS"),
+        ("tokendrop.patch", "from .integrations import vllm"),
+        ("tokendrop.profiler", "from .eval import sweep"),
+    ],
+)
+def test_a_planted_upward_import_is_caught(module, planted, tmp_path):
+    sources = []
+    for name, path, is_package in modules():
+        if name == module:
+            path = tmp_path / path.name
+            path.write_text(planted + "\n")
+        sources.append((name, path, is_package))
+    upward = upward_imports(sources)
+    assert upward and all(line.startswith(f"{module} (") for line in upward), upward
+
+
+def test_adapters_import_no_method_selection_or_patch_code():
+    forbidden = ("tokendrop.method", "tokendrop.selection", "tokendrop.patch", "tokendrop.pruning")
+    found = [
+        f"{name} imports {target}"
+        for name, path, is_package in modules()
+        if layer(name) == "adapters"
+        for target in imports(name, path, is_package)
+        if target.startswith(forbidden)
+    ]
+    assert not found, "\n".join(found)
 
 
 def test_the_core_loads_no_plotting_or_table_library():
     heavy = []
     for name, path, is_package in modules():
-        if layer(name) == 0 and name != "tokendrop":
+        if layer(name) in CORE and name != "tokendrop":
             heavy += [
                 f"{name} imports {t}"
                 for t in imports(name, path, is_package)

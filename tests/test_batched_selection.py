@@ -14,8 +14,8 @@ from tokendrop.adapters import adapter_for
 from tokendrop.layout import members_of
 from tokendrop.method import build as build_method, text as text_method
 from tokendrop.method.base import Merged
-from tokendrop.patch import select_images
 from tokendrop.presets import synthetic_image
+from tokendrop.pruning import select_images
 
 # sizes (h, w) in an order that interleaves layouts; three share one, two another
 SIZES = [(38, 96), (60, 100), (38, 96), (96, 38), (60, 100), (38, 96)]

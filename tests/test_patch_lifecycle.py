@@ -4,6 +4,7 @@ torch.compile, threads and `handle.last` (issue 13)."""
 import copy
 import pickle
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -191,3 +192,63 @@ def test_last_is_reset_when_a_call_fails(tiny, batch):
     with pytest.raises(ValueError, match="questions="):
         greedy(model, batch, n=1, questions=["only one"])
     assert handle.last == []
+
+
+# --- the handle's surface for tools -------------------------------------------------------
+
+
+def test_handle_of_and_install_put_a_handle_back(tiny, batch):
+    model, _ = tiny
+    assert tokendrop.handle_of(model) is None
+    first = tokendrop.patch(model, "hired", budget=0.5)
+    kept_first = (greedy(model, batch), [r.n_kept for r in first.last])
+    second = tokendrop.patch(model, "cls", budget=0.2)
+    assert tokendrop.handle_of(model) is second and not first.in_force
+    first.install()
+    assert tokendrop.handle_of(model) is first and not second.in_force
+    first.install()  # the handle in force, installed again: still one patch, not two stacked
+    assert model.__dict__["forward"].handle is first and model.__dict__["generate"].handle is first
+    out = greedy(model, batch)
+    assert torch.equal(out, kept_first[0]) and [r.n_kept for r in first.last] == kept_first[1]
+    tokendrop.unpatch(model)
+    assert tokendrop.handle_of(model) is None and "forward" not in model.__dict__ and ATTRIBUTE not in model.__dict__
+
+
+def test_observers_wrap_each_pruning_step_vision_pass_included(tiny, batch):
+    model, _ = tiny
+    events = []
+
+    @contextmanager
+    def watch():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    tower = tokendrop.patch(model, "hired", budget=0.5).adapter.vision_tower
+    hook = tower.register_forward_hook(lambda *args: events.append("tower"))
+    handle = tokendrop.handle_of(model)
+    try:
+        with handle.observed(watch):
+            greedy(model, batch, n=3)
+        greedy(model, batch, n=1)  # after the block: observed no more
+    finally:
+        hook.remove()
+    assert events == ["enter", "tower", "exit", "tower"]
+    assert handle._observers == []
+
+
+def test_decode_steps_never_enter_the_patch(tiny, batch, monkeypatch):
+    model, _ = tiny
+    entered = []
+    original = tokendrop.Handle._call
+
+    def counting(self, name, args, kwargs):
+        entered.append(name)
+        return original(self, name, args, kwargs)
+
+    monkeypatch.setattr(tokendrop.Handle, "_call", counting)
+    handle = tokendrop.patch(model, "hired", budget=0.5)
+    greedy(model, batch, n=5)
+    assert entered == ["generate"]  # the prefill and the decode steps go straight to the model
+    model(**batch)
+    assert entered == ["generate", "forward"] and len(handle.last) == 3

@@ -8,7 +8,8 @@ import pytest
 
 import tokendrop
 from conftest import prompt
-from tokendrop.adapters import LlavaNextAdapter, vllm_plugin
+from tokendrop.adapters import LlavaNextAdapter
+from tokendrop.integrations import vllm as vllm_plugin
 
 
 class Config:

@@ -20,15 +20,10 @@ from pathlib import Path
 
 from . import __version__
 from .harness import positive_int
+from .preset_specs import PRESETS
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")  # loading.DTYPES (a test checks)
-PRESET_NAMES = (
-    "tiny",
-    "llava-next-shape",
-    "testbed",
-    "tiny-onevision",
-    "onevision-shape",
-)  # presets.PRESETS (a test checks)
+PRESET_NAMES = tuple(PRESETS.names())
 BUDGET_HELP = (
     "fractions in (0, 1] of each image's tokens (0.2, 1.0), or token counts per image "
     "(integers without a dot: 1 is one token, 1.0 every token)"
@@ -193,15 +188,13 @@ def check_methods(methods, extra=()) -> None:
 
 
 def loaded_model(args):
-    from .loading import load_model
+    from .loading import LoadOptions, load_model
 
-    return load_model(
-        args.model, args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit, args.attn_implementation
-    )
+    options = LoadOptions(args.dtype, args.device_map, args.load_in_4bit, args.load_in_8bit, args.attn_implementation)
+    return load_model(args.model, options)
 
 
 def random_weights_note(model_name: str) -> str:
-    from .presets import PRESETS
 
     if model_name in PRESETS.names() and not PRESETS.get(model_name).get("task"):
         return (
@@ -230,7 +223,7 @@ def add_input_arguments(group) -> None:
 def profile_inputs(args) -> tuple[list, str]:
     """The images and the prompt that `args` ask to profile."""
     from .eval.tasks import current_task_name
-    from .presets import PRESETS, synthetic_image
+    from .presets import synthetic_image
 
     trained_for = PRESETS.get(args.model).get("task") if args.model in PRESETS.names() else None
     task = args.task or (None if getattr(args, "images", None) or args.image_size else trained_for)
@@ -298,7 +291,7 @@ def add_timing_arguments(parser, repeats: int, warmup: int | None) -> None:
 
 def profile_config(args, prompt: str, out: Path | None):
     """A ProfileConfig, or with --throughput a ThroughputConfig: every value checked here."""
-    from .presets import with_preset_defaults
+    from .preset_specs import with_preset_defaults
     from .profiler import ProfileConfig, ThroughputConfig
 
     check_methods(args.methods)
@@ -396,7 +389,6 @@ def add_demo(subcommands) -> None:
 
 
 def run_demo(args) -> None:
-    from .presets import PRESETS
 
     trained = PRESETS.get(args.model).get("task") == "shapes"  # an unknown preset fails here
     if trained and args.image_size is None:
@@ -436,7 +428,8 @@ def run_testbed_demo(args) -> None:
     from .eval.shapes import MAX_NEW_TOKENS, shapes_sample
     from .eval.sweep import SweepConfig, format_summary, read_records, sweep
     from .harness import REFERENCE, text_table
-    from .presets import build_preset, with_preset_defaults
+    from .preset_specs import with_preset_defaults
+    from .presets import build_preset
     from .visualize import show
 
     check_methods(args.methods)
@@ -512,7 +505,7 @@ def add_show(subcommands) -> None:
 def run_show(args) -> None:
     from .loading import check_model_name, load_processor
     from .method import build as build_method
-    from .presets import with_preset_defaults
+    from .preset_specs import with_preset_defaults
     from .visualize import check_figure_path, show
 
     check_model_name(args.model)

@@ -4,13 +4,15 @@ Shared by the command-line tools and the evaluation code."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 from .adapters import ADAPTERS
-from .presets import PRESETS, build_preset, build_processor
+from .preset_specs import PRESETS
+from .presets import build_preset, build_processor
 from .registry import did_you_mean
 
 DTYPES = {
@@ -69,37 +71,52 @@ def load_processor(spec: str):
     return processor
 
 
-def load_model(
-    spec: str,
-    dtype: str = "auto",
-    device_map=None,
-    load_in_4bit: bool = False,
-    load_in_8bit: bool = False,
-    attn_implementation: str | None = None,
-):
-    """An embedded preset or a checkpoint of a family tokendrop has an adapter for (Hugging
-    Face id or local path); another family fails before its weights load.
+@dataclass(frozen=True)
+class LoadOptions:
+    """How `load_model` loads a model: checked when made, before any weights load."""
 
-    `device_map` is passed to `from_pretrained` ("auto", "cpu", {"": "cuda:1"}, ...); None
-    means "auto" with a GPU, the CPU without. A preset is moved to the device it names."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if load_in_4bit and load_in_8bit:
-        raise ValueError("pick one of load_in_4bit and load_in_8bit")
-    check_device_map(device_map)
+    dtype: str = "auto"  # a key of DTYPES
+    # passed to `from_pretrained` ("auto", "cpu", {"": "cuda:1"}, ...); None: "auto" with a GPU,
+    # the CPU without. A preset is moved to the device it names
+    device_map: str | int | dict | None = None
+    load_in_4bit: bool = False  # bitsandbytes
+    load_in_8bit: bool = False
+    attn_implementation: str | None = None  # "sdpa", "eager", "flash_attention_2"; None: the model's default
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("pick one of load_in_4bit and load_in_8bit")
+        check_device_map(self.device_map)
+
+    @property
+    def quantization(self) -> str | None:
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+
+
+def load_model(spec: str, options: LoadOptions | None = None, **fields):
+    """An embedded preset or a checkpoint of a family tokendrop has an adapter for (Hugging
+    Face id or local path), loaded as `options` say (or `LoadOptions(**fields)`: e.g.
+    `load_model(spec, dtype="bf16")`); another family fails before its weights load."""
+    if options is not None and fields:
+        raise TypeError("load_model takes a LoadOptions or its fields as keywords, not both")
+    options = LoadOptions(**fields) if options is None else options
     check_model_name(spec)
-    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    dtype = options.dtype
+    attention = {"attn_implementation": options.attn_implementation} if options.attn_implementation else {}
     if spec in PRESETS.names():
-        if load_in_4bit or load_in_8bit:
+        if options.quantization:
             raise ValueError(f"preset {spec!r} is built in memory: quantize a checkpoint instead")
         model, _ = build_preset(spec, dtype=torch.float32 if dtype == "auto" else DTYPES[dtype], **attention)
-        return model.to(_preset_device(device_map))
+        return model.to(_preset_device(options.device_map))
     quantization = None
-    if load_in_4bit or load_in_8bit:
+    if options.quantization:
         compute = torch.float16 if dtype == "auto" else DTYPES[dtype]
         quantization = BitsAndBytesConfig(
-            load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, bnb_4bit_compute_dtype=compute
+            load_in_4bit=options.load_in_4bit, load_in_8bit=options.load_in_8bit, bnb_4bit_compute_dtype=compute
         )
+    device_map = options.device_map
     if device_map is None:
         device_map = "auto" if torch.cuda.is_available() else "cpu"
     config = AutoConfig.from_pretrained(spec)

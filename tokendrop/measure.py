@@ -17,7 +17,7 @@ import functools
 import gc
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .harness import device_name
-from .patch import ATTRIBUTE, adapter_of, output_cache
+from .patch import adapter_of, handle_of, output_cache
 
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -301,18 +301,22 @@ def stages(model: nn.Module):
     adapter = adapter_of(model)
     vision, entry = adapter.vision_entry
     llm = adapter.language_model
-    handle = model.__dict__.get(ATTRIBUTE)
+    handle = handle_of(model)
     original_entry = vision.__dict__.get(entry)
+
+    @contextmanager
+    def stopwatch(key: str):
+        synchronize(device)
+        start = time.perf_counter()
+        yield
+        synchronize(device)
+        seen[key] = seen.get(key, 0.0) + time.perf_counter() - start
 
     def timed(function, key):
         @functools.wraps(function)
         def run(*args, **kwargs):
-            synchronize(device)
-            start = time.perf_counter()
-            result = function(*args, **kwargs)
-            synchronize(device)
-            seen[key] = seen.get(key, 0.0) + time.perf_counter() - start
-            return result
+            with stopwatch(key):
+                return function(*args, **kwargs)
 
         return run
 
@@ -330,14 +334,13 @@ def stages(model: nn.Module):
             seen["kv_cache_bytes"] = cache_bytes(output_cache(output))
 
     setattr(vision, entry, timed(getattr(vision, entry), "vision_s"))
-    if handle is not None:
-        handle.prune = timed(handle.prune, "prune_s")
     hooks = [
         llm.register_forward_pre_hook(before_prefill, with_kwargs=True),
         llm.register_forward_hook(after_prefill, with_kwargs=True),
     ]
     try:
-        yield seen
+        with handle.observed(lambda: stopwatch("prune_s")) if handle is not None else nullcontext():
+            yield seen
         if handle is not None:
             seen["select_s"] = seen.pop("prune_s", 0.0) - seen["vision_s"]
     finally:
@@ -347,8 +350,6 @@ def stages(model: nn.Module):
             delattr(vision, entry)
         else:
             setattr(vision, entry, original_entry)
-        if handle is not None:
-            del handle.prune
 
 
 def cache_bytes(cache) -> int:

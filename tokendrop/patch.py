@@ -8,16 +8,18 @@ carries images, the wrapper runs once, before the LLM:
                      this pass); each image with its prompt row and question
     select_images    the images of each layout stacked (`ImageBatch`) and selected together
                      on the features' device (`method.select_batch`: exact budget, spatial
-                     order), merged where the method merges, plus the newlines the policy keeps
+                     order), merged where the method merges, plus the newlines the policy
+                     keeps (`tokendrop.pruning`, which the vLLM integration shares)
     adapter.feed     drop the matching placeholders from input_ids/attention_mask/labels,
                      embed the short prompt's text and gather each image's kept vectors
-                     straight into its placeholders; the call's one host sync, for the new
-                     prompt length and where each image lands
+                     straight into its placeholders (`tokendrop.compaction`); the call's one
+                     host sync, for the new prompt length and where each image lands
     original call    with those inputs_embeds (generate also gets the short input_ids)
 
 `handle.last` is built from the selection's device tensors when first read, not in the call.
 
-Decode steps and text-only calls pass straight through; a `generate` that continues from a
+Decode steps and text-only calls pass straight through (a forward without images never enters
+the patch); a `generate` that continues from a
 patched call's cache feeds the shortened prompt that the cache holds. All state lives in one `Handle`
 stored on the model; `unpatch` puts back exactly what was there before.
 
@@ -33,7 +35,8 @@ import functools
 import inspect
 import warnings
 import weakref
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,107 +44,35 @@ from torch import nn
 from transformers import Cache, GenerationConfig
 
 from .adapters import adapter_for
-from .layout import EncodedImage, ImageBatch, ImageLayout
+from .family import Adapter
 from .method import Method, build as build_method
 from .method.base import check_signals
-from .selection import Grouping, merge, packed_keep_mask
+from .pruning import ImageRecord, Selected, select_images
 
 ATTRIBUTE = "_tokendrop_handle"
 WRAPPED = ("generate", "forward")
 ACCELERATE_SLOT = "_old_forward"  # where accelerate's add_hook_to_module keeps the forward its hook calls
 
 
-@dataclass(frozen=True)
-class ImageRecord:
-    """What happened to one image in the last call."""
-
-    n_before: int  # feature tokens the unpatched model feeds the LLM (newlines excluded)
-    n_kept: int  # feature tokens kept
-    n_newlines: int  # newline tokens kept
-    indices: list[int]  # kept feature indices: base first, then the unpadded canvas row by row
-    partitions: list[int]  # kept count per partition, base first
-    # merging methods only (None for a subset): for each kept index, the feature indices whose
-    # mean the LLM received there (ascending; the kept index first; a token kept as it is, alone)
-    groups: list[list[int]] | None = None
-    weights: list[list[float]] | None = None  # the mean's weights per group, where not plain
-
-
-@dataclass(frozen=True, eq=False)
-class Selected:
-    """One image's selection as the call left it on the device; `record()` reads it back."""
-
-    layout: ImageLayout
-    kept: torch.Tensor  # (N,) bool over the features
-    keep_mask: torch.Tensor  # (L,) bool over the packed sequence: what the LLM receives
-    grouping: Grouping | None  # merging methods: each feature's owner (and weight)
-
-    def record(self) -> ImageRecord:
-        layout = self.layout
-        indices = torch.nonzero(self.kept.cpu()).flatten()
-        groups = weights = None
-        if self.grouping is not None:
-            owner = self.grouping.owner.cpu()
-            members = torch.sort(owner, stable=True).indices[int((owner < 0).sum()) :]  # by owner, ascending
-            sizes = torch.bincount(owner[members], minlength=layout.n_features)[indices]
-            groups = [g.tolist() for g in members.split(sizes.tolist())]
-            if self.grouping.weights is not None:
-                w = self.grouping.weights.cpu()[members]
-                weights = [x.tolist() for x in w.split(sizes.tolist())]
-        return ImageRecord(
-            n_before=layout.n_features,
-            n_kept=indices.numel(),
-            n_newlines=int(self.keep_mask.cpu()[layout.newline_positions].sum()),
-            indices=indices.tolist(),
-            partitions=torch.bincount(layout.partition[indices], minlength=layout.n_partitions).tolist(),
-            groups=groups,
-            weights=weights,
-        )
-
-
-def select_images(method: Method, images: list[EncodedImage]) -> tuple[list[Selected], list[torch.Tensor]]:
-    """Each image's selection and the packed vectors it offers the LLM (merged where the method
-    merges), in image order. Images of one layout are selected together, on their device."""
-    by_layout: dict[int, list[int]] = {}
-    for i, image in enumerate(images):
-        by_layout.setdefault(id(image.layout), []).append(i)
-    selected, packed = [None] * len(images), [None] * len(images)
-    for members in by_layout.values():
-        batch = ImageBatch.of([images[i] for i in members])
-        chosen = method.select_batch(batch)
-        grouping = chosen if isinstance(chosen, Grouping) else None
-        kept = chosen if grouping is None else grouping.kept
-        vectors = (
-            [image.packed for image in batch.images]
-            if grouping is None
-            else merge(batch.packed, batch.layout, grouping)
-        )
-        masks = packed_keep_mask(batch.layout, kept, method.newlines)
-        for row, i in enumerate(members):
-            own = None
-            if grouping is not None:
-                own = Grouping(grouping.owner[row], None if grouping.weights is None else grouping.weights[row])
-            selected[i] = Selected(images[i].layout, kept[row], masks[row], own)
-            packed[i] = vectors[row]
-    return selected, packed
-
-
 class Handle:
     """A patch: the method, the model's adapter, and the last call's records. With concurrent
     calls, `last` holds the records of whichever call finished last."""
 
-    def __init__(self, model: nn.Module, method: Method, adapter):
+    def __init__(self, model: nn.Module, method: Method, adapter: Adapter):
         self.model = model
         self.method = method
         self.adapter = adapter
         self._last: list[ImageRecord] | tuple[Selected, ...] = []
         self._saved: dict[str, tuple[str, object]] = {}  # name -> (attribute we took, what it held)
         self._calls = None  # the wrappers' closures over this model, built on first use
+        self._observers: list[Callable[[], AbstractContextManager]] = []
 
     def __repr__(self) -> str:
         return f"<tokendrop patch {self.method!r} on {type(self.model).__name__}>"
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_calls": None}  # a copy builds closures over its own model
+        # a copy builds closures over its own model, and is observed by no one
+        return {**self.__dict__, "_calls": None, "_observers": []}
 
     @property
     def last(self) -> list[ImageRecord]:
@@ -160,7 +91,10 @@ class Handle:
         """False once removed or replaced by a later patch; its wrappers then pass through."""
         return self.model.__dict__.get(ATTRIBUTE) is self
 
-    def _install(self) -> None:
+    def install(self) -> None:
+        """Put this patch in force on its model, in place of any patch there (a removed or
+        replaced handle comes back, as `patched` restores the patch it found)."""
+        unpatch(self.model)
         attrs = self.model.__dict__
         for name in WRAPPED:
             # beneath an accelerate hook, so that the hook still runs first and removing it keeps the patch
@@ -199,36 +133,63 @@ class Handle:
                     attrs[where] = self._inner(name)
         del attrs[ATTRIBUTE]
 
+    @contextmanager
+    def observed(self, watch: Callable[[], AbstractContextManager]):
+        """While open, each pruning step of this patch (the vision pass, selection and the
+        shortened prompt: everything before the LLM) runs inside a fresh `watch()`: a timer,
+        say, or a profiler's range."""
+        self._observers.append(watch)
+        try:
+            yield self
+        finally:
+            self._observers.remove(watch)
+
     # --- the one pruning step ---------------------------------------------------------
 
     @torch.compiler.disable  # hooks added after torch.compile never fire in compiled code: run eagerly
-    def prune(
-        self, input_ids, attention_mask, labels, pixel_values, image_sizes, pad_default, vision_kwargs, questions
-    ):
+    def prune(self, input_ids, attention_mask, labels, images: dict, questions, pad_default: str):
         """Select tokens for every image of the batch and shorten the prompts to match.
+        `images`: the call's `adapter.image_inputs` and `call_options`, by name.
         Returns (shortened input_ids, the LLM's keyword inputs: inputs_embeds, attention_mask
         and labels when given) and the kept vectors of each image.
         `pad_default`: the padding side of rows that became shorter, where the batch has none."""
         self.last = []  # a failing call leaves no earlier call's records behind
+        pixels, geometry = self.adapter.image_inputs
         if input_ids is None:
             raise ValueError(
-                "a patched model needs input_ids with its pixel_values (it removes the placeholders of "
+                f"a patched model needs input_ids with its {pixels} (it removes the placeholders of "
                 "dropped tokens); inputs_embeds cannot be shortened"
             )
-        if image_sizes is None:
-            raise ValueError("pixel_values come with image_sizes (the processor returns both): pass them together")
+        if images.get(geometry) is None:
+            raise ValueError(f"{pixels} come with {geometry} (the processor returns both): pass them together")
         _check_prompt(input_ids, attention_mask, labels)
         _check_questions(questions, input_ids.shape[0])
         pad_side = padding_side(attention_mask, default=pad_default)  # read before the vision pass is queued
-        images = self.adapter.read(
-            input_ids, attention_mask, pixel_values, image_sizes, questions, self.method.signals(), vision_kwargs
-        )
-        selected, packed = select_images(self.method, images)
-        compact_ids, llm_inputs, kept_features = self.adapter.feed(
-            input_ids, attention_mask, labels, [s.keep_mask for s in selected], packed, pad_side, self._pad_token_id()
-        )
+        options = {k: v for k, v in images.items() if k not in self.adapter.image_inputs}
+        with ExitStack() as watched:
+            for watch in self._observers:
+                watched.enter_context(watch())
+            encoded = self.adapter.read(
+                input_ids, attention_mask, images[pixels], images[geometry], questions, self.method.signals(), options
+            )
+            selected, packed = select_images(self.method, encoded)
+            compact_ids, llm_inputs, kept_features = self.adapter.feed(
+                input_ids,
+                attention_mask,
+                labels,
+                [s.keep_mask for s in selected],
+                packed,
+                pad_side,
+                self._pad_token_id(),
+                images,
+            )
         self._last = tuple(selected)
         return compact_ids, llm_inputs, kept_features
+
+    def _take_images(self, call: dict) -> dict:
+        """The call's image inputs and vision-pass options, taken out of it."""
+        names = (*self.adapter.image_inputs, *self.adapter.call_options)
+        return {name: call.pop(name) for name in names if name in call}
 
     def _pad_token_id(self) -> int:
         for source in (self.model.generation_config, self.model.config.get_text_config()):
@@ -262,23 +223,16 @@ class Handle:
             shortened = _shortened_prompt(cache)
             if shortened is not None:
                 # continuing a patched call: its cache holds the shortened prompt, images included
-                for key in ("pixel_values", "image_sizes"):
-                    call.pop(key, None)
+                self._take_images(call)
                 compact_ids, call["attention_mask"] = shortened.shorten(input_ids, call.get("attention_mask"))
-            elif call.get("pixel_values") is None or self._image_in_cache(input_ids, cache):
+            elif call.get(self.adapter.image_inputs[0]) is None or self._image_in_cache(input_ids, cache):
                 # text only, or an unpatched call's cache that holds the whole prompt
                 return generate(input_ids, **call)
             else:
                 with torch.no_grad():  # as stock generate: no autograd graph for the vision pass
+                    attention_mask = call.pop("attention_mask", None)
                     compact_ids, llm_inputs, _ = self.prune(
-                        input_ids,
-                        call.pop("attention_mask", None),
-                        None,
-                        call.pop("pixel_values"),
-                        call.pop("image_sizes", None),
-                        "left",
-                        _vision_kwargs(call),
-                        questions,
+                        input_ids, attention_mask, None, self._take_images(call), questions, "left"
                     )
                 call.update(llm_inputs)
             shift = input_ids.shape[1] - compact_ids.shape[1]
@@ -295,18 +249,17 @@ class Handle:
             questions = kwargs.pop("questions", None)
             call = signature.bind_partial(*args, **kwargs).arguments
             call.update(call.pop("kwargs", {}))
-            if call.get("pixel_values") is None:
+            pixels = self.adapter.image_inputs[0]
+            if call.get(pixels) is None:
                 return forward(*args, **kwargs)
             if call.get("position_ids") is not None:
                 raise ValueError(
-                    "position_ids cannot be passed with pixel_values to a patched model: the prompt it "
+                    f"position_ids cannot be passed with {pixels} to a patched model: the prompt it "
                     "describes is shortened before the LLM. Leave position_ids out"
                 )
-            pixel_values, image_sizes = call.pop("pixel_values"), call.pop("image_sizes", None)
+            images = self._take_images(call)
             input_ids, attention_mask, labels = (call.pop(k, None) for k in ("input_ids", "attention_mask", "labels"))
-            _, llm_inputs, kept_features = self.prune(
-                input_ids, attention_mask, labels, pixel_values, image_sizes, "right", _vision_kwargs(call), questions
-            )
+            _, llm_inputs, kept_features = self.prune(input_ids, attention_mask, labels, images, questions, "right")
             return self.adapter.with_image_features(forward(**llm_inputs, **call), kept_features)
 
         return {"generate": patched_generate, "forward": patched_forward}
@@ -324,7 +277,11 @@ class _Wrapper:
         return self.handle._inner(self.name)
 
     def __call__(self, *args, **kwargs):
-        return self.handle._call(self.name, args, kwargs)
+        handle = self.handle
+        if self.name == "forward" and not args and "questions" not in kwargs:
+            if kwargs.get(handle.adapter.image_inputs[0]) is None:  # a decode step, or text only
+                return handle._inner("forward")(**kwargs)
+        return handle._call(self.name, args, kwargs)
 
 
 def _wraps(value, handle: Handle, name: str) -> bool:
@@ -450,12 +407,6 @@ def _remember_shortened(output, cache, input_ids, compact_ids, compact_mask) -> 
         _SHORTENED[cache] = _Shortened(original, compact, mask)
 
 
-def _vision_kwargs(kwargs: dict) -> dict:
-    """Per-call overrides of the vision pass, forwarded as the model would forward them."""
-    names = ("vision_feature_layer", "vision_feature_select_strategy", "batch_num_images")  # the last: OneVision
-    return {k: kwargs.pop(k) for k in names if k in kwargs}
-
-
 def padding_side(attention_mask, default: str) -> str:
     """Keep the batch's own padding side; `default` when it has no padding."""
     if attention_mask is not None:
@@ -516,9 +467,8 @@ def patch(
             adapter
         )
     check_signals(chosen, adapter)
-    unpatch(model)
     handle = Handle(model, chosen, adapter)
-    handle._install()
+    handle.install()
     return handle
 
 
@@ -539,16 +489,20 @@ def _is_peft(model) -> bool:
     return type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model")
 
 
-def adapter_of(model: nn.Module):
+def handle_of(model: nn.Module) -> Handle | None:
+    """The patch in force on `model` (on its base model, under a PEFT wrapper), or None."""
+    return _base_model(model).__dict__.get(ATTRIBUTE)
+
+
+def adapter_of(model: nn.Module) -> Adapter:
     """The model's adapter (its patch's, when patched): the one way tools reach model details."""
-    model = _base_model(model)
-    handle = model.__dict__.get(ATTRIBUTE)
-    return handle.adapter if handle is not None else adapter_for(model)
+    handle = handle_of(model)
+    return handle.adapter if handle is not None else adapter_for(_base_model(model))
 
 
 def unpatch(model: nn.Module) -> None:
     """Remove tokendrop's patch, if any; the model is exactly as before `patch`."""
-    handle = _base_model(model).__dict__.get(ATTRIBUTE)
+    handle = handle_of(model)
     if handle is not None:
         handle.remove()
 
@@ -558,11 +512,11 @@ def patched(model: nn.Module, method: str | Method, budget: float | int | None =
     """`with tokendrop.patched(model, "hired", budget=0.2) as handle:` patch for a block, with
     `patch`'s arguments. Leaving the block restores the patch from before it (or none), even
     where the block patched or unpatched the model itself."""
-    previous = _base_model(model).__dict__.get(ATTRIBUTE)
+    previous = handle_of(model)
     handle = patch(model, method, budget=budget, processor=processor, **options)
     try:
         yield handle
     finally:
         unpatch(model)
         if previous is not None:
-            previous._install()
+            previous.install()

@@ -1,5 +1,5 @@
 """LLaVA-NeXT and LLaVA-OneVision models built offline from configs (random weights) with a
-matching processor.
+matching processor: the builders of the presets that `tokendrop.preset_specs` names.
 
 Nothing is downloaded: the tokenizer is a byte-level BPE with no merges (one token per byte),
 the image processor is transformers' PIL one of the family. Outputs of random weights are
@@ -39,7 +39,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from .registry import Registry
+from .preset_specs import PRESETS, family
 from .testbed import load_testbed_model
 
 # the PIL (numpy) image processor: `...Pil` from 5.0, the plain class before; chosen by what
@@ -50,6 +50,7 @@ OnevisionPilImageProcessor = (
 )
 
 
+TEXT_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>"]
 # Vicuna-style template, as llava-v1.6-vicuna; the question follows the image.
 CHAT_TEMPLATE = (
@@ -59,151 +60,6 @@ CHAT_TEMPLATE = (
     "{% else %}ASSISTANT: {% for part in message['content'] %}{{ part['text'] }}{% endfor %}</s>"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-
-QWEN2_05B = dict(
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-    rope_theta=1e6,
-)
-
-PRESETS: Registry[dict] = Registry("preset")
-PRESETS.register("tiny")(
-    dict(
-        vision=dict(
-            image_size=48,
-            patch_size=8,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-        ),
-        text_class=LlamaConfig,
-        text=dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-        ),
-        pinpoints=[[48, 96], [96, 48], [96, 96], [48, 144], [144, 48]],
-    )
-)
-PRESETS.register("llava-next-shape")(
-    dict(
-        vision=dict(
-            image_size=336,
-            patch_size=14,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            projection_dim=768,
-        ),
-        text_class=Qwen2Config,
-        text=QWEN2_05B,
-        pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
-    )
-)
-PRESETS.register("testbed")(
-    dict(
-        vision=dict(
-            image_size=48,
-            patch_size=8,
-            hidden_size=128,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-        ),
-        text_class=LlamaConfig,
-        text=dict(
-            hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4
-        ),
-        pinpoints=[[48, 96], [96, 48], [96, 96]],
-        # whole-word tokens, as a real vocabulary has for common words: the chat roles and the
-        # shapes task's words (a test checks the task uses no other)
-        words=(
-            "USER:",
-            "ASSISTANT:",
-            "What",
-            "colour",
-            "is",
-            "the",
-            "red",
-            "green",
-            "blue",
-            "yellow",
-            "purple",
-            "cyan",
-            "circle",
-            "square",
-            "triangle",
-            "cross",
-        ),
-        task="shapes",  # trained for this task: its weights are loaded, not drawn
-        method_options={"router": {"router": "testbed"}},  # the router trained for it, shipped beside it
-    )
-)
-
-
-PRESETS.register("tiny-onevision")(
-    dict(
-        family="llava_onevision",
-        vision=dict(
-            image_size=48,
-            patch_size=8,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-        ),
-        text_class=Qwen2Config,
-        text=dict(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-        ),
-        pinpoints=[[48, 48], [48, 96], [96, 48], [96, 96], [144, 144], [192, 192], [144, 288]],
-    )
-)
-PRESETS.register("onevision-shape")(
-    dict(
-        family="llava_onevision",
-        vision=dict(
-            image_size=384,
-            patch_size=14,
-            hidden_size=1152,
-            intermediate_size=4304,
-            num_hidden_layers=27,
-            num_attention_heads=16,
-        ),
-        text_class=Qwen2Config,
-        text=QWEN2_05B,
-        pinpoints=[
-            [384, 384],
-            [384, 768],
-            [768, 384],
-            [768, 768],
-            [768, 1152],
-            [1152, 768],
-            [1152, 1152],
-            [768, 1536],
-            [1536, 768],
-            [1536, 1536],
-        ],
-    )
-)
-
-
-def family(name: str) -> str:
-    """The model family preset `name` builds: "llava_next" unless its spec says otherwise."""
-    return PRESETS.get(name).get("family", "llava_next")
-
-
-def with_preset_defaults(model_name: str, methods, options: dict) -> dict:
-    """{method: {option: value}}: the preset's defaults for the methods run, then `options`
-    (which win). Only a preset named by `model_name` has defaults."""
-    defaults = PRESETS.get(model_name).get("method_options", {}) if model_name in PRESETS.names() else {}
-    names = list(options) + [m for m in methods if m in defaults and m not in options]
-    return {m: defaults.get(m, {}) | options.get(m, {}) for m in names}
 
 
 def build_tokenizer(words=()) -> PreTrainedTokenizerFast:
@@ -287,7 +143,7 @@ def build_config(name: str, tokenizer: PreTrainedTokenizerFast) -> LlavaNextConf
     if family(name) == "llava_onevision":
         return LlavaOnevisionConfig(
             vision_config=SiglipVisionConfig(vision_use_head=False, **spec["vision"]),
-            text_config=spec["text_class"](**text),
+            text_config=TEXT_CONFIGS[spec["text_model"]](**text),
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             image_grid_pinpoints=spec["pinpoints"],
             vision_feature_layer=-1,
@@ -296,7 +152,7 @@ def build_config(name: str, tokenizer: PreTrainedTokenizerFast) -> LlavaNextConf
         )
     return LlavaNextConfig(
         vision_config=CLIPVisionConfig(**spec["vision"]),
-        text_config=spec["text_class"](**text),
+        text_config=TEXT_CONFIGS[spec["text_model"]](**text),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=spec["pinpoints"],
         vision_feature_layer=-2,

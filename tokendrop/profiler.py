@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
+from .checks import is_int
 from .harness import (
     REFERENCE,
     SPREAD_TOLERANCE,
@@ -41,7 +42,7 @@ from .harness import (
 )
 from .measure import cpu_peak_available, measure_generate, model_device, parse_memory_size, release_memory
 from .method import METHODS, build as build_method
-from .patch import ATTRIBUTE, patched, unpatch
+from .patch import handle_of, patched, unpatch
 from .selection import check_budget
 
 TIMED = (  # measured every repeat: reported as median, min and max
@@ -86,7 +87,7 @@ class _Measurement:
             raise ValueError("methods and budgets must each name at least one")
         for name, least in (("repeats", 1), ("max_new_tokens", 1), ("warmup", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if not is_int(value) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         if not isinstance(self.prompt, str):
             raise TypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
@@ -135,7 +136,7 @@ class ProfileConfig(_Measurement):
     def __post_init__(self):
         super().__post_init__()
         self.batch_sizes = as_list(self.batch_sizes, "batch_sizes", "[1, 4]")
-        if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+        if any(not is_int(b) or b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be ints >= 1, got {self.batch_sizes}")
 
 
@@ -154,7 +155,7 @@ class ThroughputConfig(_Measurement):
     def __post_init__(self):
         super().__post_init__()
         value = self.max_batch_size
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {value!r}")
 
     def check_device(self, device: torch.device | str) -> None:
@@ -268,7 +269,7 @@ def _prepare(model, processor, images, config: _Measurement):
 def _run_grid(model, grid: list[Cell], measure_cell: Callable, name: str, progress: bool) -> None:
     """`measure_cell(cell, bar)` over the grid, on the unpatched model: a patch already on it
     is lifted, and put back afterwards."""
-    users_patch = model.__dict__.get(ATTRIBUTE)
+    users_patch = handle_of(model)
     unpatch(model)
     try:
         bar = tqdm(grid, desc=name, disable=not progress)
@@ -278,7 +279,7 @@ def _run_grid(model, grid: list[Cell], measure_cell: Callable, name: str, progre
             measure_cell(cell, bar)
     finally:
         if users_patch is not None:
-            users_patch._install()  # the user's own handle back in force, as `patched` restores one
+            users_patch.install()  # the user's own handle back in force, as `patched` restores one
 
 
 def _images_seen(adapter, images) -> list[dict]:

@@ -70,26 +70,28 @@ def _capture():
     """(captured, watch): `watch(layer, modules, score, keep)` hooks every module of `modules`
     ({name: module}); once each has produced its output in a forward of this context, `score`
     of {name: keep(name, output)} is appended to `captured[layer]` (one entry per tower call).
-    Hooks are removed on exit."""
+    With `inputs=True` a module's positional inputs (a tuple) stand for its output, taken as
+    it is called. Hooks are removed on exit."""
     captured: dict[int, list[torch.Tensor]] = {}
     handles = []
     token = _active.set(captured)
 
-    def watch(layer: int, modules: dict[str, nn.Module], score, keep=lambda name, output: output):
+    def watch(layer: int, modules: dict[str, nn.Module], score, keep=lambda name, output: output, inputs=False):
         captured[layer] = []
         pending: dict[str, torch.Tensor] = {}
         for name, module in modules.items():
 
-            def hook(module, args, output, name=name):
+            def hook(module, args, output=None, name=name):
                 if _active.get() is not captured:  # a forward of another thread's call
                     return
-                output = output[0] if isinstance(output, tuple) else output  # layers return tuples in 4.x
-                pending[name] = keep(name, output)
+                if not inputs:
+                    args = output[0] if isinstance(output, tuple) else output  # layers return tuples in 4.x
+                pending[name] = keep(name, args)  # what it produced, or with `inputs` what it was given
                 if len(pending) == len(modules):
                     captured[layer].append(score(pending))
                     pending.clear()
 
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_pre_hook(hook) if inputs else module.register_forward_hook(hook))
 
     try:
         yield captured, watch
@@ -113,6 +115,24 @@ def capture_cls_scores(attention_modules: dict[int, nn.Module], kinds: dict[int,
                 lambda p, attn=attn, kind=kind: cls_scores(p["q"], p["k"], attn.num_heads, attn.scale, kind),
                 # keep only what the score needs: the CLS query row, or all keys
                 keep=lambda name, output: output[:, 0] if name == "q" else output,
+            )
+        yield captured
+
+
+@contextmanager
+def capture_cls_scores_of_inputs(kernels: dict[int, tuple[nn.Module, int, float]], kinds: dict[int, str]):
+    """`capture_cls_scores` where a layer's attention kernel is a module called with the query
+    and keys, (B, L, num_heads * head_dim) each, as its first two inputs (a server's fused
+    attention, as vLLM's): `kernels` {layer: (kernel, num_heads, scale)}; the CLS query row
+    against all keys, taken as the kernel is called."""
+    with _capture() as (captured, watch):
+        for layer, kind in kinds.items():
+            kernel, num_heads, scale = kernels[layer]
+            watch(
+                layer,
+                {"qk": kernel},
+                lambda p, n=num_heads, s=scale, kind=kind: cls_scores(p["qk"][0][:, 0], p["qk"][1], n, s, kind),
+                inputs=True,
             )
         yield captured
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import is_number
 from .layout import ImageLayout
 
 NEWLINE_POLICIES = ("rows", "all", "drop")
@@ -30,7 +31,7 @@ def on_host(tensor: torch.Tensor) -> bool:
 
 def check_budget(budget) -> float | int:
     """A float in (0, 1] is a fraction of the image's feature tokens, an int >= 1 a count."""
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+    if not is_number(budget):
         raise TypeError(f"budget must be a float in (0, 1] (a fraction) or an int >= 1 (a token count), got {budget!r}")
     if isinstance(budget, numbers.Integral):
         if budget < 1:
@@ -196,12 +197,6 @@ def proportional_counts(k: int, layout: ImageLayout) -> torch.Tensor:
     return allocate(k, layout.capacity.double(), layout.capacity, layout.sizes)
 
 
-def first_k(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """(..., k) ascending positions of the True entries of a (..., N) mask that holds exactly
-    k per row, without reading the mask back (a stable sort puts them first, in order)."""
-    return torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[..., :k]
-
-
 def feature_mask(kept: torch.Tensor, n: int) -> torch.Tensor:
     """A selection as a (..., n) bool mask: kept indices (k,) or a mask already."""
     if kept.dtype == torch.bool:
@@ -246,34 +241,6 @@ class Grouping:
         return self.owner == torch.arange(self.owner.shape[-1], device=self.owner.device)
 
 
-def grouping_of(kept: torch.Tensor, groups, weights, n_features: int) -> Grouping:
-    """One image's `Merged` fields (kept indices, groups, weights) as a `Grouping`, checked:
-    groups disjoint, each starting at its kept index, weights non-negative and aligned."""
-    kept = kept.cpu().long()
-    sizes = torch.tensor([g.numel() for g in groups], dtype=torch.long)
-    members = torch.cat([g.cpu().long() for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
-    firsts = torch.tensor([int(g.min()) if g.numel() else -1 for g in groups], dtype=torch.long)
-    if (
-        len(groups) != kept.numel()
-        or not torch.equal(firsts, kept)
-        or members.unique().numel() != members.numel()
-        or bool((members >= n_features).any())
-        or bool((members < 0).any())
-    ):
-        raise RuntimeError(
-            "a merging method returned groups that are not disjoint groups of feature indices "
-            "each starting at its kept index"
-        )
-    owner = torch.full((n_features,), -1, dtype=torch.long)
-    owner[members] = torch.repeat_interleave(kept, sizes)
-    if weights is None:
-        return Grouping(owner)
-    w = torch.cat([x.cpu().float() for x in weights]) if weights else torch.zeros(0)
-    if w.numel() != members.numel() or bool((w < 0).any()):
-        raise RuntimeError("a merging method returned weights that do not match its groups or are negative")
-    return Grouping(owner, torch.zeros(n_features).index_copy_(0, members, w))
-
-
 def merge(packed: torch.Tensor, layout: ImageLayout, grouping: Grouping) -> torch.Tensor:
     """`packed` (..., L, D) with the vector at each kept feature position replaced by the mean
     of its group's feature vectors (weighted where the grouping has weights), computed in fp32
@@ -293,8 +260,3 @@ def merge(packed: torch.Tensor, layout: ImageLayout, grouping: Grouping) -> torc
     merged = packed.clone()
     merged[..., layout.feature_positions, :] = torch.where(grouping.kept[..., None], means, features)
     return merged
-
-
-def merge_groups(packed: torch.Tensor, layout: ImageLayout, kept: torch.Tensor, groups, weights=None) -> torch.Tensor:
-    """One image's `merge` from a `Merged`'s fields (kept indices, groups, weights), checked."""
-    return merge(packed, layout, grouping_of(kept, groups, weights, layout.n_features))

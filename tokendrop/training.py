@@ -48,6 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
+from .checks import is_int, is_number
 from .harness import chat_prompt
 from .method.router import Router, RouterWeights, fingerprint, save_router
 from .patch import patched
@@ -99,15 +100,15 @@ class RouterTraining:
         self.budget = check_budget(self.budget)
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 2:
+        if not is_int(self.samples) or self.samples < 2:
             raise ValueError(
                 f"samples must be an int >= 2 (each sample's baseline is the others' mean), got {self.samples!r}"
             )
         for name in ("steps", "batch_size", "accumulate", "rank", "checkpoint_every", "validate_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+        if not is_number(self.lr) or not self.lr > 0:
             raise ValueError(f"lr must be a number > 0, got {self.lr!r}")
         if self.scope not in ("all", "crops"):
             raise ValueError(f"scope must be 'all' or 'crops', got {self.scope!r}")

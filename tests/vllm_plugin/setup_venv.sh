@@ -23,4 +23,4 @@ if ! $venv/bin/python -c "import torchvision" 2>/dev/null; then
     cp tests/vllm_plugin/torchvision_shim.py "$site/_tokendrop_torchvision_shim.py"
     echo "import _tokendrop_torchvision_shim; _tokendrop_torchvision_shim.install()" > "$site/_tokendrop_torchvision_shim.pth"
 fi
-$venv/bin/python -c "import vllm, torchvision, tokendrop.adapters.vllm_plugin; print('vllm', vllm.__version__)"
+$venv/bin/python -c "import vllm, torchvision, tokendrop.integrations.vllm; print('vllm', vllm.__version__)"

@@ -18,11 +18,12 @@ vllm = pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 import tokendrop  # noqa: E402
-from tokendrop.adapters import LlavaNextAdapter, vllm_plugin  # noqa: E402
-from tokendrop.adapters.vllm_llava_next import layout as vllm_layout  # noqa: E402
+from tokendrop.adapters import LlavaNextAdapter  # noqa: E402
 from tokendrop.eval import shapes  # noqa: E402
 from tokendrop.eval.vllm_bench import answer, engine, hf_answers, save_for_vllm  # noqa: E402
 from tokendrop.harness import chat_prompt  # noqa: E402
+from tokendrop.integrations import vllm as vllm_plugin  # noqa: E402
+from tokendrop.integrations.vllm.llava_next import layout as vllm_layout  # noqa: E402
 from tokendrop.presets import build_preset, synthetic_image  # noqa: E402
 from tokendrop.selection import keep_count  # noqa: E402
 
@@ -114,7 +115,7 @@ def test_plugin_is_an_entry_point_and_registers_the_model():
     from vllm import ModelRegistry
 
     names = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
-    assert names.get("tokendrop") == "tokendrop.adapters.vllm_plugin:register"
+    assert names.get("tokendrop") == "tokendrop.integrations.vllm:register"
     vllm_plugin.register()
     assert vllm_plugin.ARCHITECTURE in ModelRegistry.get_supported_archs()
 
@@ -141,7 +142,7 @@ def test_vllm_packing_gives_tokendrops_layout(preset):
     ],
 )
 def test_refused_configurations(testbed, options, message):
-    from tokendrop.adapters.vllm_llava_next import resolved_method
+    from tokendrop.integrations.vllm.llava_next import resolved_method
 
     config = testbed[0].config
     config.tokendrop = options
@@ -163,7 +164,7 @@ def test_refused_configurations(testbed, options, message):
 )
 def test_accepted_configurations_count_as_the_hf_patch_keeps(testbed, options):
     """The placeholder count equals the tokens the HF patch feeds the LLM, image by image."""
-    from tokendrop.adapters.vllm_llava_next import resolved_method
+    from tokendrop.integrations.vllm.llava_next import resolved_method
 
     model, processor = testbed
     model.config.tokendrop = options

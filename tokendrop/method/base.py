@@ -14,15 +14,15 @@ A method implements one of two entry points; the base class derives the other:
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from ..checks import check_choice
 from ..layout import EncodedImage, ImageBatch
 from ..registry import Registry, did_you_mean
-from ..selection import NEWLINE_POLICIES, Grouping, check_budget, feature_mask, grouping_of
+from ..selection import NEWLINE_POLICIES, Grouping, check_budget, feature_mask
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,8 +41,41 @@ class Merged:
     groups: list[torch.Tensor]
     weights: list[torch.Tensor] | None = None
 
+    def grouping(self, n_features: int) -> Grouping:
+        """This selection as the `Grouping` the shared steps take (one representation for
+        every merging selection), checked: groups disjoint, each starting at its kept index,
+        weights non-negative and aligned."""
+        kept, groups = self.indices.cpu().long(), self.groups
+        sizes = torch.tensor([g.numel() for g in groups], dtype=torch.long)
+        members = torch.cat([g.cpu().long() for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
+        firsts = torch.tensor([int(g.min()) if g.numel() else -1 for g in groups], dtype=torch.long)
+        if (
+            len(groups) != kept.numel()
+            or not torch.equal(firsts, kept)
+            or members.unique().numel() != members.numel()
+            or bool((members >= n_features).any())
+            or bool((members < 0).any())
+        ):
+            raise RuntimeError(
+                "a merging method returned groups that are not disjoint groups of feature indices "
+                "each starting at its kept index"
+            )
+        owner = torch.full((n_features,), -1, dtype=torch.long)
+        owner[members] = torch.repeat_interleave(kept, sizes)
+        if self.weights is None:
+            return Grouping(owner)
+        w = torch.cat([x.cpu().float() for x in self.weights]) if self.weights else torch.zeros(0)
+        if w.numel() != members.numel() or bool((w < 0).any()):
+            raise RuntimeError("a merging method returned weights that do not match its groups or are negative")
+        return Grouping(owner, torch.zeros(n_features).index_copy_(0, members, w))
+
+
+class ProcessorNeeded(ValueError):
+    """The method reads the question (`Method.reads`) and was given no processor to find it with."""
+
 
 METHODS: Registry[type[Method]] = Registry("method")
+READS = ("scores", "features", "question")  # what a selection can read of an image (`Method.reads`)
 
 
 def register(name: str):
@@ -76,6 +109,15 @@ class Method:
         """CLS scores the vision pass must capture: {layer: "probs" | "logits"}."""
         return {}
 
+    def reads(self) -> frozenset[str]:
+        """What selection reads of an image besides its layout (`READS`): "scores", the
+        vision-pass signals of `signals()`; "features", its projected vectors; "question", the
+        question of its prompt row. A method that reads none selects from the geometry alone,
+        so that a server can know its kept tokens before the vision pass (the vLLM
+        integration does); one that reads the question cannot share a selection between two
+        requests for the same image. A test checks every method against what it reads."""
+        return frozenset({"scores"} if self.signals() else ())
+
     def select(self, image: EncodedImage) -> torch.Tensor | Merged:
         """Sorted (ascending) feature indices to keep, exactly the budget's count; a merging
         method returns them as a `Merged`, with the group each kept token stands for."""
@@ -98,7 +140,7 @@ class Method:
         if not any(isinstance(c, Merged) for c in chosen):
             return torch.stack([feature_mask(c.to(batch.device), n) for c in chosen])
         groupings = [
-            grouping_of(c.indices, c.groups, c.weights, n)
+            c.grouping(n)
             if isinstance(c, Merged)
             else Grouping(torch.where(feature_mask(c.cpu(), n), torch.arange(n), -1))
             for c in chosen
@@ -141,28 +183,3 @@ def build(name: str, processor=None, **options) -> Method:
 def describe() -> dict[str, dict[str, object]]:
     """Every registered method with its options and their defaults."""
     return {name: {f.name: f.default for f in dataclasses.fields(cls) if f.init} for name, cls in METHODS.items()}
-
-
-def check_choice(option: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{option} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def check_real(option: str, value, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= float(value) <= high:
-        raise ValueError(f"{option} must be a number in [{low}, {high}], got {value!r}")
-    return float(value)
-
-
-def check_int(option: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{option} must be an int, got {value!r}")
-    return int(value)
-
-
-def check_layer(option: str, layer, n_layers: int) -> int:
-    """A vision layer index, negative counting from the end, as Python lists do."""
-    layer = check_int(option, layer)
-    if not -n_layers <= layer < n_layers:
-        raise ValueError(f"{option}={layer} is out of range: the vision tower has {n_layers} layers")
-    return layer

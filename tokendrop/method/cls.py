@@ -8,9 +8,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..checks import check_layer
 from ..layout import ImageBatch
 from ..selection import keep_count, top_k
-from .base import Method, check_layer, register
+from .base import Method, register
 
 
 @register("cls")

@@ -23,6 +23,9 @@ from .base import Method, register
 @register("divprune")
 @dataclass
 class DivPrune(Method):
+    def reads(self) -> frozenset[str]:
+        return frozenset({"features"})
+
     @torch.no_grad()  # a discrete choice: no graph, even when called in a training forward
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:
         features = F.normalize(batch.features.float(), dim=-1)

@@ -26,9 +26,8 @@ Kernel L = diag(r) S diag(r):
     #9): their mixed features (penultimate layer through the last layer's head) anti-align
     with the text embedding. tokendrop keeps the paper's sign, because it does not use that
     space: in the LLM embedding space the positive cosine is what `text` ranks by, and it is
-    informative there (on the testbed's validation split, 500 samples, dpp with the positive
-    sign scored 98.6 / 97.8 / 82.0 / 42.4 at 25 / 10 / 5 / 2%, with the code's negated sign
-    95.0 / 86.8 / 76.8 / 58.2).
+    informative there (on the testbed the positive sign scored higher at every budget but
+    the tightest; the README's results give the figures and the command).
   - "cls": x_i = the token's CLS attention (probabilities) at the feature layer; no question.
   - "none": r = 1, a plain DPP over S.
   - "allocator" (the default with allocation="hired" / "globalcom2", and only there): x_i =
@@ -54,8 +53,7 @@ each partition, by default with the allocator's importance as r (relevance="allo
 Why that default: with the allocator's counts but another r (say "text"), a partition given
 one token keeps the token of highest r, not the one the allocator ranks first, and a larger
 share spends itself on diverse but unimportant tokens; on the testbed that lost to GlobalCom2
-alone at every budget (92.6 / 84.5 / 78.2 / 38.8 against 97.2 / 90.4 / 82.0 / 70.6). An
-explicit relevance= still applies as written with every allocation.
+alone at every budget. An explicit relevance= still applies as written with every allocation.
 """
 
 from __future__ import annotations
@@ -67,9 +65,10 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_choice
 from ..layout import ImageBatch, ImageLayout
 from ..selection import keep_count, on_host, proportional_counts
-from .base import Method, check_choice, register
+from .base import Method, ProcessorNeeded, register
 from .globalcom2 import GlobalCom2
 from .hired import HiRED
 from .text import Text
@@ -105,7 +104,7 @@ class DPP(Method):
             )
         if self.relevance == "text":
             if self.processor is None:
-                raise ValueError(
+                raise ProcessorNeeded(
                     "dpp with relevance='text' needs processor= (the model's processor or tokenizer) to find "
                     "and embed the question; relevance='cls', 'none' or 'allocator' needs none"
                 )
@@ -130,6 +129,9 @@ class DPP(Method):
                 )
             wanted[self.feature_layer] = "probs"
         return wanted
+
+    def reads(self) -> frozenset[str]:
+        return super().reads() | {"features"} | ({"question"} if self.relevance == "text" else set())
 
     @torch.no_grad()  # a discrete choice: no graph, even when called in a training forward
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:

@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_layer, check_real
 from ..layout import ImageBatch, ImageLayout
 from ..selection import allocate, floor_fraction, keep_count, region_sums, top_k_per_partition
-from .base import Method, check_layer, check_real, register
+from .base import Method, register
 
 
 @register("globalcom2")

@@ -14,9 +14,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..checks import check_choice, check_layer, check_real
 from ..layout import ImageBatch
 from ..selection import allocate, floor_fraction, keep_count, region_sums, top_k_per_tile
-from .base import Method, check_choice, check_layer, check_real, register
+from .base import Method, register
 
 ALLOCATIONS = ("mass", "count")
 

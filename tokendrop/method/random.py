@@ -7,9 +7,10 @@ from functools import lru_cache
 
 import torch
 
+from ..checks import check_int
 from ..layout import ImageBatch
 from ..selection import feature_mask, keep_count
-from .base import Method, check_int, register
+from .base import Method, register
 
 
 @register("random")

@@ -17,6 +17,7 @@ base model that loading checks). No pickle is ever read.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import check_int, register
+from ..checks import check_int
+from .base import register
 from .text import Text
 
 FORMAT = "tokendrop-router"
@@ -175,10 +177,15 @@ class Router(Text):
                 )
 
     def resolve(self, adapter) -> Router:
-        super().resolve(adapter)
+        resolved = copy.copy(super().resolve(adapter))  # shares the loaded weights, never reads them again
+        if adapter.model is None:
+            raise ValueError(
+                "router reads the model's weights (its width, and the fingerprint a saved router was trained "
+                "on), which are not at hand here: use it through tokendrop.patch on a loaded model"
+            )
         hidden = adapter.model.config.get_text_config().hidden_size
-        if self.weights is None:
-            self.weights = RouterWeights(hidden, self.rank or DEFAULT_RANK)
+        if resolved.weights is None:
+            resolved.weights = RouterWeights(hidden, self.rank or DEFAULT_RANK)
         elif self.saved is not None:
             mismatch = fingerprint_mismatch(self.saved["base_model"], adapter.model)
             if mismatch:
@@ -186,8 +193,8 @@ class Router(Text):
                     f"router {self.router} was trained on another model: {mismatch}. Train one for "
                     "this model with tokendrop train-router"
                 )
-        self.weights.requires_grad_(False)
-        return self
+        resolved.weights.requires_grad_(False)
+        return resolved
 
     def scores(self, visual: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
         if self.weights.visual.device != visual.device:  # fp32 on the features' device, moved once

@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
+from ..checks import check_choice, check_real
 from ..layout import EncodedImage, ImageBatch
 from ..selection import keep_count
-from .base import Method, check_choice, check_real, register
+from .base import Method, ProcessorNeeded, register
 
 MARKER = "\u2063QUESTION\u2063"
 
@@ -50,7 +51,7 @@ class Text(Method):
             if self.budget != 1.0:
                 raise ValueError("text takes budget= (top-k) or threshold= (adaptive), not both")
         if self.processor is None:
-            raise ValueError(
+            raise ProcessorNeeded(
                 "text needs processor= (the model's processor or tokenizer) to find and embed the "
                 "question: tokendrop.patch(model, 'text', budget=0.3, processor=processor)"
             )
@@ -72,6 +73,9 @@ class Text(Method):
                 f"model's has id {adapter.image_token_id}. Pass the processor loaded with this model"
             )
         return self
+
+    def reads(self) -> frozenset[str]:
+        return frozenset({"features", "question"})
 
     @property
     def tokenizer(self):

@@ -27,9 +27,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_layer, check_real
 from ..layout import EncodedImage
 from ..selection import floor_fraction, keep_count, proportional_counts
-from .base import Merged, Method, check_layer, check_real, register
+from .base import Merged, Method, register
 
 
 @register("visionzip")
@@ -48,6 +49,9 @@ class VisionZip(Method):
 
     def signals(self) -> dict[int, str]:
         return {self.select_layer: "probs"}
+
+    def reads(self) -> frozenset[str]:
+        return frozenset({"scores", "features"})  # contextual tokens merge by similarity
 
     def select(self, image: EncodedImage) -> Merged:
         layout = image.layout

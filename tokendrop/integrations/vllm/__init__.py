@@ -1,7 +1,7 @@
 """tokendrop as a vLLM plugin: what a server is configured with, and how many placeholder
 tokens each image gets. Light on purpose: vLLM loads every `vllm.general_plugins` entry point
 in every process it starts, so `register` only names the model class (imported lazily by
-vLLM, from `tokendrop.adapters.vllm_llava_next`) and imports nothing of vLLM's models.
+vLLM, from `tokendrop.integrations.vllm.llava_next`) and imports nothing of vLLM's models.
 
 Configuration, per server (the model's `hf_overrides` win over the environment):
 - `hf_overrides={"architectures": ["TokendropLlavaNextForConditionalGeneration"],
@@ -18,26 +18,29 @@ and the kept tokens may depend only on the image:
 - newlines: "all" (the plugin's default) and "drop" keep a count known from the size; "rows"
   drops the newline of a canvas row whose tokens were all dropped, which depends on the
   scores, so it is accepted only for methods whose selection reads nothing but the image's
-  geometry (`uniform`, `random`, `pool`): for those the plugin runs the selection itself
-  while counting;
-- `threshold=` (an adaptive count) is refused, and so are the methods that read the question
-  (`text`, `router`, `dpp` with relevance="text"): the encoder cache would hand one question's
-  selection to another request with the same image.
+  geometry (`Method.reads()` is empty: `uniform`, `random`, `pool`): for those the plugin runs
+  the selection itself while counting;
+- the methods that read the question (`text`, `router`, `dpp` with relevance="text"; also
+  the only ones with an adaptive count, `threshold=`) are refused: the encoder cache would
+  hand one question's selection to another request with the same image.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
-from tokendrop.layout import EncodedImage, ImageBatch, ImageLayout
-from tokendrop.method import METHODS, Method, build
-from tokendrop.selection import NEWLINE_POLICIES, Grouping, keep_count, packed_keep_mask
+import torch
+
+from tokendrop.layout import EncodedImage, ImageLayout
+from tokendrop.method import Method, build
+from tokendrop.method.base import ProcessorNeeded
+from tokendrop.pruning import select_images
+from tokendrop.selection import keep_count
 
 ARCHITECTURE = "TokendropLlavaNextForConditionalGeneration"
 STOCK_ARCHITECTURE = "LlavaNextForConditionalGeneration"
-MODEL_CLASS = f"tokendrop.adapters.vllm_llava_next:{ARCHITECTURE}"
+MODEL_CLASS = f"tokendrop.integrations.vllm.llava_next:{ARCHITECTURE}"
 ENV = "TOKENDROP_VLLM"  # the server's method as JSON: {"method": "hired", "budget": 0.25, ...}
 RECORD_ENV = "TOKENDROP_VLLM_RECORD"  # a file: one JSON line per image the plugin prunes
 CONFIG_KEY = "tokendrop"  # hf_overrides={"tokendrop": {...}}
@@ -85,80 +88,23 @@ def build_method(options: dict) -> Method:
     serve exactly (see the module docstring), with the plugin's newline default."""
     options = dict(options)
     name = options.pop("method")
-    cls = METHODS.get(name)
-    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
-    if cls.needs_processor() and options.get("relevance", defaults.get("relevance")) in (None, "text"):
+    options.setdefault("newlines", DEFAULT_NEWLINES)
+    try:  # without a processor, a method that reads the question cannot be built: it says so
+        return build(name, **options)
+    except ProcessorNeeded:
         raise ValueError(
             f"method {name!r} reads the question, which the vLLM plugin cannot serve: vLLM caches an image's "
             "encoder output by the image alone (and shares prefix-cached prompts), so one request's "
             "question-dependent selection would be reused for another question. Use a question-agnostic method "
             "(hired, globalcom2, random, uniform, cls, pool, ...)"
-            + (" or relevance='cls'/'none'" if "relevance" in defaults else "")
-        )
-    if options.get("threshold") is not None:
-        raise ValueError(
-            "threshold= keeps a data-dependent number of tokens, but vLLM fixes each image's placeholder count "
-            "while preprocessing, before the vision tower runs: give a budget (a fraction or a count) instead"
-        )
-    options.setdefault("newlines", DEFAULT_NEWLINES)
-    if options["newlines"] not in NEWLINE_POLICIES:
-        raise ValueError(
-            f"newlines must be one of {', '.join(map(repr, NEWLINE_POLICIES))}, got {options['newlines']!r}"
-        )
-    return build(name, **options)
-
-
-class _DataNeeded(Exception):
-    """A selection asked for the image's features or scores while only its geometry exists."""
-
-
-class _NoData:
-    """Packed features that exist only as a place: their device (the layout's), nothing else."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __getattr__(self, name):
-        raise _DataNeeded(name)
-
-    def __getitem__(self, key):
-        raise _DataNeeded(key)
-
-    def __len__(self):
-        raise _DataNeeded("len")
-
-
-class _NoScores(dict):
-    def __getitem__(self, key):
-        raise _DataNeeded(key)
-
-
-def _raise_data_needed(*args):
-    raise _DataNeeded("embed")
-
-
-def geometry_selection(method: Method, layout: ImageLayout):
-    """The method's kept feature indices when they follow from the layout alone (uniform,
-    random, pool), else None: the selection runs on a batch of one image whose features and
-    scores raise when read."""
-    image = EncodedImage(
-        layout=layout,
-        packed=_NoData(layout.packed_source.device),
-        cls=_NoScores(),
-        n_layers=1,
-        embed=_raise_data_needed,
-    )
-    try:
-        chosen = method.select_batch(ImageBatch([image], layout))
-    except _DataNeeded:
-        return None
-    kept = chosen.kept if isinstance(chosen, Grouping) else chosen
-    return kept[0].nonzero().flatten()
+            + (" or relevance='cls'/'none'" if name == "dpp" else "")
+        ) from None
 
 
 def check_countable(method: Method, layout: ImageLayout) -> None:
-    """Refuse newlines="rows" for a method whose selection reads the image's data."""
-    if method.newlines == "rows" and geometry_selection(method, layout) is None:
+    """Refuse newlines="rows" where the newlines an image of `layout` keeps depend on the
+    selected tokens: a method that reads the image's data, and a layout with newlines."""
+    if method.newlines == "rows" and method.reads() and layout.newline_positions.numel():
         raise ValueError(
             f"newlines='rows' with method {method.name!r} keeps a number of newline tokens that depends on which "
             "tokens the scores select, but vLLM fixes each image's placeholder count before the vision tower runs: "
@@ -167,14 +113,21 @@ def check_countable(method: Method, layout: ImageLayout) -> None:
 
 
 def placeholder_count(method: Method, layout: ImageLayout) -> int:
-    """How many tokens the LLM gets for an image of this layout: kept features plus kept newlines."""
+    """How many tokens the LLM gets for an image of this layout: kept features plus kept
+    newlines. Under newlines="rows" (`check_countable`) the selection itself runs, on the
+    layout alone."""
     if method.newlines == "rows":
-        kept = geometry_selection(method, layout)
-        if kept is None:
-            check_countable(method, layout)
-        return int(packed_keep_mask(layout, kept, "rows").sum())
+        check_countable(method, layout)
+        (selected,), _ = select_images(method, [geometry_only(layout)])
+        return int(selected.keep_mask.sum())
     n_newlines = layout.newline_positions.numel() if method.newlines == "all" else 0
     return keep_count(method.budget, layout.n_features) + n_newlines
+
+
+def geometry_only(layout: ImageLayout) -> EncodedImage:
+    """An image of `layout` as a method that reads nothing but the layout sees it: no data."""
+    no_vectors = torch.empty(layout.packed_source.numel(), 0)
+    return EncodedImage(layout=layout, packed=no_vectors, cls={}, n_layers=1, embed=None)
 
 
 def record(entry: dict) -> None:

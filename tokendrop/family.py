@@ -1,0 +1,175 @@
+"""The adapter interface: what the core needs of a model family.
+
+One subclass per family lives in `adapters/` (installed as `tokendrop.adapters`) and is
+registered there in `ADAPTERS`; `adapter_for(model)` picks the one whose `supports(model)`
+holds. Methods never touch a model: they see the images an adapter reads (`EncodedImage`)
+and, when they are resolved, the few facts below (`n_vision_layers`, `feature_layer`,
+`image_token_id`, `model`).
+
+A family implements the few steps that depend on it:
+
+    check_images(pixel_values, geometry)    the call's images as the processor lays them out
+    layouts(geometry)                       where each image's placeholder vectors come from
+    encode(pixel_values, geometry, signals) one vision pass: packed vectors and scores
+    llm_inputs(compacted, inputs)           what the LLM receives besides the short prompt
+
+and the core, per request (`tokendrop.patch`), calls `read` (those three steps, and each
+image's prompt row), selects, then `feed` (the shared `tokendrop.compaction`, then
+`llm_inputs`) and, for a forward, `with_image_features`. Tools that time or inspect a model
+(the profiler, `show`, the benchmarks) use `vision_tower`, `language_model`, `vision_entry`
+and `image_features`. ARCHITECTURE.md has the recipe for adding a family.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .compaction import Compacted, assign_rows, compact
+from .layout import EncodedImage, ImageLayout
+
+
+class Adapter(ABC):
+    """A model family's glue. Subclasses set the class attributes, and in `__init__(model)`
+    check the model (raising ValueError for one they cannot patch) and set the instance
+    attributes."""
+
+    model_class: ClassVar[str]  # the generating class it patches, e.g. "LlavaNextForConditionalGeneration"
+    # the keyword inputs of a call that carry its images: the pixels, then each image's geometry
+    # (e.g. ("pixel_values", "image_sizes")); a call with pixels is pruned
+    image_inputs: ClassVar[tuple[str, str]]
+    # other keyword inputs of a call that the vision pass reads (per-call overrides): popped
+    # from the call and handed to `read` and `feed` as `options`; the rest go to the LLM untouched
+    call_options: ClassVar[tuple[str, ...]] = ()
+    signal_kinds: ClassVar[tuple[str, ...]]  # the signals `read` can capture (`tokendrop.scoring`)
+
+    model: nn.Module  # the patched model
+    image_token_id: int  # the prompt's placeholder token: one per visual token the LLM receives
+    n_vision_layers: int  # the vision tower's layers, for methods' layer indices
+    feature_layer: int  # the vision layer whose output the LLM receives (negative: from the end)
+
+    @classmethod
+    @abstractmethod
+    def supports(cls, model: nn.Module) -> bool:
+        """Whether `model` is of this family (read from its config; cheap, never raises)."""
+
+    @abstractmethod
+    def check_images(self, pixel_values, geometry, **options):
+        """The call's per-image `geometry` (the second of `image_inputs`) in the form `layouts`
+        and `encode` take, after checking that `pixel_values` hold every image as the model's
+        processor lays them out: bad input fails here, before the vision pass. ValueError."""
+
+    @abstractmethod
+    def layouts(self, geometry, **options) -> list[ImageLayout]:
+        """Every image's layout, in order: where each of its placeholders' vectors comes from."""
+
+    @abstractmethod
+    def encode(self, pixel_values, geometry, signals: dict[int, str], **options) -> list[EncodedImage]:
+        """One vision pass over the images, capturing `signals` ({layer: kind}): each image's
+        packed vectors (what its placeholders receive, unpruned) and scores."""
+
+    def read(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values,
+        geometry,
+        questions: list[str] | None,
+        signals: dict[int, str],
+        options: dict,
+    ) -> list[EncodedImage]:
+        """Every image of a call, checked against its prompt and encoded (`check_images`,
+        `encode`), with its prompt row, that row's attention mask and the caller's question
+        for that row, in placeholder order. `options`: the call's `call_options` it holds."""
+        geometry = self.check_images(pixel_values, geometry, **options)
+        per_row = (input_ids == self.image_token_id).sum(1).tolist()
+        rows = assign_rows(per_row, [layout.packed_source.numel() for layout in self.layouts(geometry, **options)])
+        images = self.encode(pixel_values, geometry, signals, **options)
+        for image, row in zip(images, rows):
+            image.prompt_row = input_ids[row]
+            image.prompt_mask = None if attention_mask is None else attention_mask[row]
+            image.question = None if questions is None else questions[row]
+        return images
+
+    def feed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        keep_masks: list[torch.Tensor],
+        packed: list[torch.Tensor],
+        pad_side: str,
+        pad_token_id: int,
+        inputs: dict | None = None,
+    ) -> tuple[torch.Tensor, dict, list[torch.Tensor]]:
+        """(shortened input_ids, the LLM's keyword inputs, the vectors each image feeds the LLM):
+        `compaction.compact` of the prompt, image i keeping `packed[i][keep_masks[i]]`, then
+        the family's `llm_inputs`. `inputs`: the call's image inputs and options, by name."""
+        compacted = compact(
+            input_ids,
+            attention_mask,
+            labels,
+            keep_masks,
+            packed,
+            pad_side,
+            pad_token_id,
+            self.image_token_id,
+            self.model.get_input_embeddings(),
+        )
+        return compacted.input_ids, self.llm_inputs(compacted, inputs or {}), compacted.kept
+
+    def llm_inputs(self, compacted: Compacted, inputs: dict) -> dict:
+        """The LLM's keyword inputs for a compacted prompt: `compacted.llm_inputs()` here; a
+        family whose LLM needs more (positions of the kept tokens, say) adds it."""
+        return compacted.llm_inputs()
+
+    @staticmethod
+    def with_image_features(output, kept: list[torch.Tensor]):
+        """A forward's output carrying the vectors the LLM received, where the release's output
+        has a field for them (the unpatched model fills it with every vector)."""
+        if "image_outputs" in getattr(output, "__dataclass_fields__", {}):  # 5.x
+            output["image_outputs"] = BaseModelOutputWithPooling(pooler_output=kept)
+        elif "image_hidden_states" in getattr(output, "__dataclass_fields__", {}):  # 4.x: one tensor
+            output["image_hidden_states"] = torch.cat(kept)
+        return output
+
+    # --- for tools that time or inspect the model ------------------------------------
+
+    @property
+    @abstractmethod
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder."""
+
+    @property
+    @abstractmethod
+    def language_model(self) -> nn.Module:
+        """The decoder the prompt's embeddings go through (its first call is the prefill)."""
+
+    @property
+    @abstractmethod
+    def vision_entry(self) -> tuple[nn.Module, str]:
+        """(module, method name) through which the model runs its whole vision pass, patched
+        or not: the place to time it."""
+
+    @abstractmethod
+    def image_features(self, **inputs) -> list[torch.Tensor]:
+        """The model's own, unpruned vision pass over a call's `image_inputs`: one tensor per
+        image of the vectors its placeholders receive."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a method reads of a model when it is resolved (`Method.resolve`), for where no
+    model is loaded (a vLLM server builds its own): an `Adapter` has the same attributes."""
+
+    model_class: str
+    signal_kinds: tuple[str, ...]
+    image_token_id: int
+    n_vision_layers: int
+    feature_layer: int
+    model: nn.Module | None = None  # none: methods that must read the weights (router) refuse
