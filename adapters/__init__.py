@@ -9,10 +9,14 @@ from tokendrop.registry import Registry
 
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
 
 ADAPTERS = Registry("adapter")
 ADAPTERS.register("llava_next")(LlavaNextAdapter)
 ADAPTERS.register("llava_onevision")(LlavaOnevisionAdapter)
+ADAPTERS.register("qwen2_vl")(Qwen2VLAdapter)
+ADAPTERS.register("qwen2_5_vl")(Qwen2_5_VLAdapter)
+ADAPTERS.register("qwen3_vl")(Qwen3VLAdapter)
 
 
 def adapter_for(model):
@@ -24,4 +28,12 @@ def adapter_for(model):
     raise ValueError(f"tokendrop cannot patch a {type(model).__name__}; supported models: {supported}")
 
 
-__all__ = ["ADAPTERS", "adapter_for", "LlavaNextAdapter", "LlavaOnevisionAdapter"]
+__all__ = [
+    "ADAPTERS",
+    "adapter_for",
+    "LlavaNextAdapter",
+    "LlavaOnevisionAdapter",
+    "Qwen2VLAdapter",
+    "Qwen2_5_VLAdapter",
+    "Qwen3VLAdapter",
+]

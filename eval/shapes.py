@@ -210,8 +210,9 @@ def object_features(layout: ImageLayout, box: tuple) -> torch.Tensor:
     exactly a pinpoint, so the canvas is unpadded and the base view is the whole image."""
     y, x = layout.canvas_yx
     in_base = layout.partition == 0
-    rows = torch.where(in_base, torch.tensor(layout.side), torch.tensor(layout.grid[0] * layout.side))
-    cols = torch.where(in_base, torch.tensor(layout.side), torch.tensor(layout.grid[1] * layout.side))
+    base_rows, base_cols = layout.tile_shape
+    rows = torch.where(in_base, torch.tensor(base_rows), torch.tensor(layout.grid[0] * layout.side))
+    cols = torch.where(in_base, torch.tensor(base_cols), torch.tensor(layout.grid[1] * layout.side))
     height, width = SIZE / rows, SIZE / cols  # image pixels per patch, per token
     x0, y0, x1, y1 = box
     return (y * height < y1) & ((y + 1) * height > y0) & (x * width < x1) & ((x + 1) * width > x0)

@@ -29,6 +29,7 @@ class Compacted:
     labels: torch.Tensor | None  # (B, T'), where the caller gave labels
     inputs_embeds: torch.Tensor  # (B, T', D) the text's embeddings, the kept vectors in their placeholders
     kept: list[torch.Tensor]  # each image's vectors as the LLM receives them
+    keep_masks: list[torch.Tensor]  # each image's (L,) mask over its packed vectors: which it kept
     column: torch.Tensor  # (B, T) each original position's column in the short rows, T' where dropped
 
     def carry(self, values: torch.Tensor, fill) -> torch.Tensor:
@@ -86,7 +87,7 @@ def compact(
         at = row * new_len + ahead + (new_len - rows[row] if pad_side == "left" else 0)
         spans.append(slice(at, at + count))
     inputs_embeds, kept = embed_kept(ids, packed, keep_masks, counts, spans, image_token_id, embedding)
-    return Compacted(ids, mask, labels, inputs_embeds, kept, column)
+    return Compacted(ids, mask, labels, inputs_embeds, kept, keep_masks, column)
 
 
 def embed_kept(ids, packed, keep_masks, counts: list[int], spans: list[slice | None], image_token_id, embedding):

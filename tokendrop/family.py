@@ -23,6 +23,7 @@ and `image_features`. ARCHITECTURE.md has the recipe for adding a family.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,6 +48,7 @@ class Adapter(ABC):
     # from the call and handed to `read` and `feed` as `options`; the rest go to the LLM untouched
     call_options: ClassVar[tuple[str, ...]] = ()
     signal_kinds: ClassVar[tuple[str, ...]]  # the signals `read` can capture (`tokendrop.scoring`)
+    first_release: ClassVar[str] = "4.56"  # the first transformers release the family is patched on
 
     model: nn.Module  # the patched model
     image_token_id: int  # the prompt's placeholder token: one per visual token the LLM receives
@@ -105,11 +107,11 @@ class Adapter(ABC):
         packed: list[torch.Tensor],
         pad_side: str,
         pad_token_id: int,
-        inputs: dict | None = None,
+        request: Request | None = None,
     ) -> tuple[torch.Tensor, dict, list[torch.Tensor]]:
         """(shortened input_ids, the LLM's keyword inputs, the vectors each image feeds the LLM):
         `compaction.compact` of the prompt, image i keeping `packed[i][keep_masks[i]]`, then
-        the family's `llm_inputs`. `inputs`: the call's image inputs and options, by name."""
+        the family's `llm_inputs` for the `request` being pruned (None: a bare prompt)."""
         compacted = compact(
             input_ids,
             attention_mask,
@@ -121,12 +123,21 @@ class Adapter(ABC):
             self.image_token_id,
             self.model.get_input_embeddings(),
         )
-        return compacted.input_ids, self.llm_inputs(compacted, inputs or {}), compacted.kept
+        request = request or Request(input_ids, attention_mask, {}, [])
+        return compacted.input_ids, self.llm_inputs(compacted, request), compacted.kept
 
-    def llm_inputs(self, compacted: Compacted, inputs: dict) -> dict:
-        """The LLM's keyword inputs for a compacted prompt: `compacted.llm_inputs()` here; a
-        family whose LLM needs more (positions of the kept tokens, say) adds it."""
+    def llm_inputs(self, compacted: Compacted, request: Request) -> dict:
+        """The LLM's keyword inputs for a compacted prompt, in the model's own names:
+        `compacted.llm_inputs()` here; a family whose LLM needs more (the positions the kept
+        tokens have in the unpruned prompt, say) adds it."""
         return compacted.llm_inputs()
+
+    def llm_call(self, call: dict, generating: bool) -> AbstractContextManager:
+        """A context around the model's own `generate` (`generating`) or `forward`, whose
+        keyword arguments `call` holds (the caller's and `llm_inputs`): a family whose entry
+        points take an input of `llm_inputs` in another way (recomputing positions from the
+        prompt, say) takes it out of `call` and supplies it there. Nothing here."""
+        return nullcontext()
 
     @staticmethod
     def with_image_features(output, kept: list[torch.Tensor]):
@@ -160,6 +171,17 @@ class Adapter(ABC):
     def image_features(self, **inputs) -> list[torch.Tensor]:
         """The model's own, unpruned vision pass over a call's `image_inputs`: one tensor per
         image of the vectors its placeholders receive."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """The call being pruned, as the family's `llm_inputs` may need it: the unpruned prompt, the
+    call's image inputs and options by name, and its images as encoded."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    inputs: dict
+    images: list[EncodedImage]
 
 
 @dataclass(frozen=True)

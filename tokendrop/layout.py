@@ -1,10 +1,12 @@
-"""Where every visual token of one AnyRes image comes from.
+"""Where every visual token of one image comes from.
 
-An image is P = 1 + n_h * n_w partitions: the base view (the whole image squashed to one
-tile) and the crops of an n_h x n_w grid, each `side x side` patches. The crops form a canvas
-of (n_h * side) x (n_w * side) patches; the model drops canvas rows/columns that are pure
-padding and appends one newline token per remaining row. The *packed* sequence the LLM sees
-is: base tokens, then the unpadded canvas row by row, each row followed by its newline.
+An AnyRes image (LLaVA-NeXT, OneVision) is P = 1 + n_h * n_w partitions: the base view (the
+whole image squashed to one tile) and the crops of an n_h x n_w grid, each `side x side`
+patches. The crops form a canvas of (n_h * side) x (n_w * side) patches; the model drops
+canvas rows/columns that are pure padding and appends one newline token per remaining row.
+The *packed* sequence the LLM sees is: base tokens, then the unpadded canvas row by row, each
+row followed by its newline. A native-resolution image (Qwen-VL) is one partition, the whole
+image, with no crops and no newlines: its "base" tile is its own grid (`base_shape`).
 
 `ImageLayout` is built from `packed_source`, the model's own packing applied to an index
 tensor (see the adapter), so it agrees with the model by construction. Terms used everywhere:
@@ -33,6 +35,13 @@ class ImageLayout:
     # (y0, y1, x0, x1) of the unpadded canvas where the model resamples it (LLaVA-OneVision):
     # packed tokens then stand for their nearest patch, whose extent can fall short of the canvas
     unpadded_box: tuple[int, int, int, int] | None = None
+    # (rows, columns) of the base tile where it is not side x side: an image without crops at
+    # its native resolution (Qwen-VL), whose one partition is its whole token grid
+    base_shape: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.base_shape is not None and self.grid != (0, 0):
+            raise ValueError(f"a layout with a base_shape has no crops, got grid {self.grid}")
 
     def on(self, device: torch.device) -> ImageLayout:
         """This layout with its index tensors on `device`, made once per device: moving a tensor
@@ -54,8 +63,15 @@ class ImageLayout:
         return self
 
     @property
+    def tile_shape(self) -> tuple[int, int]:
+        """(rows, columns) of a partition's tile: the crops' and, unless `base_shape` says
+        otherwise, the base's."""
+        return self.base_shape or (self.side, self.side)
+
+    @property
     def tile(self) -> int:
-        return self.side * self.side
+        rows, columns = self.tile_shape
+        return rows * columns
 
     @property
     def n_partitions(self) -> int:
@@ -147,8 +163,9 @@ class ImageLayout:
         crop = (self.partition - 1).clamp(min=0)
         in_crop = self.partition > 0
         n_w = max(self.grid[1], 1)  # an image without crops (grid (0, 0)) has only base tokens
-        y = self.local // self.side + in_crop * (crop // n_w) * self.side
-        x = self.local % self.side + in_crop * (crop % n_w) * self.side
+        columns = self.tile_shape[1]
+        y = self.local // columns + in_crop * (crop // n_w) * self.side
+        x = self.local % columns + in_crop * (crop % n_w) * self.side
         return y, x
 
     @cached_property
@@ -173,8 +190,8 @@ class ImageLayout:
         s = self.side
         if self.host is not self:
             return self.host.region_weights.to(self.packed_source.device)
-        if y1 == y0:  # no crop shows any content
-            return torch.zeros(n_h * n_w, s * s)
+        if y1 == y0:  # no crop shows any content (or there are no crops)
+            return torch.zeros(n_h * n_w, self.tile)
 
         def overlaps(lo: int, hi: int, start: int, end: int) -> torch.Tensor:
             # crop span [start, end) of the canvas axis, in base units, against base cells [a, a+1)
@@ -206,6 +223,9 @@ class EncodedImage:
     cls: dict[int, torch.Tensor]  # absolute layer -> (P, side**2) fp32 CLS scores, on any device
     n_layers: int  # vision layers, to resolve negative layer indices
     embed: Callable[[torch.Tensor], torch.Tensor]  # token ids -> the LLM's input embeddings
+    # other per-token vectors the LLM receives besides `packed`, each (L, D'), kept with the same
+    # mask (Qwen3-VL's deepstack levels, added to early LLM layers at the token's position)
+    extra: tuple[torch.Tensor, ...] = ()
     prompt_row: torch.Tensor | None = None  # the image's prompt row, as the batch pads it
     prompt_mask: torch.Tensor | None = None  # that row's attention mask (None: no padding)
     question: str | None = None  # the caller's explicit question for that row, if given

@@ -44,7 +44,7 @@ from torch import nn
 from transformers import Cache, GenerationConfig
 
 from .adapters import adapter_for
-from .family import Adapter
+from .family import Adapter, Request
 from .method import Method, build as build_method
 from .method.base import check_signals
 from .pruning import ImageRecord, Selected, select_images
@@ -181,7 +181,7 @@ class Handle:
                 packed,
                 pad_side,
                 self._pad_token_id(),
-                images,
+                Request(input_ids, attention_mask, images, encoded),
             )
         self._last = tuple(selected)
         return compact_ids, llm_inputs, kept_features
@@ -237,7 +237,8 @@ class Handle:
                 call.update(llm_inputs)
             shift = input_ids.shape[1] - compact_ids.shape[1]
             _count_lengths_from_callers_prompt(call, self.model.generation_config, shift)
-            output = generate(compact_ids, **call)
+            with self.adapter.llm_call(call, generating=True):
+                output = generate(compact_ids, **call)
             if shortened is None:
                 _remember_shortened(output, cache, input_ids, compact_ids, call["attention_mask"])
             return _with_original_prompt(output, input_ids, compact_ids.shape[1])
@@ -260,7 +261,10 @@ class Handle:
             images = self._take_images(call)
             input_ids, attention_mask, labels = (call.pop(k, None) for k in ("input_ids", "attention_mask", "labels"))
             _, llm_inputs, kept_features = self.prune(input_ids, attention_mask, labels, images, questions, "right")
-            return self.adapter.with_image_features(forward(**llm_inputs, **call), kept_features)
+            call.update(llm_inputs)
+            with self.adapter.llm_call(call, generating=False):
+                output = forward(**call)
+            return self.adapter.with_image_features(output, kept_features)
 
         return {"generate": patched_generate, "forward": patched_forward}
 

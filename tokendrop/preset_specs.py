@@ -3,8 +3,10 @@ from the builders, and free of torch and transformers, so that the command line 
 presets in its help and check a `--model` before it imports anything heavy.
 
 A spec: `family` (the adapter's name; "llava_next" if absent), `vision` (the vision config's
-sizes), `text_model` ("llama" or "qwen2") and `text` (its sizes), `pinpoints` (AnyRes tile
-grids); a trained preset adds `words` (whole-word tokens), `task` (what it was trained for)
+sizes), `text` (the LLM's sizes); LLaVA families add `text_model` ("llama" or "qwen2") and
+`pinpoints` (AnyRes tile grids), Qwen-VL families `pixels` (the image processor's least and
+most pixels: native resolution within them) and `mrope_section` (the LLM's rotary split over
+t, h, w); a trained preset adds `words` (whole-word tokens), `task` (what it was trained for)
 and `method_options` (defaults for methods run on it).
 """
 
@@ -141,6 +143,86 @@ PRESETS.register("onevision-shape")(
             [1536, 768],
             [1536, 1536],
         ],
+    )
+)
+
+
+# Qwen-VL at test size: 4-pixel patches, so that a 100-pixel image is about 60 LLM tokens;
+# widths of 64 and more, which bitsandbytes' 4-bit CPU kernels need
+TINY_QWEN_TEXT = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+TINY_QWEN_PIXELS = (8 * 8 * 4, 128 * 128)  # at least 4 tokens, at most 256
+PRESETS.register("tiny-qwen2-vl")(
+    dict(
+        family="qwen2_vl",
+        vision=dict(depth=3, embed_dim=64, num_heads=4, mlp_ratio=2, patch_size=4),
+        text=TINY_QWEN_TEXT,
+        mrope_section=[2, 3, 3],
+        pixels=TINY_QWEN_PIXELS,
+    )
+)
+PRESETS.register("tiny-qwen2.5-vl")(
+    dict(
+        family="qwen2_5_vl",
+        # windows of 4 x 4 patches (2 x 2 LLM tokens); blocks 1 and 3 attend over the whole image
+        vision=dict(
+            depth=4,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            patch_size=4,
+            window_size=16,
+            fullatt_block_indexes=[1, 3],
+        ),
+        text=TINY_QWEN_TEXT,
+        mrope_section=[2, 3, 3],
+        pixels=TINY_QWEN_PIXELS,
+    )
+)
+PRESETS.register("tiny-qwen3-vl")(
+    dict(
+        family="qwen3_vl",
+        # blocks 1 and 2 feed the first two LLM layers (deepstack)
+        vision=dict(
+            depth=3,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=4,
+            patch_size=4,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[1, 2],
+        ),
+        text=TINY_QWEN_TEXT | dict(head_dim=16),
+        mrope_section=[2, 3, 3],
+        pixels=TINY_QWEN_PIXELS,
+    )
+)
+PRESETS.register("qwen2.5-vl-7b-shape")(
+    dict(
+        family="qwen2_5_vl",
+        # Qwen2.5-VL-7B-Instruct's dimensions
+        vision=dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            patch_size=14,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+        text=dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            rope_theta=1e6,
+        ),
+        mrope_section=[16, 24, 24],
+        pixels=(56 * 56, 28 * 28 * 1280),  # the model card's default range
+        draw_in_dtype=True,  # 8B parameters: drawn in fp32 they would not fit in memory
     )
 )
 

@@ -80,7 +80,7 @@ def kept_grids(layout, indices) -> tuple[np.ndarray, np.ndarray]:
     kept = torch.zeros(layout.n_features, dtype=torch.bool)
     kept[torch.as_tensor(indices, dtype=torch.long)] = True
     in_base = layout.partition == 0
-    base = np.zeros((layout.side, layout.side), dtype=bool)
+    base = np.zeros(layout.tile_shape, dtype=bool)
     base.flat[layout.local[in_base & kept].numpy()] = True
     y0, y1, x0, x1 = layout.valid_box
     canvas = np.zeros((y1 - y0, x1 - x0), dtype=bool)
@@ -97,7 +97,7 @@ def group_labels(layout, groups) -> tuple[np.ndarray, np.ndarray]:
     for j, group in enumerate(groups):
         label[torch.as_tensor(group, dtype=torch.long)] = j
     in_base = layout.partition == 0
-    base = np.full((layout.side, layout.side), -1)
+    base = np.full(layout.tile_shape, -1)
     base.flat[layout.local[in_base].numpy()] = label[in_base].numpy()
     y0, y1, x0, x1 = layout.valid_box
     canvas = np.full((y1 - y0, x1 - x0), -1)

@@ -7,7 +7,8 @@ keep tokens in descending order while the cumulative p <= gamma, plus one.
 
 Scope: "crops" (SliME's setting) scores and prunes the crop tokens only and keeps the base view
 whole, so `budget` is a fraction (or count) of the crop tokens; "all" prunes every token, on the
-same axis as the other methods.
+same axis as the other methods. An image without crops (Qwen-VL's native resolution, an image
+of a multi-image OneVision prompt) is one view, which either scope prunes whole.
 
 Question tokens of a prompt row, exactly: the text after the row's last `<image>`, decoded
 without special tokens, with the chat template's own text around a user question removed
@@ -86,8 +87,9 @@ class Text(Method):
         questions = self.questions(batch.images)
         # image by image: each image's question differs in length (the scores stay on the device)
         scores = torch.stack([self.scores(image.features, q) for image, q in zip(batch.images, questions)])
-        in_scope = (layout.partition > 0) | (self.scope == "all")
-        n_candidates = sum(layout.sizes[1:]) if self.scope == "crops" else layout.n_features
+        whole = self.scope == "all" or layout.n_partitions == 1  # an image without crops is one view
+        in_scope = (layout.partition > 0) | whole
+        n_candidates = layout.n_features if whole else sum(layout.sizes[1:])
         # candidates first, by descending score (ties: lower index), the tokens out of scope after them
         ranked = torch.sort(-torch.where(in_scope, scores, float("-inf")), dim=-1, stable=True).indices
         if self.threshold is None:
@@ -174,12 +176,19 @@ def image_token(processor) -> str:
 
 def template_affixes(processor) -> tuple[str, str]:
     """The chat template's text between an image and the user's question, and after the
-    question up to the generation prompt; ("", "") without a template."""
+    question up to the generation prompt, without special tokens (as the question is decoded:
+    Qwen's vision and turn markers are special); ("", "") without a template."""
     if getattr(processor, "chat_template", None) is None:
         return "", ""
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": MARKER}]}]
     rendered = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     image_token = getattr(processor, "image_token", "<image>")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(
+        tokenizer.all_special_tokens
+    )
+    for token in sorted(special - {image_token}, key=len, reverse=True):
+        rendered = rendered.replace(token, "")
     before, after = rendered.split(image_token)[-1].split(MARKER)
     return before.strip(), after.strip()
 
