@@ -123,7 +123,8 @@ def add_model_arguments(parser, default=None) -> None:
         "--model",
         default=default,
         required=default is None,
-        help=f"a Hugging Face id or local path of a LLaVA-NeXT checkpoint, or an embedded preset "
+        help=f"a Hugging Face id or local path of a checkpoint of a supported family (LLaVA-NeXT, LLaVA-OneVision, "
+        "Qwen2-VL, Qwen2.5-VL, Qwen3-VL), or an embedded preset "
         f"({', '.join(PRESET_NAMES)}; testbed is trained, the others have random weights)",
     )
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
@@ -490,7 +491,8 @@ def add_show(subcommands) -> None:
     parser = subcommands.add_parser(
         "show",
         help="draw an image with the patches a method keeps highlighted",
-        description="Draw IMAGE twice, base view and crop canvas, kept patches bright and dropped ones dimmed.",
+        description="Draw IMAGE with the patches a method keeps bright and the dropped ones dimmed: the base view "
+        "and the crop canvas of an AnyRes model, the image itself of a native-resolution one (Qwen-VL).",
         formatter_class=Formatter,
     )
     parser.add_argument("image", type=image_file)

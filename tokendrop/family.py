@@ -75,6 +75,12 @@ class Adapter(ABC):
         """One vision pass over the images, capturing `signals` ({layer: kind}): each image's
         packed vectors (what its placeholders receive, unpruned) and scores."""
 
+    def input_layouts(self, inputs) -> list[ImageLayout]:
+        """Each image's layout, from a processor's output (its image inputs and options)."""
+        pixels, geometry = self.image_inputs
+        options = {name: inputs[name] for name in self.call_options if name in inputs}
+        return self.layouts(self.check_images(inputs[pixels], inputs[geometry], **options), **options)
+
     def read(
         self,
         input_ids: torch.Tensor,

@@ -4,15 +4,16 @@ Shared by the command-line tools and the evaluation code."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, BitsAndBytesConfig
 
 from .adapters import ADAPTERS
 from .preset_specs import PRESETS
-from .presets import build_preset, build_processor
+from .presets import QWEN_FAMILIES, QwenPilImageProcessor, build_preset, build_processor
 from .registry import did_you_mean
 
 DTYPES = {
@@ -66,9 +67,31 @@ def load_processor(spec: str):
     if spec in PRESETS.names():
         processor = build_processor(spec)
     else:
-        processor = AutoProcessor.from_pretrained(spec)
+        try:
+            processor = AutoProcessor.from_pretrained(spec)
+        except ImportError as error:  # a Qwen-VL video processor needs torchvision, which a CPU torch may lack
+            processor = images_only_processor(spec, error)
     processor.tokenizer.padding_side = "left"
     return processor
+
+
+def images_only_processor(spec: str, error: ImportError):
+    """A Qwen-VL checkpoint's processor for images alone, built from its tokenizer, its image
+    processor (the PIL one) and its chat template, where the stock one cannot load (its video
+    processor needs torchvision); `error` is raised for any other model."""
+    config = AutoConfig.from_pretrained(spec)
+    if config.model_type not in QWEN_FAMILIES:
+        raise error
+    tokenizer = AutoTokenizer.from_pretrained(spec)
+    template = tokenizer.chat_template
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = Path(spec) / name
+        if template is None and path.is_file():
+            text = path.read_text()
+            template = text if name.endswith(".jinja") else json.loads(text)["chat_template"]
+    return QWEN_FAMILIES[config.model_type][2](
+        image_processor=QwenPilImageProcessor.from_pretrained(spec), tokenizer=tokenizer, chat_template=template
+    )
 
 
 @dataclass(frozen=True)

@@ -220,7 +220,8 @@ def profile(model, processor, images, config: ProfileConfig | None = None) -> li
     rows = [cell.row() for cell in grid]
     add_ratios(rows, model.config.get_text_config())
     if config.out is not None:
-        write(config.out, "profile", rows, provenance(config, model, images=_images_seen(adapter, images)))
+        seen = _images_seen(adapter, processor, images)
+        write(config.out, "profile", rows, provenance(config, model, images=seen))
     return rows
 
 
@@ -252,7 +253,8 @@ def throughput(model, processor, images, config: ThroughputConfig | None = None)
         row["throughput_speedup"] = row["tokens_per_s"] / reference["tokens_per_s"] if both else None
         row["batch_ratio"] = row["batch_size"] / reference["batch_size"] if reference["batch_size"] else None
     if config.out is not None:
-        write(config.out, "throughput", rows, provenance(config, model, images=_images_seen(adapter, images)))
+        seen = _images_seen(adapter, processor, images)
+        write(config.out, "throughput", rows, provenance(config, model, images=seen))
     return rows
 
 
@@ -282,9 +284,14 @@ def _run_grid(model, grid: list[Cell], measure_cell: Callable, name: str, progre
             users_patch.install()  # the user's own handle back in force, as `patched` restores one
 
 
-def _images_seen(adapter, images) -> list[dict]:
+def _images_seen(adapter, processor, images) -> list[dict]:
+    """Each image's size, crop grid ((0, 0) without crops) and visual tokens, as the model sees it."""
+    inputs = processor(
+        images=images, text=[chat_prompt(processor, "")] * len(images), return_tensors="pt", padding=True
+    )
     return [
-        {"size": list(image.size), "grid": list(adapter.layout((image.height, image.width)).grid)} for image in images
+        {"size": list(image.size), "grid": list(layout.grid), "tokens": layout.n_features}
+        for image, layout in zip(images, adapter.input_layouts(inputs))
     ]
 
 

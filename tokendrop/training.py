@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from .adapters import adapter_for
 from .checks import is_int, is_number
+from .family import Request
 from .harness import chat_prompt
 from .method.router import Router, RouterWeights, fingerprint, save_router
 from .patch import patched
@@ -217,6 +218,8 @@ class SelectionTrainer:
         known = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], device=self.model.device)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], 1)
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], known], 1)
+        if "mm_token_type_ids" in inputs:  # a Qwen-VL processor's modality per position: text for the answer
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], 1)
         labels = torch.full_like(inputs["input_ids"], -100)
         labels[:, -width:] = torch.where(known.bool(), ids, -100)
         return inputs, labels, width
@@ -254,24 +257,18 @@ class SelectionTrainer:
     def encode(self, inputs, examples, width):
         """The encoded images, each with its question, and the unpruned model's log
         probabilities at the first answer position (None when the loss does not use them)."""
+        pixels, geometry = self.adapter.image_inputs
+        options = {name: inputs[name] for name in self.adapter.call_options if name in inputs}
         with torch.no_grad():
-            images = self.adapter.encode(inputs["pixel_values"], inputs["image_sizes"], {})
+            checked = self.adapter.check_images(inputs[pixels], inputs[geometry], **options)
+            images = self.adapter.encode(inputs[pixels], checked, {}, **options)
             unpruned = None
             if self.config.loss != "ce":
                 # the rewards' own path (`feed`), every vector kept
                 keep_all = [
                     torch.ones(len(image.packed), dtype=torch.bool, device=image.packed.device) for image in images
                 ]
-                _, llm_inputs, _ = self.adapter.feed(
-                    inputs["input_ids"],
-                    inputs["attention_mask"],
-                    None,
-                    keep_all,
-                    [image.packed for image in images],
-                    "left",
-                    self.pad_token_id,
-                )
-                logits = self.model(**llm_inputs).logits
+                logits = self.pruned_logits(inputs, keep_all, images, 1)
                 unpruned = logits[:, -width - 1].float().log_softmax(-1)
         for image, example in zip(images, examples):
             image.question = example.question
@@ -294,24 +291,39 @@ class SelectionTrainer:
 
     @staticmethod
     def keep(image, chosen: torch.Tensor, keep_masks: list, kept: list) -> None:
-        """Append the packed keep mask of `chosen` feature indices and the vectors it selects from."""
+        """Append the packed keep mask of `chosen` feature indices and the image it selects from."""
         keep_masks.append(packed_keep_mask(image.layout, torch.sort(chosen).values, "rows"))
-        kept.append(image.packed)
+        kept.append(image)
+
+    def pruned_logits(self, inputs, keep_masks, images, repeat: int) -> torch.Tensor:
+        """The model's logits on the prompts (each repeated `repeat` times: one image per prompt,
+        so the images and their inputs too) with image i keeping `keep_masks[i]`, through the
+        path a patched forward takes (`feed`, the family's `llm_call`)."""
+        repeated = {name: value.repeat_interleave(repeat, 0) for name, value in inputs.items()}
+        names = (*self.adapter.image_inputs, *self.adapter.call_options)
+        request = Request(
+            repeated["input_ids"], repeated["attention_mask"], {n: repeated[n] for n in names if n in repeated}, images
+        )
+        _, llm_inputs, _ = self.adapter.feed(
+            request.input_ids,
+            request.attention_mask,
+            None,
+            keep_masks,
+            [image.packed for image in images],
+            "left",
+            self.pad_token_id,
+            request,
+        )
+        with self.adapter.llm_call(llm_inputs, generating=False):
+            return self.model(**llm_inputs).logits
 
     def rewards(self, inputs, labels, width, keep_masks, kept, unpruned, repeat: int) -> torch.Tensor:
-        """(B * repeat,) reward of every selection, in (prompt, selection) order."""
+        """(B * repeat,) reward of every selection, in (prompt, selection) order; `kept`: the
+        image each selection keeps from."""
         with torch.no_grad():
-            _, llm_inputs, _ = self.adapter.feed(
-                inputs["input_ids"].repeat_interleave(repeat, 0),
-                inputs["attention_mask"].repeat_interleave(repeat, 0),
-                None if labels is None else labels.repeat_interleave(repeat, 0),
-                keep_masks,
-                kept,
-                "left",
-                self.pad_token_id,
-            )
-            targets = llm_inputs.pop("labels", None)
-            logits = self.model(**llm_inputs).logits.float()
+            # the answer ends every row, whatever was dropped before it: its labels are the prompt's own
+            targets = None if labels is None else labels.repeat_interleave(repeat, 0)
+            logits = self.pruned_logits(inputs, keep_masks, kept, repeat).float()
             reward = torch.zeros(logits.shape[0], device=logits.device)
             if unpruned is not None:
                 teacher = unpruned.repeat_interleave(repeat, 0)

@@ -42,13 +42,16 @@ def show(
     with patched(model, method, budget=budget, processor=processor, **options) as handle, torch.no_grad():
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
     record = handle.last[0]
-    layout = handle.adapter.layout(inputs["image_sizes"][0].tolist())
+    (layout,) = handle.adapter.input_layouts(inputs)
     base, canvas = kept_grids(layout, record.indices)
     labels = (None, None) if record.groups is None else group_labels(layout, record.groups)
 
-    figure = Figure(figsize=(12, 5.5), layout="tight")
-    axes = figure.subplots(1, 2)
-    for ax, grid, label, name in ((axes[0], base, labels[0], "base view"), (axes[1], canvas, labels[1], "crop canvas")):
+    panels = [(base, labels[0], "base view"), (canvas, labels[1], "crop canvas")]
+    if layout.n_partitions == 1:  # no crops: the image at its own resolution (Qwen-VL), or a base view alone
+        panels = [(base, labels[0], "image" if layout.base_shape else "base view")]
+    figure = Figure(figsize=(max(10, 6 * len(panels)), 5.5), layout="tight")
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (grid, label, name) in zip(axes, panels):
         ax.imshow(dimmed(image, grid, None if label is None else label >= 0))
         kept = int(grid.sum())
         title = f"{name}: {kept}/{grid.size} patches kept ({grid.shape[0]}x{grid.shape[1]} grid)"
