@@ -1,5 +1,5 @@
 """Baseline "base": the base view only, every crop dropped. It asks whether the crops carry
-anything at all.
+anything at all. An image without crops (Qwen-VL) is its own base view: it ranks as `cls`.
 
 Budgets: k = the budget's count of the image's N tokens. k <= the base view's size keeps the
 base's top k by CLS attention at the feature layer (exactly k); a larger k keeps the base

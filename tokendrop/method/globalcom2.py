@@ -8,6 +8,9 @@ probabilities would make the crop shares below near-uniform. With R the kept fra
   proportion to r_j * N_j (N_j its unpadded tokens), exactly;
 - inside crop j: its own logits and the base score map bilinearly resized to the unpadded
   canvas, each L2-normalised over the crop's tokens, added; top tokens by that sum.
+An image without crops (Qwen-VL's native resolution, an image of a multi-image OneVision
+prompt) is its one view: it keeps that view's top tokens by its own score (CLS-free towers:
+-cos to the mean token, the paper's SigLIP score), the whole budget.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """HiRED (Arif et al., AAAI-25): split the budget between the base view and the crops, give
 each crop a share proportional to the base's early-layer CLS attention over the crop's region
 (paper Eq. 1), then keep each partition's top tokens by CLS attention at the feature layer.
+An image without crops (Qwen-VL's native resolution, an image of a multi-image OneVision
+prompt) has no crop shares to allocate: its one view keeps the whole budget, its top tokens
+by the selection signal (CLS-free towers: the attention each token receives).
 
 `allocation="count"` reproduces the reference code's crop shares instead: a crop's weight is how
 many of the base's top floor(tile * (1 - alpha)) patches by the allocation signal fall in its
