@@ -109,3 +109,48 @@ def test_text_bad_options(tiny, kwargs, message):
     options = dict(processor=processor) | kwargs if "needs" not in message else kwargs
     with pytest.raises(ValueError, match=message):
         tokendrop.patch(model, "text", **options)
+
+
+# --- multi-turn chats: the latest user turn drives the selection ---------------------------
+
+
+def conversation(processor, first: str, answer: str, second: str) -> str:
+    turns = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": first}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        {"role": "user", "content": [{"type": "text", "text": second}]},
+    ]
+    return processor.apply_chat_template(turns, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2.5-vl"])
+def test_the_latest_user_turn_is_the_question(preset):
+    from tokendrop.method.text import Template
+    from tokendrop.presets import build_processor
+
+    processor = build_processor(preset)
+    template = Template.of(processor)
+    image_token = processor.image_token
+    for first, second in [("What colour is the triangle?", "And the circle?"), ("Describe it.", "Why?")]:
+        text = conversation(processor, first, "red", second).split(image_token)[-1]
+        ids = processor.tokenizer(text, add_special_tokens=False).input_ids
+        assert template.question(processor.tokenizer.decode(ids)) == second
+        single = prompt(processor, first).split(image_token)[-1]
+        assert template.question(processor.tokenizer.decode(processor.tokenizer(single).input_ids)) == first
+
+
+@pytest.mark.parametrize("method, options", [("text", {}), ("router", {}), ("dpp", {"relevance": "text"})])
+def test_a_second_turn_selects_as_its_question_alone(tiny, images, method, options):
+    """A two-turn chat (the image and a question, an answer, another question) keeps exactly
+    the tokens the second question keeps in a chat of its own."""
+    model, processor = tiny
+    image = images["square"]
+    chat = conversation(processor, "What is red?", "a square", "Where is the small blue square?")
+    alone = prompt(processor, "Where is the small blue square?")
+    with tokendrop.patched(model, method, budget=0.3, processor=processor, **options) as handle:
+        greedy(model, processor(images=[image], text=[chat], return_tensors="pt"), n=1)
+        kept = handle.last[0].indices
+        greedy(model, processor(images=[image], text=[alone], return_tensors="pt"), n=1)
+        assert kept == handle.last[0].indices
+        greedy(model, processor(images=[image], text=[prompt(processor, "What is red?")], return_tensors="pt"), n=1)
+        assert kept != handle.last[0].indices  # the first question alone keeps others: the rule mattered

@@ -187,7 +187,7 @@ class SelectionTrainer:
         self.model, self.processor, self.config = model, processor, config
         self.adapter = adapter_for(model)
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        # the question rule (template affixes, image token) exactly as the method applies it
+        # the question rule (the chat template's parts, image token) exactly as the method applies it
         self.question_rule = Router(processor=processor, scope=config.scope)
         self.pad_token_id = self.tokenizer.pad_token_id or 0
 

@@ -10,15 +10,19 @@ whole, so `budget` is a fraction (or count) of the crop tokens; "all" prunes eve
 same axis as the other methods. An image without crops (Qwen-VL's native resolution, an image
 of a multi-image OneVision prompt) is one view, which either scope prunes whole.
 
-Question tokens of a prompt row, exactly: the text after the row's last `<image>`, decoded
-without special tokens, with the chat template's own text around a user question removed
-(learned by rendering `processor`'s chat template around a marker), then re-tokenised and
-stripped of special tokens. Where that rule cannot tell, pass the question text explicitly:
-`model.generate(**inputs, questions=["...", ...])`, one per prompt row.
+Question tokens of a prompt row, exactly: the text after the row's last `<image>`, decoded;
+in it the latest user question, where the chat template's own text puts it (learned by
+rendering `processor`'s chat template around markers: after the last user turn that follows
+an answer, else after the image's own turn, and up to the generation prompt), cleared of
+special tokens, then re-tokenised and stripped of special tokens. So in a multi-turn chat the
+question of the turn being answered selects, not every turn since the image. Where that rule
+cannot tell, pass the question text explicitly: `model.generate(**inputs, questions=["...",
+...])`, one per prompt row.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -31,7 +35,62 @@ from ..layout import EncodedImage, ImageBatch
 from ..selection import keep_count
 from .base import Method, ProcessorNeeded, register
 
-MARKER = "\u2063QUESTION\u2063"
+# stand-ins for a conversation's texts, to find where the chat template puts them
+MARKERS = tuple(f"\u2063{word}\u2063" for word in ("FIRST", "ANSWER", "SECOND"))
+
+
+@dataclass(frozen=True)
+class Template:
+    """Where the question stands in the chat template's text after a prompt's last image, in
+    the template's own text (special tokens included): after `before` in the image's turn, or
+    after the last `turn` (the end of an assistant's answer and the start of the next user
+    turn) in a conversation that went on, and up to `after` (the generation prompt).
+    `special`: the tokenizer's special tokens, which the question is cleared of."""
+
+    before: str = ""
+    after: str = ""
+    turn: str = ""
+    special: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, processor) -> Template:
+        """Learned by rendering `processor`'s chat template around markers: a user turn with an
+        image and a question, an answer, and a second question. No template: the whole text."""
+        tokenizer = getattr(processor, "tokenizer", processor)
+        special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        special = frozenset(special | set(tokenizer.all_special_tokens))
+        if getattr(processor, "chat_template", None) is None:
+            return cls(special=special)
+        first, answer, second = MARKERS
+        conversation = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": first}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            {"role": "user", "content": [{"type": "text", "text": second}]},
+        ]
+        rendered = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        after_image = rendered.split(getattr(processor, "image_token", "<image>"))[-1]
+        before, rest = after_image.split(first)
+        turn, after = rest.split(answer)[1].split(second)
+        return cls(before.strip(), after.strip(), turn.strip(), special)
+
+    def question(self, text: str) -> str:
+        """The latest user question in `text`, the decoded tokens after a prompt's last image."""
+        turns = list(loose(self.turn).finditer(text)) if self.turn else []
+        if turns:
+            text = text[turns[-1].end() :]
+        elif self.before and (start := loose(self.before).match(text.strip())):
+            text = text.strip()[start.end() :]
+        if self.after and (end := re.search(loose(self.after).pattern + r"\s*$", text)):
+            text = text[: end.start()]
+        for token in sorted(self.special, key=len, reverse=True):
+            text = text.replace(token, "")
+        return text.strip()
+
+
+def loose(text: str) -> re.Pattern:
+    """`text` as a pattern that any whitespace matches between its words: tokenizers decode
+    the spaces around special tokens in their own ways."""
+    return re.compile(r"\s*".join(re.escape(word) for word in text.split()))
 
 
 @register("text")
@@ -41,7 +100,7 @@ class Text(Method):
     scope: str = "crops"  # "crops": base view kept whole; "all": every token scored
     processor: object = field(default=None, repr=False)  # the model's processor (or tokenizer)
     # read from the processor once, at patch time
-    affixes: tuple[str, str] = field(init=False, repr=False, default=("", ""))
+    template: Template = field(init=False, repr=False, default=Template())
     image_token_id: int = field(init=False, repr=False, default=-1)
 
     def __post_init__(self):
@@ -65,7 +124,7 @@ class Text(Method):
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(token)
         if self.image_token_id in (None, self.tokenizer.unk_token_id):
             raise ValueError(f"processor= has no image token {token!r}: pass the patched model's own processor")
-        self.affixes = template_affixes(self.processor)
+        self.template = Template.of(self.processor)
 
     def resolve(self, adapter) -> Text:
         if self.image_token_id != adapter.image_token_id:
@@ -125,9 +184,7 @@ class Text(Method):
         tokenizer = self.tokenizer
         prompts = iter(read_questions([image for image in images if image.question is None], self.image_token_id))
         texts = [
-            image.question
-            if image.question is not None
-            else strip_template(tokenizer.decode(next(prompts), skip_special_tokens=True), self.affixes)
+            image.question if image.question is not None else self.template.question(tokenizer.decode(next(prompts)))
             for image in images
         ]
         special = set(tokenizer.all_special_ids)
@@ -172,32 +229,3 @@ def cosine_scores(visual: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
 def image_token(processor) -> str:
     tokenizer = getattr(processor, "tokenizer", processor)
     return getattr(processor, "image_token", None) or getattr(tokenizer, "image_token", None) or "<image>"
-
-
-def template_affixes(processor) -> tuple[str, str]:
-    """The chat template's text between an image and the user's question, and after the
-    question up to the generation prompt, without special tokens (as the question is decoded:
-    Qwen's vision and turn markers are special); ("", "") without a template."""
-    if getattr(processor, "chat_template", None) is None:
-        return "", ""
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": MARKER}]}]
-    rendered = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    image_token = getattr(processor, "image_token", "<image>")
-    tokenizer = getattr(processor, "tokenizer", processor)
-    special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special} | set(
-        tokenizer.all_special_tokens
-    )
-    for token in sorted(special - {image_token}, key=len, reverse=True):
-        rendered = rendered.replace(token, "")
-    before, after = rendered.split(image_token)[-1].split(MARKER)
-    return before.strip(), after.strip()
-
-
-def strip_template(text: str, affixes: tuple[str, str]) -> str:
-    before, after = affixes
-    text = text.strip()
-    if before and text.startswith(before):
-        text = text[len(before) :].strip()
-    if after and text.endswith(after):
-        text = text[: -len(after)].strip()
-    return text
