@@ -78,7 +78,12 @@ class LlavaNextAdapter(Adapter):
         cls.check_config(config)
         n_layers = config.vision_config.num_hidden_layers
         return ModelFacts(
-            cls.model_class, cls.signal_kinds, config.image_token_id, n_layers, feature_layer_of(config, n_layers)
+            cls.model_class,
+            cls.signal_kinds,
+            config.image_token_id,
+            n_layers,
+            feature_layer_of(config, n_layers),
+            config,
         )
 
     def __init__(self, model):

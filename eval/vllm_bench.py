@@ -1,14 +1,18 @@
-"""The testbed under vLLM: stock vLLM against the tokendrop plugin, accuracy and requests/s.
+"""The testbed under vLLM: stock vLLM against the tokendrop plugin, for every method the
+plugin serves at every budget: accuracy, agreement with the HF patch, requests/s.
 
-    python -m tokendrop.eval.vllm_bench --n 200 --budgets 0.25 0.1 --out runs/vllm_testbed.json
+    python -m tokendrop.eval.vllm_bench --n 200 --budgets 0.25 0.1 0.05 --out runs/vllm_testbed.json
 
-Runs in a venv with vLLM (`make .venv-vllm/.ready`). Each configuration gets its own engine
-(offline `LLM`, in-process, eager, fp32, a small KV cache) on the trained testbed model saved
-to a local directory; all requests of a configuration go to `generate` at once, so requests/s
-is the engine's offline throughput (preprocessing, vision, prefill and 3 greedy decode steps)
-on this machine's CPU: every engine is built first, then they are timed in turns and the
-median call counts, so that load from other processes falls on each alike. The HF-patched
-answers at each budget are recorded beside, so the agreement of the two engines is measured on the same samples.
+Runs in a venv with vLLM (`make vllm`). Two engines (offline `LLM`, in-process, eager, fp32, a
+small KV cache) on the trained testbed model saved to a local directory: stock vLLM, and the
+plugin, whose server method is globalcom2 (the deepest-scoring method, so that its tower serves
+every other) while each configuration's requests choose theirs (`mm_processor_kwargs`). All
+requests of a configuration go to `generate` at once, so requests/s is the engine's offline
+throughput (preprocessing, vision, prefill and 3 greedy decode steps) on this machine's CPU;
+configurations are timed in turns and the median call counts, so that load from other
+processes falls on each alike, on fresh images every round (caches off besides). The
+HF-patched answers of each configuration are recorded beside, so the agreement of the two
+engines is measured on the same samples.
 """
 
 from __future__ import annotations
@@ -79,20 +83,24 @@ def engine(path, tokendrop: dict | None = None, max_num_seqs: int = 16, **settin
     return LLM(**options)
 
 
-def requests(processor, samples) -> list[dict]:
+def requests(processor, samples, tokendrop: dict | None = None) -> list[dict]:
+    """vLLM prompts of `samples`, each with the request options `tokendrop` where given."""
+    options = {} if tokendrop is None else {"mm_processor_kwargs": {"tokendrop": tokendrop}}
     return [
-        {"prompt": chat_prompt(processor, s["question"]), "multi_modal_data": {"image": s["image"]}} for s in samples
+        {"prompt": chat_prompt(processor, s["question"]), "multi_modal_data": {"image": s["image"]}} | options
+        for s in samples
     ]
 
 
-def answer(llm, processor, samples, cpu: list | None = None) -> tuple[list[str], list, float]:
-    """(answers, vLLM's outputs, seconds) for `samples`, greedy, all submitted at once; the
-    process's CPU seconds (all threads: the engine runs in-process) are appended to `cpu`."""
+def answer(llm, processor, samples, cpu: list | None = None, tokendrop: dict | None = None):
+    """(answers, vLLM's outputs, seconds) for `samples`, greedy, all submitted at once, with the
+    request options `tokendrop` where given; the process's CPU seconds (all threads: the engine
+    runs in-process) are appended to `cpu`."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, skip_special_tokens=True)
     start, start_cpu = time.perf_counter(), time.process_time()
-    outputs = llm.generate(requests(processor, samples), params, use_tqdm=False)
+    outputs = llm.generate(requests(processor, samples, tokendrop), params, use_tqdm=False)
     seconds = time.perf_counter() - start
     if cpu is not None:
         cpu.append(time.process_time() - start_cpu)
@@ -113,7 +121,7 @@ def hf_answers(
                 model, processor, [[s["image"]] for s in batch], [s["question"] for s in batch], MAX_NEW_TOKENS
             )
             continue
-        with tokendrop.patched(model, method, budget=budget, **options) as handle:
+        with tokendrop.patched(model, method, budget=budget, processor=processor, **options) as handle:
             answers += generate_answers(
                 model, processor, [[s["image"]] for s in batch], [s["question"] for s in batch], MAX_NEW_TOKENS
             )
@@ -128,13 +136,16 @@ def accuracy(answers, samples) -> float:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="shapes test samples")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.1])
-    parser.add_argument("--method", default="hired")
-    parser.add_argument("--repeats", type=int, default=5, help="timed generate calls per configuration, in turns")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.1, 0.05])
+    parser.add_argument("--methods", nargs="+", help="methods served (default: every registered method)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generate calls per configuration, in turns")
     parser.add_argument("--model-dir", default="runs/vllm_testbed_model")
     parser.add_argument("--out", default="runs/vllm_testbed.json")
     args = parser.parse_args(argv)
 
+    from tokendrop.harness import text_table
+    from tokendrop.method import METHODS
+    from tokendrop.preset_specs import with_preset_defaults
     from tokendrop.presets import build_preset
 
     torch.manual_seed(0)
@@ -145,28 +156,26 @@ def main(argv=None) -> dict:
     rounds = list(shapes_samples("test", args.n * args.repeats))
     rounds = [rounds[r * args.n : (r + 1) * args.n] for r in range(args.repeats)]
     samples = rounds[0]
-    options = {"newlines": "all"}  # the plugin's default: a count known before the tower runs
-    configs = [("stock", None, 1.0)] + [(f"{args.method}@{b}", args.method, b) for b in args.budgets]
-    # every engine at once, timed in turns (one generate call of all samples each), so that
-    # other load on the machine falls on every configuration alike; the median call counts
+    methods = args.methods or METHODS.names()
+    defaults = with_preset_defaults("testbed", methods, {})  # the router trained for the testbed
+    configs = [("stock", None, 1.0)] + [(f"{m}@{b}", m, b) for m in methods for b in args.budgets]
+    uncached = dict(enable_prefix_caching=False, mm_processor_cache_gb=0)
     engines = {
-        name: engine(
-            path,
-            None if method is None else {"method": method, "budget": budget, **options},
-            enable_prefix_caching=False,
-            mm_processor_cache_gb=0,
-        )
-        for name, method, budget in configs
+        "stock": engine(path, None, **uncached),
+        "plugin": engine(path, {"method": "globalcom2", "budget": args.budgets[0]}, **uncached),
     }
-    timings: dict[str, list[float]] = {name: [] for name in engines}
-    cpu: dict[str, list[float]] = {name: [] for name in engines}
+    timings = {name: [] for name, _, _ in configs}
+    cpu = {name: [] for name, _, _ in configs}
     outputs: dict[str, tuple] = {}
     warm_up = list(shapes_samples("validation", 4))
     for llm in engines.values():
         answer(llm, processor, warm_up)
     for r, batch in enumerate(rounds):
-        for name, llm in engines.items():
-            answers, outs, seconds = answer(llm, processor, batch, cpu[name])
+        for name, method, budget in configs:
+            asked = None if method is None else {"method": method, "budget": budget, **defaults.get(method, {})}
+            answers, outs, seconds = answer(
+                engines["stock" if method is None else "plugin"], processor, batch, cpu[name], asked
+            )
             timings[name].append(seconds)
             if r == 0:
                 outputs[name] = (answers, outs)
@@ -175,13 +184,14 @@ def main(argv=None) -> dict:
     results = []
     for name, method, budget in configs:
         answers, outs = outputs[name]
+        options = {"newlines": "all", **defaults.get(method, {})} if method else {}  # the plugin's default
         hf, _ = hf_answers(model, processor, samples, method, budget, options)
         results.append(
             dict(
                 config=name,
                 method=method,
                 budget=budget,
-                options=options if method else {},
+                options=options,
                 accuracy_vllm=accuracy(answers, samples),
                 accuracy_hf=accuracy(hf, samples),
                 agreement_with_hf=100 * sum(a == b for a, b in zip(answers, hf)) / len(samples),
@@ -194,6 +204,14 @@ def main(argv=None) -> dict:
             )
         )
         print(json.dumps(results[-1]), flush=True)
+    stock = results[0]["requests_per_s"]
+    rows = [
+        [r["config"], f"{r['accuracy_vllm']:.1f}", f"{r['accuracy_hf']:.1f}", f"{r['agreement_with_hf']:.1f}",
+         f"{r['requests_per_s']:.2f}", f"{r['requests_per_s'] / stock:.2f}", f"{r['mean_prompt_tokens']:.0f}"]
+        for r in results
+    ]  # fmt: skip
+    headers = ["config", "vLLM acc %", "HF acc %", "agree %", "req/s", "x stock", "prompt tokens"]
+    print(text_table(headers, rows, title=f"shapes test, {args.n} samples, vLLM plugin against HF patch"))
     import transformers
     import vllm
 
@@ -210,6 +228,8 @@ def main(argv=None) -> dict:
             in_process=True,
             enable_prefix_caching=False,
             mm_processor_cache_gb=0,
+            server_method="globalcom2",
+            per_request_options=True,
             timed_rounds=args.repeats,
             samples_per_round=args.n,
         ),

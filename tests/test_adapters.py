@@ -158,3 +158,16 @@ def test_methods_read_what_they_declare(tiny, name, options):
     for part in reads:  # and it reads each part it declares
         with pytest.raises((Unread, ValueError)):
             method.select(withheld(image, reads - {part}))
+
+
+@pytest.mark.parametrize("name, options", [v for v in VARIANTS if "threshold" not in v[1]], ids=str)
+@pytest.mark.parametrize("budget", [0.3, 1.0, 5])
+def test_methods_keep_the_count_they_declare(tiny, batch, name, options, budget):
+    """`Method.kept_count`, which a server writes placeholder counts from before any score, is
+    what the method keeps, image by image (three AnyRes grids, padded canvases)."""
+    model, processor = tiny
+    with tokendrop.patched(model, name, processor=processor, **({"budget": budget} | options)) as handle:
+        with torch.no_grad():
+            model(**batch)
+        layouts = handle.adapter.input_layouts(batch)
+        assert [handle.method.kept_count(layout) for layout in layouts] == [r.n_kept for r in handle.last]

@@ -55,6 +55,11 @@ class Adapter(ABC):
     n_vision_layers: int  # the vision tower's layers, for methods' layer indices
     feature_layer: int  # the vision layer whose output the LLM receives (negative: from the end)
 
+    @property
+    def config(self):
+        """The model's (transformers) config."""
+        return self.model.config
+
     @classmethod
     @abstractmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -200,4 +205,5 @@ class ModelFacts:
     image_token_id: int
     n_vision_layers: int
     feature_layer: int
-    model: nn.Module | None = None  # none: methods that must read the weights (router) refuse
+    config: object  # the model's (transformers) config
+    model: nn.Module | None = None  # none at hand: the router checks a saved router by sizes only

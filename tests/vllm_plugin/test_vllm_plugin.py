@@ -298,3 +298,107 @@ def test_deeper_tower_for_scores_leaves_the_llm_input_as_stock(tmp_path):
     ours = run(path, processor, {"method": "globalcom2", "budget": 1.0}, {"mixed": batch})["mixed"][1]
     assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in stock_out]
     assert [len(o.prompt_token_ids) for o in ours] == [len(o.prompt_token_ids) for o in stock_out]
+
+
+# --- question-aware methods, per-request options, multi-turn chats -----------------------------
+
+
+QUESTIONS = ["What colour is the circle?", "What colour is the square?"]
+
+
+@pytest.fixture(scope="module")
+def router_engine(model_dir):
+    """The trained router at 0.1 as the server's method, every cache on (vLLM's defaults)."""
+    llm = engine(model_dir, {"method": "router", "budget": 0.1, "router": "testbed"})
+    yield llm
+    del llm
+    gc.collect()
+
+
+def served(llm, processor, requests: list[dict], tmp_path) -> tuple[list[dict], list]:
+    """(the records of the images whose vision pass ran, vLLM's outputs) of one generate call
+    with `requests` ({image, question or prompt, mm_processor_kwargs?})."""
+    from vllm import SamplingParams
+
+    record = tmp_path / f"record-{len(list(tmp_path.iterdir()))}.jsonl"
+    os.environ[vllm_plugin.RECORD_ENV] = str(record)
+    try:
+        prompts = [
+            {
+                "prompt": r.get("prompt") or chat_prompt(processor, r["question"]),
+                "multi_modal_data": {"image": r["image"]},
+            }
+            | ({"mm_processor_kwargs": r["mm_processor_kwargs"]} if "mm_processor_kwargs" in r else {})
+            for r in requests
+        ]
+        outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
+    finally:
+        os.environ.pop(vllm_plugin.RECORD_ENV, None)
+    return ([json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []), outputs
+
+
+def hf_kept(testbed, image, question, method="router", budget=0.1, **options) -> list[int]:
+    model, processor = testbed
+    options = {"router": "testbed"} if method == "router" else options
+    inputs = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt")
+    with tokendrop.patched(model, method, budget=budget, processor=processor, newlines="all", **options) as handle:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    return handle.last[0].indices
+
+
+def test_two_questions_one_image_get_their_own_selections_with_caches_on(router_engine, testbed, samples, tmp_path):
+    """The same image with another question is another cache entry: its selection is computed,
+    and it is the one the HF patch makes for that question; the same question again is served
+    from the cache."""
+    processor, image = testbed[1], samples[0]["image"]
+    first, out_first = served(router_engine, processor, [dict(image=image, question=QUESTIONS[0])], tmp_path)
+    second, _ = served(router_engine, processor, [dict(image=image, question=QUESTIONS[1])], tmp_path)
+    again, out_again = served(router_engine, processor, [dict(image=image, question=QUESTIONS[0])], tmp_path)
+    assert [r["indices"] for r in first] == [hf_kept(testbed, image, QUESTIONS[0])]
+    assert [r["indices"] for r in second] == [hf_kept(testbed, image, QUESTIONS[1])]
+    assert first[0]["indices"] != second[0]["indices"]
+    assert again == [] and out_again[0].outputs[0].token_ids == out_first[0].outputs[0].token_ids
+    image = samples[1]["image"]  # both questions in one batch
+    together, _ = served(router_engine, processor, [dict(image=image, question=q) for q in QUESTIONS], tmp_path)
+    assert sorted(r["indices"] for r in together) == sorted(hf_kept(testbed, image, q) for q in QUESTIONS)
+
+
+def test_per_request_options_in_one_batch(router_engine, testbed, samples, tmp_path):
+    """A request's mm_processor_kwargs change its budget, or its method; the batch mixes them,
+    each image's prompt holds its own count, and each selection is the HF patch's."""
+    processor, image = testbed[1], samples[2]["image"]
+    requests = [
+        dict(image=image, question=QUESTIONS[0], mm_processor_kwargs={"tokendrop": {"budget": 0.05}}),
+        dict(image=image, question=QUESTIONS[0]),
+        dict(
+            image=image, question=QUESTIONS[0], mm_processor_kwargs={"tokendrop": {"method": "hired", "budget": 0.25}}
+        ),
+    ]
+    records, outputs = served(router_engine, processor, requests, tmp_path)
+    assert sorted((r["method"], r["budget"], r["n_kept"]) for r in records) == sorted(
+        [("router", 0.05, 9), ("router", 0.1, 18), ("hired", 0.25, 45)]
+    )
+    lengths = [len(o.prompt_token_ids) for o in outputs]
+    assert lengths[0] - lengths[1] == 9 - 18 and lengths[2] - lengths[1] == 45 - 18
+    by_method = {(r["method"], r["budget"]): r["indices"] for r in records}
+    assert by_method[("hired", 0.25)] == hf_kept(testbed, image, QUESTIONS[0], "hired", 0.25)
+    assert by_method[("router", 0.05)] == hf_kept(testbed, image, QUESTIONS[0], budget=0.05)
+    with pytest.raises(ValueError, match="tokendrop"):
+        served(
+            router_engine,
+            processor,
+            [dict(image=image, question="?", mm_processor_kwargs={"tokendrop": "{"})],
+            tmp_path,
+        )
+
+
+def test_a_second_turn_selects_as_its_question_alone(router_engine, testbed, samples, tmp_path):
+    processor, image = testbed[1], samples[3]["image"]
+    turns = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "user", "content": [{"type": "text", "text": QUESTIONS[1]}]},
+    ]
+    chat = processor.apply_chat_template(turns, add_generation_prompt=True)
+    (record,), _ = served(router_engine, processor, [dict(image=image, prompt=chat)], tmp_path)
+    assert record["indices"] == hf_kept(testbed, image, QUESTIONS[1])

@@ -20,9 +20,9 @@ from typing import ClassVar
 import torch
 
 from ..checks import check_choice
-from ..layout import EncodedImage, ImageBatch
+from ..layout import EncodedImage, ImageBatch, ImageLayout
 from ..registry import Registry, did_you_mean
-from ..selection import NEWLINE_POLICIES, Grouping, check_budget, feature_mask
+from ..selection import NEWLINE_POLICIES, Grouping, check_budget, feature_mask, keep_count
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +108,12 @@ class Method:
     def signals(self) -> dict[int, str]:
         """CLS scores the vision pass must capture: {layer: "probs" | "logits"}."""
         return {}
+
+    def kept_count(self, layout: ImageLayout) -> int:
+        """How many feature tokens a selection keeps of an image of `layout`, known before any
+        score is (a server writes placeholder counts from it): the budget's count here. A
+        test checks it against what every method keeps."""
+        return keep_count(self.budget, layout.n_features)
 
     def reads(self) -> frozenset[str]:
         """What selection reads of an image besides its layout (`READS`): "scores", the

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import ImageBatch
+from ..layout import ImageBatch, ImageLayout
 from ..selection import keep_count, top_k_per_tile
 from .base import register
 from .cls import CLS
@@ -23,6 +23,10 @@ from .cls import CLS
 @dataclass
 class BaseView(CLS):
     """`cls` restricted to the base view: the same option and signal, another candidate set."""
+
+    def kept_count(self, layout: ImageLayout) -> int:
+        k = keep_count(self.budget, layout.n_features)
+        return k if k >= layout.n_features else min(k, layout.sizes[0])
 
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:
         layout = batch.layout

@@ -78,6 +78,20 @@ def fingerprint(model) -> dict:
     )
 
 
+def sizes_mismatch(saved: dict, config) -> str | None:
+    """Why a router saved for `saved` does not fit a model of `config`, from the sizes alone
+    (where the model's weights are not at hand to compare: a vLLM server's)."""
+    current = dict(
+        model_type=config.model_type,
+        text_hidden_size=config.get_text_config().hidden_size,
+        vision_hidden_size=config.vision_config.hidden_size,
+    )
+    for key, value in current.items():
+        if saved.get(key) != value:
+            return f"{key} is {saved.get(key)!r} in the router, {value!r} in this model"
+    return None
+
+
 def fingerprint_mismatch(saved: dict, model) -> str | None:
     """Why a router saved for `saved` does not fit `model`, or None when it fits."""
     current = fingerprint(model)
@@ -178,16 +192,14 @@ class Router(Text):
 
     def resolve(self, adapter) -> Router:
         resolved = copy.copy(super().resolve(adapter))  # shares the loaded weights, never reads them again
-        if adapter.model is None:
-            raise ValueError(
-                "router reads the model's weights (its width, and the fingerprint a saved router was trained "
-                "on), which are not at hand here: use it through tokendrop.patch on a loaded model"
-            )
-        hidden = adapter.model.config.get_text_config().hidden_size
+        hidden = adapter.config.get_text_config().hidden_size
         if resolved.weights is None:
             resolved.weights = RouterWeights(hidden, self.rank or DEFAULT_RANK)
         elif self.saved is not None:
-            mismatch = fingerprint_mismatch(self.saved["base_model"], adapter.model)
+            if adapter.model is None:  # a server's model (vLLM): its sizes, from its config
+                mismatch = sizes_mismatch(self.saved["base_model"], adapter.config)
+            else:
+                mismatch = fingerprint_mismatch(self.saved["base_model"], adapter.model)
             if mismatch:
                 raise ValueError(
                     f"router {self.router} was trained on another model: {mismatch}. Train one for "

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from ..checks import check_choice, check_real
-from ..layout import EncodedImage, ImageBatch
+from ..layout import EncodedImage, ImageBatch, ImageLayout
 from ..selection import keep_count
 from .base import Method, ProcessorNeeded, register
 
@@ -136,6 +136,14 @@ class Text(Method):
 
     def reads(self) -> frozenset[str]:
         return frozenset({"features", "question"})
+
+    def kept_count(self, layout: ImageLayout) -> int:
+        """Under `threshold=` the count follows the scores: a ValueError."""
+        if self.threshold is not None:
+            raise ValueError(f"{self.name} with threshold= keeps a number of tokens that depends on the scores")
+        if self.scope == "all" or layout.n_partitions == 1:
+            return keep_count(self.budget, layout.n_features)
+        return layout.sizes[0] + keep_count(self.budget, sum(layout.sizes[1:]))
 
     @property
     def tokenizer(self):

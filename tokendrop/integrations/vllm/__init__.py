@@ -1,28 +1,34 @@
-"""tokendrop as a vLLM plugin: what a server is configured with, and how many placeholder
-tokens each image gets. Light on purpose: vLLM loads every `vllm.general_plugins` entry point
-in every process it starts, so `register` only names the model class (imported lazily by
-vLLM, from `tokendrop.integrations.vllm.llava_next`) and imports nothing of vLLM's models.
+"""tokendrop as a vLLM plugin: what a server and each request are configured with, and how
+many placeholder tokens each image gets. Light on purpose: vLLM loads every
+`vllm.general_plugins` entry point in every process it starts, so `register` only names the
+model class (imported lazily by vLLM, from `tokendrop.integrations.vllm.llava_next`) and
+imports nothing of vLLM's models.
 
 Configuration, per server (the model's `hf_overrides` win over the environment):
 - `hf_overrides={"architectures": ["TokendropLlavaNextForConditionalGeneration"],
   "tokendrop": {"method": "hired", "budget": 0.25}}`, or
 - `TOKENDROP_VLLM='{"method": "hired", "budget": 0.25}'` in the server's environment: the
   plugin then also serves every `LlavaNextForConditionalGeneration` checkpoint pruned.
-Any method option goes beside `method` and `budget`, as in `tokendrop.patch`.
+Any method option goes beside `method` and `budget`, as in `tokendrop.patch`. Per request,
+`mm_processor_kwargs={"tokendrop": {...}}` overrides them: a `method` there starts from that
+method's defaults, options alone (`{"budget": 0.1}`) change the server's method.
 
-Why counts are exact here and what is refused: vLLM writes each image's placeholder tokens
-into the prompt while preprocessing, before the vision tower runs, and keys its encoder cache
-(and prefix cache) by the image alone. So the plugin must know the count from the image size,
-and the kept tokens may depend only on the image:
-- a budget's feature count is `keep_count(budget, n_features)`, known from the size;
-- newlines: "all" (the plugin's default) and "drop" keep a count known from the size; "rows"
-  drops the newline of a canvas row whose tokens were all dropped, which depends on the
-  scores, so it is accepted only for methods whose selection reads nothing but the image's
-  geometry (`Method.reads()` is empty: `uniform`, `random`, `pool`): for those the plugin runs
-  the selection itself while counting;
-- the methods that read the question (`text`, `router`, `dpp` with relevance="text"; also
-  the only ones with an adaptive count, `threshold=`) are refused: the encoder cache would
-  hand one question's selection to another request with the same image.
+What the plugin must respect: vLLM writes each image's placeholder tokens into the prompt
+while preprocessing, before the vision tower runs, and keys its processing and encoder caches
+(and, through them, prefix caching) by a hash of the image and the request's processor
+options. So:
+- a request's count is known from the image size and its options: the method's feature count
+  (`Method.kept_count`: the budget's count, or `text`'s base view and its share of the crops);
+  newlines "all" (the plugin's default) and "drop" keep
+  a count known from the size; "rows" drops the newline of a canvas row whose tokens were all
+  dropped, which depends on the scores, so it is accepted only for methods whose selection
+  reads nothing but the image's geometry (`Method.reads()` is empty: `uniform`, `random`,
+  `pool`), for which the plugin runs the selection itself while counting; `threshold=` (an
+  adaptive count) is refused;
+- the options are part of the hash, as vLLM hashes every processor option; the methods that
+  read the question (`text`, `router`, `dpp` with relevance="text") get the question of the
+  request's latest user turn (`text.Template`), and the plugin adds it to the hash of every
+  image of that request, so that no cache hands one question's selection to another.
 """
 
 from __future__ import annotations
@@ -36,7 +42,6 @@ from tokendrop.layout import EncodedImage, ImageLayout
 from tokendrop.method import Method, build
 from tokendrop.method.base import ProcessorNeeded
 from tokendrop.pruning import select_images
-from tokendrop.selection import keep_count
 
 ARCHITECTURE = "TokendropLlavaNextForConditionalGeneration"
 STOCK_ARCHITECTURE = "LlavaNextForConditionalGeneration"
@@ -83,22 +88,43 @@ def server_options(hf_config) -> dict:
     return dict(raw)
 
 
-def build_method(options: dict) -> Method:
+def request_options(server: dict, request) -> dict:
+    """A request's options: the server's, changed by the request's `mm_processor_kwargs`
+    entry (a dict, or its JSON); a request that names a method starts from its defaults."""
+    if request is None:
+        return dict(server)
+    if isinstance(request, str):
+        try:
+            request = json.loads(request)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"mm_processor_kwargs['{CONFIG_KEY}'] must be a JSON object: {error}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("method", ""), str):
+        raise ValueError(
+            f"mm_processor_kwargs['{CONFIG_KEY}'] must be an object of method options, e.g. {{\"budget\": 0.1}} "
+            f'or {{"method": "text", "budget": 0.1}}; got {request!r}'
+        )
+    return dict(request) if "method" in request else {**server, **request}
+
+
+def build_method(options: dict, processor=None) -> Method:
     """The method of `options` ({"method": name, option: value}), refusing what vLLM cannot
-    serve exactly (see the module docstring), with the plugin's newline default."""
+    serve exactly (see the module docstring), with the plugin's newline default. `processor`:
+    the model's tokenizer or processor, which the methods that read the question need."""
     options = dict(options)
     name = options.pop("method")
     options.setdefault("newlines", DEFAULT_NEWLINES)
-    try:  # without a processor, a method that reads the question cannot be built: it says so
-        return build(name, **options)
+    try:
+        method = build(name, processor=processor, **options)
     except ProcessorNeeded:
         raise ValueError(
-            f"method {name!r} reads the question, which the vLLM plugin cannot serve: vLLM caches an image's "
-            "encoder output by the image alone (and shares prefix-cached prompts), so one request's "
-            "question-dependent selection would be reused for another question. Use a question-agnostic method "
-            "(hired, globalcom2, random, uniform, cls, pool, ...)"
-            + (" or relevance='cls'/'none'" if name == "dpp" else "")
+            f"method {name!r} reads the question, which needs the model's tokenizer: build it with processor="
         ) from None
+    if getattr(method, "threshold", None) is not None:
+        raise ValueError(
+            "threshold= keeps a data-dependent number of tokens, but vLLM fixes each image's placeholder count "
+            "while preprocessing, before the vision tower runs: give a budget (a fraction or a count) instead"
+        )
+    return method
 
 
 def check_countable(method: Method, layout: ImageLayout) -> None:
@@ -121,7 +147,7 @@ def placeholder_count(method: Method, layout: ImageLayout) -> int:
         (selected,), _ = select_images(method, [geometry_only(layout)])
         return int(selected.keep_mask.sum())
     n_newlines = layout.newline_positions.numel() if method.newlines == "all" else 0
-    return keep_count(method.budget, layout.n_features) + n_newlines
+    return method.kept_count(layout) + n_newlines
 
 
 def geometry_only(layout: ImageLayout) -> EncodedImage:
