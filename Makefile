@@ -75,10 +75,10 @@ test-older: $(OLDER_TRANSFORMERS:%=test-transformers-%)
 
 test-transformers-%: $(VENV)-transformers-%/.ready
 	@echo "core tests on transformers $*"
-	$(VENV)-transformers-$*/bin/python -m pytest -q -p no:cacheprovider $(CORE_TESTS)
+	$(VENV)-transformers-$*/bin/python -m pytest -q -p no:cacheprovider $(CORE_TESTS) tests/test_locks.py
 
 test-vllm: $(VLLM_VENV)/.ready
-	timeout $(VLLM_TEST_TIMEOUT) $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/vllm_plugin
+	timeout $(VLLM_TEST_TIMEOUT) $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/vllm_plugin tests/test_locks.py
 
 $(VENV)/.ready: $(LOCK_DIR)/venv.txt setup.cfg pyproject.toml | $(UV_DIR)/.ready
 	tests/make_venv.sh $(UV) $(VENV) $< $(PYTHON)
