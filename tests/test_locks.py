@@ -5,6 +5,7 @@ import configparser
 import importlib.metadata
 import re
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -114,10 +115,10 @@ def test_running_venv_holds_exactly_its_lock():
     lock = running_venv_lock()
     if lock is None:
         pytest.skip("not run in one of the checkout's test venvs")
-    installed = {
-        canonicalize_name(d.metadata["Name"]): d.version
-        for d in importlib.metadata.distributions(path=[p for p in sys.path if p.startswith(sys.prefix)])
-    }
+    # the venv's site-packages only: not the dist-infos vendored inside a package (setuptools/_vendor,
+    # which pkg_resources puts on sys.path once something imports it)
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=site)}
     installed.pop("tokendrop", None)
     locked = read_lock(lock)
     assert installed == locked, (
