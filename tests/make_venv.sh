@@ -13,6 +13,7 @@
 # imports), or the set-up fails there, naming the venv.
 set -eu
 uv=$1 venv=$2 lock=$3 python=$4 modules=${5:-transformers, tokendrop.presets}
+start=$(date +%s)
 rm -rf "$venv"
 "$uv" venv --quiet --python "$python" "$venv"
 "$uv" pip sync --quiet --python "$venv/bin/python" "$lock"
@@ -27,3 +28,4 @@ if ! "$venv/bin/python" -c "import $modules"; then
     exit 1
 fi
 "$venv/bin/python" -c "import transformers; print('$venv: transformers', transformers.__version__, 'from $lock')"
+echo "$venv: made in $(($(date +%s) - start)) s"
