@@ -7,6 +7,8 @@
 #   make test-vllm    the vLLM plugin's tests alone (SKIP_VLLM=1 leaves them out of make test)
 #   make lock         re-resolve every test venv's lock (locks/) to the newest releases that
 #                     setup.cfg's ranges and the pins below allow; then make test, and commit locks/
+#   make test-latest  (not in CI) the same suites in scratch venvs (.venv-latest*) on what make lock
+#                     would pin today: prints what differs from locks/ and what fails
 # Each test venv is made from its own lock, .venv from locks/venv.txt and .venv-NAME from
 # locks/venv-NAME.txt, by tests/make_venv.sh: exactly the locked releases (uv pip sync), then
 # tokendrop itself (editable), then an import check; it is remade when its lock changes. So the
@@ -29,6 +31,7 @@ UV_VERSION ?= 0.13.8
 FIND_LINKS ?= /opt/wheels
 EXTRA_INDEX_URLS ?= file:///opt/pypi/simple file:///opt/pypi-more/simple
 # the test venvs are VENV and VENV-NAME, made from LOCK_DIR/venv.txt and LOCK_DIR/venv-NAME.txt
+# (make test-latest sets both to scratch ones)
 VENV := .venv
 LOCK_DIR := locks
 BIN := $(VENV)/bin
@@ -56,7 +59,7 @@ CORE_TESTS := tests/test_patch.py tests/test_patch_lifecycle.py tests/test_call_
 	tests/test_hired.py tests/test_globalcom2_text.py tests/test_new_methods.py tests/test_merging.py tests/test_peft.py \
 	tests/test_onevision.py tests/test_vision_pass.py
 
-.PHONY: demo lint test test-full test-older test-vllm lock
+.PHONY: demo lint test test-full test-older test-vllm lock test-latest
 demo: $(VENV)/.ready
 	$(BIN)/tokendrop demo $(ARGS)
 
@@ -118,3 +121,8 @@ lock: $(UV_DIR)/.ready
 	done
 	printf '%s\n' '$(TORCH)' $(BUILD) '$(VLLM)' '$(VLLM_TRANSFORMERS)' 'pytest>=8' \
 	| $(COMPILE) pyproject.toml --excludes tests/vllm_plugin/excludes.txt - -o $(LOCK_DIR)/venv-vllm.txt
+
+# scratch locks and venvs (.venv-latest-locks/, .venv-latest*/); locks/ and the locked venvs stay as they are
+test-latest: $(UV_DIR)/.ready
+	$(PYTHON) tests/latest.py --uv $(UV) --python $(PYTHON) --older "$(OLDER_TRANSFORMERS)" \
+		--vllm '$(VLLM)' --skip-vllm '$(SKIP_VLLM)'
