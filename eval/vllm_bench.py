@@ -29,34 +29,11 @@ from pathlib import Path
 
 import torch
 
-from tokendrop.integrations.vllm import ARCHITECTURE, RECORD_ENV
+from tokendrop.integrations.vllm import ARCHITECTURE, RECORD_ENV, save_for_vllm
 
 from ..harness import chat_prompt
 from .generation import generate_answers
 from .shapes import MAX_NEW_TOKENS, score, shapes_samples
-
-VISION_TOWER = "vision_tower."
-
-
-def save_for_vllm(model, processor, path) -> Path:
-    """Save an HF LLaVA-NeXT and its processor where vLLM loads them. transformers 5.x writes
-    the CLIP tower's tensors without the `vision_model.` level that vLLM's CLIP (and every
-    published LLaVA-NeXT checkpoint) has; they are renamed to it (transformers reads both)."""
-    from safetensors.torch import load_file, save_file
-
-    path = Path(path)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    for file in path.glob("*.safetensors"):
-        weights = load_file(file)
-
-        def legacy(name: str) -> str:
-            if name.startswith(VISION_TOWER) and not name.startswith(VISION_TOWER + "vision_model."):
-                return VISION_TOWER + "vision_model." + name[len(VISION_TOWER) :]
-            return name
-
-        save_file({legacy(name): tensor for name, tensor in weights.items()}, file, metadata={"format": "pt"})
-    return path
 
 
 def engine(path, tokendrop: dict | None = None, max_num_seqs: int = 16, **settings):

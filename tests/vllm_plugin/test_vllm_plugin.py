@@ -20,9 +20,10 @@ import torch  # noqa: E402
 import tokendrop  # noqa: E402
 from tokendrop.adapters import LlavaNextAdapter  # noqa: E402
 from tokendrop.eval import shapes  # noqa: E402
-from tokendrop.eval.vllm_bench import answer, engine, hf_answers, save_for_vllm  # noqa: E402
+from tokendrop.eval.vllm_bench import answer, engine, hf_answers  # noqa: E402
 from tokendrop.harness import chat_prompt  # noqa: E402
 from tokendrop.integrations import vllm as vllm_plugin  # noqa: E402
+from tokendrop.integrations.vllm import save_for_vllm  # noqa: E402
 from tokendrop.integrations.vllm.llava_next import layout as vllm_layout  # noqa: E402
 from tokendrop.presets import build_preset, synthetic_image  # noqa: E402
 from tokendrop.selection import keep_count  # noqa: E402

@@ -18,8 +18,8 @@ pytest.importorskip("vllm")
 
 from tokendrop.adapters import LlavaNextAdapter  # noqa: E402
 from tokendrop.eval import shapes  # noqa: E402
-from tokendrop.eval.vllm_bench import save_for_vllm  # noqa: E402
 from tokendrop.harness import chat_prompt  # noqa: E402
+from tokendrop.integrations.vllm import save_for_vllm  # noqa: E402
 from tokendrop.presets import build_preset  # noqa: E402
 from tokendrop.selection import keep_count  # noqa: E402
 

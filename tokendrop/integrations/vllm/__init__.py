@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -162,3 +163,28 @@ def record(entry: dict) -> None:
     if path:
         with open(path, "a") as handle:
             handle.write(json.dumps(entry) + "\n")
+
+
+VISION_TOWER = "vision_tower."
+
+
+def save_for_vllm(model, processor, path) -> Path:
+    """Save a loaded HF LLaVA-NeXT (a preset, say) and its processor where vLLM loads them.
+    transformers 5.x writes the CLIP tower's tensors without the `vision_model.` level that
+    vLLM's CLIP (and every published LLaVA-NeXT checkpoint) has; they are renamed to it
+    (transformers reads both)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    for file in path.glob("*.safetensors"):
+        weights = load_file(file)
+
+        def legacy(name: str) -> str:
+            if name.startswith(VISION_TOWER) and not name.startswith(VISION_TOWER + "vision_model."):
+                return VISION_TOWER + "vision_model." + name[len(VISION_TOWER) :]
+            return name
+
+        save_file({legacy(name): tensor for name, tensor in weights.items()}, file, metadata={"format": "pt"})
+    return path
