@@ -84,13 +84,14 @@ class Adapter(ABC):
         options: dict,
     ) -> list[EncodedImage]:
         """Every image of a call, checked against its prompt and encoded (`check_images`,
-        `encode`), with its prompt row, that row's attention mask and the caller's question
-        for that row, in placeholder order. `options`: the call's `call_options` it holds."""
+        `encode`), with its place in the call, its prompt row, that row's attention mask and
+        the caller's question for that row, in placeholder order. `options`: the call's `call_options` it holds."""
         geometry = self.check_images(pixel_values, geometry, **options)
         per_row = (input_ids == self.image_token_id).sum(1).tolist()
         rows = assign_rows(per_row, [layout.packed_source.numel() for layout in self.layouts(geometry, **options)])
         images = self.encode(pixel_values, geometry, signals, **options)
-        for image, row in zip(images, rows):
+        for index, (image, row) in enumerate(zip(images, rows)):
+            image.index = index
             image.prompt_row = input_ids[row]
             image.prompt_mask = None if attention_mask is None else attention_mask[row]
             image.question = None if questions is None else questions[row]
