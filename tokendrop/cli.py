@@ -687,9 +687,11 @@ def run_train_router(args) -> None:
     processor = load_processor(args.model)
     model = loaded_model(args)
     out = train_router(model, processor, data, config, validation)
+    # a bare folder name could be a shipped router's: `./NAME` never is
+    named = out if len(out.parts) > 1 or out.is_absolute() else f"./{out}"
     print(
         f"wrote {out / 'router.safetensors'} and {out / 'router.json'}; use it with "
-        f"--method router --option router.router={out}"
+        f"--method router --option router.router={named}"
     )
 
 

@@ -108,8 +108,8 @@ class RouterTraining:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not is_number(self.lr) or not self.lr > 0:
-            raise ValueError(f"lr must be a number > 0, got {self.lr!r}")
+        if not is_number(self.lr) or not math.isfinite(self.lr) or not self.lr > 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.scope not in ("all", "crops"):
             raise ValueError(f"scope must be 'all' or 'crops', got {self.scope!r}")
         if self.prompt_template is not None and "{question}" not in self.prompt_template:
@@ -389,7 +389,7 @@ def train_router(
     hidden = model.config.get_text_config().hidden_size
     router = RouterWeights(hidden, config.rank, seed=config.seed)
     optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=0.0)
-    identity = dict(config.identity(), data=data_hash(examples), model=fingerprint(model))
+    identity = dict(config.identity(), data=data_hash(examples), model=fingerprint(trainer.adapter))
     start, history = resume(config.out, identity, router, optimizer)
     router, optimizer = accelerator.prepare(router, optimizer)
     model.eval()
@@ -412,9 +412,11 @@ def train_router(
             generator = torch.Generator().manual_seed(hash_seed(config.seed, step, micro, accelerator.process_index))
             with accelerator.accumulate(router):
                 loss, mean_reward = trainer.loss(router, batch, generator)
+                check_finite(step + 1, "loss", [loss.detach()], config.lr)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
+            check_finite(step + 1, "router", list(router.parameters()), config.lr)
             reward += mean_reward / config.accumulate
         bar.update(1)
         bar.set_postfix(reward=f"{reward:.4f}")
@@ -436,8 +438,18 @@ def train_router(
             final_reward=history[-1]["reward"] if history else None,
             validation=next((h["validation"] for h in reversed(history) if "validation" in h), None),
         )
-        save_router(weights, config.out, model, training)
+        save_router(weights, config.out, identity["model"], training)
     return config.out
+
+
+def check_finite(step: int, what: str, tensors: list[torch.Tensor], lr: float) -> None:
+    """Stop a diverged run before it writes anything: a non-finite loss or router would be
+    checkpointed, and its selections arbitrary."""
+    if not all(bool(t.isfinite().all()) for t in tensors):
+        raise ValueError(
+            f"training diverged: the {what} became non-finite at step {step} (NaN or inf); nothing of this "
+            f"step was saved. Train again with a lower learning rate than {lr}"
+        )
 
 
 def validate(model, processor, weights: RouterWeights, config: RouterTraining, examples) -> float:
