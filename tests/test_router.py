@@ -3,6 +3,7 @@ training touches nothing but the router, resumes exactly, and its files fail lou
 
 import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -13,10 +14,10 @@ from transformers import BitsAndBytesConfig, LlavaNextForConditionalGeneration
 
 import reference
 import tokendrop
-from conftest import QUESTIONS, greedy, prompt
+from conftest import QUESTIONS, greedy, prompt, without_hanging
 from tokendrop import training
 from tokendrop.adapters import adapter_for
-from tokendrop.cli import main
+from tokendrop.cli import main, task_examples
 from tokendrop.eval import shapes
 from tokendrop.method.router import SHIPPED, read_router
 from tokendrop.presets import build_preset, synthetic_image
@@ -511,3 +512,150 @@ def test_train_router_prints_a_path_no_shipped_name_can_shadow(tmp_path, capsys,
     arguments = ["train-router", "--model", "testbed", "--data", "shapes", "--out", "testbed"]
     assert main([*arguments, "--steps", "1", "--batch-size", "2", "--samples", "2", "--no-progress"]) == 0
     assert "--option router.router=./testbed" in capsys.readouterr().out
+
+
+# --- a training run: one process per --out, its identity, its data (issue 26) -------------------
+
+
+def write_jsonl(folder, n=4, answers=True, start=0):
+    """A JSONL of shapes samples whose images are PNG files beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(start, start + n):
+        sample = shapes.shapes_sample("train", i)
+        sample["image"].save(folder / f"{i}.png")
+        row = {"image": f"{i}.png", "question": sample["question"]}
+        lines.append(json.dumps(row | ({"answer": sample["answer"]} if answers else {})))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"
+
+
+@pytest.fixture
+def model_never_loads(monkeypatch):
+    from tokendrop import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+
+
+def train_router_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-router", "--model", "testbed", "--no-progress", *argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_two_runs_into_one_out_are_refused(bed, tmp_path, monkeypatch):
+    import threading
+
+    model, processor = bed
+    out = tmp_path / "router"
+    inside, release = threading.Event(), threading.Event()
+    loss = training.SelectionTrainer.loss
+
+    def waits_in_the_first_step(self, *args):
+        if threading.current_thread() is first:
+            inside.set()
+            release.wait(60)
+        return loss(self, *args)
+
+    monkeypatch.setattr(training.SelectionTrainer, "loss", waits_in_the_first_step)
+    first = threading.Thread(
+        target=lambda: training.train_router(model, processor, toy_examples(4), config(out, steps=1, budget=0.05))
+    )
+    first.start()
+    assert inside.wait(60)
+    try:
+        with pytest.raises(ValueError, match=f"another train-router is writing {out} now"):
+            training.train_router(model, processor, toy_examples(4), config(out, steps=1, budget=0.2))
+    finally:
+        release.set()
+        first.join()
+    assert json.loads((out / "router.json").read_text())["training"]["budget"] == 0.05
+
+
+def test_resume_tells_budget_1_from_budget_1_0(bed, tmp_path):
+    model, processor = bed
+    training.train_router(model, processor, toy_examples(4), config(tmp_path / "r", steps=2, budget=1))
+    with pytest.raises(ValueError, match="other settings \\(budget\\)"):
+        training.train_router(model, processor, toy_examples(4), config(tmp_path / "r", steps=2, budget=1.0))
+
+
+def test_resume_refuses_changed_images(bed, tmp_path):
+    model, processor = bed
+    data = write_jsonl(tmp_path / "data")
+    training.train_router(model, processor, data, config(tmp_path / "r", steps=2))
+    before = task_examples(f"custom={data}", "train").identity
+    shapes.shapes_sample("train", 9)["image"].save(tmp_path / "data" / "1.png")  # same name, other pixels
+    with pytest.raises(ValueError, match="other settings \\(data\\)"):
+        training.train_router(model, processor, data, config(tmp_path / "r", steps=2))
+    assert task_examples(f"custom={data}", "train").identity != before  # --data custom=FILE too
+
+
+def test_empty_answers_are_refused(tmp_path):
+    data = write_jsonl(tmp_path / "data")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[2]["answer"] = ""
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="line 3: `answer` must be a non-empty string"):
+        training.read_jsonl(data)
+    with pytest.raises(ValueError, match="validation examples need answers"):
+        training.check_run(config(tmp_path / "r"), toy_examples(2), [training.Example(synthetic_image(9, 9), "q?", "")])
+
+
+@pytest.mark.parametrize(
+    "template", ["USER: <image>\n{question} {answer} ASSISTANT:", "<image> {0} {question}", "<image>{question} }"]
+)
+def test_a_prompt_template_with_other_fields_is_refused_when_made(tmp_path, template):
+    with pytest.raises(ValueError, match="prompt_template may hold \\{question\\} and nothing else in braces"):
+        training.RouterTraining(out=tmp_path, prompt_template=template)
+
+
+def test_a_damaged_checkpoint_names_its_file(bed, tmp_path):
+    model, processor = bed
+    out = tmp_path / "r"
+    training.train_router(model, processor, toy_examples(4), config(out, steps=2))
+    state = out / "checkpoint" / "state.json"
+    for damage in ("", state.read_text()[:40]):
+        state.write_text(damage)
+        with pytest.raises(ValueError, match=f"{state} cannot be read .*delete {out / 'checkpoint'}"):
+            training.train_router(model, processor, toy_examples(4), config(out, steps=2))
+    training.train_router(model, processor, toy_examples(4), config(tmp_path / "s", steps=2))
+    tensors = tmp_path / "s" / "checkpoint" / "state.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{tensors} cannot be read .*delete"):
+        training.train_router(model, processor, toy_examples(4), config(tmp_path / "s", steps=2))
+
+
+def test_an_image_that_is_a_fifo_is_refused_before_the_model_loads(tmp_path, capsys, model_never_loads):
+    data = write_jsonl(tmp_path / "data")
+    fifo = tmp_path / "data" / "2.png"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    error = without_hanging(lambda: train_router_error(capsys, "--data", str(data), "--out", str(tmp_path / "r")), fifo)
+    assert f"{data}, line 3: {fifo} is not a regular file" in error
+
+
+def test_train_router_checks_out_and_answers_before_the_model_loads(tmp_path, capsys, model_never_loads):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    labelled, unlabelled = write_jsonl(tmp_path / "with"), write_jsonl(tmp_path / "without", answers=False)
+    for out in (a_file, a_file / "below"):
+        error = train_router_error(capsys, "--data", str(labelled), "--out", str(out))
+        assert error.startswith(f"tokendrop: error: cannot write to {out}: ") and "pick a folder you can write" in error
+    error = train_router_error(capsys, "--data", str(unlabelled), "--out", str(tmp_path / "r"), "--loss", "ce")
+    assert "loss 'ce' needs reference answers" in error
+    error = train_router_error(
+        capsys, "--data", str(labelled), "--validation", str(unlabelled), "--out", str(tmp_path / "r")
+    )
+    assert "validation examples need answers" in error
+
+
+def test_an_out_holding_another_run_is_refused_before_the_model_loads(bed, tmp_path, capsys, monkeypatch):
+    model, processor = bed
+    data = write_jsonl(tmp_path / "data")
+    training.train_router(model, processor, data, config(tmp_path / "r", steps=1, lr=0.05))
+    from tokendrop import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    error = train_router_error(capsys, "--data", str(data), "--out", str(tmp_path / "r"), "--lr", "0.01")
+    assert f"{tmp_path / 'r' / 'checkpoint'} belongs to a run with other settings (" in error and "lr" in error

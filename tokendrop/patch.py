@@ -47,7 +47,7 @@ from transformers import Cache, GenerationConfig
 from .adapters import adapter_for
 from .family import Adapter
 from .method import Method, build as build_method
-from .method.base import check_signals
+from .method.base import check_fits
 from .pruning import ImageRecord, Selected, select_images
 
 ATTRIBUTE = "_tokendrop_handle"
@@ -497,13 +497,9 @@ def patch(
                 "a Method object carries its own budget and options: pass it alone, "
                 "e.g. patch(model, Oracle(budget=0.1))"
             )
-        chosen = method.resolve(adapter)
     else:
-        chosen = build_method(method, budget=1.0 if budget is None else budget, processor=processor, **options).resolve(
-            adapter
-        )
-    check_signals(chosen, adapter)
-    handle = Handle(model, chosen, adapter)
+        method = build_method(method, budget=1.0 if budget is None else budget, processor=processor, **options)
+    handle = Handle(model, check_fits(method, adapter), adapter)
     handle.install()
     return handle
 

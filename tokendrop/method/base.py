@@ -74,6 +74,11 @@ class ProcessorNeeded(ValueError):
     """The method reads the question (`Method.reads`) and was given no processor to find it with."""
 
 
+class WeightsNeeded(ValueError):
+    """The method reads the model's weights, and was resolved against facts of a model that
+    is not loaded (`ModelFacts`): it can be checked fully only against a loaded model."""
+
+
 METHODS: Registry[type[Method]] = Registry("method")
 READS = ("scores", "features", "question")  # what a selection can read of an image (`Method.reads`)
 
@@ -117,6 +122,11 @@ class Method:
         integration does); one that reads the question cannot share a selection between two
         requests for the same image. A test checks every method against what it reads."""
         return frozenset({"scores"} if self.signals() else ())
+
+    def files(self) -> dict[str, str]:
+        """{option: digest of its content} for the files the options name (a saved router):
+        a run's identity covers them, so that a replaced file is a changed run. None here."""
+        return {}
 
     def select(self, image: EncodedImage) -> torch.Tensor | Merged:
         """Sorted (ascending) feature indices to keep, exactly the budget's count; a merging
@@ -162,6 +172,21 @@ def check_signals(method: Method, adapter) -> None:
                 f"supply for a {adapter.model_class} (it supplies {', '.join(map(repr, adapter.signal_kinds))}): "
                 "pick a method that uses only those"
             )
+
+
+def check_fits(method: Method, adapter) -> Method:
+    """`method` resolved against a model and its signals checked, as `patch` does: `adapter`
+    is a loaded model's, or the `ModelFacts` of its configuration, so that harnesses check
+    options (a layer out of range) before the weights load. A method that needs the weights
+    is then checked as far as the facts go, and returned unresolved."""
+    try:
+        resolved = method.resolve(adapter)
+    except WeightsNeeded:
+        if adapter.model is not None:
+            raise
+        return method
+    check_signals(resolved, adapter)
+    return resolved
 
 
 def build(name: str, processor=None, **options) -> Method:

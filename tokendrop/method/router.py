@@ -35,7 +35,7 @@ from safetensors.torch import load, save_file
 from torch import nn
 
 from ..checks import check_int
-from .base import register
+from .base import WeightsNeeded, register
 from .text import Text
 
 FORMAT = "tokendrop-router"
@@ -294,7 +294,7 @@ class Router(Text):
     def resolve(self, adapter) -> Router:
         resolved = copy.copy(super().resolve(adapter))  # shares the loaded weights, never reads them again
         if adapter.model is None:
-            raise ValueError(
+            raise WeightsNeeded(
                 "router reads the model's weights (its width, and the fingerprint a saved router was trained "
                 "on), which are not at hand here: use it through tokendrop.patch on a loaded model"
             )
@@ -310,6 +310,9 @@ class Router(Text):
                 )
         resolved.weights.requires_grad_(False)
         return resolved
+
+    def files(self) -> dict[str, str]:
+        return {} if self.saved is None else {"router": self.saved["weights_sha256"]}
 
     def scores(self, visual: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
         if self.weights.visual.device != visual.device:  # fp32 on the features' device, moved once
