@@ -20,7 +20,8 @@ Cells are (task, method, budget), plus one unpatched reference cell per task (me
 
 Running the same command again continues where a run stopped: samples with a record are
 skipped, a half-written last line is dropped and redone. Another configuration in the same
-directory is refused, and so are changed data files and another tokendrop version. A sample
+directory is refused, and so are changed data files, changed images of answered samples, a
+replaced router file, a passed-in model whose weights changed and another tokendrop version. A sample
 that fails (unreadable image, out of memory) gets a record with its error, and the sweep
 goes on.
 """
