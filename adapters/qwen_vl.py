@@ -49,7 +49,7 @@ from packaging.version import Version
 from torch import nn
 
 from tokendrop.compaction import Compacted
-from tokendrop.family import Adapter, Request
+from tokendrop.family import Adapter, ModelFacts, Request
 from tokendrop.layout import EncodedImage, ImageLayout
 from tokendrop.scoring import SIGNAL_KINDS, capture_packed_scores
 
@@ -70,6 +70,13 @@ class QwenVLAdapter(Adapter):
     def supports(cls, model) -> bool:
         return getattr(getattr(model, "config", None), "model_type", None) == cls.model_type and hasattr(model, "model")
 
+    @classmethod
+    def facts(cls, config) -> ModelFacts:
+        # the merger reads the last block's output
+        return ModelFacts(
+            cls.model_class, cls.signal_kinds, config.image_token_id, config.vision_config.depth, -1, config
+        )
+
     def __init__(self, model):
         check_transformers()
         if Version(transformers.__version__) < Version(self.first_release):
@@ -86,7 +93,7 @@ class QwenVLAdapter(Adapter):
         visual = self.vlm.visual
         self.blocks = visual.blocks
         self.n_vision_layers = len(self.blocks)
-        self.feature_layer = -1  # the merger reads the last block's output
+        self.feature_layer = -1
         self.merge = visual.spatial_merge_size
         self.image_token_id = model.config.image_token_id
         self._layouts: dict[tuple[int, int], ImageLayout] = {}

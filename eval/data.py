@@ -17,13 +17,15 @@ Images stay undecoded until `open_image`, so that a corrupt one fails its own sa
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from .. import files
 
 INSTALL_DATASETS = "pip install 'tokendrop[sweep]' (or pip install datasets)"
 
@@ -58,6 +60,8 @@ def load_rows(source: str | Path, split: str, config: str | None = None):
     (None for the hub)."""
     path = Path(source).expanduser()
     if not path.exists():
+        if _only_a_path(str(source)):
+            raise FileNotFoundError(f"{source}: no such local file or folder (a hub dataset id is NAME or ORG/NAME)")
         return _from_hub(str(source), split, config), None
     if config and (path / config).is_dir():  # a hub snapshot holding several configs
         path = path / config
@@ -68,6 +72,19 @@ def load_rows(source: str | Path, split: str, config: str | None = None):
     if files[0].suffix == ".parquet":
         return _from_parquet(files), root
     return [row for file in files for row in _read_jsonl(file)], root
+
+
+def _only_a_path(source: str) -> bool:
+    """Whether a source that does not exist can only have been meant as a local path (a typo,
+    not a hub id): it starts at a folder (/, ., ~), has more than one /, ends in a data file's
+    suffix, or its first part is a local folder (data/textvqa beside a folder data/)."""
+    path = Path(source)
+    return (
+        source.startswith(("/", ".", "~"))
+        or source.count("/") > 1
+        or path.suffix in (".jsonl", ".json", ".parquet", ".arrow", ".csv")
+        or (path.parent != Path(".") and path.parent.is_dir())
+    )
 
 
 def _split_files(path: Path, split: str) -> list[Path]:
@@ -173,29 +190,44 @@ def subset(n_rows: int, limit: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_rows), limit))
 
 
+@dataclass(frozen=True)
+class StoredImage:
+    """An image as a row stores it, decoded when called (inside its sample's failure guard);
+    `path`: the file it is in, None where the row holds its bytes."""
+
+    raw: object
+    root: Path | None
+
+    @property
+    def path(self) -> Path | None:
+        return image_path(self.raw, self.root)
+
+    def __call__(self) -> Image.Image:
+        return open_image(self.raw, self.root)
+
+
 def open_image(raw, root: Path | None) -> Image.Image:
     """Decode an image as datasets, parquet or JSONL store it: a PIL image, {bytes, path},
-    raw bytes, or a path (relative to `root`)."""
+    raw bytes, or a path (relative to `root`); decoded now, so that a truncated file fails
+    here (`tokendrop.files`: only regular files, no decompression bombs)."""
     if isinstance(raw, Image.Image):
-        image = raw
-    elif isinstance(raw, dict) and raw.get("bytes") is not None:
-        image = Image.open(io.BytesIO(raw["bytes"]))
-    elif isinstance(raw, dict) and raw.get("path"):
-        image = Image.open(_file(raw["path"], root))
-    elif isinstance(raw, bytes):
-        image = Image.open(io.BytesIO(raw))
-    elif isinstance(raw, str):
-        image = Image.open(_file(raw, root))
-    else:
+        return raw.convert("RGB")
+    if isinstance(raw, dict) and raw.get("bytes") is not None:
+        return files.decode_image(raw["bytes"], raw.get("path") or "from bytes")
+    if isinstance(raw, bytes):
+        return files.decode_image(raw, "from bytes")
+    path = image_path(raw, root)
+    if path is None:
         raise ValueError(f"cannot read an image from {type(raw).__name__}: expected a path, bytes or {{bytes, path}}")
-    return image.convert("RGB")  # decodes now: a truncated file fails here
+    return files.open_image(path)
 
 
-def _file(path: str, root: Path | None) -> Path:
-    """The image's path, relative to `root`. Only regular files: opening a FIFO or a device
-    could wait for ever."""
-    path = Path(path).expanduser()
-    path = path if path.is_absolute() or root is None else root / path
-    if path.exists() and not path.is_file():
-        raise ValueError(f"{path} is not a regular file: an image must be a file")
-    return path
+def image_path(raw, root: Path | None) -> Path | None:
+    """The file an image stored as a path ({path} without bytes, or a string) is in, relative
+    to `root`; None for an image stored otherwise."""
+    if isinstance(raw, dict) and raw.get("bytes") is None and raw.get("path"):
+        raw = raw["path"]
+    if not isinstance(raw, str):
+        return None
+    path = Path(raw).expanduser()
+    return path if path.is_absolute() or root is None else root / path

@@ -223,7 +223,9 @@ class Oracle(Method):
     """The ceiling of any selector on the shapes task (evaluation only, not a public method): the
     queried object's tokens first, then the rest, each group ranked by CLS attention at the
     feature layer. Before each call, `targets` is set to the queried object's box of every
-    image in the call, in order (the sweep's shapes task does this)."""
+    image in the call, in order (the sweep's shapes task does this). Each image takes the box
+    at its own place in the call (images of one size are selected together, out of call
+    order), and each box serves once: the list is empty again after the call."""
 
     name = "oracle"
     targets: list = field(default_factory=list, repr=False)
@@ -237,10 +239,14 @@ class Oracle(Method):
         return {self.layer: "probs"}
 
     def select(self, image: EncodedImage) -> torch.Tensor:
-        if not self.targets:
-            raise ValueError("oracle: no target box left for this image; set .targets before each call")
+        place = image.index
+        if place is None or place >= len(self.targets) or self.targets[place] is None:
+            raise ValueError(f"oracle: no target box left for image {place} of the call; set .targets before each call")
+        box, self.targets[place] = self.targets[place], None
+        if all(target is None for target in self.targets):
+            self.targets.clear()  # every box served: a later call without its own fails
         layout = image.layout
-        on_object = object_features(layout, self.targets.pop(0))
+        on_object = object_features(layout, box)
         attention = layout.per_feature(image.cls_scores(self.layer))
         # lexicographic: object tokens before all others, then by attention; ties to the lower index
         order = torch.sort(-attention, stable=True).indices

@@ -20,7 +20,8 @@ Cells are (task, method, budget), plus one unpatched reference cell per task (me
 
 Running the same command again continues where a run stopped: samples with a record are
 skipped, a half-written last line is dropped and redone. Another configuration in the same
-directory is refused, and so are changed data files and another tokendrop version. A sample
+directory is refused, and so are changed data files, changed images of answered samples, a
+replaced router file, a passed-in model whose weights changed and another tokendrop version. A sample
 that fails (unreadable image, out of memory) gets a record with its error, and the sweep
 goes on.
 """
@@ -28,11 +29,10 @@ goes on.
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import json
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,10 +42,14 @@ from tqdm.auto import tqdm
 
 import tokendrop
 
+from ..adapters import adapter_for
 from ..checks import is_int
-from ..harness import REFERENCE, jsonable, method_options, provenance, text_table
-from ..loading import LoadOptions, check_model_name, load_model, load_processor
+from ..family import ModelFacts
+from ..files import image_digest, locked
+from ..harness import REFERENCE, differences, jsonable, method_options, provenance, text_table
+from ..loading import LoadOptions, check_model_name, load_model, load_processor, model_facts
 from ..method import METHODS, build as build_method
+from ..method.base import check_fits
 from ..patch import handle_of
 from ..preset_specs import with_preset_defaults
 from ..selection import check_budget
@@ -180,6 +184,7 @@ class Plan:
     data_files: dict[str, str | None]  # data.fingerprint of each local source
     options: dict[str, dict]  # the config's, with the preset's defaults
     max_new_tokens: dict[str, int]
+    method_files: dict[str, dict[str, str]]  # {method: {option: digest}} of the files options name
 
     @property
     def methods(self) -> list[str]:
@@ -194,9 +199,12 @@ class Plan:
 
     def identity(self) -> dict:
         """What decides the records: its hash is the run id. A change here (another model
-        revision, other data files, another tokendrop) never resumes into the same records."""
+        revision or weights, other data files, another router file, another tokendrop)
+        never resumes into the same records (each record holds its image's digest: see
+        `stale_images`). Method-file digests are there only where a run has them, so that a
+        run without keeps its id."""
         c = self.config
-        return dict(
+        identity = dict(
             model=self.model,
             dtype=c.dtype,
             quantization=c.quantization,
@@ -216,17 +224,18 @@ class Plan:
             generation="greedy",
             tokendrop=tokendrop.__version__,
         )
+        return identity | ({"method_files": self.method_files} if self.method_files else {})
 
 
 def plan_sweep(config: SweepConfig, processor, model: nn.Module | None = None) -> Plan:
-    """Check what needs the processor (every method built at every budget) and fix what the
-    run's identity holds: the model's revision or weights, the data files. `model`: a loaded
-    model, when the sweep was given one."""
+    """Check what needs the processor and the model's configuration (every method built at
+    every budget, and checked against the model as `patch` checks it) and fix what the run's
+    identity holds: the model's revision or weights, the data files, the files method options
+    name. `model`: a loaded model, when the sweep was given one."""
     options = with_preset_defaults(config.model, config.methods, config.options)  # a preset's, for a preset name
     built = {name: build_task(name) for name in config.tasks}
-    for name in config.methods:
-        for budget in config.budgets:
-            cell_method(built.values(), name, budget, processor, options.get(name, {}))
+    methods = check_methods(config, built, processor, options, model_facts(config.model) if model is None else model)
+    method_files = {name: files for name, files in methods.items() if files}
     sources = {t: _source(config.data.get(t)) for t in built}
     return Plan(
         config=config,
@@ -236,16 +245,36 @@ def plan_sweep(config: SweepConfig, processor, model: nn.Module | None = None) -
         data=sources,
         data_files={t: fingerprint(source) for t, source in sources.items()},
         max_new_tokens={t: config.max_new_tokens or task.max_new_tokens for t, task in built.items()},
+        method_files=method_files,
     )
 
 
+def check_methods(config: SweepConfig, tasks, processor, options: dict, model) -> dict[str, dict[str, str]]:
+    """Build every method at every budget and check it against `model` (a loaded model, or
+    the `ModelFacts` of its configuration before it loads): a bad option (a layer the tower
+    lacks, a router trained for another model) fails before any cell runs. Returns each
+    method's `files()`."""
+    adapter = model if isinstance(model, ModelFacts) else adapter_for(model)
+    files = {}
+    for name in config.methods:
+        for budget in config.budgets:
+            method = cell_method(tasks.values(), name, budget, processor, options.get(name, {}))
+            check_fits(method, adapter)
+        files[name] = method.files()
+    return files
+
+
 def model_identity(name: str, model: nn.Module | None = None) -> dict:
-    """What tells one model's weights from another's, cheaply: a preset's committed weights
-    file or its seed, a local checkpoint's files (names, sizes, modification times), a hub
-    checkpoint's commit. Part of the run id: new weights never resume into old records."""
+    """What tells one model's weights from another's: a loaded model's weights themselves (a
+    hash of every tensor: it may have changed since it loaded), else cheaply, a preset's
+    committed weights file or its seed, a local checkpoint's files (names, sizes,
+    modification times), a hub checkpoint's commit. Part of the run id: new weights never
+    resume into old records."""
     from ..preset_specs import PRESETS
 
-    if model is None and name in PRESETS.names():
+    if model is not None:
+        return {"name": name, "weights": weights_digest(model)}
+    if name in PRESETS.names():
         if PRESETS.get(name).get("task"):
             from ..testbed import WEIGHTS
 
@@ -254,12 +283,21 @@ def model_identity(name: str, model: nn.Module | None = None) -> dict:
     path = Path(name).expanduser()
     if path.is_dir():
         return {"name": str(path.resolve()), "weights": fingerprint(str(path))}
-    revision = None if model is None else getattr(model.config, "_commit_hash", None)
-    if model is None:
-        from transformers import AutoConfig
+    from transformers import AutoConfig
 
-        revision = getattr(AutoConfig.from_pretrained(name), "_commit_hash", None)
-    return {"name": name, "revision": revision}
+    return {"name": name, "revision": getattr(AutoConfig.from_pretrained(name), "_commit_hash", None)}
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A hash of every tensor of `model` (name, dtype, shape and bytes), read one at a time:
+    a model changed in memory is another model. Tensors that live nowhere (meta, offloaded)
+    count by name and shape alone."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}\x00{tensor.dtype}\x00{tuple(tensor.shape)}\x00".encode())
+        if tensor.device.type != "meta":
+            digest.update(tensor.detach().reshape(-1).view(torch.uint8).cpu().numpy())
+    return digest.hexdigest()[:16]
 
 
 def cell_method(tasks, name: str, budget, processor, options: dict):
@@ -312,7 +350,8 @@ def claim_run(out: Path, plan: Plan) -> str:
         ) from None
     if existing_id != run_id:
         changed = ", ".join(
-            f"{k}{WHY_CHANGED.get(k.split('.')[-1], '')}" for k in _differences(identity, existing_config)
+            f"{k}{next((WHY_CHANGED[p] for p in reversed(k.split('.')) if p in WHY_CHANGED), '')}"
+            for k in differences(identity, existing_config)
         )
         raise ValueError(
             f"{out} holds run {existing_id}, whose configuration differs in: {changed}. "
@@ -323,22 +362,11 @@ def claim_run(out: Path, plan: Plan) -> str:
 
 WHY_CHANGED = {  # what a changed key means, where its name does not say
     "data_files": " (the data changed since the run began: its records would be stale)",
+    "method_files": " (a file a method option names changed since the run began: its records would be stale)",
     "tokendrop": " (another tokendrop version: its records may differ)",
     "revision": " (another revision of the model: its records would be stale)",
     "weights": " (the model's weights changed: its records would be stale)",
 }
-
-
-def _differences(new: dict, old: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the keys whose values differ, nested dicts walked into."""
-    changed = []
-    for k in sorted(set(new) | set(old)):
-        a, b = new.get(k), old.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _differences(a, b, f"{prefix}{k}.")
-        elif json.dumps(a) != json.dumps(b):  # 1 and 1.0 differ
-            changed.append(prefix + k)
-    return changed
 
 
 def read_records(out: Path) -> list[dict]:
@@ -371,19 +399,14 @@ def _parse(path: Path, text: str) -> list[dict]:
     return records
 
 
-@contextmanager
 def _locked(out: Path, rank: int):
     """Hold this rank's lock for the block: two sweeps writing one records file would
     duplicate samples. Ranks of one launch lock their own files."""
-    with open(out / f"records.rank{rank}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(
-                f"another sweep is writing {out / f'records.rank{rank}.jsonl'} now: wait for it to end, "
-                "or give this sweep another output directory"
-            ) from None
-        yield  # the lock goes with the file: closed here, or by the system when the process dies
+    return locked(
+        out / f"records.rank{rank}.lock",
+        f"another sweep is writing {out / f'records.rank{rank}.jsonl'} now: wait for it to end, "
+        "or give this sweep another output directory",
+    )
 
 
 class RecordLog:
@@ -466,7 +489,15 @@ def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -
     claim_run(out, plan)
     show = config.progress and rank == 0
     with _locked(out, rank), RecordLog(out, rank, config.retry_failed) as log:
-        done = {key(r["task"], r["method"], r["budget"], r["index"]) for r in read_records(out)}
+        records = read_records(out)
+        stale = stale_images(samples, records)
+        if stale:
+            raise ValueError(
+                f"{out} holds answers about images whose files changed since ({len(stale)}, first {stale[0]}): "
+                "their records would be stale. Give this sweep another output directory, or delete "
+                f"{out} to start over"
+            )
+        done = {key(r["task"], r["method"], r["budget"], r["index"]) for r in records}
         total = sum(len(samples[t]) for t in plan.tasks) * len(plan.cells())
         finished = sum(
             1 for t in plan.tasks for m, b in plan.cells() for s in samples[t] if key(t, m, b, s.index) in done
@@ -478,6 +509,7 @@ def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -
             if state is not None and options.device_map is None:
                 options = replace(options, device_map={"": state.device})  # data-parallel: a whole model per process
             model = load_model(config.model, options)
+            check_methods(config, plan.tasks, processor, plan.options, model)  # what needs the weights
         overall = tqdm(total=total, initial=finished, desc="sweep", unit="sample", disable=not show, position=0)
         for task_name, task in plan.tasks.items():
             for method, budget in plan.cells():
@@ -489,6 +521,26 @@ def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -
     if rank != 0:
         return None
     return summarize(out, plan, subsets)
+
+
+def image_identity(sample: Sample) -> str | None:
+    """The digest of the image file a sample's row names, None where the row holds its image
+    (the data files' fingerprint covers those)."""
+    path = getattr(sample.image, "path", None)
+    return None if path is None else image_digest([path])
+
+
+def stale_images(samples: dict[str, list[Sample]], records: list[dict]) -> list[str]:
+    """The image files of this shard's answered samples whose content changed since their
+    records were written. Failed records are left out: fixing a broken image and running
+    again with --retry-failed is how they are redone."""
+    written = {(r["task"], r["index"]): r["image"] for r in records if r["error"] is None and r.get("image")}
+    return [
+        str(sample.image.path)
+        for task, shard in samples.items()
+        for sample in shard
+        if (task, sample.index) in written and written[(task, sample.index)] != image_identity(sample)
+    ]
 
 
 def _sample(task: Task, source: str, row: dict, index: int, image_of) -> Sample:
@@ -581,6 +633,7 @@ def run_batch(model, processor, task: Task, samples: list[Sample], handle, max_n
 def _record(sample: Sample, prediction=None, score=None, image_record=None, error=None) -> dict:
     return dict(
         index=sample.index,
+        image=None if error is not None else image_identity(sample),
         id=sample.id,
         question=sample.question,
         prediction=prediction,
@@ -659,13 +712,16 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.writer(file)
         writer.writerow(COLUMNS + tuple(metric_names))
         for row in rows:
-            writer.writerow([_cell(row[c]) for c in COLUMNS] + [_cell(row["metrics"].get(m)) for m in metric_names])
+            cells = [_cell(row[c], exact=c == "budget") for c in COLUMNS]
+            writer.writerow(cells + [_cell(row["metrics"].get(m)) for m in metric_names])
 
 
-def _cell(value) -> str:
+def _cell(value, exact: bool = False) -> str:
+    """A value as the CSV holds it: figures to 4 decimals, budgets exactly, as the records
+    hold them (0.00001 and 0.00004 are two budgets; 1 and 1.0 too)."""
     if value is None:
         return ""
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.4f}" if isinstance(value, float) and not exact else str(value)
 
 
 def format_summary(summary: dict) -> str:

@@ -20,7 +20,7 @@ from PIL import Image
 from ..method import Method
 from ..registry import Registry
 from . import shapes
-from .data import column, load_rows, open_image
+from .data import StoredImage, column, load_rows
 from .metrics import exact_match, mme_answer, mme_scores, option_letter, pope_answer, pope_metrics, vqa_accuracy
 
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
@@ -70,7 +70,7 @@ class Task:
 
 def own_images(rows, root):
     """image_of for rows that hold their image in an `image` field."""
-    return lambda row, index: lambda: open_image(rows[index]["image"], root)
+    return lambda row, index: StoredImage(rows[index]["image"], root)
 
 
 TASKS: Registry[type[Task]] = Registry("task")
@@ -155,12 +155,13 @@ class GQA(Task):
         position = {image_id: i for i, image_id in enumerate(column(images, "id"))}
 
         def image_of(row, index):
-            def load():
-                if row["imageId"] not in position:  # fails this sample only
-                    raise ValueError(f"gqa: no image with id {row['imageId']!r} in {source}")
-                return open_image(images[position[row["imageId"]]]["image"], image_root)
+            if row["imageId"] in position:
+                return StoredImage(images[position[row["imageId"]]]["image"], image_root)
 
-            return load
+            def missing():  # fails this sample only
+                raise ValueError(f"gqa: no image with id {row['imageId']!r} in {source}")
+
+            return missing
 
         return rows, image_of
 
@@ -256,8 +257,9 @@ class MME(Task):
 class Custom(Task):
     """Your own JSONL (or parquet / save_to_disk) rows: `image` (a path relative to the file,
     or bytes), `question` (used verbatim: put any answer-format instruction in it), and
-    `answer` or `answers`; optional `id`. A prediction scores 1 when, normalised as VQA
-    answers are, it equals one of the answers."""
+    `answer` (a string, or a list of the accepted answers) or `answers` (a list); optional
+    `id`. Every answer is a non-empty string or a number. A prediction scores 1 when,
+    normalised as VQA answers are, it equals one of the answers."""
 
     hub = ("", None, "test")
     headline = "accuracy"
@@ -273,17 +275,26 @@ class Custom(Task):
             raise ValueError(f"custom row {index}: no `question` (a string), got {row.get('question')!r}")
         if "answers" not in row and "answer" not in row:
             raise ValueError(f"custom row {index}: has neither `answer` nor `answers`")
-        answers = row["answers"] if "answers" in row else [row["answer"]]
-        if not isinstance(answers, list) or not any(str(a).strip() for a in answers):
-            # an empty answer would score 0 whatever the model says
+        answers = row["answers"] if "answers" in row else row["answer"]
+        if "answer" in row and not isinstance(answers, list):
+            answers = [answers]
+        # an empty answer scores 0 whatever the model says; None would be scored as "None"
+        if not isinstance(answers, list) or not answers or not all(_an_answer(a) for a in answers):
             raise ValueError(
-                f"custom row {index}: `answer` must be a non-empty string, or `answers` a list holding "
-                f"one, got {answers!r}"
+                f"custom row {index}: `answer` must be a non-empty string (or a list of the accepted "
+                f"answers), `answers` a list of them; got {answers!r}"
             )
         return Sample(index, str(row.get("id", index)), row["question"], [str(a) for a in answers], image)
 
     def score(self, prediction, sample):
         return exact_match(prediction, sample.reference)
+
+
+def _an_answer(value) -> bool:
+    """A reference answer: a non-empty string, or a number (scored as its text)."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @register("shapes")

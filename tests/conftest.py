@@ -58,3 +58,34 @@ def returned_cache(output):
 def greedy(model, inputs, n=6, **kwargs):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kwargs)
+
+
+def without_hanging(call, fifo, timeout=60):
+    """`call()`'s result, failing the test if it is still running after `timeout` seconds (a
+    read of `fifo` waiting for a writer): the FIFO is then opened for writing until the call
+    ends, so that the test does not hang too."""
+    import os
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # SystemExit from the command line included
+            outcome["error"] = error
+
+    running = threading.Thread(target=run, daemon=True)
+    running.start()
+    running.join(timeout=timeout)
+    hung = running.is_alive()
+    while running.is_alive():  # let a blocked open() end
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader at this instant
+            pass
+        running.join(timeout=0.2)
+    assert not hung, f"waited on the FIFO {fifo}"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")

@@ -15,6 +15,7 @@ import reference
 import tokendrop
 from conftest import CACHE, QUESTIONS, greedy, prompt, returned_cache
 from tokendrop.method import METHODS
+from tokendrop.patch import output_cache
 from tokendrop.presets import synthetic_image
 
 ALL = METHODS.names()
@@ -133,6 +134,36 @@ def test_continue_from_a_patched_generation(tiny, batch):
             model, dict(input_ids=stock.sequences, attention_mask=mask), n=2, **{CACHE: returned_cache(stock)}
         )
     assert torch.equal(continued, greedy(model, batch, n=5))
+
+
+def manual_decode(model, inputs, n, cache_name=CACHE, grow_mask=True):
+    """The loop users write: a forward with the images that returns a cache, then one token
+    at a time from it, the caller's own mask one longer per step."""
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        mask, tokens = inputs["attention_mask"], []
+        for _ in range(n):
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+            mask = torch.cat([mask, torch.ones_like(token)], 1) if grow_mask else mask
+            out = model(input_ids=token, attention_mask=mask, use_cache=True, **{cache_name: output_cache(out)})
+    return torch.cat(tokens, 1)
+
+
+@pytest.mark.parametrize("method", ["hired", "random", "text"])
+def test_a_manual_decode_loop_from_a_patched_forward_is_patched_generate(tiny, batch, method):
+    """The rows of a batch lose different numbers of tokens, so the shortened prompt has its
+    own padding: the caller's mask is swapped for it in every step that uses the cache."""
+    model, processor = tiny
+    width = batch["input_ids"].shape[1]
+    assert torch.equal(manual_decode(model, batch, 5), greedy(model, batch, n=5)[:, width:])  # as stock
+    with tokendrop.patched(model, method, budget=0.2, processor=processor):
+        expected = greedy(model, batch, n=5)[:, width:]
+        assert torch.equal(manual_decode(model, batch, 5), expected)
+        if CACHE != "past_key_values":  # the older name, still accepted by the release
+            assert torch.equal(manual_decode(model, batch, 5, cache_name="past_key_values"), expected)
+        with pytest.raises(ValueError, match="this cache holds a prompt a patched call shortened"):
+            manual_decode(model, batch, 2, grow_mask=False)  # a mask that fits neither prompt
 
 
 # --- image geometries -------------------------------------------------------------------

@@ -2,13 +2,16 @@
 was wrong, before a model loads or a measurement is lost; the command line ends such errors
 with `tokendrop: error: ...` and exit code 2, never a traceback."""
 
+import os
+
 import pytest
 
 import tokendrop
+from conftest import without_hanging
 from tokendrop import loading, profiler
 from tokendrop.cli import main
 from tokendrop.harness import chat_prompt
-from tokendrop.presets import PRESETS, synthetic_image
+from tokendrop.presets import PRESETS, build_preset, synthetic_image
 from tokendrop.profiler import REFERENCE, ProfileConfig, profile
 from tokendrop.visualize import show
 
@@ -241,3 +244,72 @@ def test_profile_out_is_checked_before_the_grid_runs(capsys, tmp_path, grid_neve
 def test_errors_after_parsing_are_usage_errors(capsys):
     error = cli_error(capsys, "profile", "--model", "testbed", "--task", "shapes", "--prompt", "What?")
     assert error.startswith("tokendrop: error: --prompt asks about your image")
+
+
+# --- issue 26: image files, figure paths and prompts, refused before a model loads -------------
+
+
+@pytest.fixture
+def model_never_loads(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the model loaded before the error was found")
+
+    monkeypatch.setattr(loading, "load_model", fail)
+
+
+def fifo_at(tmp_path):
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)
+    return fifo
+
+
+@pytest.mark.parametrize("command", [["show", "IMAGE", "--out", "OUT"], ["profile", "--images", "IMAGE", *QUICK[:-2]]])
+def test_a_fifo_given_as_an_image_is_refused_at_once(capsys, tmp_path, command, model_never_loads):
+    fifo = fifo_at(tmp_path)
+    argv = [str(fifo) if a == "IMAGE" else str(tmp_path / "k.png") if a == "OUT" else a for a in command]
+    error = without_hanging(lambda: cli_error(capsys, *argv, "--model", "tiny"), fifo)
+    assert f"{fifo} is not a regular file" in error
+
+
+@pytest.mark.parametrize("size", [(90, 60), (200, 200)])  # past PIL's warning limit, past its error limit
+@pytest.mark.parametrize("command", [["show", "IMAGE", "--out", "OUT"], ["profile", "--images", "IMAGE", *QUICK[:-2]]])
+def test_a_decompression_bomb_is_a_usage_error(capsys, tmp_path, command, size, monkeypatch, model_never_loads):
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", size).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)  # the real limit, 89 million pixels, scaled down
+    argv = [str(bomb) if a == "IMAGE" else str(tmp_path / "k.png") if a == "OUT" else a for a in command]
+    error = cli_error(capsys, *argv, "--model", "tiny")
+    assert f"image {bomb}" in error and "decompression bomb" in error and "MAX_IMAGE_PIXELS" in error
+
+
+def test_show_refuses_a_figure_format_matplotlib_cannot_write(capsys, tmp_path, photo, model_never_loads):
+    out = tmp_path / "kept.txt"
+    error = cli_error(capsys, "show", str(photo), "--model", "tiny", "--out", str(out))
+    assert error.startswith(f"tokendrop: error: cannot write the figure as {out}: ") and "png" in error
+
+
+def test_a_prompt_holding_the_image_token_is_refused_before_the_model_loads(capsys, model_never_loads):
+    error = cli_error(capsys, "profile", "--model", "tiny", *QUICK, "--prompt", "<image> What is it?")
+    assert "holds the image token '<image>'" in error
+
+
+def test_a_corrupt_checkpoint_is_a_usage_error(capsys, tmp_path, photo):
+    model, processor = build_preset("tiny")
+    model.save_pretrained(tmp_path / "ckpt")
+    processor.save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    error = cli_error(capsys, "show", str(photo), "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "k.png"))
+    assert error.startswith(f"tokendrop: error: cannot load the weights of {tmp_path / 'ckpt'}: ")
+    assert "damaged or cut short" in error
+
+
+@pytest.mark.parametrize(
+    "command", [["show", "IMAGE", "--out", "OUT", "--method", "hired"], ["profile", *QUICK, "--methods", "hired"]]
+)
+def test_a_layer_the_tower_lacks_is_refused_before_the_model_loads(capsys, tmp_path, photo, command, model_never_loads):
+    argv = [str(photo) if a == "IMAGE" else str(tmp_path / "k.png") if a == "OUT" else a for a in command]
+    error = cli_error(capsys, *argv, "--model", "tiny", "--option", "hired.select_layer=99")
+    assert error == "tokendrop: error: select_layer=99 is out of range: the vision tower has 3 layers"

@@ -13,7 +13,7 @@ from conftest import QUESTIONS, greedy
 from tokendrop import selection
 from tokendrop.adapters import adapter_for
 from tokendrop.method.dpp import greedy_map
-from tokendrop.presets import build_preset
+from tokendrop.presets import build_preset, synthetic_image
 
 BUDGETS = [0.25, 0.1, 9]
 
@@ -377,3 +377,27 @@ def test_selection_benchmark_runs_and_writes_json(tmp_path, capsys):
     assert set(batches) == {f"{name}@0.1 x{n}" for name in bench_selection.BATCH_METHODS for n in (1, 8)}
     assert all(row["speedup"] == row["baseline"]["median_s"] / row["batched"]["median_s"] for row in batches.values())
     assert "dpp@0.1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", ["host", "device"])
+@pytest.mark.parametrize("allocation", ["partition", "hired", "globalcom2"])
+@pytest.mark.parametrize(
+    "preset, width, height",
+    [("tiny", 1000, 1), ("tiny", 1, 1000), ("tiny-onevision", 100, 300), ("tiny-onevision", 144, 288)],
+)
+def test_dpp_per_partition_on_thin_and_portrait_images(preset, width, height, allocation, path, monkeypatch):
+    """Partitions left empty (the crops of a very thin image, OneVision's padded portrait
+    canvas) get no tokens and no greedy: the CPU's own path took the max of an empty set."""
+    if path == "device":
+        monkeypatch.setattr(selection, "HOST_DEVICES", frozenset())
+    model, processor = build_preset(preset)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(images=[synthetic_image(width, height)], text=[text], return_tensors="pt")
+    relevance = "cls" if allocation == "partition" else "allocator"
+    with tokendrop.patched(model, "dpp", budget=0.2, allocation=allocation, relevance=relevance) as handle:
+        greedy(model, inputs, n=1)
+    record = handle.last[0]
+    assert record.n_kept == max(1, int(0.2 * record.n_before)) and len(set(record.indices)) == record.n_kept

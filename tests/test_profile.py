@@ -510,3 +510,45 @@ def test_a_memory_limit_is_asked_for_or_refused_by_device():
     with pytest.raises(ValueError, match="not mps's: drop the limit"):
         ThroughputConfig(memory_limit="1GB").check_device("mps")
     ProfileConfig().check_device("cpu")  # the grid needs none
+
+
+def test_a_cpu_memory_limit_above_the_machines_memory_is_refused(capsys, monkeypatch):
+    from tokendrop import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError, match="above this machine's memory .* pick a smaller --memory-limit"):
+        ThroughputConfig(memory_limit="100000GB").check_device("cpu")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", "--model", "tiny", "--image-size", "90x60", "--throughput", "--memory-limit", "100000GB"])
+    assert exit_info.value.code == 2 and "above this machine's memory" in capsys.readouterr().err
+
+
+def test_throughput_reports_the_largest_batch_that_fits_in_every_repeat(tiny, monkeypatch):
+    """The CPU allocator's own failure (a RuntimeError, where CUDA's is OutOfMemoryError) is
+    out of memory too: batches above 12 never fit, and 12 fits in the search but not in its
+    second run, a repeat; every repeat fits at 11, so 11 is the largest batch."""
+    from tokendrop.adapters import adapter_for
+
+    model, processor = tiny
+    prefills = {}
+
+    def allocator(module, args, kwargs):
+        batch, length = kwargs["inputs_embeds"].shape[:2]
+        if length == 1:  # a decode step
+            return
+        if batch == 1:  # a cell's search begins
+            prefills.clear()
+        prefills[batch] = prefills.get(batch, 0) + 1
+        if batch > 12 or (batch == 12 and prefills[batch] == 2):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+
+    hook = adapter_for(model).language_model.register_forward_pre_hook(allocator, with_kwargs=True)
+    try:
+        config = ThroughputConfig(["hired"], [0.5], max_new_tokens=1, repeats=2, max_batch_size=16, progress=False)
+        monkeypatch.setattr(ThroughputConfig, "check_device", lambda self, device: None)  # no limit: the fake's
+        rows = throughput(model, processor, [synthetic_image(90, 60)], config)
+    finally:
+        hook.remove()
+    for row in rows:
+        assert (row["status"], row["batch_size"]) == ("ok", 11), row["error"]
+        assert row["batches_tried"] == "1 2 4 8 16x 12 14x 13x 12x 11"

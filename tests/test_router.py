@@ -1,20 +1,23 @@
 """The learned router: untrained it is `text`; trained, its selections follow its formula;
 training touches nothing but the router, resumes exactly, and its files fail loudly."""
 
+import hashlib
 import json
+import os
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig, LlavaNextForConditionalGeneration
 
 import reference
 import tokendrop
-from conftest import QUESTIONS, greedy, prompt
+from conftest import QUESTIONS, greedy, prompt, without_hanging
 from tokendrop import training
 from tokendrop.adapters import adapter_for
-from tokendrop.cli import main
+from tokendrop.cli import main, task_examples
 from tokendrop.eval import shapes
 from tokendrop.method.router import SHIPPED, read_router
 from tokendrop.presets import build_preset, synthetic_image
@@ -244,7 +247,7 @@ def test_bad_router_files_fail_clearly(bed, tiny, trained_router, tmp_path):
     folder = tmp_path / "tiny-router"
     shutil.copytree(trained_router, folder)
     config_file = json.loads((folder / "router.json").read_text())
-    config_file["base_model"] = tokendrop.method.router.fingerprint(tiny[0])
+    config_file["base_model"] = tokendrop.method.router.fingerprint(adapter_for(tiny[0]))
     (folder / "router.json").write_text(json.dumps(config_file))
     with pytest.raises(ValueError, match="input-embedding rows differ"):
         tokendrop.patch(other, "router", budget=0.1, router=folder, processor=tiny[1])
@@ -382,3 +385,277 @@ def test_train_router_command_and_the_shipped_router(tmp_path, capsys):
     assert (SHIPPED["testbed"] / "router.json").is_file()
     shipped = json.loads((SHIPPED["testbed"] / "router.json").read_text())
     assert shipped["training"]["budget"] == 0.05
+
+
+# --- what a router file must prove before it loads (issue 26) ---------------------------------
+
+
+def copy_router(source, folder):
+    shutil.copytree(source, folder)
+    return folder
+
+
+def rewrite_config(folder, change):
+    config_file = json.loads((folder / "router.json").read_text())
+    change(config_file)
+    (folder / "router.json").write_text(json.dumps(config_file))
+
+
+def test_a_byte_flipped_router_is_refused(bed, trained_router, tmp_path):
+    model, processor = bed
+    flipped = copy_router(trained_router, tmp_path / "flipped")
+    data = bytearray((flipped / "router.safetensors").read_bytes())
+    data[-3] ^= 0x10  # a bit of the last weight: the file still parses
+    (flipped / "router.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match the checksum in .*router.json"):
+        tokendrop.patch(model, "router", budget=0.1, router=flipped, processor=processor)
+
+
+def test_non_finite_router_weights_are_refused_at_save_and_at_load(bed, trained_router, tmp_path):
+    from safetensors.torch import save_file
+
+    from tokendrop.method.router import save_router
+
+    model, processor = bed
+    _, weights = read_router(trained_router)
+    with torch.no_grad():
+        weights.salience[3] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        save_router(weights, tmp_path / "nan", {}, {})
+    assert not (tmp_path / "nan" / "router.safetensors").exists()
+    # written by other means, its checksum made to match: still refused
+    folder = copy_router(trained_router, tmp_path / "nan-on-disk")
+    save_file({k: v.contiguous() for k, v in weights.state_dict().items()}, folder / "router.safetensors")
+    digest = hashlib.sha256((folder / "router.safetensors").read_bytes()).hexdigest()
+    rewrite_config(folder, lambda c: c.update(weights_sha256=digest))
+    with pytest.raises(ValueError, match="not finite"):
+        tokendrop.patch(model, "router", budget=0.1, router=folder, processor=processor)
+
+
+def test_non_finite_training_settings_are_refused(tmp_path, capsys, monkeypatch):
+    from tokendrop import loading
+
+    for lr in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+            training.RouterTraining(out=tmp_path, lr=lr)
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-router", "--model", "testbed", "--data", "shapes", "--out", str(tmp_path / "r"), "--lr", "inf"])
+    assert exit_info.value.code == 2 and "lr must be a finite number" in capsys.readouterr().err
+
+
+def test_training_stops_when_the_loss_becomes_non_finite(bed, tmp_path, monkeypatch):
+    model, processor = bed
+    out = tmp_path / "diverged"
+    rewards, calls = training.SelectionTrainer.rewards, []
+
+    def nan_from_step_three(self, *args):
+        calls.append(1)
+        reward = rewards(self, *args)
+        return reward if len(calls) < 3 else torch.full_like(reward, float("nan"))
+
+    monkeypatch.setattr(training.SelectionTrainer, "rewards", nan_from_step_three)
+    with pytest.raises(ValueError, match="loss became non-finite at step 3 .* lower learning rate than 0.05"):
+        training.train_router(model, processor, toy_examples(8), config(out, steps=6, lr=0.05, checkpoint_every=1))
+    assert not (out / "router.safetensors").exists()
+    state = load_file(out / "checkpoint" / "state.safetensors")  # step 2's, untouched
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
+@pytest.mark.parametrize("part", ["vision tower", "projector"])
+def test_a_router_refuses_a_model_with_another_vision_side(bed, trained_router, part):
+    _, processor = bed
+    other, _ = build_preset("testbed")
+    module = adapter_for(other).vision_tower if part == "vision tower" else other.model.multi_modal_projector
+    with torch.no_grad():
+        for parameter in module.parameters():  # re-initialised; the language model untouched
+            parameter.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="trained on another model: the vision tower or projector differs"):
+        tokendrop.patch(other, "router", budget=0.1, router=trained_router, processor=processor)
+
+
+@pytest.mark.parametrize(
+    "drop, named",
+    [
+        (lambda c: c.pop("base_model"), "base_model"),
+        (lambda c: c["base_model"].pop("embedding_sample"), "base_model.embedding_sample"),
+        (lambda c: c.pop("weights_sha256"), "weights_sha256"),
+        (lambda c: c["base_model"].pop("vision_sample"), "base_model.vision_sample"),
+    ],
+)
+def test_a_router_json_missing_a_field_names_it(bed, trained_router, tmp_path, drop, named):
+    model, processor = bed
+    folder = copy_router(trained_router, tmp_path / "incomplete")
+    rewrite_config(folder, drop)
+    with pytest.raises(ValueError, match=f"router.json lacks {named}"):
+        tokendrop.patch(model, "router", budget=0.1, router=folder, processor=processor)
+
+
+def test_a_shipped_name_and_a_local_folder_are_never_confused(bed, trained_router, tmp_path, monkeypatch):
+    from tokendrop.method.router import Router
+
+    _, processor = bed
+    monkeypatch.chdir(tmp_path)
+    copy_router(trained_router, tmp_path / "testbed")
+    with pytest.raises(ValueError, match="both the router shipped with tokendrop and the folder"):
+        Router(router="testbed", processor=processor)
+    local = Router(router="./testbed", processor=processor).weights.state_dict()
+    shipped = Router(router="tokendrop:testbed", processor=processor).weights.state_dict()
+    assert all(torch.equal(local[k], read_router(trained_router)[1].state_dict()[k]) for k in local)
+    assert all(torch.equal(shipped[k], read_router(SHIPPED["testbed"])[1].state_dict()[k]) for k in shipped)
+    assert not torch.equal(local["salience"], shipped["salience"])
+
+
+def test_train_router_prints_a_path_no_shipped_name_can_shadow(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    arguments = ["train-router", "--model", "testbed", "--data", "shapes", "--out", "testbed"]
+    assert main([*arguments, "--steps", "1", "--batch-size", "2", "--samples", "2", "--no-progress"]) == 0
+    assert "--option router.router=./testbed" in capsys.readouterr().out
+
+
+# --- a training run: one process per --out, its identity, its data (issue 26) -------------------
+
+
+def write_jsonl(folder, n=4, answers=True, start=0):
+    """A JSONL of shapes samples whose images are PNG files beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(start, start + n):
+        sample = shapes.shapes_sample("train", i)
+        sample["image"].save(folder / f"{i}.png")
+        row = {"image": f"{i}.png", "question": sample["question"]}
+        lines.append(json.dumps(row | ({"answer": sample["answer"]} if answers else {})))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "data.jsonl"
+
+
+@pytest.fixture
+def model_never_loads(monkeypatch):
+    from tokendrop import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+
+
+def train_router_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-router", "--model", "testbed", "--no-progress", *argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_two_runs_into_one_out_are_refused(bed, tmp_path, monkeypatch):
+    import threading
+
+    model, processor = bed
+    out = tmp_path / "router"
+    inside, release = threading.Event(), threading.Event()
+    loss = training.SelectionTrainer.loss
+
+    def waits_in_the_first_step(self, *args):
+        if threading.current_thread() is first:
+            inside.set()
+            release.wait(60)
+        return loss(self, *args)
+
+    monkeypatch.setattr(training.SelectionTrainer, "loss", waits_in_the_first_step)
+    first = threading.Thread(
+        target=lambda: training.train_router(model, processor, toy_examples(4), config(out, steps=1, budget=0.05))
+    )
+    first.start()
+    assert inside.wait(60)
+    try:
+        with pytest.raises(ValueError, match=f"another train-router is writing {out} now"):
+            training.train_router(model, processor, toy_examples(4), config(out, steps=1, budget=0.2))
+    finally:
+        release.set()
+        first.join()
+    assert json.loads((out / "router.json").read_text())["training"]["budget"] == 0.05
+
+
+def test_resume_tells_budget_1_from_budget_1_0(bed, tmp_path):
+    model, processor = bed
+    training.train_router(model, processor, toy_examples(4), config(tmp_path / "r", steps=2, budget=1))
+    with pytest.raises(ValueError, match="other settings \\(budget\\)"):
+        training.train_router(model, processor, toy_examples(4), config(tmp_path / "r", steps=2, budget=1.0))
+
+
+def test_resume_refuses_changed_images(bed, tmp_path):
+    model, processor = bed
+    data = write_jsonl(tmp_path / "data")
+    training.train_router(model, processor, data, config(tmp_path / "r", steps=2))
+    before = task_examples(f"custom={data}", "train").identity
+    shapes.shapes_sample("train", 9)["image"].save(tmp_path / "data" / "1.png")  # same name, other pixels
+    with pytest.raises(ValueError, match="other settings \\(data\\)"):
+        training.train_router(model, processor, data, config(tmp_path / "r", steps=2))
+    assert task_examples(f"custom={data}", "train").identity != before  # --data custom=FILE too
+
+
+def test_empty_answers_are_refused(tmp_path):
+    data = write_jsonl(tmp_path / "data")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[2]["answer"] = ""
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="line 3: `answer` must be a non-empty string"):
+        training.read_jsonl(data)
+    with pytest.raises(ValueError, match="validation examples need answers"):
+        training.check_run(config(tmp_path / "r"), toy_examples(2), [training.Example(synthetic_image(9, 9), "q?", "")])
+
+
+@pytest.mark.parametrize(
+    "template", ["USER: <image>\n{question} {answer} ASSISTANT:", "<image> {0} {question}", "<image>{question} }"]
+)
+def test_a_prompt_template_with_other_fields_is_refused_when_made(tmp_path, template):
+    with pytest.raises(ValueError, match="prompt_template may hold \\{question\\} and nothing else in braces"):
+        training.RouterTraining(out=tmp_path, prompt_template=template)
+
+
+def test_a_damaged_checkpoint_names_its_file(bed, tmp_path):
+    model, processor = bed
+    out = tmp_path / "r"
+    training.train_router(model, processor, toy_examples(4), config(out, steps=2))
+    state = out / "checkpoint" / "state.json"
+    for damage in ("", state.read_text()[:40]):
+        state.write_text(damage)
+        with pytest.raises(ValueError, match=f"{state} cannot be read .*delete {out / 'checkpoint'}"):
+            training.train_router(model, processor, toy_examples(4), config(out, steps=2))
+    training.train_router(model, processor, toy_examples(4), config(tmp_path / "s", steps=2))
+    tensors = tmp_path / "s" / "checkpoint" / "state.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{tensors} cannot be read .*delete"):
+        training.train_router(model, processor, toy_examples(4), config(tmp_path / "s", steps=2))
+
+
+def test_an_image_that_is_a_fifo_is_refused_before_the_model_loads(tmp_path, capsys, model_never_loads):
+    data = write_jsonl(tmp_path / "data")
+    fifo = tmp_path / "data" / "2.png"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    error = without_hanging(lambda: train_router_error(capsys, "--data", str(data), "--out", str(tmp_path / "r")), fifo)
+    assert f"{data}, line 3: {fifo} is not a regular file" in error
+
+
+def test_train_router_checks_out_and_answers_before_the_model_loads(tmp_path, capsys, model_never_loads):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    labelled, unlabelled = write_jsonl(tmp_path / "with"), write_jsonl(tmp_path / "without", answers=False)
+    for out in (a_file, a_file / "below"):
+        error = train_router_error(capsys, "--data", str(labelled), "--out", str(out))
+        assert error.startswith(f"tokendrop: error: cannot write to {out}: ") and "pick a folder you can write" in error
+    error = train_router_error(capsys, "--data", str(unlabelled), "--out", str(tmp_path / "r"), "--loss", "ce")
+    assert "loss 'ce' needs reference answers" in error
+    error = train_router_error(
+        capsys, "--data", str(labelled), "--validation", str(unlabelled), "--out", str(tmp_path / "r")
+    )
+    assert "validation examples need answers" in error
+
+
+def test_an_out_holding_another_run_is_refused_before_the_model_loads(bed, tmp_path, capsys, monkeypatch):
+    model, processor = bed
+    data = write_jsonl(tmp_path / "data")
+    training.train_router(model, processor, data, config(tmp_path / "r", steps=1, lr=0.05))
+    from tokendrop import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    error = train_router_error(capsys, "--data", str(data), "--out", str(tmp_path / "r"), "--lr", "0.01")
+    assert f"{tmp_path / 'r' / 'checkpoint'} belongs to a run with other settings (" in error and "lr" in error

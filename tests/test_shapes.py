@@ -238,6 +238,33 @@ def test_oracle_keeps_the_object_first_then_cls_attention(trained, budget):
         assert oracle.targets == []
 
 
+def test_oracle_gives_each_image_of_a_mixed_size_batch_its_own_box(trained):
+    """Images of one size are selected together, so the oracle sees them out of call order:
+    each must still get the box at its own place in the call."""
+    model, processor = trained
+    samples = [shapes.shapes_sample("test", i) for i in range(3)]
+    images = [samples[0]["image"], samples[1]["image"].resize((144, 96)), samples[2]["image"]]
+    boxes = [s["objects"][0][2] for s in samples]
+
+    def kept(images, boxes):
+        inputs = processor(
+            images=images,
+            text=[chat_prompt(processor, s["question"]) for s in samples[: len(images)]],
+            return_tensors="pt",
+            padding=True,
+        )
+        oracle = shapes.Oracle(budget=0.05)
+        oracle.targets = list(boxes)
+        with tokendrop.patched(model, oracle) as handle, torch.no_grad():
+            model.generate(**inputs, max_new_tokens=1)
+        assert oracle.targets == []
+        return [r.indices for r in handle.last]
+
+    alone = [kept([image], [box])[0] for image, box in zip(images, boxes)]
+    assert kept(images, boxes) == alone
+    assert alone[0] != kept([images[0]], [boxes[2]])[0]  # the boxes do decide the selection
+
+
 def test_oracle_in_a_sweep_and_refused_elsewhere(trained, tmp_path):
     model, processor = trained
     summary = sweep(

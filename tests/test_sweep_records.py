@@ -8,8 +8,10 @@ import os
 import threading
 
 import pytest
+import torch
 
 import tokendrop
+from conftest import without_hanging
 from test_sweep import FAST, key, tiny_model, write_custom
 from tokendrop.eval import sweep as sweep_module
 from tokendrop.eval.sweep import REFERENCE, RecordLog, SweepConfig, read_records, sweep
@@ -98,7 +100,7 @@ def test_int_and_float_budgets_stay_apart(tmp_path):
     sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))  # resumes: nothing left to do
     assert read_records(tmp_path / "run") == records
     with open(tmp_path / "run" / "summary.csv") as file:
-        assert [row["budget"] for row in csv.DictReader(file)] == ["", "1", "1.0000"]
+        assert [row["budget"] for row in csv.DictReader(file)] == ["", "1", "1.0"]  # budgets exactly (issue 26)
 
 
 def test_a_second_sweep_into_the_same_directory_fails_at_once(tmp_path, monkeypatch):
@@ -149,20 +151,7 @@ def test_an_image_that_is_not_a_regular_file_fails_its_sample(tmp_path):
     fifo = data.parent / "1.png"
     fifo.unlink()
     os.mkfifo(fifo)
-    done = []
-    running = threading.Thread(
-        target=lambda: done.append(sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))), daemon=True
-    )
-    running.start()
-    running.join(timeout=90)
-    hung = running.is_alive()
-    while running.is_alive():  # let a blocked open() end, so that the test does not hang too
-        try:
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:  # no reader at this instant
-            pass
-        running.join(timeout=0.2)
-    assert not hung, "the sweep waited on a FIFO"
+    done = [without_hanging(lambda: sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args)), fifo, 90)]
     errors = {r["index"]: r["error"] for r in read_records(tmp_path / "run")}
     assert errors[0] is None and errors[1].startswith("ValueError") and "not a regular file" in errors[1]
     assert [(c["n"], c["failed"]) for c in done[0]["cells"]] == [(1, 1), (1, 1)]
@@ -224,4 +213,91 @@ def test_arguments_of_the_wrong_type_say_what_was_expected(tmp_path):
         sweep(SweepConfig("tiny", ["textvqa"], tmp_path / "run", methods="hired"))
     with pytest.raises(TypeError, match=r"budgets must be a list .*got 0\.5"):
         sweep(SweepConfig("tiny", ["textvqa"], tmp_path / "run", budgets=0.5))
+    assert not (tmp_path / "run").exists()
+
+
+# --- a run's identity covers what decides its answers (issue 26) -------------------------------
+
+
+def test_resume_refuses_records_of_changed_images(tmp_path):
+    args, data = custom(tmp_path)
+    sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))
+    image = data.parent / "1.png"
+    stat = image.stat()
+    tokendrop.presets.synthetic_image(38, 96, seed=7).save(image)  # same name, other pixels
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(
+        ValueError, match=f"holds answers about images whose files changed since \\(1, first {image}\\)"
+    ):
+        sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))
+
+
+def test_resume_refuses_records_of_a_replaced_router(tmp_path):
+    from tokendrop.adapters import adapter_for
+    from tokendrop.method.router import RouterWeights, fingerprint, save_router
+
+    model, processor = tiny_model()
+    folder = tmp_path / "router"
+    save_router(RouterWeights(64, 2, seed=1), folder, fingerprint(adapter_for(model)), {})
+    args, _ = custom(tmp_path)
+    args.update(methods=["router"], options={"router": {"router": str(folder)}})
+    sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))
+    save_router(RouterWeights(64, 2, seed=2), folder, fingerprint(adapter_for(model)), {})  # same path
+    with pytest.raises(ValueError, match=r"differs in: method_files\.router\.router \(a file a method option names"):
+        sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))
+
+
+def test_resume_refuses_records_of_a_passed_model_whose_weights_changed(tmp_path):
+    model, processor = tiny_model()
+    args, _ = custom(tmp_path)
+    sweep(SweepConfig("mine", ["custom"], tmp_path / "run", **args), model=model, processor=processor)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0
+    with pytest.raises(ValueError, match=r"differs in: model\.weights \(the model's weights changed"):
+        sweep(SweepConfig("mine", ["custom"], tmp_path / "run", **args), model=model, processor=processor)
+
+
+def test_custom_answers_null_is_refused_and_a_list_is_several_answers(tmp_path, no_model_load):
+    from tokendrop.eval.tasks import Custom
+
+    task = Custom()
+    for bad in ({"answer": None}, {"answers": ["x", None]}, {"answer": ["x", {"a": 1}]}):
+        with pytest.raises(ValueError, match=r"custom row 0: .*answer"):
+            task.sample({"question": "q?", "image": "0.png"} | bad, 0, None)
+    sample = task.sample({"question": "Which colour?", "answer": ["cyan", "light blue"]}, 0, None)
+    assert sample.reference == ["cyan", "light blue"]
+    assert task.score("cyan", sample) == 1.0 and task.score("Light blue.", sample) == 1.0
+    assert task.score("blue", sample) == 0.0
+    args, data = custom(tmp_path)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[1] = {k: v for k, v in rows[1].items() if k != "answers"} | {"answer": None}
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"data\.jsonl: custom row 1: .*answer"):
+        sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))
+
+
+def test_summary_csv_writes_budgets_exactly(tmp_path):
+    args, _ = custom(tmp_path, n=1)
+    args["budgets"] = [0.00001, 0.00004]
+    sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))
+    with open(tmp_path / "run" / "summary.csv") as file:
+        assert [row["budget"] for row in csv.DictReader(file)] == ["", "1e-05", "4e-05"]
+
+
+def test_a_mistyped_local_data_path_never_reaches_the_hub(tmp_path, monkeypatch, no_model_load):
+    from tokendrop.eval import data as data_module
+
+    monkeypatch.setattr(data_module, "_from_hub", lambda *a: pytest.fail("asked the hub"))
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for typo in ("data/missing.jsonl", "./data/missing", "data/textvqa", str(tmp_path / "nowhere"), "~/no/such/dir"):
+        with pytest.raises(FileNotFoundError, match="no such local file or folder"):
+            sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", data={"custom": typo}, **FAST))
+
+
+def test_a_bad_layer_option_fails_before_the_model_loads(tmp_path, no_model_load):
+    args, _ = custom(tmp_path)
+    args.update(methods=["hired"], options={"hired": {"select_layer": 99}})
+    with pytest.raises(ValueError, match="select_layer=99 is out of range: the vision tower has 3 layers"):
+        sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args))
     assert not (tmp_path / "run").exists()

@@ -107,12 +107,12 @@ def device_map(text: str) -> str:
 
 
 def image_file(text: str):
-    from PIL import Image
+    from .files import open_image  # refuses FIFOs and decompression bombs
 
     try:
-        return Image.open(text).convert("RGB")
-    except OSError as error:
-        raise argparse.ArgumentTypeError(f"cannot read image {text!r}: {error}") from None
+        return open_image(text)
+    except (OSError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 # --- arguments shared by the subcommands ------------------------------------------------
@@ -322,8 +322,9 @@ def profile_config(args, prompt: str, out: Path | None):
 def run_profile(args) -> None:
     import torch
 
-    from .loading import check_model_name, load_processor
-    from .profiler import format_table, format_throughput_table, profile, throughput, writable_folder
+    from .files import writable_folder
+    from .loading import check_model_name, load_processor, model_facts
+    from .profiler import format_table, format_throughput_table, profile, throughput
 
     check_model_name(args.model)
     images, prompt = profile_inputs(args)
@@ -331,7 +332,7 @@ def run_profile(args) -> None:
     if args.device_map == "cpu" or not torch.cuda.is_available():
         config.check_device("cpu")  # the model will load on the CPU: a limit it needs is asked for now
     processor = load_processor(args.model)
-    config.check(processor)  # a bad option fails before the model loads
+    config.check(processor, model_facts(args.model))  # a bad option fails before the model loads
     if config.out:
         writable_folder(config.out)
     model = loaded_model(args)
@@ -505,8 +506,10 @@ def add_show(subcommands) -> None:
 
 
 def run_show(args) -> None:
-    from .loading import check_model_name, load_processor
+    from .harness import chat_prompt
+    from .loading import check_model_name, load_processor, model_facts
     from .method import build as build_method
+    from .method.base import check_fits
     from .preset_specs import with_preset_defaults
     from .visualize import check_figure_path, show
 
@@ -519,7 +522,9 @@ def run_show(args) -> None:
     options = with_preset_defaults(args.model, [args.method], options).get(args.method, {})
     check_figure_path(args.out)
     processor = load_processor(args.model)
-    build_method(args.method, budget=args.budget, processor=processor, **options)  # before the model loads
+    method = build_method(args.method, budget=args.budget, processor=processor, **options)
+    check_fits(method, model_facts(args.model))  # before the model loads
+    chat_prompt(processor, args.question)
     model = loaded_model(args)
     show(model, processor, args.image, args.method, args.budget, args.question, out=args.out, **options)
     print(f"wrote {args.out}")
@@ -675,7 +680,7 @@ def add_train_router(subcommands) -> None:
 
 def run_train_router(args) -> None:
     from .loading import load_processor
-    from .training import RouterTraining, read_jsonl, train_router
+    from .training import RouterTraining, check_run, read_jsonl, train_router
 
     given = {name: getattr(args, name) for name in TRAINING_DEFAULTS}
     config = RouterTraining(out=args.out, progress=not args.no_progress, **given)
@@ -685,19 +690,24 @@ def run_train_router(args) -> None:
         source = args.validation
         validation = read_jsonl(source) if Path(source).is_file() else task_examples(source, None)
         validation = [validation[i] for i in range(min(args.validation_samples, len(validation)))]
+    checked = check_run(config, data, validation)  # the data and --out, before the model loads
     args.device_map = device_map_from_launch(args) or args.device_map
     processor = load_processor(args.model)
     model = loaded_model(args)
-    out = train_router(model, processor, data, config, validation)
+    out = train_router(model, processor, data, config, validation, checked)
+    # a bare folder name could be a shipped router's: `./NAME` never is
+    named = out if len(out.parts) > 1 or out.is_absolute() else f"./{out}"
     print(
         f"wrote {out / 'router.safetensors'} and {out / 'router.json'}; use it with "
-        f"--method router --option router.router={out}"
+        f"--method router --option router.router={named}"
     )
 
 
 def task_examples(spec: str, split: str | None) -> TaskExamples:
     """The examples of a sweep task: TASK (its evaluated split, or `split`), or TASK=SOURCE."""
+    from .eval.data import fingerprint
     from .eval.tasks import TASKS, build_task, current_task_name
+    from .files import image_digest
 
     name, equals, source = spec.partition("=")
     name = current_task_name(name)
@@ -705,8 +715,15 @@ def task_examples(spec: str, split: str | None) -> TaskExamples:
         raise ValueError(f"--data/--validation {spec!r} is neither a file nor a task ({', '.join(TASKS.names())})")
     task = build_task(name)
     rows, image_of = task.load(source or None, split)
-    # the name now, so that `--data testbed` and `--data shapes` are one run (and resume each other)
-    return TaskExamples(task, rows, image_of, identity=f"{name}{equals}{source}:{split}:{len(rows)}")
+    # the name now, so that `--data testbed` and `--data shapes` are one run (and resume each
+    # other); a local source's files and the image files its rows name, by content
+    identity = [f"{name}{equals}{source}:{split}:{len(rows)}"]
+    if source and fingerprint(source) is not None:
+        identity.append(fingerprint(source))
+    if isinstance(rows, list):
+        paths = (getattr(image_of(row, index), "path", None) for index, row in enumerate(rows))
+        identity.append(image_digest(path for path in paths if path is not None))
+    return TaskExamples(task, rows, image_of, identity=":".join(identity))
 
 
 class TaskExamples(Sequence):

@@ -65,6 +65,13 @@ class Adapter(ABC):
     def supports(cls, model: nn.Module) -> bool:
         """Whether `model` is of this family (read from its config; cheap, never raises)."""
 
+    @classmethod
+    @abstractmethod
+    def facts(cls, config) -> ModelFacts:
+        """What methods read of a model of this `config`, where none is loaded (a harness
+        checking its options before the weights load, a vLLM server). ValueError for a
+        configuration the family cannot patch."""
+
     @abstractmethod
     def check_images(self, pixel_values, geometry, **options):
         """The call's per-image `geometry` (the second of `image_inputs`) in the form `layouts`
@@ -97,13 +104,14 @@ class Adapter(ABC):
         options: dict,
     ) -> list[EncodedImage]:
         """Every image of a call, checked against its prompt and encoded (`check_images`,
-        `encode`), with its prompt row, that row's attention mask and the caller's question
-        for that row, in placeholder order. `options`: the call's `call_options` it holds."""
+        `encode`), with its place in the call, its prompt row, that row's attention mask and
+        the caller's question for that row, in placeholder order. `options`: the call's `call_options` it holds."""
         geometry = self.check_images(pixel_values, geometry, **options)
         per_row = (input_ids == self.image_token_id).sum(1).tolist()
         rows = assign_rows(per_row, [layout.packed_source.numel() for layout in self.layouts(geometry, **options)])
         images = self.encode(pixel_values, geometry, signals, **options)
-        for image, row in zip(images, rows):
+        for index, (image, row) in enumerate(zip(images, rows)):
+            image.index = index
             image.prompt_row = input_ids[row]
             image.prompt_mask = None if attention_mask is None else attention_mask[row]
             image.question = None if questions is None else questions[row]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import platform
 import statistics
 import subprocess
@@ -41,7 +42,16 @@ def positive_int(text: str) -> int:
 def chat_prompt(processor, question: str, n_images: int = 1, answer: str | None = None) -> str:
     """The user turn (images first, then the question) in the model's chat template, with the
     generation prompt: the text to give the processor beside the images. With `answer` (for
-    training), the exchange instead: the user turn, then the assistant's answer and its end of turn."""
+    training), the exchange instead: the user turn, then the assistant's answer and its end of turn.
+    A question that holds the image token is refused: its placeholder would have no image."""
+    from .method.text import image_token
+
+    token = image_token(processor)
+    if token in question:
+        raise ValueError(
+            f"the question {question!r:.80} holds the image token {token!r}: the prompt places the image "
+            "itself; write the question without it"
+        )
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
     conversation = [{"role": "user", "content": content}]
     if answer is None:
@@ -163,6 +173,19 @@ def jsonable(value):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return repr(value)
+
+
+def differences(new: dict, old: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the keys whose values differ, nested dicts walked into; values are
+    compared as JSON, so that 1 (one token) and 1.0 (every token) differ."""
+    changed = []
+    for k in sorted(set(new) | set(old)):
+        a, b = new.get(k), old.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += differences(a, b, f"{prefix}{k}.")
+        elif json.dumps(a) != json.dumps(b):
+            changed.append(prefix + k)
+    return changed
 
 
 def text_table(columns, rows, title: str | None = None, caption: str | None = None) -> str:

@@ -229,6 +229,8 @@ class EncodedImage:
     prompt_row: torch.Tensor | None = None  # the image's prompt row, as the batch pads it
     prompt_mask: torch.Tensor | None = None  # that row's attention mask (None: no padding)
     question: str | None = None  # the caller's explicit question for that row, if given
+    # its place among the call's images: selection groups images by layout, out of call order
+    index: int | None = None
 
     def cls_scores(self, layer: int) -> torch.Tensor:
         return self.cls[layer % self.n_layers]

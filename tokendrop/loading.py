@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, BitsAndBytesConfig
 
 from .adapters import ADAPTERS
+from .family import ModelFacts
 from .preset_specs import PRESETS
-from .presets import QWEN_FAMILIES, QwenPilImageProcessor, build_preset, build_processor
+from .presets import QWEN_FAMILIES, QwenPilImageProcessor, build_preset, build_processor, preset_config
 from .registry import did_you_mean
 
 DTYPES = {
@@ -94,6 +96,24 @@ def images_only_processor(spec: str, error: ImportError):
     )
 
 
+def model_facts(spec: str) -> ModelFacts:
+    """What methods read of the model `spec` names (its vision layers, feature layer, image
+    token), from its configuration alone: harnesses check every method against it before the
+    weights load (`tokendrop.method.base.check_fits`)."""
+    check_model_name(spec)
+    config = preset_config(spec) if spec in PRESETS.names() else AutoConfig.from_pretrained(spec)
+    return adapter_class(spec, config).facts(config)
+
+
+def adapter_class(spec: str, config):
+    """The adapter class of a model's `config`; another family fails here, before its weights load."""
+    if config.model_type not in ADAPTERS.names():
+        raise ValueError(
+            f"{spec} is a {config.model_type!r} model; tokendrop has adapters for {', '.join(ADAPTERS.names())}"
+        )
+    return ADAPTERS.get(config.model_type)
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How `load_model` loads a model: checked when made, before any weights load."""
@@ -143,13 +163,22 @@ def load_model(spec: str, options: LoadOptions | None = None, **fields):
     if device_map is None:
         device_map = "auto" if torch.cuda.is_available() else "cpu"
     config = AutoConfig.from_pretrained(spec)
-    if config.model_type not in ADAPTERS.names():
-        raise ValueError(
-            f"{spec} is a {config.model_type!r} model; tokendrop has adapters for {', '.join(ADAPTERS.names())}"
+    adapter_class(spec, config)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            spec,
+            config=config,
+            dtype=DTYPES[dtype],
+            device_map=device_map,
+            quantization_config=quantization,
+            **attention,
         )
-    return AutoModelForImageTextToText.from_pretrained(
-        spec, config=config, dtype=DTYPES[dtype], device_map=device_map, quantization_config=quantization, **attention
-    ).eval()
+    except SafetensorError as error:
+        raise ValueError(
+            f"cannot load the weights of {spec}: {error}. The checkpoint is damaged or cut short: download or "
+            "save it again"
+        ) from None
+    return model.eval()
 
 
 def _preset_device(device_map) -> torch.device:

@@ -30,7 +30,9 @@ from .patch import adapter_of, handle_of, output_cache
 
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+PROC_MEMINFO = Path("/proc/meminfo")
 GIB = 2**30
+CPU_ALLOCATOR_FAILED = "DefaultCPUAllocator: can't allocate memory"  # torch's RuntimeError on the CPU
 
 
 def _accelerator_api(device: torch.device):
@@ -135,11 +137,25 @@ def _reset_cpu_peak() -> PeakMemory:
     return PeakMemory("cpu_peak_rss", start_bytes=proc_status_bytes("VmRSS"))
 
 
-def proc_status_bytes(field: str) -> int:
-    for line in PROC_STATUS.read_text().splitlines():
+def proc_status_bytes(field: str, path: Path = PROC_STATUS) -> int:
+    for line in path.read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError(f"{PROC_STATUS} has no {field} line")
+    raise RuntimeError(f"{path} has no {field} line")
+
+
+def check_cpu_limit(limit_bytes: int) -> None:
+    """Refuse a CPU memory limit above the machine's memory: the tool's own cap would never
+    fire, and a batch past the memory there is would fail in the allocator (or be ended by
+    the operating system), not as the limit says."""
+    if not PROC_MEMINFO.exists():
+        return
+    total = proc_status_bytes("MemTotal", PROC_MEMINFO)
+    if limit_bytes > total:
+        raise ValueError(
+            f"memory limit {limit_bytes / GIB:.1f} GiB is above this machine's memory ({total / GIB:.1f} GiB): "
+            "pick a smaller --memory-limit"
+        )
 
 
 # --- memory caps ----------------------------------------------------------------------
@@ -370,7 +386,15 @@ def measure_generate(
     criteria = StoppingCriteriaList([*generate_kwargs.pop("stopping_criteria", []), timer])
     with memory_cap(model, memory_limit_bytes), stages(model) as stage, peak_memory(device) as memory:
         timer.begin()
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, stopping_criteria=criteria, **generate_kwargs)
+        try:
+            output = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, stopping_criteria=criteria, **generate_kwargs
+            )
+        except RuntimeError as error:
+            if CPU_ALLOCATOR_FAILED not in str(error):
+                raise
+            # the CPU allocator's failure is a RuntimeError, CUDA's an OutOfMemoryError: one kind for callers
+            raise torch.OutOfMemoryError(str(error).splitlines()[0]) from error
         synchronize(device)
         generate_s = time.perf_counter() - timer.start
         if device.type == "cpu":

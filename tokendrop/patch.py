@@ -20,7 +20,8 @@ carries images, the wrapper runs once, before the LLM:
 
 Decode steps and text-only calls pass straight through (a forward without images never enters
 the patch); a `generate` that continues from a
-patched call's cache feeds the shortened prompt that the cache holds. All state lives in one `Handle`
+patched call's cache feeds the shortened prompt that the cache holds, and a decode step of
+the caller's own loop from such a cache gets the shortened prompt's attention mask. All state lives in one `Handle`
 stored on the model; `unpatch` puts back exactly what was there before.
 
 The instance attributes are `_Wrapper` objects, not closures, so that `copy.deepcopy` and
@@ -46,7 +47,7 @@ from transformers import Cache, GenerationConfig
 from .adapters import adapter_for
 from .family import Adapter, Request
 from .method import Method, build as build_method
-from .method.base import check_signals
+from .method.base import check_fits
 from .pruning import ImageRecord, Selected, select_images
 
 ATTRIBUTE = "_tokendrop_handle"
@@ -240,7 +241,8 @@ class Handle:
             with self.adapter.llm_call(call, generating=True):
                 output = generate(compact_ids, **call)
             if shortened is None:
-                _remember_shortened(output, cache, input_ids, compact_ids, call["attention_mask"])
+                repeats = _sequences(output).shape[0] // input_ids.shape[0]  # num_return_sequences
+                _remember_shortened(output, cache, input_ids, compact_ids, call["attention_mask"], repeats)
             return _with_original_prompt(output, input_ids, compact_ids.shape[1])
 
         signature = inspect.signature(forward)
@@ -252,7 +254,7 @@ class Handle:
             call.update(call.pop("kwargs", {}))
             pixels = self.adapter.image_inputs[0]
             if call.get(pixels) is None:
-                return forward(*args, **kwargs)
+                return forward(**_with_cache_mask(call))
             if call.get("position_ids") is not None:
                 raise ValueError(
                     f"position_ids cannot be passed with {pixels} to a patched model: the prompt it "
@@ -260,10 +262,14 @@ class Handle:
                 )
             images = self._take_images(call)
             input_ids, attention_mask, labels = (call.pop(k, None) for k in ("input_ids", "attention_mask", "labels"))
-            _, llm_inputs, kept_features = self.prune(input_ids, attention_mask, labels, images, questions, "right")
+            compact_ids, llm_inputs, kept_features = self.prune(
+                input_ids, attention_mask, labels, images, questions, "right"
+            )
             call.update(llm_inputs)
             with self.adapter.llm_call(call, generating=False):
                 output = forward(**call)
+            # a decode loop continues from this cache: its steps get the shortened prompt's mask
+            _remember_shortened(output, None, input_ids, compact_ids, llm_inputs.get("attention_mask"), 1)
             return self.adapter.with_image_features(output, kept_features)
 
         return {"generate": patched_generate, "forward": patched_forward}
@@ -284,7 +290,7 @@ class _Wrapper:
         handle = self.handle
         if self.name == "forward" and not args and "questions" not in kwargs:
             if kwargs.get(handle.adapter.image_inputs[0]) is None:  # a decode step, or text only
-                return handle._inner("forward")(**kwargs)
+                return handle._inner("forward")(**_with_cache_mask(kwargs))
         return handle._call(self.name, args, kwargs)
 
 
@@ -383,9 +389,37 @@ class _Shortened:
         head = torch.ones_like(self.compact) if self.compact_mask is None else self.compact_mask
         return ids, torch.cat([head.to(tail.device), tail], 1)
 
+    def decode_mask(self, attention_mask: torch.Tensor, cached: int, new: int) -> torch.Tensor:
+        """The mask of a forward of `new` tokens from this cache (`cached` long): one as long
+        as the cache is its own (generate's steps); one that starts with the caller's prompt
+        (a decode loop that extends the caller's mask) gets the shortened prompt's columns."""
+        width, n = attention_mask.shape[1], self.original.shape[1]
+        if width == cached + new:
+            return attention_mask
+        if width != cached + new + n - self.compact.shape[1] or attention_mask.shape[0] != len(self.compact):
+            raise ValueError(
+                f"this cache holds a prompt a patched call shortened to {self.compact.shape[1]} tokens (yours has "
+                f"{n}), and attention_mask has {width} columns for {cached} cached and {new} new tokens: pass "
+                "your prompt's mask extended by one column per token since (it is swapped for the shortened "
+                "one), or the cache's own length"
+            )
+        head = torch.ones_like(self.compact) if self.compact_mask is None else self.compact_mask
+        return torch.cat([head.to(attention_mask.device, attention_mask.dtype), attention_mask[:, n:]], 1)
 
-# cache -> _Shortened, for the caches that patched generate calls filled; weak, so a cache's
-# entry goes with the cache
+
+def _with_cache_mask(call: dict) -> dict:
+    """A forward's keyword arguments, with the attention mask of a step from a cache that a
+    patched call filled made the shortened prompt's (`_Shortened.decode_mask`)."""
+    cache = next((call[k] for k in ("cache", "past_key_values") if call.get(k) is not None), None)
+    shortened = _shortened_prompt(cache)
+    mask, ids = call.get("attention_mask"), call.get("input_ids", call.get("inputs_embeds"))
+    if shortened is None or mask is None or ids is None:
+        return call
+    return call | {"attention_mask": shortened.decode_mask(mask, cache.get_seq_length(), ids.shape[1])}
+
+
+# cache -> _Shortened, for the caches that patched calls filled; weak, so a cache's entry goes
+# with the cache
 _SHORTENED: weakref.WeakKeyDictionary[Cache, _Shortened] = weakref.WeakKeyDictionary()
 
 
@@ -401,11 +435,12 @@ def output_cache(output):
     return getattr(output, "cache" if "cache" in fields else "past_key_values", None)
 
 
-def _remember_shortened(output, cache, input_ids, compact_ids, compact_mask) -> None:
+def _remember_shortened(output, cache, input_ids, compact_ids, compact_mask, rows: int) -> None:
+    """Tie the cache a patched call filled to the prompts it holds; `rows`: how many times
+    each row is repeated in it (generate's num_return_sequences)."""
     returned = output_cache(output)
     cache = cache if returned is None else returned
     if isinstance(cache, Cache):
-        rows = _sequences(output).shape[0] // input_ids.shape[0]  # num_return_sequences repeats rows
         original, compact = input_ids.repeat_interleave(rows, 0), compact_ids.repeat_interleave(rows, 0)
         mask = None if compact_mask is None else compact_mask.repeat_interleave(rows, 0)
         _SHORTENED[cache] = _Shortened(original, compact, mask)
@@ -465,13 +500,9 @@ def patch(
                 "a Method object carries its own budget and options: pass it alone, "
                 "e.g. patch(model, Oracle(budget=0.1))"
             )
-        chosen = method.resolve(adapter)
     else:
-        chosen = build_method(method, budget=1.0 if budget is None else budget, processor=processor, **options).resolve(
-            adapter
-        )
-    check_signals(chosen, adapter)
-    handle = Handle(model, chosen, adapter)
+        method = build_method(method, budget=1.0 if budget is None else budget, processor=processor, **options)
+    handle = Handle(model, check_fits(method, adapter), adapter)
     handle.install()
     return handle
 

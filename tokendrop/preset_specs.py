@@ -95,7 +95,7 @@ PRESETS.register("testbed")(
             "cross",
         ),
         task="shapes",  # trained for this task: its weights are loaded, not drawn
-        method_options={"router": {"router": "testbed"}},  # the router trained for it, shipped beside it
+        method_options={"router": {"router": "tokendrop:testbed"}},  # the router trained for it, shipped beside it
     )
 )
 

@@ -46,7 +46,7 @@ from transformers import (
 )
 
 from .preset_specs import PRESETS, family
-from .testbed import load_testbed_model
+from .testbed import load_testbed_model, testbed_config
 
 # the PIL (numpy) image processor: `...Pil` from 5.0, the plain class before; chosen by what
 # the installed release has, so that no torchvision is needed on any of them
@@ -284,6 +284,13 @@ def build_config(name: str, tokenizer: PreTrainedTokenizerFast):
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
+
+
+def preset_config(name: str) -> LlavaNextConfig | LlavaOnevisionConfig:
+    """The configuration of an embedded preset, without building its model."""
+    if PRESETS.get(name).get("task"):
+        return testbed_config()
+    return build_config(name, build_processor(name).tokenizer)
 
 
 def build_preset(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, attn_implementation: str = "sdpa"):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import numbers
-import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import KW_ONLY, dataclass, field
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .adapters import adapter_for
 from .checks import is_int
+from .files import writable_folder
 from .harness import (
     REFERENCE,
     SPREAD_TOLERANCE,
@@ -40,8 +40,16 @@ from .harness import (
     spread_exceeds,
     text_table,
 )
-from .measure import cpu_peak_available, measure_generate, model_device, parse_memory_size, release_memory
+from .measure import (
+    check_cpu_limit,
+    cpu_peak_available,
+    measure_generate,
+    model_device,
+    parse_memory_size,
+    release_memory,
+)
 from .method import METHODS, build as build_method
+from .method.base import check_fits
 from .patch import handle_of, patched, unpatch
 from .selection import check_budget
 
@@ -102,14 +110,16 @@ class _Measurement:
         return None if self.memory_limit is None else parse_memory_size(self.memory_limit)
 
     def check(self, processor, adapter=None) -> None:
-        """Build every method x budget once (and, given the model's `adapter`, resolve it
-        against the model): a bad option fails here, not in every cell. Needs only the
-        processor, so the command line calls it before the model loads."""
+        """Build every method x budget once (and, given the model's `adapter` or the
+        `ModelFacts` of its configuration, check it against the model), and the prompt: a bad
+        option fails here, not in every cell. Needs no weights, so the command line calls it
+        before the model loads."""
+        chat_prompt(processor, self.prompt)
         for name in self.methods:
             for budget in self.budgets:
                 method = build_method(name, budget=budget, processor=processor, **self.options.get(name, {}))
                 if adapter is not None:
-                    method.resolve(adapter)
+                    check_fits(method, adapter)
 
     def check_device(self, device: torch.device | str) -> None:
         """A memory limit caps CUDA's allocator, or on the CPU Linux's peak RSS: refuse it
@@ -124,6 +134,7 @@ class _Measurement:
                 "a CPU memory limit is enforced on the peak RSS that Linux reports in /proc/self, which this "
                 "system lacks: drop the memory limit"
             )
+        check_cpu_limit(self.memory_limit_bytes)
 
 
 @dataclass
@@ -312,18 +323,6 @@ def check_images(images) -> list:
         if not isinstance(image, Image.Image):
             raise TypeError(f"{expected}, got a {type(image).__name__} in it")
     return list(images)
-
-
-def writable_folder(out) -> Path:
-    """`out`, created, once a file could be made in it: the measurements are written there
-    only after the whole grid has run."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as error:
-        raise ValueError(f"cannot write to {out}: {error.strerror or error}; pick a folder you can write") from None
-    return out
 
 
 def batch_inputs(processor, images, prompt, batch_size, model) -> dict:

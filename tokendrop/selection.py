@@ -4,7 +4,11 @@ order-preserving top-k, the newline policy and merging.
 Every step takes a leading batch of images of one layout and runs where its tensors are
 (the features' device) without reading a value back to the host: budgets are Python ints
 from the layout's sizes, and a selection is a (..., N) bool mask over the feature tokens
-(a merging selection: an owner map, see `Grouping`). Scores arrive in fp32."""
+(a merging selection: an owner map, see `Grouping`). Scores arrive in fp32.
+
+Non-finite scores (a NaN pixel spreads through its tile) never change a count: NaN ranks
+below every key (`order_key`) and a non-finite allocation weight counts as zero; the methods
+with their own arithmetic (dpp, divprune, text) rank non-finite tokens last as well."""
 
 from __future__ import annotations
 
@@ -70,7 +74,8 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor, host_capacity
     Each round gives every open partition floor(remaining * w_p / sum w); a partition that
     would exceed its capacity is filled and closed and its overflow goes round again. When no
     partition overflows, the rounding remainder goes one token each to the largest fractional
-    shares (ties: lower partition index). Zero total weight among open partitions falls back
+    shares (ties: lower partition index). A non-finite weight (from non-finite scores) counts
+    as zero, so it never changes the total; zero total weight among open partitions falls back
     to capacity-proportional shares. The rounds run as masked tensor steps, with no host sync.
     A round either closes a partition or hands out all that remains, and a partition that can
     hold all that is handed out never overflows (its share never exceeds what remains), so
@@ -80,7 +85,7 @@ def allocate(total, weights: torch.Tensor, capacity: torch.Tensor, host_capacity
     """
     n = weights.shape[-1]
     rounds = n + 1
-    weights = weights.double().clamp(min=0)
+    weights = weights.double().nan_to_num(nan=0.0, posinf=0.0).clamp(min=0)
     capacity = capacity.long().to(weights.device).expand_as(weights)
     if host_capacity is not None and not isinstance(total, torch.Tensor):
         handed_out = min(total, sum(host_capacity))

@@ -37,12 +37,14 @@ import json
 import math
 import os
 import shutil
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -50,13 +52,15 @@ from tqdm.auto import tqdm
 from .adapters import adapter_for
 from .checks import is_int, is_number
 from .family import Request
-from .harness import chat_prompt
+from .files import image_digest, locked, open_image, regular_file, writable_folder
+from .harness import chat_prompt, differences
 from .method.router import Router, RouterWeights, fingerprint, save_router
 from .patch import patched
 from .selection import check_budget, keep_count, packed_keep_mask
 
 LOSSES = ("kl", "ce", "mix")
 CHECKPOINT = "checkpoint"
+LOCK = "train-router.rank{}.lock"  # held by each process of a run while it trains into its --out
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class Example:
     def load_image(self) -> Image.Image:
         image = self.image() if callable(self.image) else self.image
         if isinstance(image, (str, Path)):
-            image = Image.open(image)
+            return open_image(image)  # never a FIFO, never a decompression bomb
         return image.convert("RGB")
 
 
@@ -109,12 +113,12 @@ class RouterTraining:
             value = getattr(self, name)
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not is_number(self.lr) or not self.lr > 0:
-            raise ValueError(f"lr must be a number > 0, got {self.lr!r}")
+        if not is_number(self.lr) or not math.isfinite(self.lr) or not self.lr > 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.scope not in ("all", "crops"):
             raise ValueError(f"scope must be 'all' or 'crops', got {self.scope!r}")
-        if self.prompt_template is not None and "{question}" not in self.prompt_template:
-            raise ValueError(f"prompt_template must contain {{question}}, got {self.prompt_template!r}")
+        if self.prompt_template is not None:
+            check_template(self.prompt_template)
         self.out = Path(self.out)
 
     def identity(self) -> dict:
@@ -123,32 +127,63 @@ class RouterTraining:
         return {k: v for k, v in fields.items() if k not in ("out", "checkpoint_every", "validate_every", "progress")}
 
 
+def check_template(template: str) -> None:
+    """A prompt template fills in {question} alone: any other field (or a lone brace) would
+    fail only when the first batch is made, after the model loaded."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError:  # a lone { or }
+        fields = {None}
+    if fields - {"question"}:
+        raise ValueError(
+            "prompt_template may hold {question} and nothing else in braces (write {{ or }} for a brace), "
+            f"got {template!r}"
+        )
+    if not fields:
+        raise ValueError(f"prompt_template must contain {{question}}, got {template!r}")
+
+
 def read_jsonl(path: str | Path) -> list[Example]:
     """Examples from a JSONL file of {"image": path, "question": str, "answer": str?} lines;
-    image paths are relative to the file."""
+    image paths are relative to the file. Every line is checked, then every image is checked
+    to be a regular file (never read here: a FIFO would wait for ever)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training data {path} does not exist")
-    examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}, line {number}: expected an object with image, question and answer")
-        for name in ("image", "question"):
-            if not isinstance(row.get(name), str) or not row[name]:
-                raise ValueError(f"{path}, line {number}: `{name}` must be a non-empty string")
-        answer = row.get("answer")
-        if answer is not None and not isinstance(answer, str):
-            raise ValueError(f"{path}, line {number}: `answer` must be a string, got {answer!r}")
-        examples.append(Example(path.parent / row["image"], row["question"], answer))
-    if not examples:
+    rows = [
+        (number, json_row(path, number, line)) for number, line in enumerate(path.read_text("utf-8").splitlines(), 1)
+    ]
+    rows = [(number, row) for number, row in rows if row is not None]
+    if not rows:
         raise ValueError(f"training data {path} holds no examples")
+    examples = []
+    for number, row in rows:
+        try:
+            image = regular_file(path.parent / row["image"])
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}, line {number}: {error}") from None
+        examples.append(Example(image, row["question"], row.get("answer")))
     return examples
+
+
+def json_row(path: Path, number: int, line: str) -> dict | None:
+    """One line of a training JSONL, checked (None for a blank line)."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}, line {number}: expected an object with image, question and answer")
+    for name in ("image", "question"):
+        if not isinstance(row.get(name), str) or not row[name]:
+            raise ValueError(f"{path}, line {number}: `{name}` must be a non-empty string")
+    answer = row.get("answer")
+    if answer is not None and not (isinstance(answer, str) and answer.strip()):
+        # an empty answer scores 0 whatever the model says
+        raise ValueError(f"{path}, line {number}: `answer` must be a non-empty string (or left out), got {answer!r}")
+    return row
 
 
 def prompt_for(processor, question: str, template: str | None) -> str:
@@ -378,30 +413,64 @@ def learning_rate(config: RouterTraining, step: int) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
 
 
+def check_run(config: RouterTraining, examples: Sequence[Example], validation: Sequence[Example] | None = None) -> dict:
+    """What can be checked of a run before its model loads, so that the command line fails
+    at once: examples (with answers where the loss or validation reads them), an output
+    folder that can be written, and no checkpoint of a run with other settings in it. Returns
+    the run's identity without the model's fingerprint (`train_router` adds it)."""
+    if not len(examples):
+        raise ValueError("train_router needs at least one training example")
+    if validation is not None:
+        missing_answers(validation, "validation examples need answers (validation scores them)")
+    if config.loss != "kl" and getattr(examples, "identity", None) is None:  # a task's rows always have them
+        missing_answers(
+            examples, f"loss {config.loss!r} needs reference answers (use loss 'kl', which needs no labels)"
+        )
+    writable_folder(config.out)
+    identity = dict(config.identity(), data=data_hash(examples))
+    meta = checkpoint_meta(config.out)
+    if meta is not None:
+        check_same_run(config.out, meta, identity, ignored=("model",))
+    return identity
+
+
+def missing_answers(examples: Sequence[Example], message: str) -> None:
+    for index, example in enumerate(examples):
+        if not (isinstance(example.answer, str) and example.answer.strip()):
+            raise ValueError(f"{message}; example {index} has {example.answer!r}")
+
+
 def train_router(
     model,
     processor,
     data: Sequence[Example] | str | Path,
     config: RouterTraining,
     validation: Sequence[Example] | None = None,
+    checked: dict | None = None,
 ) -> Path:
     """Train a router for `model` on `data` (examples, or a JSONL path) and save it in
     `config.out` (router.safetensors + router.json); returns that folder. `validation`:
     examples with answers, scored (exact match) at the training budget every
-    `config.validate_every` steps and at the end."""
+    `config.validate_every` steps and at the end. One run at a time per `config.out`: a
+    second fails at once. `checked`: what `check_run` returned for these arguments, where the
+    caller ran it before loading the model (the command line)."""
+    examples = read_jsonl(data) if isinstance(data, (str, Path)) else data
+    checked = check_run(config, examples, validation) if checked is None else checked
+    busy = f"another train-router is writing {config.out} now: wait for it to end, or train into another --out"
+    # a lock per process, as `accelerate launch` starts them (RANK): every run has a process 0
+    with locked(config.out / LOCK.format(os.environ.get("RANK", "0")), busy):
+        return _train(model, processor, examples, config, validation, checked)
+
+
+def _train(model, processor, examples, config: RouterTraining, validation, checked: dict) -> Path:
     from accelerate import Accelerator
 
-    examples = read_jsonl(data) if isinstance(data, (str, Path)) else data
-    if not len(examples):
-        raise ValueError("train_router needs at least one training example")
-    if validation is not None and any(e.answer is None for e in validation):
-        raise ValueError("validation examples need answers")
     trainer = SelectionTrainer(model, processor, config)
     accelerator = Accelerator(gradient_accumulation_steps=config.accumulate, cpu=model.device.type == "cpu")
     hidden = model.config.get_text_config().hidden_size
     router = RouterWeights(hidden, config.rank, seed=config.seed)
     optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=0.0)
-    identity = dict(config.identity(), data=data_hash(examples), model=fingerprint(model))
+    identity = dict(checked, model=fingerprint(trainer.adapter))
     start, history = resume(config.out, identity, router, optimizer)
     router, optimizer = accelerator.prepare(router, optimizer)
     model.eval()
@@ -424,9 +493,11 @@ def train_router(
             generator = torch.Generator().manual_seed(hash_seed(config.seed, step, micro, accelerator.process_index))
             with accelerator.accumulate(router):
                 loss, mean_reward = trainer.loss(router, batch, generator)
+                check_finite(step + 1, "loss", [loss.detach()], config.lr)
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
+            check_finite(step + 1, "router", list(router.parameters()), config.lr)
             reward += mean_reward / config.accumulate
         bar.update(1)
         bar.set_postfix(reward=f"{reward:.4f}")
@@ -448,8 +519,18 @@ def train_router(
             final_reward=history[-1]["reward"] if history else None,
             validation=next((h["validation"] for h in reversed(history) if "validation" in h), None),
         )
-        save_router(weights, config.out, model, training)
+        save_router(weights, config.out, identity["model"], training)
     return config.out
+
+
+def check_finite(step: int, what: str, tensors: list[torch.Tensor], lr: float) -> None:
+    """Stop a diverged run before it writes anything: a non-finite loss or router would be
+    checkpointed, and its selections arbitrary."""
+    if not all(bool(t.isfinite().all()) for t in tensors):
+        raise ValueError(
+            f"training diverged: the {what} became non-finite at step {step} (NaN or inf); nothing of this "
+            f"step was saved. Train again with a lower learning rate than {lr}"
+        )
 
 
 def validate(model, processor, weights: RouterWeights, config: RouterTraining, examples) -> float:
@@ -519,23 +600,55 @@ def save_checkpoint(out: Path, identity: dict, router: RouterWeights, optimizer,
     shutil.rmtree(old, ignore_errors=True)
 
 
-def resume(out: Path, identity: dict, router: RouterWeights, optimizer) -> tuple[int, list[dict]]:
-    """Load out/checkpoint into `router` and `optimizer` when it exists; (the step to start
-    at, the steps' history so far)."""
+def checkpoint_meta(out: Path) -> dict | None:
+    """out/checkpoint/state.json (step, identity, history, optimizer settings), or None where
+    no checkpoint is; a damaged one is refused, naming the file."""
     folder = out / CHECKPOINT
     if not folder.is_dir():
         old = out / f".{CHECKPOINT}.old"  # a kill between the two renames of a save
         if not old.is_dir():
-            return 0, []
+            return None
         old.rename(folder)
-    meta = json.loads((folder / "state.json").read_text())
-    if meta["identity"] != identity:
-        changed = sorted(k for k in set(meta["identity"]) | set(identity) if meta["identity"].get(k) != identity.get(k))
+    path = folder / "state.json"
+    try:
+        meta = json.loads(path.read_text())
+        missing = [key for key in ("step", "identity", "history", "param_groups") if key not in meta]
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as error:
+        missing = [f"a JSON object ({error})"]
+    if missing:
+        raise damaged_checkpoint(path, f"it lacks {', '.join(missing)}", folder)
+    return meta
+
+
+def damaged_checkpoint(path: Path, why: str, folder: Path) -> ValueError:
+    return ValueError(
+        f"{path} cannot be read ({why}): the checkpoint is damaged; delete {folder} to train from the start"
+    )
+
+
+def check_same_run(out: Path, meta: dict, identity: dict, ignored=()) -> None:
+    """Refuse a checkpoint whose run had other settings than `identity` (compared as JSON, so
+    that budget 1, one token, and 1.0, every token, differ), the keys `ignored` aside."""
+    changed = [k for k in differences(identity, meta["identity"]) if k.split(".")[0] not in ignored]
+    if changed:
         raise ValueError(
-            f"{folder} belongs to a run with other settings ({', '.join(changed)}): resume with the "
+            f"{out / CHECKPOINT} belongs to a run with other settings ({', '.join(changed)}): resume with the "
             "same arguments, or train into another --out"
         )
-    tensors = load_file(folder / "state.safetensors")
+
+
+def resume(out: Path, identity: dict, router: RouterWeights, optimizer) -> tuple[int, list[dict]]:
+    """Load out/checkpoint into `router` and `optimizer` when it exists; (the step to start
+    at, the steps' history so far)."""
+    meta = checkpoint_meta(out)
+    if meta is None:
+        return 0, []
+    check_same_run(out, meta, identity)
+    path = out / CHECKPOINT / "state.safetensors"
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise damaged_checkpoint(path, str(error), out / CHECKPOINT) from None
     router.load_state_dict({k[len("router.") :]: v for k, v in tensors.items() if k.startswith("router.")})
     state: dict = {}
     for name, value in tensors.items():
@@ -548,11 +661,24 @@ def resume(out: Path, identity: dict, router: RouterWeights, optimizer) -> tuple
 
 def data_hash(examples: Sequence[Example]) -> str:
     """What identifies the training data, so that a resumed run reads the same: a lazy
-    source's own `identity`, else a hash of every question and answer."""
+    source's own `identity`, else a hash of every question, answer and image (a file's
+    content, a PIL image's pixels)."""
     identity = getattr(examples, "identity", None)
     if identity is not None:
         return str(identity)
     digest = hashlib.sha256()
     for e in examples:
-        digest.update(f"{e.question}\x00{e.answer}\x00".encode())
+        digest.update(f"{e.question}\x00{e.answer}\x00{image_identity(e.image)}\x00".encode())
     return digest.hexdigest()[:12]
+
+
+def image_identity(image) -> str:
+    """An example's image by content: a file's (a path, or a function that reads one and says
+    where, as a task's rows do), a PIL image's pixels; nothing for another function, whose
+    source's identity must say it."""
+    path = image if isinstance(image, (str, Path)) else getattr(image, "path", None)
+    if path is not None:
+        return image_digest([path])
+    if isinstance(image, Image.Image):
+        return f"{image.mode}{image.size}{hashlib.sha256(image.tobytes()).hexdigest()}"
+    return ""

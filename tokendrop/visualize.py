@@ -71,7 +71,15 @@ def show(
 
 def check_figure_path(out) -> None:
     """Refuse, before the model runs, a path the figure could not be saved to."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
     out = Path(out)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix and out.suffix[1:].lower() not in formats:
+        raise ValueError(
+            f"cannot write the figure as {out}: matplotlib writes {', '.join(sorted(formats))}; "
+            f"name it e.g. {out.with_suffix('.png')}"
+        )
     if out.is_dir():
         raise ValueError(f"the figure path {out} is a folder: name the PNG to write, e.g. {out / 'kept.png'}")
     if not out.parent.is_dir():

@@ -124,6 +124,11 @@ class Method:
         requests for the same image. A test checks every method against what it reads."""
         return frozenset({"scores"} if self.signals() else ())
 
+    def files(self) -> dict[str, str]:
+        """{option: digest of its content} for the files the options name (a saved router):
+        a run's identity covers them, so that a replaced file is a changed run. None here."""
+        return {}
+
     def select(self, image: EncodedImage) -> torch.Tensor | Merged:
         """Sorted (ascending) feature indices to keep, exactly the budget's count; a merging
         method returns them as a `Merged`, with the group each kept token stands for."""
@@ -168,6 +173,16 @@ def check_signals(method: Method, adapter) -> None:
                 f"supply for a {adapter.model_class} (it supplies {', '.join(map(repr, adapter.signal_kinds))}): "
                 "pick a method that uses only those"
             )
+
+
+def check_fits(method: Method, adapter) -> Method:
+    """`method` resolved against a model and its signals checked, as `patch` does: `adapter`
+    is a loaded model's, or the `ModelFacts` of its configuration, so that harnesses check
+    options (a layer out of range) before the weights load; a saved router is then checked
+    by the model's sizes only."""
+    resolved = method.resolve(adapter)
+    check_signals(resolved, adapter)
+    return resolved
 
 
 def build(name: str, processor=None, **options) -> Method:

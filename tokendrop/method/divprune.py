@@ -5,7 +5,9 @@ paper prunes the visual tokens at the LLM's input), over all partitions at once.
 
 Seed (the paper's rule): the token whose nearest other token is farthest, argmax_i min_{j != i}
 d_ij. Then each step adds the token whose distance to its nearest kept token is largest.
-Ties go to the lower index.
+Ties go to the lower index. A token whose feature is not finite (a NaN pixel spreads through
+its tile) is never the seed and ranks after every finite token, in index order: the count
+stays exact.
 """
 
 from __future__ import annotations
@@ -34,11 +36,18 @@ class DivPrune(Method):
 
 
 def farthest_points(distance: torch.Tensor, k: int) -> torch.Tensor:
-    """(..., n, n) distances -> (..., k) indices in the order chosen by greedy max-min selection."""
+    """(..., n, n) distances -> (..., k) indices in the order chosen by greedy max-min selection.
+    A token whose distance to itself is not finite (a non-finite feature) comes after every
+    finite token, in index order."""
     n = distance.shape[-1]
-    others = distance.clone()
+    finite = distance.diagonal(dim1=-2, dim2=-1).isfinite()
+    # -1 is below every cosine distance: a token with a non-finite feature is taken last, and
+    # still above the -inf that marks the tokens already taken
+    distance = torch.where(finite[..., :, None] & finite[..., None, :], distance, -1.0)
+    others = torch.where(finite[..., None, :], distance, float("inf"))  # the seed ignores them
     others.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
-    first = others.min(-1).values.argmax(-1) if n > 1 else distance.new_zeros(distance.shape[:-2], dtype=torch.long)
+    seed = others.min(-1).values.masked_fill(~finite, float("-inf"))
+    first = seed.argmax(-1) if n > 1 else distance.new_zeros(distance.shape[:-2], dtype=torch.long)
     chosen = [first]
 
     def row(j):  # distance[..., j, :]

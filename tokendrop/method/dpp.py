@@ -162,7 +162,8 @@ class DPP(Method):
         return kept.scatter_add_(-1, picks.flatten(1), taken.flatten(1).long()) > 0
 
     def relevance_scores(self, batch: ImageBatch, features: torch.Tensor) -> torch.Tensor:
-        """(B, N) r in (0, 1] on the features' device, fp32."""
+        """(B, N) r in (0, 1] on the features' device, fp32; non-finite where x is (the greedy
+        takes those tokens last), the bounds taken over the finite values."""
         layout = batch.layout
         if self.relevance == "none":
             return torch.ones(features.shape[:-1], device=features.device)
@@ -170,15 +171,24 @@ class DPP(Method):
             x = self.allocator.scores(batch).to(features.device).float()
             part = layout.partition.expand_as(x)
             bounds = torch.zeros(len(batch), layout.n_partitions, device=x.device)
-            low = bounds.scatter_reduce(-1, part, x, "amin", include_self=False).gather(-1, part)
-            high = bounds.scatter_reduce(-1, part, x, "amax", include_self=False).gather(-1, part)
+            for_min, for_max = finite_only(x)
+            low = bounds.scatter_reduce(-1, part, for_min, "amin", include_self=False).gather(-1, part)
+            high = bounds.scatter_reduce(-1, part, for_max, "amax", include_self=False).gather(-1, part)
             return min_max(x, low, high)
         if self.relevance == "cls":
             x = layout.per_feature(batch.cls_scores(self.feature_layer)).to(features.device).float()
         else:
             questions = self.question.questions(batch.images)
             x = torch.stack([question_relevance(f, question) for f, question in zip(features, questions)])
-        return min_max(x, x.min(-1, keepdim=True).values, x.max(-1, keepdim=True).values)
+        for_min, for_max = finite_only(x)
+        return min_max(x, for_min.min(-1, keepdim=True).values, for_max.max(-1, keepdim=True).values)
+
+
+def finite_only(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` for a minimum and for a maximum, its non-finite values made +inf and -inf: they
+    take part in neither bound."""
+    finite = x.isfinite()
+    return x.masked_fill(~finite, float("inf")), x.masked_fill(~finite, float("-inf"))
 
 
 @lru_cache(maxsize=64)
@@ -216,23 +226,29 @@ def greedy_map(
     features: (..., n, D) rows; quality: (..., n); k <= n steps; counts: (...) items to choose
     per set (default k); valid: (..., n) bool, False for padding (never chosen); `unit`: the
     rows have unit length (cosine similarity), so L_ii = q_i^2 exactly and equal qualities tie
-    exactly (broken by index). Returns (..., k) long indices in the order chosen, on the
-    features' device; slots past a set's count are meaningless.
+    exactly (broken by index). An item whose features or quality are not finite takes no part
+    in the greedy: it comes after every finite item, in index order, so counts stay exact.
+    Returns (..., k) long indices in the order chosen, on the features' device; slots past a
+    set's count are meaningless.
     """
     *lead, n, _ = features.shape
     k = min(int(k), n)
     device = features.device
+    quality = quality.float()
+    valid = torch.ones(quality.shape, dtype=torch.bool, device=device) if valid is None else valid
+    finite = features.isfinite().all(-1) & quality.isfinite()
+    # zeroed, so that no product carries their NaN into the finite items' gains
+    features = torch.where(finite[..., None], features, 0.0)
+    quality = torch.where(finite, quality, 0.0)
     if on_host(features):  # see `greedy_map_set_by_set`
-        return greedy_map_set_by_set(features, quality, k, counts, valid, unit, tol)
+        return greedy_map_set_by_set(features, quality, k, counts, valid, finite, unit, tol)
     chosen = torch.zeros(*lead, k, dtype=torch.long, device=device)
     if k == 0:
         return chosen
-    quality = quality.float()
     counts = torch.full(lead, k, device=device) if counts is None else counts
-    valid = torch.ones(quality.shape, dtype=torch.bool, device=device) if valid is None else valid
     factors = features.new_zeros(*lead, k, n)  # c: row i is the i-th column of the Cholesky factor
     norms = torch.ones_like(quality) if unit else (features * features).sum(-1)
-    gains = torch.where(valid, quality * quality * norms, float("-inf"))  # d_i^2, starting at L_ii
+    gains = torch.where(valid & finite, quality * quality * norms, float("-inf"))  # d_i^2, starting at L_ii
     floor = tol * gains.max(-1).values
     greedy = torch.ones(lead, dtype=torch.bool, device=device)  # still adding by gain
     n_greedy = torch.zeros(lead, dtype=torch.long, device=device)
@@ -251,32 +267,34 @@ def greedy_map(
         factors[..., i, :] = e
         gains = gains - e * e
         gains = gains.scatter(-1, j[..., None], torch.where(greedy, float("-inf"), best)[..., None])
-    # the rest by quality (ties: lower index), among the items neither chosen nor padding
+    # the rest by quality (ties: lower index), among the items neither chosen nor padding, the
+    # non-finite ones last
     slot = torch.arange(k, device=device)
     picked = torch.zeros(quality.shape, dtype=torch.long, device=device)
     picked.scatter_add_(-1, chosen, (slot < n_greedy[..., None]).long())
-    key = torch.where((picked > 0) | ~valid, float("inf"), -quality)
+    key = torch.where(finite, -quality, torch.finfo(quality.dtype).max)
+    key = torch.where((picked > 0) | ~valid, float("inf"), key)
     order = torch.sort(key, dim=-1, stable=True).indices
     fill = order.gather(-1, (slot - n_greedy[..., None]).clamp(0, n - 1))
     return torch.where(slot < n_greedy[..., None], chosen, fill)
 
 
-def greedy_map_set_by_set(features, quality, k, counts, valid, unit, tol) -> torch.Tensor:
-    """`greedy_map` of each set on its own (`greedy_one_set`), each only as many steps as
-    its count: on a CPU there are no kernel launches to save and reading a value back waits
-    for nothing, and a batch of row-times-matrix products runs several times slower than the
-    same products one set at a time."""
+def greedy_map_set_by_set(features, quality, k, counts, valid, finite, unit, tol) -> torch.Tensor:
+    """`greedy_map` of each set on its own (`greedy_one_set` over its finite items, then its
+    non-finite ones in index order), each only as many steps as its count: on a CPU there
+    are no kernel launches to save and reading a value back waits for nothing, and a batch of
+    row-times-matrix products runs several times slower than the same products one set at a
+    time."""
     *lead, n, dim = features.shape
     n_sets = math.prod(lead)
     chosen = torch.zeros(n_sets, k, dtype=torch.long)
     counts = [k] * n_sets if counts is None else counts.flatten().tolist()
-    sets = zip(features.reshape(n_sets, n, dim), quality.reshape(n_sets, n).float(), counts)
+    usable, last = (valid & finite).reshape(n_sets, n), (valid & ~finite).reshape(n_sets, n)
+    sets = zip(features.reshape(n_sets, n, dim), quality.reshape(n_sets, n), counts)
     for i, (row, (items, qualities, count)) in enumerate(zip(chosen, sets)):
-        if valid is None:
-            row[:count] = greedy_one_set(items, qualities, count, unit, tol)
-        else:  # padding is never chosen
-            at = torch.nonzero(valid.reshape(n_sets, n)[i]).flatten()
-            row[:count] = at[greedy_one_set(items[at], qualities[at], count, unit, tol)]
+        at = torch.nonzero(usable[i]).flatten()  # padding is never chosen
+        picked = at[greedy_one_set(items[at], qualities[at], count, unit, tol)]
+        row[:count] = torch.cat([picked, torch.nonzero(last[i]).flatten()])[:count]
     return chosen.view(*lead, k)
 
 
@@ -287,6 +305,8 @@ def greedy_one_set(features, quality, count: int, unit: bool, tol: float) -> tor
     n = features.shape[0]
     count = min(count, n)
     chosen = torch.zeros(count, dtype=torch.long)
+    if count == 0:  # an empty partition (of a very thin image), or one given no tokens
+        return chosen
     factors = features.new_zeros(count, n)
     norms = torch.ones_like(quality) if unit else (features * features).sum(-1)
     gains = quality * quality * norms

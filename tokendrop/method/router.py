@@ -11,13 +11,19 @@ whatever the model's dtype or quantisation. `tokendrop.train_router` fits A, B a
 model frozen (see `tokendrop.training`).
 
 A trained router is a folder of two files, the PEFT way: `router.safetensors` (A, B, u) and
-`router.json` (format, tokendrop version, rank, how it was trained, and a fingerprint of the
-base model that loading checks). No pickle is ever read.
+`router.json` (format, tokendrop version, rank, how it was trained, the weights file's
+SHA-256, and a fingerprint of the base model, its language and its vision side, that loading
+checks). No pickle is ever read; weights that are not finite are never written or loaded.
+
+A shipped router is named `tokendrop:NAME` (`tokendrop:testbed`); a plain `NAME` means it too
+unless a folder of that name exists, where the name is refused as ambiguous (`./NAME` is the
+folder).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from ..checks import check_int
@@ -36,7 +42,19 @@ FORMAT = "tokendrop-router"
 WEIGHTS_FILE, CONFIG_FILE = "router.safetensors", "router.json"
 DEFAULT_RANK = 8
 FINGERPRINT_ROWS, FINGERPRINT_DIMS = 4, 8
+FINGERPRINT_VISION_TENSORS = 16
 SHIPPED = {"testbed": Path(__file__).parents[1] / "testbed" / "router"}  # routers installed with tokendrop
+SHIPPED_PREFIX = "tokendrop:"  # `tokendrop:testbed`: a shipped router, never a folder
+# what router.json must hold to be checked at all
+REQUIRED = ("rank", "hidden_size", "weights_sha256", "base_model")
+BASE_MODEL_KEYS = (
+    "model_type",
+    "text_hidden_size",
+    "vision_hidden_size",
+    "vocab_size",
+    "embedding_sample",
+    "vision_sample",
+)
 
 
 class RouterWeights(nn.Module):
@@ -61,9 +79,11 @@ class RouterWeights(nn.Module):
         return cosine + (v @ self.visual) @ (x.sum(0) @ self.question) + v @ self.salience
 
 
-def fingerprint(model) -> dict:
-    """What identifies the base model a router belongs to: sizes, and a few input-embedding
-    values (compared with a tolerance, so fp16/bf16/4-bit loads of one checkpoint match)."""
+def fingerprint(adapter) -> dict:
+    """What identifies the base model a router belongs to: sizes, a few input-embedding values
+    and a few values of its vision side (`vision_sample`), compared with a tolerance so that
+    fp16/bf16/4-bit loads of one checkpoint match. `adapter`: the model's (`adapter_for`)."""
+    model = adapter.model
     embedding = model.get_input_embeddings().weight
     rows = torch.linspace(0, embedding.shape[0] - 1, FINGERPRINT_ROWS).round().long()
     sample = embedding[rows.to(embedding.device), :FINGERPRINT_DIMS].detach().float().cpu()
@@ -74,7 +94,8 @@ def fingerprint(model) -> dict:
         vision_hidden_size=config.vision_config.hidden_size,
         vocab_size=embedding.shape[0],
         embedding_rows=rows.tolist(),
-        embedding_sample=[[round(v, 6) for v in row] for row in sample.tolist()],
+        embedding_sample=rounded(sample),
+        vision_sample=vision_sample(adapter),
     )
 
 
@@ -92,41 +113,82 @@ def sizes_mismatch(saved: dict, config) -> str | None:
     return None
 
 
-def fingerprint_mismatch(saved: dict, model) -> str | None:
-    """Why a router saved for `saved` does not fit `model`, or None when it fits."""
-    current = fingerprint(model)
+def vision_sample(adapter) -> list[list[float]]:
+    """A few values of every part of the model outside its language model (vision tower,
+    projector): FINGERPRINT_DIMS values each of up to FINGERPRINT_VISION_TENSORS parameters
+    spread over them. Only parameters that quantisation leaves in floating point: not the
+    weights of Linear layers, which bitsandbytes replaces, so every load of one checkpoint
+    samples the same tensors."""
+    language = {id(p) for p in adapter.language_model.parameters()}
+    tensors = [
+        parameter
+        for module in adapter.model.modules()
+        for name, parameter in module.named_parameters(recurse=False)
+        if id(parameter) not in language and not (isinstance(module, nn.Linear) and name == "weight")
+    ]
+    if not tensors:
+        return []
+    picked = torch.linspace(0, len(tensors) - 1, min(FINGERPRINT_VISION_TENSORS, len(tensors))).round().long()
+    sample = []
+    for i in picked.tolist():
+        flat = tensors[i].detach().reshape(-1)
+        at = torch.linspace(0, flat.numel() - 1, FINGERPRINT_DIMS).round().long().to(flat.device)
+        sample.append(flat[at].float().cpu())
+    return rounded(torch.stack(sample))
+
+
+def rounded(values: torch.Tensor) -> list[list[float]]:
+    return [[round(v, 6) for v in row] for row in values.tolist()]
+
+
+def fingerprint_mismatch(saved: dict, adapter) -> str | None:
+    """Why a router saved for `saved` does not fit the model of `adapter`, or None when it fits."""
+    current = fingerprint(adapter)
     for key in ("model_type", "text_hidden_size", "vision_hidden_size", "vocab_size"):
         if saved.get(key) != current[key]:
             return f"{key} is {saved.get(key)!r} in the router, {current[key]!r} in this model"
-    expected, found = torch.tensor(saved["embedding_sample"]), torch.tensor(current["embedding_sample"])
-    if expected.shape != found.shape or not torch.allclose(expected, found, rtol=1e-2, atol=1e-3):
+    if not close(saved["embedding_sample"], current["embedding_sample"]):
         return "the input-embedding rows differ (same sizes, other weights: another checkpoint)"
+    if not close(saved["vision_sample"], current["vision_sample"]):
+        return "the vision tower or projector differs (same sizes and embeddings, other vision weights)"
     return None
 
 
-def save_router(weights: RouterWeights, folder: str | Path, model, training: dict) -> Path:
-    """Write router.safetensors and router.json into `folder`; returns the folder."""
+def close(expected: list, found: list) -> bool:
+    expected, found = torch.tensor(expected), torch.tensor(found)
+    return expected.shape == found.shape and torch.allclose(expected, found, rtol=1e-2, atol=1e-3)
+
+
+def save_router(weights: RouterWeights, folder: str | Path, base_model: dict, training: dict) -> Path:
+    """Write router.safetensors and router.json into `folder`; returns the folder. `base_model`:
+    the model's `fingerprint`. Weights that are not finite are refused, and nothing is written."""
     from .. import __version__
 
+    tensors = {name: p.detach().float().cpu().contiguous() for name, p in weights.named_parameters()}
+    if not all(bool(t.isfinite().all()) for t in tensors.values()):
+        raise ValueError(
+            "router: the weights are not finite (NaN or inf: training diverged), so nothing was written; "
+            "train again with a lower learning rate"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().float().cpu().contiguous() for name, p in weights.named_parameters()}
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": FORMAT})
     config = dict(
         format=FORMAT,
         tokendrop_version=__version__,
         rank=weights.rank,
         hidden_size=weights.visual.shape[0],
+        weights_sha256=hashlib.sha256((folder / WEIGHTS_FILE).read_bytes()).hexdigest(),
         training=training,
-        base_model=fingerprint(model),
+        base_model=base_model,
     )
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
 
 def read_router(folder: str | Path) -> tuple[dict, RouterWeights]:
-    """(router.json's content, the weights) from a saved router folder, checked for shape
-    and completeness; errors name the file and what is wrong."""
+    """(router.json's content, the weights) from a saved router folder, checked for
+    completeness, checksum, shape and finiteness; errors name the file and what is wrong."""
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for path in (config_path, weights_path):
@@ -135,19 +197,20 @@ def read_router(folder: str | Path) -> tuple[dict, RouterWeights]:
                 f"router: {path} is missing; a router folder holds {CONFIG_FILE} and "
                 f"{WEIGHTS_FILE} (written by tokendrop train-router)"
             )
+    config = read_config(config_path)
+    data = weights_path.read_bytes()
     try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"router: {config_path} is not valid JSON ({error}); the file is damaged") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"router: {config_path} is not a tokendrop router config (format {FORMAT!r} expected)")
-    try:
-        tensors = load_file(weights_path)
+        tensors = load(data)
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(
             f"router: {weights_path} cannot be read ({error}); the file is damaged or "
             "truncated: copy it again or retrain"
         ) from None
+    if hashlib.sha256(data).hexdigest() != config["weights_sha256"]:  # damage that still parses
+        raise ValueError(
+            f"router: {weights_path} does not match the checksum in {config_path}: the file is damaged "
+            "(or was replaced): copy the router folder again or retrain"
+        )
     rank, hidden = config.get("rank"), config.get("hidden_size")
     expected = {"visual": (hidden, rank), "question": (hidden, rank), "salience": (hidden,)}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
@@ -156,17 +219,69 @@ def read_router(folder: str | Path) -> tuple[dict, RouterWeights]:
             f"router: {weights_path} holds tensors {found}, but {config_path} (rank {rank}, hidden "
             f"size {hidden}) needs {expected}: the two files do not belong together"
         )
+    if not all(bool(t.isfinite().all()) for t in tensors.values()):
+        raise ValueError(
+            f"router: {weights_path} holds weights that are not finite (NaN or inf): it would keep "
+            "arbitrary tokens; retrain it with a lower learning rate"
+        )
     weights = RouterWeights(hidden, rank)
     weights.load_state_dict(tensors)
     return config, weights
+
+
+def read_config(path: Path) -> dict:
+    """router.json, with every field loading checks."""
+    from .. import __version__
+
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"router: {path} is not valid JSON ({error}); the file is damaged") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(f"router: {path} is not a tokendrop router config (format {FORMAT!r} expected)")
+    base_model = config.get("base_model")
+    missing = [key for key in REQUIRED if key not in config]
+    if isinstance(base_model, dict):
+        missing += [f"base_model.{key}" for key in BASE_MODEL_KEYS if key not in base_model]
+    elif "base_model" not in missing:
+        missing.append("base_model")
+    if missing:
+        raise ValueError(
+            f"router: {path} lacks {', '.join(missing)}, which loading checks: the file is damaged, or "
+            f"was written before tokendrop {__version__} checked them; retrain the router with tokendrop "
+            "train-router"
+        )
+    return config
+
+
+def router_folder(name: str) -> Path:
+    """The folder a `router=` value names: `tokendrop:NAME` a shipped router, a path a folder,
+    and a shipped router's plain NAME that router unless a folder of that name exists, where
+    it is refused as ambiguous."""
+    if name.startswith(SHIPPED_PREFIX):
+        shipped = name.removeprefix(SHIPPED_PREFIX)
+        if shipped not in SHIPPED:
+            raise ValueError(
+                f"router={name!r}: tokendrop ships no router {shipped!r}; it ships "
+                f"{', '.join(SHIPPED_PREFIX + n for n in SHIPPED)}"
+            )
+        return SHIPPED[shipped]
+    if name in SHIPPED:
+        if Path(name).exists():
+            raise ValueError(
+                f"router={name!r} names both the router shipped with tokendrop and the folder ./{name}: "
+                f"write router='./{name}' for the folder, or router='{SHIPPED_PREFIX}{name}' for the shipped one"
+            )
+        return SHIPPED[name]
+    return Path(name)
 
 
 @register("router")
 @dataclass
 class Router(Text):
     """`text` with a learned score. `router`: a folder written by `tokendrop train-router`,
-    or the name of one shipped with tokendrop ("testbed"); None: untrained, selects exactly
-    as `text`. `rank`: of an untrained router (a saved one brings its own; giving another is
+    or one shipped with tokendrop (`tokendrop:testbed`; see `router_folder`); None: untrained,
+    selects exactly as `text`. `rank`: of an untrained router (a saved one brings its own; giving another is
     an error)."""
 
     scope: str = "all"  # trained and swept on the same axis as every other method
@@ -183,7 +298,7 @@ class Router(Text):
             if not isinstance(self.router, (str, Path)):
                 raise TypeError(f"router must be the path of a saved router folder, got {self.router!r}")
             self.router = str(self.router)
-            self.saved, self.weights = read_router(SHIPPED.get(self.router, self.router))
+            self.saved, self.weights = read_router(router_folder(self.router))
             if self.rank is not None and self.rank != self.weights.rank:
                 raise ValueError(
                     f"rank={self.rank} was given, but the router in {self.router} has rank "
@@ -199,7 +314,7 @@ class Router(Text):
             if adapter.model is None:  # a server's model (vLLM): its sizes, from its config
                 mismatch = sizes_mismatch(self.saved["base_model"], adapter.config)
             else:
-                mismatch = fingerprint_mismatch(self.saved["base_model"], adapter.model)
+                mismatch = fingerprint_mismatch(self.saved["base_model"], adapter)
             if mismatch:
                 raise ValueError(
                     f"router {self.router} was trained on another model: {mismatch}. Train one for "
@@ -207,6 +322,9 @@ class Router(Text):
                 )
         resolved.weights.requires_grad_(False)
         return resolved
+
+    def files(self) -> dict[str, str]:
+        return {} if self.saved is None else {"router": self.saved["weights_sha256"]}
 
     def scores(self, visual: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
         if self.weights.visual.device != visual.device:  # fp32 on the features' device, moved once

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..checks import check_choice, check_real
 from ..layout import EncodedImage, ImageBatch, ImageLayout
-from ..selection import keep_count
+from ..selection import keep_count, order_key
 from .base import Method, ProcessorNeeded, register
 
 # stand-ins for a conversation's texts, to find where the chat template puts them
@@ -157,15 +157,19 @@ class Text(Method):
         whole = self.scope == "all" or layout.n_partitions == 1  # an image without crops is one view
         in_scope = (layout.partition > 0) | whole
         n_candidates = layout.n_features if whole else sum(layout.sizes[1:])
-        # candidates first, by descending score (ties: lower index), the tokens out of scope after them
-        ranked = torch.sort(-torch.where(in_scope, scores, float("-inf")), dim=-1, stable=True).indices
+        # candidates first, by descending score (ties: lower index; NaN last, as `order_key`
+        # ranks), the tokens out of scope after them
+        key = torch.where(in_scope, order_key(scores), float("-inf"))
+        ranked = torch.sort(key, dim=-1, descending=True, stable=True).indices
         if self.threshold is None:
             count = torch.full((len(batch), 1), keep_count(self.budget, n_candidates), device=scores.device)
         elif self.threshold >= 1.0:
             count = torch.full((len(batch), 1), n_candidates, device=scores.device)
         else:
-            top = ranked[:, :n_candidates]
-            mass = torch.cumsum(torch.softmax(scores.gather(-1, top).double(), -1), -1)
+            top = scores.gather(-1, ranked[:, :n_candidates]).double()
+            # a non-finite score holds no mass: it would make every share NaN
+            top = torch.where(top.isfinite(), top, float("-inf"))
+            mass = torch.cumsum(torch.softmax(top, -1), -1)
             count = ((mass <= self.threshold).sum(-1, keepdim=True) + 1).clamp(max=n_candidates)
         place = torch.arange(ranked.shape[-1], device=scores.device)
         kept = torch.zeros_like(in_scope.expand_as(scores)).scatter(-1, ranked, place < count)

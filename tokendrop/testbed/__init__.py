@@ -20,12 +20,9 @@ WEIGHTS = HERE / "model.safetensors"
 def load_testbed_model(processor, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """The model built from the committed config with the committed weights, in eval mode;
     `processor` is the testbed preset's (`tokendrop.presets`, which loads the two together)."""
-    for path in (CONFIG, WEIGHTS):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing: reinstall tokendrop, or rebuild it with examples/train_testbed.py"
-            )
-    config = LlavaNextConfig.from_json_file(CONFIG)
+    if not WEIGHTS.is_file():
+        raise missing(WEIGHTS)
+    config = testbed_config()
     if config.text_config.vocab_size != len(processor.tokenizer):
         raise ValueError(
             f"{CONFIG} has a vocabulary of {config.text_config.vocab_size} tokens, the testbed processor "
@@ -40,6 +37,17 @@ def load_testbed_model(processor, dtype: torch.dtype = torch.float32, attn_imple
     model.to(dtype).eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model
+
+
+def testbed_config() -> LlavaNextConfig:
+    """The committed config."""
+    if not CONFIG.is_file():
+        raise missing(CONFIG)
+    return LlavaNextConfig.from_json_file(CONFIG)
+
+
+def missing(path: Path) -> FileNotFoundError:
+    return FileNotFoundError(f"{path} is missing: reinstall tokendrop, or rebuild it with examples/train_testbed.py")
 
 
 def under_installed_names(weights: dict, model) -> dict:
