@@ -216,12 +216,18 @@ class ImageLayout:
 
 @dataclass(eq=False)
 class EncodedImage:
-    """One image after the vision pass, as a method sees it."""
+    """One image after the vision pass, as a method sees it.
+
+    Pruned inside the vision tower (`vision_prune_layer=K`), the pass stops at layer K: the
+    image is what a tower that ends at K gives, `n_layers` = K + 1, `packed` layer K's output
+    through the projector, and `hidden` the tiles' hidden states there, from which the adapter
+    runs the rest of the tower on the kept tokens (`Adapter.finish_tower`)."""
 
     layout: ImageLayout
-    packed: torch.Tensor  # (L, D) the projected features the LLM would see, newlines included
+    # (L, D) the projected features the LLM would see, newlines included (inside the tower: of layer K)
+    packed: torch.Tensor
     cls: dict[int, torch.Tensor]  # absolute layer -> (P, side**2) fp32 CLS scores, on any device
-    n_layers: int  # vision layers, to resolve negative layer indices
+    n_layers: int  # vision layers the pass read, to resolve negative layer indices
     embed: Callable[[torch.Tensor], torch.Tensor]  # token ids -> the LLM's input embeddings
     # other per-token vectors the LLM receives besides `packed`, each (L, D'), kept with the same
     # mask (Qwen3-VL's deepstack levels, added to early LLM layers at the token's position)
@@ -229,6 +235,7 @@ class EncodedImage:
     prompt_row: torch.Tensor | None = None  # the image's prompt row, as the batch pads it
     prompt_mask: torch.Tensor | None = None  # that row's attention mask (None: no padding)
     question: str | None = None  # the caller's explicit question for that row, if given
+    hidden: torch.Tensor | None = None  # inside the tower: (P, T, D_vision) each tile's tokens after layer K
 
     def cls_scores(self, layer: int) -> torch.Tensor:
         return self.cls[layer % self.n_layers]
