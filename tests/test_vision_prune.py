@@ -402,3 +402,20 @@ def test_onevision_resampled_canvas_is_refused_at_the_call(ov):
             greedy(model, inputs, n=1)
     finally:
         tokendrop.unpatch(model)
+
+
+def test_the_benchmark_runs_every_variant_interleaved_and_writes_json(tmp_path, capsys):
+    import json
+
+    from tokendrop.eval import bench_tower
+
+    out = tmp_path / "bench_tower.json"
+    bench_tower.main(["--preset", "tiny", "--budgets", "0.2", "--repeats", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["config"]["layers"] == [0]  # the tiny preset's only layer below its features (layer 1)
+    assert list(result["variants"]) == ["none", "after 0.2", "K=0 0.2"]
+    for figures in result["variants"].values():
+        assert len(figures["ttft_s"]["samples"]) == 2 and figures["vision_s"]["median"] > 0
+        assert figures["speedup"]["ttft_s"]["median"] > 0
+    assert result["variants"]["K=0 0.2"]["kept"] == result["variants"]["after 0.2"]["kept"]
+    assert "TTFT x" in capsys.readouterr().out
