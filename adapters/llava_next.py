@@ -8,16 +8,25 @@ subset of each packed sequence and feeds the LLM the shortened prompt as `inputs
 (`tokendrop.compaction`). `inputs_embeds` is an input of every supported release, unlike the
 precomputed-features keywords, so the LLM only ever sees the short prompt on each of them,
 and `generate` (given the short ids too) keeps its mask and position bookkeeping consistent.
+
+Inside the tower (`vision_prune_layer=K`): `encode_at` runs the model's own pass with the
+encoder stopped after layer K and its features taken at K, keeping every tile's hidden states
+there; `finish_tower` runs layers K+1 up to the feature layer on each tile's CLS token and
+kept patches (`TileRows`: tiles packed into rows, each attending within itself), projects
+them, and puts them where the model's packing puts them.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
+import math
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -216,16 +225,23 @@ class LlavaNextAdapter(Adapter):
         scores `signals` asks for. The scores stay where the tower computed them, in fp32."""
         with self.capture_scores(signals) as captured:
             packed = self.vision_pass(pixel_values, image_sizes, signals, **vision_kwargs)
-        layouts = self.layouts(image_sizes, **vision_kwargs)
+        return self.encoded(self.layouts(image_sizes, **vision_kwargs), packed, captured, self.n_vision_layers)
+
+    def encoded(self, layouts, packed, captured, n_layers: int, hidden=None) -> list[EncodedImage]:
+        """The `EncodedImage`s of one pass: each image's packed vectors, its scores of every
+        captured layer (the tower's tiles split per image) and, inside the tower, its tiles'
+        hidden states `hidden` ((tiles, T, D) of the whole call)."""
         splits = [layout.n_partitions for layout in layouts]
         per_layer = {layer: torch.cat(scores).split(splits) for layer, scores in captured.items()}
+        tiles = [None] * len(layouts) if hidden is None else hidden.split(splits)
         return [
             EncodedImage(
                 layout=layout,
                 packed=features,
                 cls={layer: scores[i].view(-1, layout.tile) for layer, scores in per_layer.items()},
-                n_layers=self.n_vision_layers,
+                n_layers=n_layers,
                 embed=self.model.get_input_embeddings(),
+                hidden=tiles[i],
             )
             for i, (layout, features) in enumerate(zip(layouts, packed))
         ]
@@ -272,6 +288,179 @@ class LlavaNextAdapter(Adapter):
         attention = {layer % self.n_vision_layers: self.vision_layers[layer].self_attn for layer in signals}
         kinds = {layer % self.n_vision_layers: kind for layer, kind in signals.items()}
         return capture_cls_scores(attention, kinds)
+
+    # --- pruning inside the tower (vision_prune_layer) ----------------------------------
+
+    in_tower_refusal = None
+    # the tokens before each tile's patches in the tower that are no feature (CLIP's CLS, which
+    # strategy "default" drops): they run on with the tile's kept patches
+    lead_tokens: ClassVar[int] = 1
+
+    def check_prune_layer(self, layer) -> int:
+        layer = super().check_prune_layer(layer)
+        if len(feature_layers(self.model.config.vision_feature_layer)) > 1:
+            raise ValueError(
+                f"vision_prune_layer needs features of one vision layer; this model concatenates hidden states "
+                f"{self.model.config.vision_feature_layer}, some of which the kept tokens alone would not give"
+            )
+        attention = self.vision_tower.config._attn_implementation
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(
+                f"vision_prune_layer runs the tower's later layers on tiles packed into rows with a block mask, "
+                f"which the vision tower's attention takes as 'sdpa' or 'eager'; it runs {attention!r}: load the "
+                "model with attn_implementation='sdpa'"
+            )
+        return layer
+
+    def call_feature_layer(self, layer: int, vision_kwargs: dict) -> int:
+        """The absolute index of the layer whose output this call's features are, checked to be
+        one layer, past `layer` (a call may choose its own `vision_feature_layer`)."""
+        chosen = vision_kwargs.get("vision_feature_layer")
+        requested = self.model.config.vision_feature_layer if chosen is None else chosen
+        hidden = hidden_state_indices(feature_layers(requested), self.n_vision_layers)
+        if len(hidden) > 1 or hidden[0] - 1 <= layer:
+            raise ValueError(
+                f"this call's vision_feature_layer {requested!r} is not one hidden state past vision layer {layer}, "
+                "where the patch prunes inside the tower (vision_prune_layer): call without it, or patch again"
+            )
+        return hidden[0] - 1  # hidden state h is layer h - 1's output
+
+    def encode_at(self, pixel_values, image_sizes, signals: dict[int, str], layer: int, **vision_kwargs):
+        """The model's own pass with the encoder stopped after `layer` and the features taken
+        there (hidden state `layer` + 1, projected and packed as the model packs its
+        features), the scores `signals` asks for, and each tile's hidden states after `layer`."""
+        self.call_feature_layer(layer, vision_kwargs)
+        layouts = self.layouts(image_sizes, **vision_kwargs)
+        resampled = [tuple(size) for size, layout in zip(image_sizes.tolist(), layouts) if layout.unpadded_box]
+        if resampled:
+            raise ValueError(
+                f"the model resamples the crop canvas of images of size {resampled} (anyres_max): each of its "
+                "packed tokens blends up to four patches, which pruning inside the tower would drop before the "
+                "feature layer. Pass smaller images, or patch without vision_prune_layer"
+            )
+        signals = {at % (layer + 1): kind for at, kind in signals.items()}  # layer is -1, the tower's last
+        reached: list[torch.Tensor] = []
+        options = {**vision_kwargs, "vision_feature_layer": [layer + 1]}  # hidden state layer + 1: its output
+        with self.capture_scores(signals) as captured, first_layers(self.encoder_layers, layer + 1, reached.append):
+            packed = self.image_features(pixel_values, image_sizes, **options)
+        return self.encoded(layouts, packed, captured, layer + 1, hidden=reached[0])
+
+    def finish_tower(self, images: list[EncodedImage], kept: list[torch.Tensor], layer: int, **vision_kwargs):
+        """Layers `layer` + 1 up to this call's feature layer on each tile's kept patches and
+        CLS token (`TileRows`), then the projector, into each image's packed positions. A tile
+        keeping all its features runs whole, padding too, as in the model's own pass: at a
+        full budget this is the model's pass exactly."""
+        feature = self.call_feature_layer(layer, vision_kwargs)
+        hidden = torch.cat([image.hidden for image in images])
+        rows = TileRows.plan([image.layout for image in images], kept, hidden.shape[1], self.lead_tokens)
+        states = hidden.flatten(0, 1)[rows.source.to(hidden.device)].unflatten(0, rows.shape)
+        mask = rows.attention_mask(hidden.dtype, hidden.device)
+        for block in self.vision_layers[layer + 1 : feature + 1]:
+            states = run_layer(block, states, mask)
+        projected = self.vlm.multi_modal_projector(states[:, self.lead_tokens :])  # as the model projects
+        return rows.packed(projected.flatten(0, 1), [image.layout for image in images], self.vlm.image_newline)
+
+
+@functools.cache
+def _takes(layer_class: type, name: str) -> bool:
+    return name in inspect.signature(layer_class.forward).parameters
+
+
+def run_layer(block: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One encoder layer on `hidden` with the additive attention `mask`, as the tower's encoder
+    calls it (4.x CLIP layers also take a causal mask, None for images, and return a tuple)."""
+    extra = {"causal_attention_mask": None} if _takes(type(block), "causal_attention_mask") else {}
+    output = block(hidden, mask, **extra)
+    return output[0] if isinstance(output, tuple) else output
+
+
+@dataclass(frozen=True)
+class TileRows:
+    """Where each tile's tokens go for the tower's layers after the pruning layer.
+
+    A tile that keeps features is one segment: its lead tokens (CLS), then its kept patches
+    in raster order; a tile that keeps every feature is whole (its padding patches too, as the
+    model runs it). Segments are packed into rows about one tile long: rows = ceil(tokens /
+    tile), each segment, longest first, into the shortest row (ties: the first), so that rows
+    hold what they need and little padding, and tiles of one image with different kept
+    counts share rows. Each segment attends only within itself (`attention_mask`); where
+    every row is one segment, unpadded, no mask is needed: at a full budget the rows are the
+    model's own tiles, in order.
+    Worked out on the host, after one read-back of the kept masks."""
+
+    shape: tuple[int, int]  # (rows, length)
+    source: torch.Tensor  # (rows * length,) each slot's token in the call's flattened (tiles * T) states
+    segment: torch.Tensor | None  # (rows, length): each slot's segment, -1 padding; None: one full segment a row
+    kept: list[torch.Tensor]  # each image's kept feature indices, ascending
+    slots: list[torch.Tensor]  # and where each is in the rows without their lead tokens, flattened
+
+    @classmethod
+    def plan(cls, layouts, kept: list[torch.Tensor], tile_tokens: int, lead: int) -> TileRows:
+        flags = torch.cat(kept).cpu().split([layout.n_features for layout in layouts])  # the one read-back
+        segments, owners, first_tile = [], [], 0  # segment: (tokens, image, features, positions)
+        indices = []
+        for i, (layout, keep) in enumerate(zip(layouts, flags)):
+            layout = layout.host
+            idx = torch.nonzero(keep).flatten()
+            indices.append(idx)
+            part, local = layout.partition[idx], layout.local[idx]
+            for p in range(layout.n_partitions):
+                mine = torch.nonzero(part == p).flatten()
+                if not mine.numel():
+                    continue
+                order = torch.sort(local[mine]).indices  # raster order in the tile
+                features, patches = idx[mine[order]], local[mine[order]]
+                if mine.numel() == layout.sizes[p]:  # whole: every token of the tile, in place
+                    tokens, at = torch.arange(tile_tokens), lead + patches
+                else:
+                    tokens, at = torch.cat([torch.arange(lead), lead + patches]), lead + torch.arange(mine.numel())
+                segments.append(((first_tile + p) * tile_tokens + tokens, at))
+                owners.append((i, features))
+            first_tile += layout.n_partitions
+        lengths = [tokens.numel() for tokens, _ in segments]
+        n_rows = min(len(segments), math.ceil(sum(lengths) / tile_tokens))
+        loads, starts = [0] * n_rows, [None] * len(segments)
+        for j in sorted(range(len(segments)), key=lambda j: -lengths[j]):  # stable: ties in tile order
+            row = min(range(n_rows), key=loads.__getitem__)
+            starts[j], loads[row] = (row, loads[row]), loads[row] + lengths[j]
+        length = max(loads)
+        source = torch.zeros(n_rows, length, dtype=torch.long)
+        segment = torch.full((n_rows, length), -1, dtype=torch.long)
+        slot_of = [torch.zeros(layout.n_features, dtype=torch.long) for layout in layouts]
+        for j, ((tokens, at), (i, features), (row, start)) in enumerate(zip(segments, owners, starts)):
+            source[row, start : start + tokens.numel()] = tokens
+            segment[row, start : start + tokens.numel()] = j
+            slot_of[i][features] = row * (length - lead) + start + at - lead
+        unmasked = n_rows == len(segments) and bool((segment == segment[:, :1]).all())  # one full segment a row
+        return cls(
+            shape=(n_rows, length),
+            source=source.flatten(),
+            segment=None if unmasked else segment,
+            kept=indices,
+            slots=[slot_of[i][idx] for i, idx in enumerate(indices)],
+        )
+
+    def attention_mask(self, dtype: torch.dtype, device) -> torch.Tensor | None:
+        """(rows, 1, length, length) additive: 0 within a segment (padding with padding), the
+        dtype's minimum across; None where every row is one segment, unpadded."""
+        if self.segment is None:
+            return None
+        segment = self.segment.to(device)
+        same = segment[:, :, None] == segment[:, None, :]
+        return torch.where(same, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+
+    def packed(self, projected: torch.Tensor, layouts, newline: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's (L, D) packed vectors from the projected rows (their lead tokens cut,
+        flattened): kept features and newlines in place, zeros where dropped features were."""
+        device = projected.device
+        result = []
+        for layout, idx, slots in zip(layouts, self.kept, self.slots):
+            layout = layout.on(device)
+            vectors = projected.new_zeros(layout.packed_source.numel(), projected.shape[-1])
+            vectors[layout.feature_positions[idx.to(device)]] = projected[slots.to(device)]
+            vectors[layout.newline_positions] = newline.to(device, projected.dtype)
+            result.append(vectors)
+        return result
 
 
 def feature_layer_of(config, n_layers: int) -> int:

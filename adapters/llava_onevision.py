@@ -130,6 +130,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     # --- vision pass ------------------------------------------------------------------
 
     output_signals = frozenset({"logits"})  # -cos to the mean token, of the layer's output
+    lead_tokens = 0  # SigLIP has no CLS token: a tile's tokens are its patches
 
     def capture_scores(self, signals: dict[int, str]):
         """The CLS-free equivalents of the signals, from the SigLIP layers (module docstring)."""

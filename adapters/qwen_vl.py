@@ -65,6 +65,12 @@ class QwenVLAdapter(Adapter):
     call_options = ("mm_token_type_ids", *VIDEO_INPUTS)
     signal_kinds = SIGNAL_KINDS
     model_type: ClassVar[str]
+    in_tower_refusal = (
+        "its tower runs each image as one packed sequence with 2-D rotary positions (Qwen2.5-VL: windowed "
+        "attention in most blocks) and merges each 2x2 patch group into one LLM token after its last block, so "
+        "pruning inside it must drop whole 2x2 groups with their positions and windows, which its adapter does "
+        "not do yet"
+    )
 
     @classmethod
     def supports(cls, model) -> bool:

@@ -50,7 +50,7 @@ from ..harness import REFERENCE, differences, jsonable, method_options, provenan
 from ..loading import LoadOptions, check_model_name, load_model, load_processor, model_facts
 from ..method import METHODS, build as build_method
 from ..method.base import check_fits
-from ..patch import handle_of
+from ..patch import handle_of, resolve
 from ..preset_specs import with_preset_defaults
 from ..selection import check_budget
 from .data import fingerprint, subset
@@ -73,7 +73,9 @@ class SweepConfig:
     it to `sweep(config, model=..., processor=...)` and name it here). `methods`: default every
     registered method. `options`: {method: {option: value}}. `data`: {task: local path or hub
     id}. `limit`: that many samples per task, the same ones (drawn with `seed`) in every cell.
-    `rank`/`world_size`: this process's shard; by default taken from `accelerate launch`."""
+    `rank`/`world_size`: this process's shard; by default taken from `accelerate launch`.
+    `vision_prune_layer`: every method selects inside the vision tower at that vision layer
+    (`patch`'s option; checked against the model once it loads); None: after the tower."""
 
     model: str
     tasks: list[str]
@@ -81,6 +83,7 @@ class SweepConfig:
     methods: list[str] | None = None
     budgets: list[float | int] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
     options: dict[str, dict] = field(default_factory=dict)
+    vision_prune_layer: int | None = None
     data: dict[str, str] = field(default_factory=dict)
     limit: int | None = None
     seed: int = 0
@@ -154,6 +157,10 @@ class SweepConfig:
                 raise ValueError(f"{what} must be an int >= 1 (or None), got {value!r}")
         if not is_int(self.seed):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if self.vision_prune_layer is not None and not is_int(self.vision_prune_layer):
+            raise TypeError(
+                f"vision_prune_layer must be an int (a vision layer index) or None, got {self.vision_prune_layer!r}"
+            )
         if not is_int(self.batch_size) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         self.load_options()  # raises where they are wrong, before any model loads
@@ -219,6 +226,8 @@ class Plan:
             methods=c.methods,
             budgets=c.budgets,
             options=self.options,
+            # where methods select; absent after the tower, so that earlier runs keep their id
+            **({} if c.vision_prune_layer is None else {"vision_prune_layer": c.vision_prune_layer}),
             limit=c.limit,
             seed=c.seed,
             generation="greedy",
@@ -475,6 +484,8 @@ def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -
         check_model_name(config.model)
         processor = load_processor(config.model)  # small, and some methods need it to validate their options
     plan = plan_sweep(config, processor, model)
+    if model is not None:
+        check_cells(model, processor, plan)  # the patch's checks against the model, before anything is written
     rank, world_size, state = _shard(config.rank, config.world_size)
     subsets, samples = {}, {}
     for task_name, task in plan.tasks.items():  # data problems surface before the model loads
@@ -509,7 +520,7 @@ def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -
             if state is not None and options.device_map is None:
                 options = replace(options, device_map={"": state.device})  # data-parallel: a whole model per process
             model = load_model(config.model, options)
-            check_methods(config, plan.tasks, processor, plan.options, model)  # what needs the weights
+            check_cells(model, processor, plan)  # what needs the weights, and the vision layer
         overall = tqdm(total=total, initial=finished, desc="sweep", unit="sample", disable=not show, position=0)
         for task_name, task in plan.tasks.items():
             for method, budget in plan.cells():
@@ -541,6 +552,16 @@ def stale_images(samples: dict[str, list[Sample]], records: list[dict]) -> list[
         for sample in shard
         if (task, sample.index) in written and written[(task, sample.index)] != image_identity(sample)
     ]
+
+
+def check_cells(model, processor, plan: Plan) -> None:
+    """Every cell's method resolved against the model as its patch will resolve it, with the
+    vision layer it selects at: a method or layer the model cannot take fails here, not after
+    the first cells ran."""
+    adapter = adapter_for(model)
+    for method, budget in plan.cells()[1:]:
+        built = cell_method(plan.tasks.values(), method, budget, processor, plan.options.get(method, {}))
+        resolve(built, adapter, plan.config.vision_prune_layer)
 
 
 def _sample(task: Task, source: str, row: dict, index: int, image_of) -> Sample:
@@ -585,7 +606,11 @@ def _run_cell(
     patching = (
         nullcontext()
         if method == REFERENCE
-        else tokendrop.patched(model, cell_method([task], method, budget, processor, plan.options.get(method, {})))
+        else tokendrop.patched(
+            model,
+            cell_method([task], method, budget, processor, plan.options.get(method, {})),
+            vision_prune_layer=plan.config.vision_prune_layer,
+        )
     )
     batch_size = plan.config.batch_size
     with patching as handle:

@@ -153,6 +153,7 @@ def test_methods_read_what_they_declare(tiny, name, options):
     assert reads <= set(READS)
     image = encoded(tiny, method)
     full = method.select(image)
+    assert isinstance(full, Merged) == method.merges  # what inside-the-tower selection refuses
     chosen = method.select(withheld(image, reads))  # all it declares is enough, and gives the same
     assert torch.equal(kept(chosen), kept(full))
     for part in reads:  # and it reads each part it declares

@@ -552,3 +552,24 @@ def test_throughput_reports_the_largest_batch_that_fits_in_every_repeat(tiny, mo
     for row in rows:
         assert (row["status"], row["batch_size"]) == ("ok", 11), row["error"]
         assert row["batches_tried"] == "1 2 4 8 16x 12 14x 13x 12x 11"
+
+
+def test_profile_inside_the_vision_tower_reports_the_vision_time_per_row(tiny, tmp_path, capsys):
+    model, processor = tiny
+    config = profiler.ProfileConfig(
+        ["hired", "cls"], [1.0, 0.2], vision_prune_layer=0, max_new_tokens=2, repeats=1, warmup=0, progress=False
+    )
+    rows = profiler.profile(model, processor, [synthetic_image(200, 150)], config)
+    for row in rows:
+        assert row["status"] == "ok" and 0 < row["vision_s_min"] <= row["vision_s"] < row["ttft_s"]
+        assert row["vision_prune_layer"] == (None if row["method"] == REFERENCE else 0)
+    assert "inside the vision tower at layer 0" in profiler.format_table(rows)
+    with pytest.raises(ValueError, match="not below the feature layer"):  # checked before the grid runs
+        profiler.profile(model, processor, [synthetic_image(200, 150)], profiler.ProfileConfig(vision_prune_layer=1))
+    with pytest.raises(TypeError, match="vision_prune_layer must be an int"):
+        profiler.ProfileConfig(vision_prune_layer="0")
+    argv = ["profile", "--model", "tiny", "--methods", "hired", "--budgets", "0.2", "--vision-prune-layer", "0"]
+    assert main([*argv, "--repeats", "1", "--max-new-tokens", "1", "--no-progress", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "profile.json").read_text())
+    assert saved["provenance"]["config"]["vision_prune_layer"] == 0
+    assert all(row["vision_s"] > 0 for row in saved["cells"])

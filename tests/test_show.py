@@ -89,3 +89,17 @@ def test_show_command_line(tmp_path, capsys):
         == 0
     )
     assert out.stat().st_size > 10_000 and f"wrote {out}" in capsys.readouterr().out
+
+
+def test_show_inside_the_vision_tower(tiny, tmp_path, capsys):
+    from tokendrop.cli import main
+
+    image = tmp_path / "photo.png"
+    synthetic_image(120, 80, seed=2).save(image)
+    out = tmp_path / "kept.png"
+    argv = ["show", str(image), "--model", "tiny", "--method", "hired", "--vision-prune-layer", "0", "--out", str(out)]
+    assert main(argv) == 0
+    assert out.stat().st_size > 10_000
+    model, processor = tiny
+    figure = show(model, processor, synthetic_image(120, 80), "cls", 0.2, vision_prune_layer=-3)
+    assert "cls at vision layer 0, budget 0.2" in figure._suptitle.get_text()

@@ -602,3 +602,28 @@ def test_command_line(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["sweep", "--model", "tiny", "--tasks", "custom", "--out", str(tmp_path / "x"), *bad])
         assert exit_info.value.code == 2
+
+
+def test_selection_inside_the_tower_is_part_of_the_run_and_checked_first(tmp_path, capsys):
+    data = write_custom(tmp_path / "data", ["Say it.", "Say that."], [["x"]] * 2)
+    args = dict(methods=["hired"], budgets=[0.25], data={"custom": str(data)}, **FAST)
+    # on the tiny preset (features at layer 1 of 3) only layer 0 is below the feature layer:
+    # the layer is checked against the loaded model before anything is written
+    model, processor = tiny_model()
+    with pytest.raises(ValueError, match="not below the feature layer 1"):
+        sweep(SweepConfig("tiny", ["custom"], tmp_path / "bad", vision_prune_layer=1, **args), model, processor)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(TypeError, match="vision_prune_layer must be an int"):
+        SweepConfig("tiny", ["custom"], tmp_path / "bad", vision_prune_layer=0.5, **args)
+    inside = sweep(SweepConfig("tiny", ["custom"], tmp_path / "inside", vision_prune_layer=0, **args))
+    after = sweep(SweepConfig("tiny", ["custom"], tmp_path / "after", **args))
+    assert inside["run"]["identity"]["vision_prune_layer"] == 0 and "vision_prune_layer" not in after["run"]["identity"]
+    assert inside["run"]["provenance"]["config"]["vision_prune_layer"] == 0
+    assert [r["kept_pct"] for r in inside["cells"]] == [r["kept_pct"] for r in after["cells"]]
+    with pytest.raises(ValueError, match="differs in: vision_prune_layer"):
+        sweep(SweepConfig("tiny", ["custom"], tmp_path / "inside", **args))
+    argv = ["sweep", "--model", "tiny", "--tasks", "custom", "--data", f"custom={data}", "--methods", "hired"]
+    argv += ["--budgets", "0.25", "--vision-prune-layer", "0", "--out", str(tmp_path / "cli"), "--no-progress"]
+    assert main([*argv, "--max-new-tokens", "2"]) == 0
+    run = json.loads((tmp_path / "cli" / "run.json").read_text())
+    assert run["identity"]["vision_prune_layer"] == 0

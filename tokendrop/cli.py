@@ -164,6 +164,17 @@ def add_methods(parser, default: list[str], plural: bool = True) -> None:
     )
 
 
+def add_vision_prune_layer(parser) -> None:
+    parser.add_argument(
+        "--vision-prune-layer",
+        type=int,
+        metavar="K",
+        help="select inside the vision tower: methods read vision layer K (an index of the tower's layers, "
+        "negative from the end, below the feature layer) and layers K+1 up to the feature layer run on the kept "
+        "tokens only (LLaVA-NeXT, LLaVA-OneVision). Default: select after the tower",
+    )
+
+
 def add_budgets(parser, default) -> None:
     if isinstance(default, list):
         parser.add_argument("--budgets", nargs="+", type=budget, default=default, help=BUDGET_HELP)
@@ -252,6 +263,7 @@ def add_profile(subcommands) -> None:
     add_model_arguments(parser)
     add_methods(parser, ["hired"])
     add_budgets(parser, [1.0, 0.4, 0.2, 0.1])
+    add_vision_prune_layer(parser)
     parser.add_argument("--batch-sizes", nargs="+", type=positive_int, help="default 1; not with --throughput")
     images = parser.add_mutually_exclusive_group()
     images.add_argument("--images", nargs="+", type=image_file, help="image files, used round-robin per batch")
@@ -305,6 +317,7 @@ def profile_config(args, prompt: str, out: Path | None):
         max_new_tokens=args.max_new_tokens,
         repeats=args.repeats,
         memory_limit=getattr(args, "memory_limit", None),
+        vision_prune_layer=getattr(args, "vision_prune_layer", None),
         out=out,
         progress=not args.no_progress,
     )
@@ -500,6 +513,7 @@ def add_show(subcommands) -> None:
     add_model_arguments(parser)
     add_methods(parser, ["hired"], plural=False)
     add_budgets(parser, 0.2)
+    add_vision_prune_layer(parser)
     parser.add_argument("--question", default="Describe the image.")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     parser.set_defaults(run=run_show)
@@ -526,7 +540,17 @@ def run_show(args) -> None:
     check_fits(method, model_facts(args.model))  # before the model loads
     chat_prompt(processor, args.question)
     model = loaded_model(args)
-    show(model, processor, args.image, args.method, args.budget, args.question, out=args.out, **options)
+    show(
+        model,
+        processor,
+        args.image,
+        args.method,
+        args.budget,
+        args.question,
+        out=args.out,
+        vision_prune_layer=args.vision_prune_layer,
+        **options,
+    )
     print(f"wrote {args.out}")
 
 
@@ -552,6 +576,7 @@ def add_sweep(subcommands) -> None:
         "tokens first"
     )
     add_budgets(parser, [0.1, 0.2, 0.4])
+    add_vision_prune_layer(parser)
     parser.add_argument(
         "--data",
         action="append",
@@ -583,6 +608,7 @@ def sweep_config(args):
         methods=args.methods,
         budgets=args.budgets,
         options=grouped(args.options),
+        vision_prune_layer=args.vision_prune_layer,
         data=dict(args.data),
         limit=args.limit,
         seed=args.seed,

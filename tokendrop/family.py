@@ -15,7 +15,17 @@ A family implements the few steps that depend on it:
 
 and the core, per request (`tokendrop.patch`), calls `read` (those three steps, and each
 image's prompt row), selects, then `feed` (the shared `tokendrop.compaction`, then
-`llm_inputs`) and, for a forward, `with_image_features`. Tools that time or inspect a model
+`llm_inputs`) and, for a forward, `with_image_features`.
+
+Pruning inside the vision tower (`vision_prune_layer=K`) takes two more steps, in a family
+that can (`in_tower_refusal` None):
+
+    encode_at(pixel_values, geometry, signals, K)  the pass up to layer K: what a method reads there
+    finish_tower(images, kept, K)                  layers K+1 up to the feature layer on each
+                                                   tile's kept tokens: what the LLM receives
+
+`read` calls the first in place of `encode`; the core calls the second between selection and
+`feed`, and checks K with `check_prune_layer` when patching. Tools that time or inspect a model
 (the profiler, `show`, the benchmarks) use `vision_tower`, `language_model`, `vision_entry`
 and `image_features`. ARCHITECTURE.md has the recipe for adding a family.
 """
@@ -31,6 +41,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .checks import check_layer
 from .compaction import Compacted, assign_rows, compact
 from .layout import EncodedImage, ImageLayout
 
@@ -49,6 +60,9 @@ class Adapter(ABC):
     call_options: ClassVar[tuple[str, ...]] = ()
     signal_kinds: ClassVar[tuple[str, ...]]  # the signals `read` can capture (`tokendrop.scoring`)
     first_release: ClassVar[str] = "4.56"  # the first transformers release the family is patched on
+    # why the family cannot prune inside its vision tower (`vision_prune_layer`), for the error;
+    # None where it can: it implements `encode_at` and `finish_tower`
+    in_tower_refusal: ClassVar[str | None] = "its adapter does not run the tower's later layers on kept tokens"
 
     model: nn.Module  # the patched model
     image_token_id: int  # the prompt's placeholder token: one per visual token the LLM receives
@@ -102,14 +116,19 @@ class Adapter(ABC):
         questions: list[str] | None,
         signals: dict[int, str],
         options: dict,
+        prune_layer: int | None = None,
     ) -> list[EncodedImage]:
         """Every image of a call, checked against its prompt and encoded (`check_images`,
         `encode`), with its place in the call, its prompt row, that row's attention mask and
-        the caller's question for that row, in placeholder order. `options`: the call's `call_options` it holds."""
+        the caller's question for that row, in placeholder order. `options`: the call's `call_options` it holds.
+        `prune_layer`: K of `vision_prune_layer` (checked), the pass then stops there (`encode_at`)."""
         geometry = self.check_images(pixel_values, geometry, **options)
         per_row = (input_ids == self.image_token_id).sum(1).tolist()
         rows = assign_rows(per_row, [layout.packed_source.numel() for layout in self.layouts(geometry, **options)])
-        images = self.encode(pixel_values, geometry, signals, **options)
+        if prune_layer is None:
+            images = self.encode(pixel_values, geometry, signals, **options)
+        else:
+            images = self.encode_at(pixel_values, geometry, signals, prune_layer, **options)
         for index, (image, row) in enumerate(zip(images, rows)):
             image.index = index
             image.prompt_row = input_ids[row]
@@ -167,6 +186,52 @@ class Adapter(ABC):
         elif "image_hidden_states" in getattr(output, "__dataclass_fields__", {}):  # 4.x: one tensor
             output["image_hidden_states"] = torch.cat(kept)
         return output
+
+    # --- pruning inside the vision tower (vision_prune_layer=K) -------------------------
+
+    def check_prune_layer(self, layer) -> int:
+        """`vision_prune_layer` as the absolute index K of the vision layer that selection reads,
+        checked before the model is touched: an int layer index as the tower's layer list takes
+        it (negative from the end), below the feature layer (at it, nothing is left to run on
+        the kept tokens: that is pruning after the tower). ValueError naming the valid ones,
+        or why the family cannot (`in_tower_refusal`)."""
+        if self.in_tower_refusal is not None:
+            raise ValueError(
+                f"vision_prune_layer is not available for a {self.model_class}: {self.in_tower_refusal}. "
+                "Patch it without vision_prune_layer: selection after the vision tower"
+            )
+        n = self.n_vision_layers
+        layer = check_layer("vision_prune_layer", layer, n)
+        feature = self.feature_layer % n
+        if layer % n >= feature:
+            raise ValueError(
+                f"vision_prune_layer={layer} is vision layer {layer % n}, not below the feature layer {feature} "
+                f"(whose output the LLM receives): take 0 to {feature - 1} (or {-n} to {feature - 1 - n}). "
+                "Selection at the feature layer is what patching without vision_prune_layer does"
+            )
+        return layer % n
+
+    def selection_facts(self, layer: int) -> ModelFacts:
+        """What a method resolved for selection inside the tower at layer `layer` reads of the
+        model: a tower that ends there. Its layers are 0 to `layer`, -1 (the last, and the
+        default of every method's scored layer) is `layer` itself, and its features are that
+        layer's output."""
+        return ModelFacts(self.model_class, self.signal_kinds, self.image_token_id, layer + 1, -1, self.model)
+
+    def encode_at(self, pixel_values, geometry, signals: dict[int, str], layer: int, **options) -> list[EncodedImage]:
+        """The vision pass up to layer `layer` (absolute) and no further, capturing `signals`
+        ({layer: kind}, indexed as `selection_facts(layer)` indexes them: -1 is `layer`): what
+        `encode` gives for a tower that ends there (`packed`: that layer's output through the
+        projector), each image with its tiles' hidden states after that layer (`hidden`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not prune inside the vision tower")
+
+    def finish_tower(self, images: list[EncodedImage], kept: list[torch.Tensor], layer: int, **options):
+        """The rest of the tower after `encode_at(..., layer)`: the layers after `layer` up to the
+        feature layer, run on each tile's kept features (`kept[i]`, (N,) bool over image i's
+        features) and what the tile needs beside them (a CLS token), then the projector. Returns
+        each image's (L, D) packed vectors as `EncodedImage.packed` lays them out: the kept
+        features' and the newlines filled in, the dropped features' positions never read."""
+        raise NotImplementedError(f"{type(self).__name__} does not prune inside the vision tower")
 
     # --- for tools that time or inspect the model ------------------------------------
 

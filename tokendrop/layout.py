@@ -216,12 +216,18 @@ class ImageLayout:
 
 @dataclass(eq=False)
 class EncodedImage:
-    """One image after the vision pass, as a method sees it."""
+    """One image after the vision pass, as a method sees it.
+
+    Pruned inside the vision tower (`vision_prune_layer=K`), the pass stops at layer K: the
+    image is what a tower that ends at K gives, `n_layers` = K + 1, `packed` layer K's output
+    through the projector, and `hidden` the tiles' hidden states there, from which the adapter
+    runs the rest of the tower on the kept tokens (`Adapter.finish_tower`)."""
 
     layout: ImageLayout
-    packed: torch.Tensor  # (L, D) the projected features the LLM would see, newlines included
+    # (L, D) the projected features the LLM would see, newlines included (inside the tower: of layer K)
+    packed: torch.Tensor
     cls: dict[int, torch.Tensor]  # absolute layer -> (P, side**2) fp32 CLS scores, on any device
-    n_layers: int  # vision layers, to resolve negative layer indices
+    n_layers: int  # vision layers the pass read, to resolve negative layer indices
     embed: Callable[[torch.Tensor], torch.Tensor]  # token ids -> the LLM's input embeddings
     # other per-token vectors the LLM receives besides `packed`, each (L, D'), kept with the same
     # mask (Qwen3-VL's deepstack levels, added to early LLM layers at the token's position)
@@ -231,6 +237,7 @@ class EncodedImage:
     question: str | None = None  # the caller's explicit question for that row, if given
     # its place among the call's images: selection groups images by layout, out of call order
     index: int | None = None
+    hidden: torch.Tensor | None = None  # inside the tower: (P, T, D_vision) each tile's tokens after layer K
 
     def cls_scores(self, layer: int) -> torch.Tensor:
         return self.cls[layer % self.n_layers]

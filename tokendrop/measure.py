@@ -309,9 +309,11 @@ class StepTimer(StoppingCriteria):
 def stages(model: nn.Module):
     """Yields a dict that fills in, for one request, the per-stage figures the model's own
     entry points reveal: `vision_s` (the vision pass: tower, projector, packing, with any
-    scoring hooks), `select_s` (tokendrop's own work around it: selection and compaction; 0
-    when unpatched), `llm_prefill_s`, `llm_prompt_len` and `kv_cache_bytes` (the language
-    model's first call). Wrappers and hooks are removed on exit."""
+    scoring hooks; pruned inside the tower, both of its parts: up to the pruning layer, and
+    the rest on the kept tokens, `Adapter.finish_tower`), `select_s` (tokendrop's own work
+    around it: selection and compaction; 0 when unpatched), `llm_prefill_s`, `llm_prompt_len`
+    and `kv_cache_bytes` (the language model's first call). Wrappers and hooks are removed on
+    exit."""
     device = model_device(model)
     seen: dict[str, float] = {"vision_s": 0.0, "select_s": 0.0}
     adapter = adapter_of(model)
@@ -350,6 +352,8 @@ def stages(model: nn.Module):
             seen["kv_cache_bytes"] = cache_bytes(output_cache(output))
 
     setattr(vision, entry, timed(getattr(vision, entry), "vision_s"))
+    if handle is not None and handle.prune_layer is not None:  # the tower's rest: vision too
+        adapter.finish_tower = timed(adapter.finish_tower, "vision_s")
     hooks = [
         llm.register_forward_pre_hook(before_prefill, with_kwargs=True),
         llm.register_forward_hook(after_prefill, with_kwargs=True),
@@ -362,6 +366,7 @@ def stages(model: nn.Module):
     finally:
         for hook in hooks:
             hook.remove()
+        adapter.__dict__.pop("finish_tower", None)
         if original_entry is None:
             delattr(vision, entry)
         else:

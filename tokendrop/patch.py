@@ -18,6 +18,17 @@ carries images, the wrapper runs once, before the LLM:
 
 `handle.last` is built from the selection's device tensors when first read, not in the call.
 
+Inside the vision tower (`patch(..., vision_prune_layer=K)`) the same steps run, two of them
+shorter or split:
+
+    adapter.read         the vision pass stops at layer K: the method reads scores of layers
+                         0..K and, as features, layer K's output through the projector
+    select_images        unchanged: the kept tokens, as pruning after the tower would choose
+                         them from those scores
+    adapter.finish_tower layers K+1 up to the feature layer on each tile's kept tokens (and
+                         its CLS token), then the projector: the vectors the LLM receives
+    adapter.feed         unchanged
+
 Decode steps and text-only calls pass straight through (a forward without images never enters
 the patch); a `generate` that continues from a
 patched call's cache feeds the shortened prompt that the cache holds, and a decode step of
@@ -47,7 +58,7 @@ from transformers import Cache, GenerationConfig
 from .adapters import adapter_for
 from .family import Adapter, Request
 from .method import Method, build as build_method
-from .method.base import check_fits
+from .method.base import check_fits, check_in_tower, check_signals
 from .pruning import ImageRecord, Selected, select_images
 
 ATTRIBUTE = "_tokendrop_handle"
@@ -56,20 +67,23 @@ ACCELERATE_SLOT = "_old_forward"  # where accelerate's add_hook_to_module keeps 
 
 
 class Handle:
-    """A patch: the method, the model's adapter, and the last call's records. With concurrent
-    calls, `last` holds the records of whichever call finished last."""
+    """A patch: the method, the model's adapter, the vision layer it selects at inside the
+    tower (`prune_layer`, absolute; None: after the tower), and the last call's records. With
+    concurrent calls, `last` holds the records of whichever call finished last."""
 
-    def __init__(self, model: nn.Module, method: Method, adapter: Adapter):
+    def __init__(self, model: nn.Module, method: Method, adapter: Adapter, prune_layer: int | None = None):
         self.model = model
         self.method = method
         self.adapter = adapter
+        self.prune_layer = prune_layer
         self._last: list[ImageRecord] | tuple[Selected, ...] = []
         self._saved: dict[str, tuple[str, object]] = {}  # name -> (attribute we took, what it held)
         self._calls = None  # the wrappers' closures over this model, built on first use
         self._observers: list[Callable[[], AbstractContextManager]] = []
 
     def __repr__(self) -> str:
-        return f"<tokendrop patch {self.method!r} on {type(self.model).__name__}>"
+        where = "" if self.prune_layer is None else f" inside the vision tower at layer {self.prune_layer}"
+        return f"<tokendrop patch {self.method!r}{where} on {type(self.model).__name__}>"
 
     def __getstate__(self) -> dict:
         # a copy builds closures over its own model, and is observed by no one
@@ -171,9 +185,18 @@ class Handle:
             for watch in self._observers:
                 watched.enter_context(watch())
             encoded = self.adapter.read(
-                input_ids, attention_mask, images[pixels], images[geometry], questions, self.method.signals(), options
+                input_ids,
+                attention_mask,
+                images[pixels],
+                images[geometry],
+                questions,
+                self.method.signals(),
+                options,
+                self.prune_layer,
             )
             selected, packed = select_images(self.method, encoded)
+            if self.prune_layer is not None:  # the rest of the tower, on the kept tokens only
+                packed = self.adapter.finish_tower(encoded, [s.kept for s in selected], self.prune_layer, **options)
             compact_ids, llm_inputs, kept_features = self.adapter.feed(
                 input_ids,
                 attention_mask,
@@ -476,7 +499,12 @@ def _sequences(output) -> torch.Tensor:
 
 
 def patch(
-    model: nn.Module, method: str | Method, budget: float | int | None = None, processor=None, **options
+    model: nn.Module,
+    method: str | Method,
+    budget: float | int | None = None,
+    processor=None,
+    vision_prune_layer: int | None = None,
+    **options,
 ) -> Handle:
     """Make every later `model.generate(...)`/`model(...)` call feed the LLM only the visual
     tokens `method` keeps within `budget` (a fraction in (0, 1] or a token count per image;
@@ -484,6 +512,12 @@ def patch(
     and options (one outside the registry, such as an evaluation oracle). `processor`, the
     model's processor, is needed by the methods that read the prompt (`text`, `router`,
     `dpp`); any method accepts it.
+    `vision_prune_layer=K` (a vision layer index, negative from the end, below the feature
+    layer) selects inside the vision tower: the method reads layer K (its layer options count
+    in a tower that ends at K: -1 is K), and layers K+1 up to the feature layer run on the
+    kept tokens only. The kept set is the one selection after the tower would choose from
+    layer K's scores; the kept vectors differ, as the later layers see fewer tokens. None:
+    selection after the tower.
     A PEFT-wrapped model is patched on its base model. Everything is validated before the
     model is touched; patching a patched model replaces the old patch."""
     if _is_peft(model):
@@ -502,9 +536,30 @@ def patch(
             )
     else:
         method = build_method(method, budget=1.0 if budget is None else budget, processor=processor, **options)
-    handle = Handle(model, check_fits(method, adapter), adapter)
+    chosen, prune_layer = resolve(method, adapter, vision_prune_layer)
+    handle = Handle(model, chosen, adapter, prune_layer)
     handle.install()
     return handle
+
+
+def resolve(method: Method, adapter: Adapter, vision_prune_layer: int | None = None) -> tuple[Method, int | None]:
+    """(`method` resolved against the model, the absolute vision layer it selects at inside the
+    tower or None), everything checked: the method's options and signals against the model;
+    with `vision_prune_layer`, that layer against the model (`Adapter.check_prune_layer`) and
+    the method against selecting there (`check_in_tower`). The model is not touched."""
+    if vision_prune_layer is None:
+        return check_fits(method, adapter), None
+    layer = adapter.check_prune_layer(vision_prune_layer)
+    check_in_tower(method, layer)
+    try:
+        chosen = method.resolve(adapter.selection_facts(layer))
+    except ValueError as error:
+        raise ValueError(
+            f"{error}. With vision_prune_layer={vision_prune_layer}, selection sees the tower up to layer {layer} "
+            f"only: layers 0 to {layer}, -1 being layer {layer}; set the method's layer options within them"
+        ) from None
+    check_signals(chosen, adapter)
+    return chosen, layer
 
 
 def _base_model(model) -> nn.Module:
@@ -543,12 +598,19 @@ def unpatch(model: nn.Module) -> None:
 
 
 @contextmanager
-def patched(model: nn.Module, method: str | Method, budget: float | int | None = None, processor=None, **options):
+def patched(
+    model: nn.Module,
+    method: str | Method,
+    budget: float | int | None = None,
+    processor=None,
+    vision_prune_layer: int | None = None,
+    **options,
+):
     """`with tokendrop.patched(model, "hired", budget=0.2) as handle:` patch for a block, with
     `patch`'s arguments. Leaving the block restores the patch from before it (or none), even
     where the block patched or unpatched the model itself."""
     previous = handle_of(model)
-    handle = patch(model, method, budget=budget, processor=processor, **options)
+    handle = patch(model, method, budget=budget, processor=processor, vision_prune_layer=vision_prune_layer, **options)
     try:
         yield handle
     finally:

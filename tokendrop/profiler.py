@@ -28,7 +28,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
-from .checks import is_int
+from .checks import check_int, is_int
+from .family import Adapter
 from .files import writable_folder
 from .harness import (
     REFERENCE,
@@ -49,8 +50,7 @@ from .measure import (
     release_memory,
 )
 from .method import METHODS, build as build_method
-from .method.base import check_fits
-from .patch import handle_of, patched, unpatch
+from .patch import handle_of, patched, resolve, unpatch
 from .selection import check_budget
 
 TIMED = (  # measured every repeat: reported as median, min and max
@@ -83,6 +83,8 @@ class _Measurement:
     warmup: int = 1
     # a run past it is out of memory: 24 (GiB), "24GB", "512MB"; on CPU, the process's peak RSS
     memory_limit: float | str | None = None
+    # select inside the vision tower at this vision layer (`patch`'s vision_prune_layer); None: after it
+    vision_prune_layer: int | None = None
     out: Path | None = None
     progress: bool = True
 
@@ -102,6 +104,8 @@ class _Measurement:
         self.options = method_options(self.options, self.methods, "this profile", "profiled")
         if self.memory_limit is not None:
             parse_memory_size(self.memory_limit)
+        if self.vision_prune_layer is not None:
+            check_int("vision_prune_layer", self.vision_prune_layer)  # against the model: in `check`
         if self.out is not None:
             self.out = Path(self.out)
 
@@ -111,15 +115,15 @@ class _Measurement:
 
     def check(self, processor, adapter=None) -> None:
         """Build every method x budget once (and, given the model's `adapter` or the
-        `ModelFacts` of its configuration, check it against the model), and the prompt: a bad
-        option fails here, not in every cell. Needs no weights, so the command line calls it
-        before the model loads."""
+        `ModelFacts` of its configuration, check it against the model; a loaded model's with
+        the vision layer it selects at), and the prompt: a bad option fails here, not in every
+        cell. Needs no weights, so the command line calls it before the model loads."""
         chat_prompt(processor, self.prompt)
         for name in self.methods:
             for budget in self.budgets:
                 method = build_method(name, budget=budget, processor=processor, **self.options.get(name, {}))
                 if adapter is not None:
-                    check_fits(method, adapter)
+                    resolve(method, adapter, self.vision_prune_layer if isinstance(adapter, Adapter) else None)
 
     def check_device(self, device: torch.device | str) -> None:
         """A memory limit caps CUDA's allocator, or on the CPU Linux's peak RSS: refuse it
@@ -228,7 +232,7 @@ def profile(model, processor, images, config: ProfileConfig | None = None) -> li
         run_cell(model, processor, cell, inputs, config, config.options.get(cell.method, {}))
 
     _run_grid(model, grid, measure_cell, "profile", config.progress)
-    rows = [cell.row() for cell in grid]
+    rows = [cell.row() | _where(cell, config) for cell in grid]
     add_ratios(rows, model.config.get_text_config())
     if config.out is not None:
         seen = _images_seen(adapter, processor, images)
@@ -256,7 +260,7 @@ def throughput(model, processor, images, config: ThroughputConfig | None = None)
         search_cell(model, processor, images, cell, config, lambda step: bar.set_postfix_str(step))
 
     _run_grid(model, grid, measure_cell, "throughput", config.progress)
-    rows = [cell.row() for cell in grid]
+    rows = [cell.row() | _where(cell, config) for cell in grid]
     reference = rows[0]
     for row in rows:
         row["memory_limit"] = config.memory_limit
@@ -267,6 +271,12 @@ def throughput(model, processor, images, config: ThroughputConfig | None = None)
         seen = _images_seen(adapter, processor, images)
         write(config.out, "throughput", rows, provenance(config, model, images=seen))
     return rows
+
+
+def _where(cell: Cell, config: _Measurement) -> dict:
+    """Where a row's method selected: the vision layer inside the tower, or None (after it; the
+    unpatched rows select nothing)."""
+    return {"vision_prune_layer": None if cell.method == REFERENCE else config.vision_prune_layer}
 
 
 def _prepare(model, processor, images, config: _Measurement):
@@ -341,18 +351,20 @@ def _settings(config: _Measurement) -> dict:
     )
 
 
-def _patched_for(model, processor, cell: Cell, options: dict):
+def _patched_for(model, processor, cell: Cell, options: dict, vision_prune_layer: int | None = None):
     """The patch a cell runs under (yielding its handle), or none for the unpatched model."""
     if cell.method == REFERENCE:
         return nullcontext(None)
-    return patched(model, cell.method, budget=cell.budget, processor=processor, **options)
+    return patched(
+        model, cell.method, budget=cell.budget, processor=processor, vision_prune_layer=vision_prune_layer, **options
+    )
 
 
 def run_cell(model, processor, cell: Cell, inputs, config: _Measurement, options: dict) -> None:
     settings = _settings(config)
     samples = []
     try:
-        with _patched_for(model, processor, cell, options) as handle:
+        with _patched_for(model, processor, cell, options, config.vision_prune_layer) as handle:
             for _ in range(config.warmup):
                 measure_generate(model, inputs, **settings)  # capped as the measured runs are
             samples = [measure_generate(model, inputs, **settings) for _ in range(config.repeats)]
@@ -436,7 +448,7 @@ def search_cell(model, processor, images, cell: Cell, config: ThroughputConfig, 
             raise torch.OutOfMemoryError(failure)
 
     try:
-        with _patched_for(model, processor, cell, options):
+        with _patched_for(model, processor, cell, options, config.vision_prune_layer):
             cell.batch_size, cell.tried = largest_batch(fits_at, config.max_batch_size)
     except Exception as error:  # one broken cell must not end the search: it is recorded
         cell.status, cell.error = "error", f"{type(error).__name__}: {error}"
@@ -590,11 +602,17 @@ def format_table(rows: list[dict]) -> str:
     """The profile as a text table, each measured figure as median (min-max), and warnings
     for cells whose spread is wide."""
     memory = next((r["memory_kind"] for r in rows if r["status"] == "ok"), "-")
+    layer = next((r["vision_prune_layer"] for r in rows if r.get("vision_prune_layer") is not None), None)
+    where = (
+        ""
+        if layer is None
+        else f" Methods select inside the vision tower at layer {layer}; vision s covers the whole tower."
+    )
     caption = (
         "Medians of the repeats (min-max in brackets; ! marks a spread over 20% of the median). TTFT includes the "
         f"vision pass and selection; decode tok/s excludes prefill; added MB: peak memory ({memory}) over what "
         "was in use before the run (the loaded model). prefill x: LLM prefill speedup over the unpatched model, "
-        "ideal (FLOP ratio) and measured."
+        f"ideal (FLOP ratio) and measured.{where}"
     )
     table = text_table([h for h, _, _ in PROFILE_COLUMNS], _table(rows, PROFILE_COLUMNS, failed_from=3))
     return "\n".join([table, caption, *spread_warnings(rows, PROFILE_COLUMNS)])

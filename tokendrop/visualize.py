@@ -25,9 +25,11 @@ def show(
     budget: float | int = 0.2,
     question: str = "Describe the image.",
     out=None,
+    vision_prune_layer: int | None = None,
     **options,
 ):
     """Patch `model` with `method` for one request on `image`, and draw what it kept.
+    `vision_prune_layer`: select inside the vision tower at that layer (as `patch`).
     Returns the matplotlib figure (and saves it to `out` if given)."""
     if not isinstance(image, Image.Image):
         raise TypeError(
@@ -39,7 +41,12 @@ def show(
 
     image = image.convert("RGB")
     inputs = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt").to(model.device)
-    with patched(model, method, budget=budget, processor=processor, **options) as handle, torch.no_grad():
+    with (
+        patched(
+            model, method, budget=budget, processor=processor, vision_prune_layer=vision_prune_layer, **options
+        ) as handle,
+        torch.no_grad(),
+    ):
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
     record = handle.last[0]
     (layout,) = handle.adapter.input_layouts(inputs)
@@ -60,8 +67,9 @@ def show(
             outline(ax, label, image.size)
         ax.set_title(title)
         ax.axis("off")
+    where = "" if handle.prune_layer is None else f" at vision layer {handle.prune_layer}"
     figure.suptitle(
-        f"{method}, budget {budget}: {record.n_kept}/{record.n_before} visual tokens kept, "
+        f"{method}{where}, budget {budget}: {record.n_kept}/{record.n_before} visual tokens kept, "
         f"{record.n_newlines} newlines; per partition {record.partitions}"
     )
     if out is not None:

@@ -89,6 +89,7 @@ def register(name: str):
 @dataclass
 class Method:
     name: ClassVar[str]
+    merges: ClassVar[bool] = False  # selects by merging (returns a `Merged` or `Grouping`): pool, visionzip
     budget: float | int = 1.0
     newlines: str = "rows"
 
@@ -117,7 +118,8 @@ class Method:
 
     def reads(self) -> frozenset[str]:
         """What selection reads of an image besides its layout (`READS`): "scores", the
-        vision-pass signals of `signals()`; "features", its projected vectors; "question", the
+        vision-pass signals of `signals()`; "features", its projected vectors (inside the
+        tower, `vision_prune_layer=K`: layer K's output through the projector); "question", the
         question of its prompt row. A method that reads none selects from the geometry alone,
         so that a server can know its kept tokens before the vision pass (the vLLM
         integration does); one that reads the question cannot share a selection between two
@@ -183,6 +185,29 @@ def check_fits(method: Method, adapter) -> Method:
     resolved = method.resolve(adapter)
     check_signals(resolved, adapter)
     return resolved
+
+
+def check_in_tower(method: Method, layer: int) -> None:
+    """Raise ValueError where `method` cannot select inside the vision tower at layer `layer`
+    (`vision_prune_layer`), saying why. What every other method reads there: the scores of
+    layers 0 to `layer` and, as features, that layer's output through the projector (its
+    tokens compared with each other, by diversity methods)."""
+    name = getattr(method, "name", type(method).__name__)
+    if "question" in method.reads():
+        hint = " (dpp: relevance='cls', 'none' or 'allocator' reads no question)" if name == "dpp" else ""
+        raise ValueError(
+            f"method {name!r} cannot select inside the vision tower (vision_prune_layer={layer}): it scores the "
+            "image's tokens against the question's LLM input embeddings, a comparison that means something only "
+            "for the vectors the projector was trained to map into that space, the feature layer's; layer "
+            f"{layer}'s output through the projector is not in it. Patch without vision_prune_layer{hint}"
+        )
+    if method.merges:
+        raise ValueError(
+            f"method {name!r} cannot select inside the vision tower (vision_prune_layer={layer}): it gives the "
+            "LLM means of groups of feature-layer vectors, and inside the tower only the kept tokens reach the "
+            "feature layer, so the tokens merged into them have no vector there to average. Patch without "
+            "vision_prune_layer"
+        )
 
 
 def build(name: str, processor=None, **options) -> Method:

@@ -32,6 +32,8 @@ from .base import Method, register
 @register("pool")
 @dataclass
 class Pool(Method):
+    merges = True
+
     def select_batch(self, batch: ImageBatch) -> Grouping:
         layout = batch.layout
         owner = pooled_owner(layout, keep_count(self.budget, layout.n_features))

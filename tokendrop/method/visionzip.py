@@ -36,6 +36,8 @@ from .base import Merged, Method, register
 @register("visionzip")
 @dataclass
 class VisionZip(Method):
+    merges = True
+
     contextual: float = 0.15625  # share of each partition's kept tokens made by merging (paper 10 of 64)
     select_layer: int | None = None  # CLS attention picks the dominant tokens; None: the feature layer
 
