@@ -142,13 +142,13 @@ def test_vllm_packing_gives_tokendrops_layout(preset):
     ],
 )
 def test_refused_configurations(testbed, options, message):
-    from tokendrop.integrations.vllm.llava_next import resolved_method
+    from tokendrop.integrations.vllm.llava_next import FAMILY
 
     config = testbed[0].config
     config.tokendrop = options
     try:
         with pytest.raises((ValueError, TypeError), match=message):
-            resolved_method(config)
+            FAMILY.method(config)
     finally:
         del config.tokendrop
 
@@ -164,12 +164,12 @@ def test_refused_configurations(testbed, options, message):
 )
 def test_accepted_configurations_count_as_the_hf_patch_keeps(testbed, options):
     """The placeholder count equals the tokens the HF patch feeds the LLM, image by image."""
-    from tokendrop.integrations.vllm.llava_next import resolved_method
+    from tokendrop.integrations.vllm.llava_next import FAMILY
 
     model, processor = testbed
     model.config.tokendrop = options
     try:
-        method = resolved_method(model.config)
+        method = FAMILY.method(model.config)
     finally:
         del model.config.tokendrop
     images = [synthetic_image(w, h, seed=i) for i, (h, w) in enumerate(MIXED)]
