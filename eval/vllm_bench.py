@@ -18,6 +18,7 @@ engines is measured on the same samples.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from tokendrop.integrations.vllm import ARCHITECTURE, RECORD_ENV
+from tokendrop.integrations.vllm import RECORD_ENV, architecture
 
 from ..harness import chat_prompt
 from .generation import generate_answers
@@ -39,14 +40,18 @@ VISION_TOWER = "vision_tower."
 
 
 def save_for_vllm(model, processor, path) -> Path:
-    """Save an HF LLaVA-NeXT and its processor where vLLM loads them. transformers 5.x writes
-    the CLIP tower's tensors without the `vision_model.` level that vLLM's CLIP (and every
-    published LLaVA-NeXT checkpoint) has; they are renamed to it (transformers reads both)."""
+    """Save an HF LLaVA-NeXT or LLaVA-OneVision and its processor where vLLM loads them.
+    transformers 5.x writes the CLIP or SigLIP tower's tensors without the `vision_model.` level
+    that vLLM's towers (and every published checkpoint) have; they are renamed to it
+    (transformers reads both). A OneVision processor without a video processor (the offline
+    presets': transformers builds none without torchvision) is saved with the family's default
+    one, at the image processor's size and normalisation: it cannot be saved without, and
+    vLLM's OneVision loads it."""
     from safetensors.torch import load_file, save_file
 
     path = Path(path)
     model.save_pretrained(path)
-    processor.save_pretrained(path)
+    with_video_processor(processor).save_pretrained(path)
     for file in path.glob("*.safetensors"):
         weights = load_file(file)
 
@@ -59,13 +64,31 @@ def save_for_vllm(model, processor, path) -> Path:
     return path
 
 
+def with_video_processor(processor):
+    """`processor`, or a copy of a OneVision processor without a video processor given one."""
+    from transformers import LlavaOnevisionProcessor
+
+    if not isinstance(processor, LlavaOnevisionProcessor) or getattr(processor, "video_processor", None) is not None:
+        return processor
+    from transformers import LlavaOnevisionVideoProcessor
+
+    image = processor.image_processor
+    processor = copy.copy(processor)
+    processor.video_processor = LlavaOnevisionVideoProcessor(
+        size=dict(image.size), image_mean=image.image_mean, image_std=image.image_std
+    )
+    return processor
+
+
 def engine(path, tokendrop: dict | None = None, max_num_seqs: int = 16, **settings):
     """An offline vLLM engine on `path`: stock, or with the tokendrop plugin's `tokendrop`
-    options ({"method": ..., "budget": ...}) through hf_overrides."""
+    options ({"method": ..., "budget": ...}) through hf_overrides (the plugin's model of the
+    checkpoint's architecture)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: small, and records reachable
     from vllm import LLM
 
-    overrides = None if tokendrop is None else {"architectures": [ARCHITECTURE], "tokendrop": tokendrop}
+    (stock,) = json.loads((Path(path) / "config.json").read_text())["architectures"]
+    overrides = None if tokendrop is None else {"architectures": [architecture(stock)], "tokendrop": tokendrop}
     options = (
         dict(
             model=str(path),

@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 vllm = pytest.importorskip("vllm")
 
 import torch  # noqa: E402
+from random_presets import tiny_random  # noqa: E402
 
 import tokendrop  # noqa: E402
 from tokendrop.adapters import LlavaNextAdapter  # noqa: E402
@@ -231,24 +232,6 @@ def test_answers_match_hf_patched(pruned, testbed, samples):
 
 # --- a tiny random LLaVA-NeXT: other grids (1x3, 3x1), other methods --------------------
 
-
-def tiny_random():
-    """The tiny preset with 2 LLM heads of 32 (vLLM's CPU attention has no kernel for its head
-    size of 16); random weights."""
-    from transformers import LlavaNextForConditionalGeneration
-
-    from tokendrop.presets import build_config, build_processor
-
-    processor = build_processor("tiny")
-    config = build_config("tiny", processor.tokenizer)
-    config.text_config.num_attention_heads = config.text_config.num_key_value_heads = 2
-    config.text_config.head_dim = 32
-    torch.manual_seed(0)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    return model, processor
-
-
 TINY_MIXED = [(96, 96), (48, 144), (144, 48), (60, 100), (30, 140), (96, 38)]
 
 
@@ -260,7 +243,7 @@ TINY_MIXED = [(96, 96), (48, 144), (144, 48), (60, 100), (30, 140), (96, 38)]
     ],
 )
 def test_tiny_random_mixed_batch_keeps_what_the_hf_patch_keeps(options, tmp_path):
-    model, processor = tiny_random()
+    model, processor = tiny_random("tiny")
     path = save_for_vllm(model, processor, tmp_path / "tiny")
     batch = [
         dict(image=synthetic_image(w, h, seed=10 + i), question="What is red?") for i, (h, w) in enumerate(TINY_MIXED)
@@ -289,7 +272,7 @@ def test_tiny_random_mixed_batch_keeps_what_the_hf_patch_keeps(options, tmp_path
 def test_deeper_tower_for_scores_leaves_the_llm_input_as_stock(tmp_path):
     """globalcom2 scores at the last layer, which vLLM does not build; the plugin's deeper
     tower must still hand the LLM the feature layer: at budget 1.0, stock vLLM's tokens."""
-    model, processor = tiny_random()
+    model, processor = tiny_random("tiny")
     path = save_for_vllm(model, processor, tmp_path / "tiny")
     batch = [
         dict(image=synthetic_image(w, h, seed=20 + i), question="What is red?") for i, (h, w) in enumerate(TINY_MIXED)

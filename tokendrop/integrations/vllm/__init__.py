@@ -1,14 +1,16 @@
 """tokendrop as a vLLM plugin: what a server and each request are configured with, and how
 many placeholder tokens each image gets. Light on purpose: vLLM loads every
 `vllm.general_plugins` entry point in every process it starts, so `register` only names the
-model class (imported lazily by vLLM, from `tokendrop.integrations.vllm.llava_next`) and
-imports nothing of vLLM's models.
+model classes (imported lazily by vLLM, from `tokendrop.integrations.vllm.llava_next` and
+`.llava_onevision`) and imports nothing of vLLM's models.
 
 Configuration, per server (the model's `hf_overrides` win over the environment):
 - `hf_overrides={"architectures": ["TokendropLlavaNextForConditionalGeneration"],
-  "tokendrop": {"method": "hired", "budget": 0.25}}`, or
+  "tokendrop": {"method": "hired", "budget": 0.25}}` (for LLaVA-OneVision,
+  "TokendropLlavaOnevisionForConditionalGeneration"), or
 - `TOKENDROP_VLLM='{"method": "hired", "budget": 0.25}'` in the server's environment: the
-  plugin then also serves every `LlavaNextForConditionalGeneration` checkpoint pruned.
+  plugin then also serves every `LlavaNextForConditionalGeneration` and
+  `LlavaOnevisionForConditionalGeneration` checkpoint pruned.
 Any method option goes beside `method` and `budget`, as in `tokendrop.patch`. Per request,
 `mm_processor_kwargs={"tokendrop": {...}}` overrides them: a `method` there starts from that
 method's defaults, options alone (`{"budget": 0.1}`) change the server's method.
@@ -43,13 +45,26 @@ from tokendrop.method import Method, build
 from tokendrop.method.base import ProcessorNeeded
 from tokendrop.pruning import select_images
 
-ARCHITECTURE = "TokendropLlavaNextForConditionalGeneration"
-STOCK_ARCHITECTURE = "LlavaNextForConditionalGeneration"
-MODEL_CLASS = f"tokendrop.integrations.vllm.llava_next:{ARCHITECTURE}"
+# the stock architectures the plugin serves -> the module of this package holding its model
+# of each, named `architecture(stock)`
+SERVED = {
+    "LlavaNextForConditionalGeneration": "llava_next",
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+}
 ENV = "TOKENDROP_VLLM"  # the server's method as JSON: {"method": "hired", "budget": 0.25, ...}
 RECORD_ENV = "TOKENDROP_VLLM_RECORD"  # a file: one JSON line per image the plugin prunes
 CONFIG_KEY = "tokendrop"  # hf_overrides={"tokendrop": {...}}
 DEFAULT_NEWLINES = "all"
+
+
+def architecture(stock: str) -> str:
+    """The plugin's architecture name for a stock one it serves, for `hf_overrides`."""
+    if stock not in SERVED:
+        raise ValueError(f"the tokendrop vLLM plugin serves {', '.join(SERVED)}; not {stock}")
+    return f"Tokendrop{stock}"
+
+
+ARCHITECTURE = architecture("LlavaNextForConditionalGeneration")  # the first served, by its old name
 
 
 def register() -> None:
@@ -57,9 +72,11 @@ def register() -> None:
     than once; registering the same class again is harmless."""
     from vllm import ModelRegistry
 
-    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-    if os.environ.get(ENV):
-        ModelRegistry.register_model(STOCK_ARCHITECTURE, MODEL_CLASS)
+    for stock, module in SERVED.items():
+        model_class = f"{__name__}.{module}:{architecture(stock)}"
+        ModelRegistry.register_model(architecture(stock), model_class)
+        if os.environ.get(ENV):
+            ModelRegistry.register_model(stock, model_class)
 
 
 def server_options(hf_config) -> dict:

@@ -1,4 +1,4 @@
-"""What the plugin's AnyRes LLaVA models (`llava_next`, and any family like it) share: vLLM's own
+"""What the plugin's AnyRes LLaVA models (`llava_next`, `llava_onevision`) share: vLLM's own
 processor and model of the family, subclassed through the mixins below (`served` registers a
 family's model with its processor).
 
@@ -9,7 +9,7 @@ family's model with its processor).
   covers them (the options as every processor option, the question added by `_get_mm_hashes`),
   and they travel to the model with the image's pixels (`tokendrop_request`: JSON bytes, the
   one per-image channel from vLLM's processor to the model being tensors). Other modalities
-  keep the stock count and hash.
+  (OneVision's videos) keep the stock count and hash.
 - `TokendropModel._pruned_images`: vLLM's vision pass runs as stock (tower, projector,
   packing) while the family's score hooks (`_score_hooks`) capture the scores the HF adapter
   captures; then the images of each option set go through the selection `tokendrop.patch`
