@@ -34,6 +34,8 @@ regions use, comes from the same packing without the 9-tile cap.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
 from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
@@ -103,24 +105,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         grid = tuple(
             get_anyres_image_grid_shape(list(image_size), config.image_grid_pinpoints, config.vision_config.image_size)
         )
-        s, (n_h, n_w) = self.side, grid
-        # (y, x) canvas patch coordinates of every crop patch; the base tile's are unused
-        a, b = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-        tiles = [torch.stack([a, b], -1).flatten(0, 1)]
-        tiles += [torch.stack([a + i * s, b + j * s], -1).flatten(0, 1) for i in range(n_h) for j in range(n_w)]
-        coords = torch.stack(tiles).double()
-        canvas = self._pack(coords, image_size, config.vision_aspect_ratio)[s * s :]
-        is_newline = canvas[:, 0] == NEWLINE
-        y, x = (torch.floor(canvas[:, c] + 0.5 - TIE).long() for c in (0, 1))
-        source = (1 + (y // s) * n_w + x // s) * s * s + (y % s) * s + x % s
-        packed_source = torch.cat([torch.arange(s * s), torch.where(is_newline, NEWLINE, source)])
-        uncapped = self._pack(coords, image_size, UNCAPPED)[s * s :]
-        resampled = uncapped.shape[0] != canvas.shape[0]
-        box = None
-        if resampled:
-            y, x = uncapped[uncapped[:, 0] != NEWLINE].long().unbind(-1)
-            box = (int(y.min()), int(y.max()) + 1, int(x.min()), int(x.max()) + 1)
-        return ImageLayout(s, grid, packed_source, unpadded_box=box)
+
+        def pack(channels: torch.Tensor, uncapped: bool) -> torch.Tensor:
+            return self._pack(channels, image_size, UNCAPPED if uncapped else config.vision_aspect_ratio)
+
+        return canvas_layout(self.side, grid, pack)
 
     def _base_only_layout(self) -> ImageLayout:
         tile = torch.arange(self.side * self.side, dtype=torch.float64).view(1, -1, 1)
@@ -137,3 +126,28 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         layers = {layer % self.n_vision_layers: self.vision_layers[layer] for layer in signals}
         kinds = {layer % self.n_vision_layers: kind for layer, kind in signals.items()}
         return capture_siglip_scores(layers, kinds)
+
+
+def canvas_layout(side: int, grid: tuple[int, int], pack: Callable[[torch.Tensor, bool], torch.Tensor]) -> ImageLayout:
+    """The layout of an image with crops on a `grid` (n_h, n_w) of tiles of side x side patches,
+    from its packing (see the module docstring): `pack(tiles, uncapped)` packs (1 + n_h * n_w,
+    side**2, C) float64 tiles as the model packs features, newlines NEWLINE in every channel;
+    with `uncapped`, without the anyres_max cap (the unpadded canvas, never resampled)."""
+    s, (n_h, n_w) = side, grid
+    # (y, x) canvas patch coordinates of every crop patch; the base tile's are unused
+    a, b = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    tiles = [torch.stack([a, b], -1).flatten(0, 1)]
+    tiles += [torch.stack([a + i * s, b + j * s], -1).flatten(0, 1) for i in range(n_h) for j in range(n_w)]
+    coords = torch.stack(tiles).double()
+    canvas = pack(coords, False)[s * s :]
+    is_newline = canvas[:, 0] == NEWLINE
+    y, x = (torch.floor(canvas[:, c] + 0.5 - TIE).long() for c in (0, 1))
+    source = (1 + (y // s) * n_w + x // s) * s * s + (y % s) * s + x % s
+    packed_source = torch.cat([torch.arange(s * s), torch.where(is_newline, NEWLINE, source)])
+    uncapped = pack(coords, True)[s * s :]
+    resampled = uncapped.shape[0] != canvas.shape[0]
+    box = None
+    if resampled:
+        y, x = uncapped[uncapped[:, 0] != NEWLINE].long().unbind(-1)
+        box = (int(y.min()), int(y.max()) + 1, int(x.min()), int(x.max()) + 1)
+    return ImageLayout(s, tuple(grid), packed_source, unpadded_box=box)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from tokendrop.integrations.vllm import ARCHITECTURE, RECORD_ENV, save_for_vllm
+from tokendrop.integrations.vllm import RECORD_ENV, architecture, save_for_vllm
 
 from ..harness import chat_prompt
 from .generation import generate_answers
@@ -38,11 +38,13 @@ from .shapes import MAX_NEW_TOKENS, score, shapes_samples
 
 def engine(path, tokendrop: dict | None = None, max_num_seqs: int = 16, **settings):
     """An offline vLLM engine on `path`: stock, or with the tokendrop plugin's `tokendrop`
-    options ({"method": ..., "budget": ...}) through hf_overrides."""
+    options ({"method": ..., "budget": ...}) through hf_overrides (the plugin's model of the
+    checkpoint's architecture)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: small, and records reachable
     from vllm import LLM
 
-    overrides = None if tokendrop is None else {"architectures": [ARCHITECTURE], "tokendrop": tokendrop}
+    (stock,) = json.loads((Path(path) / "config.json").read_text())["architectures"]
+    overrides = None if tokendrop is None else {"architectures": [architecture(stock)], "tokendrop": tokendrop}
     options = (
         dict(
             model=str(path),

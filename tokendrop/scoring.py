@@ -149,15 +149,30 @@ def capture_cls_scores_of_inputs(kernels: dict[int, tuple[nn.Module, int, float]
 
 
 @contextmanager
-def capture_siglip_scores(encoder_layers: dict[int, nn.Module], kinds: dict[int, str]):
+def capture_siglip_scores(
+    encoder_layers: dict[int, nn.Module],
+    kinds: dict[int, str],
+    kernels: dict[int, tuple[nn.Module, int, float]] | None = None,
+):
     """The CLS-free equivalents for a SigLIP tower: while active, each tower forward in this
     context appends, for every layer in `kinds`, its (B, L) scores to `captured[layer]`:
     "probs" from the layer's q/k projections (`received_attention`), "logits" from the layer's
-    output hidden state (`dissimilarity_to_mean`)."""
+    output hidden state (`dissimilarity_to_mean`). `kernels` ({layer: (kernel, num_heads,
+    scale)}, as in `capture_cls_scores_of_inputs`): for a tower whose layers project q, k and v
+    in one GEMM (a server's, as vLLM's), "probs" from the query and keys its attention kernel
+    is called with instead."""
     with _capture() as (captured, watch):
         for layer, kind in kinds.items():
             block = encoder_layers[layer]
-            if kind == "probs":
+            if kind == "probs" and kernels is not None:
+                kernel, num_heads, scale = kernels[layer]
+                watch(
+                    layer,
+                    {"qk": kernel},
+                    lambda p, n=num_heads, s=scale: received_attention(p["qk"][0][0], p["qk"][0][1], n, s),
+                    inputs=("qk",),
+                )
+            elif kind == "probs":
                 attn = block.self_attn
                 watch(
                     layer,

@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 vllm = pytest.importorskip("vllm")
 
 import torch  # noqa: E402
+from random_presets import tiny_random  # noqa: E402
 
 import tokendrop  # noqa: E402
 from tokendrop.adapters import LlavaNextAdapter  # noqa: E402
@@ -143,13 +144,13 @@ def test_vllm_packing_gives_tokendrops_layout(preset):
     ],
 )
 def test_refused_configurations(testbed, options, message):
-    from tokendrop.integrations.vllm.llava_next import resolved_method
+    from tokendrop.integrations.vllm.llava_next import FAMILY
 
     config = testbed[0].config
     config.tokendrop = options
     try:
         with pytest.raises((ValueError, TypeError), match=message):
-            resolved_method(config)
+            FAMILY.method(config)
     finally:
         del config.tokendrop
 
@@ -165,12 +166,12 @@ def test_refused_configurations(testbed, options, message):
 )
 def test_accepted_configurations_count_as_the_hf_patch_keeps(testbed, options):
     """The placeholder count equals the tokens the HF patch feeds the LLM, image by image."""
-    from tokendrop.integrations.vllm.llava_next import resolved_method
+    from tokendrop.integrations.vllm.llava_next import FAMILY
 
     model, processor = testbed
     model.config.tokendrop = options
     try:
-        method = resolved_method(model.config)
+        method = FAMILY.method(model.config)
     finally:
         del model.config.tokendrop
     images = [synthetic_image(w, h, seed=i) for i, (h, w) in enumerate(MIXED)]
@@ -232,24 +233,6 @@ def test_answers_match_hf_patched(pruned, testbed, samples):
 
 # --- a tiny random LLaVA-NeXT: other grids (1x3, 3x1), other methods --------------------
 
-
-def tiny_random():
-    """The tiny preset with 2 LLM heads of 32 (vLLM's CPU attention has no kernel for its head
-    size of 16); random weights."""
-    from transformers import LlavaNextForConditionalGeneration
-
-    from tokendrop.presets import build_config, build_processor
-
-    processor = build_processor("tiny")
-    config = build_config("tiny", processor.tokenizer)
-    config.text_config.num_attention_heads = config.text_config.num_key_value_heads = 2
-    config.text_config.head_dim = 32
-    torch.manual_seed(0)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    return model, processor
-
-
 TINY_MIXED = [(96, 96), (48, 144), (144, 48), (60, 100), (30, 140), (96, 38)]
 
 
@@ -261,7 +244,7 @@ TINY_MIXED = [(96, 96), (48, 144), (144, 48), (60, 100), (30, 140), (96, 38)]
     ],
 )
 def test_tiny_random_mixed_batch_keeps_what_the_hf_patch_keeps(options, tmp_path):
-    model, processor = tiny_random()
+    model, processor = tiny_random("tiny")
     path = save_for_vllm(model, processor, tmp_path / "tiny")
     batch = [
         dict(image=synthetic_image(w, h, seed=10 + i), question="What is red?") for i, (h, w) in enumerate(TINY_MIXED)
@@ -290,7 +273,7 @@ def test_tiny_random_mixed_batch_keeps_what_the_hf_patch_keeps(options, tmp_path
 def test_deeper_tower_for_scores_leaves_the_llm_input_as_stock(tmp_path):
     """globalcom2 scores at the last layer, which vLLM does not build; the plugin's deeper
     tower must still hand the LLM the feature layer: at budget 1.0, stock vLLM's tokens."""
-    model, processor = tiny_random()
+    model, processor = tiny_random("tiny")
     path = save_for_vllm(model, processor, tmp_path / "tiny")
     batch = [
         dict(image=synthetic_image(w, h, seed=20 + i), question="What is red?") for i, (h, w) in enumerate(TINY_MIXED)

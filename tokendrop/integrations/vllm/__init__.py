@@ -1,14 +1,16 @@
 """tokendrop as a vLLM plugin: what a server and each request are configured with, and how
 many placeholder tokens each image gets. Light on purpose: vLLM loads every
 `vllm.general_plugins` entry point in every process it starts, so `register` only names the
-model class (imported lazily by vLLM, from `tokendrop.integrations.vllm.llava_next`) and
-imports nothing of vLLM's models.
+model classes (imported lazily by vLLM, from `tokendrop.integrations.vllm.llava_next` and
+`.llava_onevision`) and imports nothing of vLLM's models.
 
 Configuration, per server (the model's `hf_overrides` win over the environment):
 - `hf_overrides={"architectures": ["TokendropLlavaNextForConditionalGeneration"],
-  "tokendrop": {"method": "hired", "budget": 0.25}}`, or
+  "tokendrop": {"method": "hired", "budget": 0.25}}` (for LLaVA-OneVision,
+  "TokendropLlavaOnevisionForConditionalGeneration"), or
 - `TOKENDROP_VLLM='{"method": "hired", "budget": 0.25}'` in the server's environment: the
-  plugin then also serves every `LlavaNextForConditionalGeneration` checkpoint pruned.
+  plugin then also serves every `LlavaNextForConditionalGeneration` and
+  `LlavaOnevisionForConditionalGeneration` checkpoint pruned.
 Any method option goes beside `method` and `budget`, as in `tokendrop.patch`. Per request,
 `mm_processor_kwargs={"tokendrop": {...}}` overrides them: a `method` there starts from that
 method's defaults, options alone (`{"budget": 0.1}`) change the server's method.
@@ -33,6 +35,7 @@ options. So:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -44,13 +47,26 @@ from tokendrop.method import Method, build
 from tokendrop.method.base import ProcessorNeeded
 from tokendrop.pruning import select_images
 
-ARCHITECTURE = "TokendropLlavaNextForConditionalGeneration"
-STOCK_ARCHITECTURE = "LlavaNextForConditionalGeneration"
-MODEL_CLASS = f"tokendrop.integrations.vllm.llava_next:{ARCHITECTURE}"
+# the stock architectures the plugin serves -> the module of this package holding its model
+# of each, named `architecture(stock)`
+SERVED = {
+    "LlavaNextForConditionalGeneration": "llava_next",
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+}
 ENV = "TOKENDROP_VLLM"  # the server's method as JSON: {"method": "hired", "budget": 0.25, ...}
 RECORD_ENV = "TOKENDROP_VLLM_RECORD"  # a file: one JSON line per image the plugin prunes
 CONFIG_KEY = "tokendrop"  # hf_overrides={"tokendrop": {...}}
 DEFAULT_NEWLINES = "all"
+
+
+def architecture(stock: str) -> str:
+    """The plugin's architecture name for a stock one it serves, for `hf_overrides`."""
+    if stock not in SERVED:
+        raise ValueError(f"the tokendrop vLLM plugin serves {', '.join(SERVED)}; not {stock}")
+    return f"Tokendrop{stock}"
+
+
+ARCHITECTURE = architecture("LlavaNextForConditionalGeneration")  # the first served, by its old name
 
 
 def register() -> None:
@@ -58,9 +74,11 @@ def register() -> None:
     than once; registering the same class again is harmless."""
     from vllm import ModelRegistry
 
-    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-    if os.environ.get(ENV):
-        ModelRegistry.register_model(STOCK_ARCHITECTURE, MODEL_CLASS)
+    for stock, module in SERVED.items():
+        model_class = f"{__name__}.{module}:{architecture(stock)}"
+        ModelRegistry.register_model(architecture(stock), model_class)
+        if os.environ.get(ENV):
+            ModelRegistry.register_model(stock, model_class)
 
 
 def server_options(hf_config) -> dict:
@@ -169,15 +187,18 @@ VISION_TOWER = "vision_tower."
 
 
 def save_for_vllm(model, processor, path) -> Path:
-    """Save a loaded HF LLaVA-NeXT (a preset, say) and its processor where vLLM loads them.
-    transformers 5.x writes the CLIP tower's tensors without the `vision_model.` level that
-    vLLM's CLIP (and every published LLaVA-NeXT checkpoint) has; they are renamed to it
-    (transformers reads both)."""
+    """Save an HF LLaVA-NeXT or LLaVA-OneVision and its processor where vLLM loads them.
+    transformers 5.x writes the CLIP or SigLIP tower's tensors without the `vision_model.` level
+    that vLLM's towers (and every published checkpoint) have; they are renamed to it
+    (transformers reads both). A OneVision processor without a video processor (the offline
+    presets': transformers builds none without torchvision) is saved with the family's default
+    one, at the image processor's size and normalisation: it cannot be saved without, and
+    vLLM's OneVision loads it."""
     from safetensors.torch import load_file, save_file
 
     path = Path(path)
     model.save_pretrained(path)
-    processor.save_pretrained(path)
+    with_video_processor(processor).save_pretrained(path)
     for file in path.glob("*.safetensors"):
         weights = load_file(file)
 
@@ -188,3 +209,20 @@ def save_for_vllm(model, processor, path) -> Path:
 
         save_file({legacy(name): tensor for name, tensor in weights.items()}, file, metadata={"format": "pt"})
     return path
+
+
+def with_video_processor(processor):
+    """`processor`, or a copy of a OneVision processor without a video processor given one."""
+    from transformers import LlavaOnevisionProcessor
+
+    if not isinstance(processor, LlavaOnevisionProcessor) or getattr(processor, "video_processor", None) is not None:
+        return processor
+
+    from transformers import LlavaOnevisionVideoProcessor
+
+    image = processor.image_processor
+    processor = copy.copy(processor)
+    processor.video_processor = LlavaOnevisionVideoProcessor(
+        size=dict(image.size), image_mean=image.image_mean, image_std=image.image_std
+    )
+    return processor
