@@ -17,12 +17,17 @@ QUICK = ["--budgets", "0.5", "--max-new-tokens", "1", "--repeats", "1", "--warmu
 
 
 def cli_error(capsys, *argv) -> str:
+    """Run the command, expect a usage error (exit code 2, no traceback) under the subcommand's
+    own usage, and return its message."""
     with pytest.raises(SystemExit) as exit_info:
         main(list(argv))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
+    assert "Traceback" not in err and f"\nusage: tokendrop {argv[0]} " in f"\n{err}", err
+    prefix = f"tokendrop {argv[0]}: error: "
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(prefix), last
+    return last[len(prefix) :]
 
 
 @pytest.fixture
@@ -69,7 +74,7 @@ def test_out_holding_another_configuration(capsys, tmp_path):
     ]
     assert main([*sweep, "--budgets", "0.5"]) == 0
     error = cli_error(capsys, *sweep, "--budgets", "0.25")
-    assert error.startswith(f"tokendrop: error: {tmp_path / 'run'} holds run ") and "differs in: budgets" in error
+    assert error.startswith(f"{tmp_path / 'run'} holds run ") and "differs in: budgets" in error
 
 
 def test_unknown_model(capsys, monkeypatch, no_model):
@@ -80,7 +85,7 @@ def test_unknown_model(capsys, monkeypatch, no_model):
 
     monkeypatch.setattr(loading.AutoProcessor, "from_pretrained", offline)
     error = cli_error(capsys, "profile", "--model", "org/no-such-model", *QUICK)
-    assert error == "tokendrop: error: org/no-such-model is not a local folder and is not a valid model identifier"
+    assert error == "org/no-such-model is not a local folder and is not a valid model identifier"
 
 
 def test_offline_dataset(capsys, monkeypatch, no_model, tmp_path):
@@ -93,14 +98,12 @@ def test_offline_dataset(capsys, monkeypatch, no_model, tmp_path):
     error = cli_error(
         capsys, "sweep", "--model", "tiny", "--tasks", "textvqa", "--methods", "random", "--out", str(tmp_path / "run")
     )
-    assert error.startswith("tokendrop: error: ") and "lmms-lab/textvqa" in error
+    assert "lmms-lab/textvqa" in error
 
 
 def test_prompt_together_with_a_task(capsys, no_model):
     error = cli_error(capsys, "profile", "--model", "testbed", "--task", "shapes", "--prompt", "What?")
-    assert error == (
-        "tokendrop: error: --prompt asks about your image; the shapes task brings its own question: drop one"
-    )
+    assert error == ("--prompt asks about your image; the shapes task brings its own question: drop one")
 
 
 @pytest.mark.parametrize("command", ["profile", "sweep"])
@@ -126,9 +129,7 @@ def test_unwritable_out(capsys, tmp_path, no_model, command):
             "--out",
             str(out),
         )
-    assert error.startswith(f"tokendrop: error: cannot write to {out}: ") and error.endswith(
-        "pick a folder you can write"
-    )
+    assert error.startswith(f"cannot write to {out}: ") and error.endswith("pick a folder you can write")
 
 
 # --- everything is checked before a model loads --------------------------------------------
@@ -136,15 +137,13 @@ def test_unwritable_out(capsys, tmp_path, no_model, command):
 
 def test_a_misspelt_option_fails_before_the_model_loads(capsys, no_model):
     error = cli_error(capsys, "profile", "--model", "tiny", "--methods", "hired", *QUICK, "--option", "hired.alhpa=0.3")
-    assert error.startswith("tokendrop: error: ") and "alhpa" in error and "alpha" in error
+    assert "alhpa" in error and "alpha" in error
 
 
 @pytest.mark.parametrize("command", [["profile", "--model", "tiny", *QUICK], ["demo", "--preset", "tiny"]])
 def test_an_option_for_a_method_not_run_is_refused(capsys, no_model, command, tmp_path):
     error = cli_error(capsys, *command, "--methods", "hired", "--option", "globalcom2.tau=5", "--out", str(tmp_path))
-    assert error == (
-        "tokendrop: error: options given for method 'globalcom2', which this profile does not run (hired)."
-    )
+    assert error == ("options given for method 'globalcom2', which this profile does not run (hired).")
 
 
 def test_show_refuses_an_option_for_another_method(capsys, no_model, tmp_path):
@@ -163,12 +162,12 @@ def test_show_refuses_an_option_for_another_method(capsys, no_model, tmp_path):
         "--out",
         str(tmp_path / "k.png"),
     )
-    assert error == "tokendrop: error: options given for method 'globalcom2', which show does not run (hired)"
+    assert error == "options given for method 'globalcom2', which show does not run (hired)"
 
 
 def test_an_unknown_method_says_what_it_meant(capsys, no_model):
     error = cli_error(capsys, "profile", "--model", "tiny", *QUICK, "--methods", "hird")
-    assert error.startswith("tokendrop: error: unknown method 'hird'. Did you mean 'hired'?")
+    assert error.startswith("unknown method 'hird'. Did you mean 'hired'?")
 
 
 def test_budget_one_among_fractions_warns(capsys, no_model):

@@ -474,7 +474,7 @@ def test_throughput_flags_are_checked_before_a_model_loads(capsys, monkeypatch, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(f"tokendrop: error: {message}")
+    assert err.strip().splitlines()[-1].startswith(f"tokendrop profile: error: {message}")
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_batch_size=0), dict(memory_limit=True), dict(memory_limit=[24])])
@@ -499,7 +499,7 @@ def test_demo_times_with_at_least_three_repeats(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--preset", "tiny", "--repeats", "2", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "tokendrop: error: the timing demo runs at least 3 repeats" in capsys.readouterr().err
+    assert "tokendrop demo: error: the timing demo runs at least 3 repeats" in capsys.readouterr().err
 
 
 def test_a_memory_limit_is_asked_for_or_refused_by_device():

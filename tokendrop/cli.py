@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .checks import UsageError
 from .harness import positive_int
 from .preset_specs import PRESETS
 
@@ -241,7 +242,7 @@ def profile_inputs(args) -> tuple[list, str]:
     task = args.task or (None if getattr(args, "images", None) or args.image_size else trained_for)
     if current_task_name(task) == "shapes":
         if args.prompt is not None:
-            raise ValueError("--prompt asks about your image; the shapes task brings its own question: drop one")
+            raise UsageError("--prompt asks about your image; the shapes task brings its own question: drop one")
         from .eval.shapes import shapes_sample
 
         sample = shapes_sample("test", 0)
@@ -325,10 +326,10 @@ def profile_config(args, prompt: str, out: Path | None):
         common["warmup"] = args.warmup
     if throughput:
         if args.batch_sizes:
-            raise ValueError("--throughput searches the batch size: drop --batch-sizes (cap it with --max-batch-size)")
+            raise UsageError("--throughput searches the batch size: drop --batch-sizes (cap it with --max-batch-size)")
         return ThroughputConfig(**common, max_batch_size=args.max_batch_size or 64)
     if getattr(args, "max_batch_size", None) is not None:
-        raise ValueError("--max-batch-size bounds the search of --throughput: add --throughput, or drop it")
+        raise UsageError("--max-batch-size bounds the search of --throughput: add --throughput, or drop it")
     return ProfileConfig(**common, batch_sizes=getattr(args, "batch_sizes", None) or [1])
 
 
@@ -422,7 +423,7 @@ def run_timing_demo(args) -> None:
     from .profiler import format_table, profile
 
     if args.repeats < 3:
-        raise ValueError(
+        raise UsageError(
             f"the timing demo runs at least 3 repeats, so that its table shows the spread; got --repeats "
             f"{args.repeats} (tokendrop profile runs fewer)"
         )
@@ -532,7 +533,7 @@ def run_show(args) -> None:
     options = grouped(args.options)
     for name in options:
         if name != args.method:
-            raise ValueError(f"options given for method {name!r}, which show does not run ({args.method})")
+            raise UsageError(f"options given for method {name!r}, which show does not run ({args.method})")
     options = with_preset_defaults(args.model, [args.method], options).get(args.method, {})
     check_figure_path(args.out)
     processor = load_processor(args.model)
@@ -738,7 +739,7 @@ def task_examples(spec: str, split: str | None) -> TaskExamples:
     name, equals, source = spec.partition("=")
     name = current_task_name(name)
     if name not in TASKS.names():
-        raise ValueError(f"--data/--validation {spec!r} is neither a file nor a task ({', '.join(TASKS.names())})")
+        raise UsageError(f"--data/--validation {spec!r} is neither a file nor a task ({', '.join(TASKS.names())})")
     task = build_task(name)
     rows, image_of = task.load(source or None, split)
     # the name now, so that `--data testbed` and `--data shapes` are one run (and resume each
@@ -797,8 +798,14 @@ def main(argv: list[str] | None = None) -> int:
     check_budgets(getattr(args, "budgets", None) or [])
     try:
         args.run(args)
-    except (ValueError, TypeError, OSError, ImportError) as error:
+    except UsageError as error:
         # bad input found after parsing (a name, a path, a missing package, data or model that
-        # cannot be read): a usage error, exit 2, not a traceback
-        parser.error(str(error))
+        # cannot be read): the subcommand's usage and the message, exit 2. Anything else is a
+        # bug or a failure of the run, and keeps its traceback
+        subcommand_parser(parser, args.command).error(str(error))
     return 0
+
+
+def subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    (subcommands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subcommands.choices[command]

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .checks import MissingInputError, UsageError
+
 
 def regular_file(path: str | Path) -> Path:
     """`path`, once it is known to be a regular file: anything else fails with ValueError
@@ -31,9 +33,9 @@ def regular_file(path: str | Path) -> Path:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} does not exist") from None
+        raise MissingInputError(f"image {path} does not exist") from None
     if not stat.S_ISREG(mode):
-        raise ValueError(f"{path} is not a regular file (a folder, FIFO or device): an image must be a file")
+        raise UsageError(f"{path} is not a regular file (a folder, FIFO or device): an image must be a file")
     return path
 
 
@@ -56,10 +58,10 @@ def decode_image(source, name: str) -> Image.Image:
     try:
         with Image.open(source) as image:
             if Image.MAX_IMAGE_PIXELS is not None and image.width * image.height > Image.MAX_IMAGE_PIXELS:
-                raise ValueError(bomb)
+                raise UsageError(bomb)
             return image.convert("RGB")
     except Image.DecompressionBombError:
-        raise ValueError(bomb) from None
+        raise UsageError(bomb) from None
     except (OSError, SyntaxError) as error:  # PIL's errors for unknown, damaged or truncated files
         raise OSError(f"cannot read image {name}: {error}") from None
 
@@ -96,7 +98,7 @@ def locked(lock: Path, busy: str):
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ValueError(busy) from None
+            raise UsageError(busy) from None
         yield
 
 
@@ -108,5 +110,5 @@ def writable_folder(out) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as error:
-        raise ValueError(f"cannot write to {out}: {error.strerror or error}; pick a folder you can write") from None
+        raise UsageError(f"cannot write to {out}: {error.strerror or error}; pick a folder you can write") from None
     return out

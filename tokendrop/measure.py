@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .checks import UsageError, UsageTypeError
 from .harness import device_name
 from .patch import adapter_of, handle_of, output_cache
 
@@ -152,7 +153,7 @@ def check_cpu_limit(limit_bytes: int) -> None:
         return
     total = proc_status_bytes("MemTotal", PROC_MEMINFO)
     if limit_bytes > total:
-        raise ValueError(
+        raise UsageError(
             f"memory limit {limit_bytes / GIB:.1f} GiB is above this machine's memory ({total / GIB:.1f} GiB): "
             "pick a smaller --memory-limit"
         )
@@ -184,7 +185,7 @@ def memory_cap(model: nn.Module, limit_bytes: int | None):
         with _cuda_cap([d for d in devices if d.type == "cuda"], limit_bytes):
             yield
     else:
-        raise ValueError(
+        raise UsageError(
             f"a memory limit caps CUDA's allocator or, on CPU, the process's RSS; this model is on "
             f"{', '.join(sorted(kinds))}: profile without --memory-limit"
         )
@@ -197,7 +198,7 @@ def _cuda_cap(devices: list[torch.device], limit_bytes: int):
         for device in devices:
             total = torch.cuda.get_device_properties(device).total_memory
             if limit_bytes > total:
-                raise ValueError(
+                raise UsageError(
                     f"memory limit {limit_bytes / GIB:.1f} GiB exceeds {device_name(device)}'s "
                     f"{total / GIB:.1f} GiB: pick a smaller --memory-limit"
                 )
@@ -214,7 +215,7 @@ def _cuda_cap(devices: list[torch.device], limit_bytes: int):
 @contextmanager
 def _cpu_cap(model: nn.Module, limit_bytes: int):
     if not cpu_peak_available():
-        raise ValueError(
+        raise UsageError(
             "a CPU memory limit is enforced on the peak RSS that Linux reports in /proc/self; "
             "this system has no /proc/self/clear_refs: profile without --memory-limit"
         )
@@ -250,7 +251,7 @@ def parse_memory_size(value) -> int:
     units = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib": 2**20}
     example = 'e.g. 24 or "24GB" (GiB) or "512MB" (MiB)'
     if isinstance(value, bool):
-        raise TypeError(f"memory limit must be a size, {example}; got {value!r}")
+        raise UsageTypeError(f"memory limit must be a size, {example}; got {value!r}")
     if isinstance(value, (int, float)):
         number, unit = float(value), ""
     elif isinstance(value, str):
@@ -260,13 +261,13 @@ def parse_memory_size(value) -> int:
         try:
             number = float(number)
         except ValueError:
-            raise ValueError(f"memory limit must be a number with an optional unit, {example}; got {value!r}") from None
+            raise UsageError(f"memory limit must be a number with an optional unit, {example}; got {value!r}") from None
         if unit not in units:
-            raise ValueError(f"memory limit {value!r}: unknown unit {unit!r}; use GB or MB ({example})")
+            raise UsageError(f"memory limit {value!r}: unknown unit {unit!r}; use GB or MB ({example})")
     else:
-        raise TypeError(f"memory limit must be a size, {example}; got {type(value).__name__}")
+        raise UsageTypeError(f"memory limit must be a size, {example}; got {type(value).__name__}")
     if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"memory limit must be a positive size, {example}; got {value!r}")
+        raise UsageError(f"memory limit must be a positive size, {example}; got {value!r}")
     return int(number * units[unit])
 
 

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
-from .checks import check_int, is_int
+from .checks import UsageError, UsageTypeError, check_int, is_int
 from .family import Adapter
 from .files import writable_folder
 from .harness import (
@@ -94,13 +94,13 @@ class _Measurement:
             METHODS.get(name)
         self.budgets = [check_budget(b) for b in as_list(self.budgets, "budgets", "[1.0, 0.2]")]
         if not self.methods or not self.budgets:
-            raise ValueError("methods and budgets must each name at least one")
+            raise UsageError("methods and budgets must each name at least one")
         for name, least in (("repeats", 1), ("max_new_tokens", 1), ("warmup", 0)):
             value = getattr(self, name)
             if not is_int(value) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+                raise UsageError(f"{name} must be an int >= {least}, got {value!r}")
         if not isinstance(self.prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
+            raise UsageTypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
         self.options = method_options(self.options, self.methods, "this profile", "profiled")
         if self.memory_limit is not None:
             parse_memory_size(self.memory_limit)
@@ -132,9 +132,9 @@ class _Measurement:
         if self.memory_limit is None or kind == "cuda":
             return
         if kind != "cpu":
-            raise ValueError(f"a memory limit caps CUDA's allocator or the CPU's RSS, not {kind}'s: drop the limit")
+            raise UsageError(f"a memory limit caps CUDA's allocator or the CPU's RSS, not {kind}'s: drop the limit")
         if not cpu_peak_available():
-            raise ValueError(
+            raise UsageError(
                 "a CPU memory limit is enforced on the peak RSS that Linux reports in /proc/self, which this "
                 "system lacks: drop the memory limit"
             )
@@ -152,7 +152,7 @@ class ProfileConfig(_Measurement):
         super().__post_init__()
         self.batch_sizes = as_list(self.batch_sizes, "batch_sizes", "[1, 4]")
         if any(not is_int(b) or b < 1 for b in self.batch_sizes):
-            raise ValueError(f"batch sizes must be ints >= 1, got {self.batch_sizes}")
+            raise UsageError(f"batch sizes must be ints >= 1, got {self.batch_sizes}")
 
 
 @dataclass
@@ -171,12 +171,12 @@ class ThroughputConfig(_Measurement):
         super().__post_init__()
         value = self.max_batch_size
         if not is_int(value) or value < 1:
-            raise ValueError(f"max_batch_size must be an int >= 1, got {value!r}")
+            raise UsageError(f"max_batch_size must be an int >= 1, got {value!r}")
 
     def check_device(self, device: torch.device | str) -> None:
         super().check_device(device)
         if torch.device(device).type == "cpu" and self.memory_limit is None:
-            raise ValueError(
+            raise UsageError(
                 "the throughput search on a CPU needs a memory limit (--memory-limit, e.g. 8GB): without one, a "
                 "batch too big for the machine is ended by the operating system, not caught"
             )
@@ -222,7 +222,7 @@ def profile(model, processor, images, config: ProfileConfig | None = None) -> li
     """
     config = ProfileConfig() if config is None else config
     if not isinstance(config, ProfileConfig):
-        raise TypeError(f"config must be a tokendrop.ProfileConfig, got {type(config).__name__}")
+        raise UsageTypeError(f"config must be a tokendrop.ProfileConfig, got {type(config).__name__}")
     adapter, images = _prepare(model, processor, images, config)
     grid = [Cell(REFERENCE, None, b) for b in config.batch_sizes]
     grid += [Cell(m, v, b) for b in config.batch_sizes for m in config.methods for v in config.budgets]
@@ -252,7 +252,7 @@ def throughput(model, processor, images, config: ThroughputConfig | None = None)
     """
     config = ThroughputConfig() if config is None else config
     if not isinstance(config, ThroughputConfig):
-        raise TypeError(f"config must be a tokendrop.ThroughputConfig, got {type(config).__name__}")
+        raise UsageTypeError(f"config must be a tokendrop.ThroughputConfig, got {type(config).__name__}")
     adapter, images = _prepare(model, processor, images, config)
     grid = [Cell(REFERENCE, None, 0)] + [Cell(m, v, 0) for m in config.methods for v in config.budgets]
 
@@ -319,19 +319,19 @@ def _images_seen(adapter, processor, images) -> list[dict]:
 def as_list(value, name: str, example: str) -> list:
     """`value` as a list; a lone string or number, a common slip, is refused."""
     if isinstance(value, (str, numbers.Number)) or not isinstance(value, Iterable):
-        raise TypeError(f"{name} must be a list, e.g. {name}={example}; got {value!r}")
+        raise UsageTypeError(f"{name} must be a list, e.g. {name}={example}; got {value!r}")
     return list(value)
 
 
 def check_images(images) -> list:
     if not images:
-        raise ValueError("profile needs at least one image")
+        raise UsageError("profile needs at least one image")
     expected = "images must be a list of PIL images (open files with PIL.Image.open)"
     if not isinstance(images, (list, tuple)):
-        raise TypeError(f"{expected}, got {images!r}")
+        raise UsageTypeError(f"{expected}, got {images!r}")
     for image in images:
         if not isinstance(image, Image.Image):
-            raise TypeError(f"{expected}, got a {type(image).__name__} in it")
+            raise UsageTypeError(f"{expected}, got a {type(image).__name__} in it")
     return list(images)
 
 

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from ..checks import check_choice
+from ..checks import UsageError, check_choice
 from ..layout import EncodedImage, ImageBatch, ImageLayout
 from ..registry import Registry, did_you_mean
 from ..selection import NEWLINE_POLICIES, Grouping, check_budget, feature_mask, keep_count
@@ -70,7 +70,7 @@ class Merged:
         return Grouping(owner, torch.zeros(n_features).index_copy_(0, members, w))
 
 
-class ProcessorNeeded(ValueError):
+class ProcessorNeeded(UsageError):
     """The method reads the question (`Method.reads`) and was given no processor to find it with."""
 
 
@@ -170,7 +170,7 @@ def check_signals(method: Method, adapter) -> None:
     for layer, kind in method.signals().items():
         if kind not in adapter.signal_kinds:
             name = getattr(method, "name", type(method).__name__)
-            raise ValueError(
+            raise UsageError(
                 f"method {name!r} needs the {kind!r} signal of vision layer {layer}, which tokendrop cannot "
                 f"supply for a {adapter.model_class} (it supplies {', '.join(map(repr, adapter.signal_kinds))}): "
                 "pick a method that uses only those"
@@ -195,14 +195,14 @@ def check_in_tower(method: Method, layer: int) -> None:
     name = getattr(method, "name", type(method).__name__)
     if "question" in method.reads():
         hint = " (dpp: relevance='cls', 'none' or 'allocator' reads no question)" if name == "dpp" else ""
-        raise ValueError(
+        raise UsageError(
             f"method {name!r} cannot select inside the vision tower (vision_prune_layer={layer}): it scores the "
             "image's tokens against the question's LLM input embeddings, a comparison that means something only "
             "for the vectors the projector was trained to map into that space, the feature layer's; layer "
             f"{layer}'s output through the projector is not in it. Patch without vision_prune_layer{hint}"
         )
     if method.merges:
-        raise ValueError(
+        raise UsageError(
             f"method {name!r} cannot select inside the vision tower (vision_prune_layer={layer}): it gives the "
             "LLM means of groups of feature-layer vectors, and inside the tower only the kept tokens reach the "
             "feature layer, so the tokens merged into them have no vector there to average. Patch without "
@@ -218,7 +218,7 @@ def build(name: str, processor=None, **options) -> Method:
     fields = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "processor"]
     for key in options:
         if key not in fields:
-            raise ValueError(
+            raise UsageError(
                 f"method {name!r} has no option {key!r}.{did_you_mean(key, fields)} Its options: {', '.join(fields)}"
             )
     if cls.needs_processor():

@@ -65,7 +65,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_choice
+from ..checks import UsageError, check_choice
 from ..layout import ImageBatch, ImageLayout
 from ..selection import keep_count, on_host, proportional_counts
 from .base import Method, ProcessorNeeded, register
@@ -98,7 +98,7 @@ class DPP(Method):
             self.relevance = "allocator" if self.allocation in ALLOCATORS else "text"
         check_choice("relevance", self.relevance, RELEVANCES)
         if self.relevance == "allocator" and self.allocation not in ALLOCATORS:
-            raise ValueError(
+            raise UsageError(
                 f"dpp: relevance='allocator' needs allocation='hired' or 'globalcom2' (the method whose "
                 f"token importance it uses), got allocation={self.allocation!r}"
             )
@@ -123,7 +123,7 @@ class DPP(Method):
         wanted = dict(self.allocator.signals()) if self.allocator is not None else {}
         if self.relevance == "cls":
             if wanted.get(self.feature_layer, "probs") != "probs":
-                raise ValueError(
+                raise UsageError(
                     f"dpp: relevance='cls' and allocation={self.allocation!r} need layer "
                     f"{self.feature_layer} as both probabilities and logits"
                 )

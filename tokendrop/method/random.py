@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import torch
 
-from ..checks import check_int
+from ..checks import UsageError, check_int
 from ..layout import ImageBatch
 from ..selection import feature_mask, keep_count
 from .base import Method, register
@@ -22,7 +22,7 @@ class Random(Method):
         super().__post_init__()
         self.seed = check_int("seed", self.seed)
         if not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed accepts
-            raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+            raise UsageError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
 
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:
         n = batch.layout.n_features
