@@ -287,6 +287,11 @@ def add_profile(subcommands) -> None:
         "--max-batch-size", type=positive_int, help="--throughput searches batches up to this (default 64)"
     )
     parser.add_argument("--out", type=Path, help="write profile (or throughput) .json, .csv and .png here")
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help="print every figure, each with its min-max (wider than 120 columns); the default table has the main ones",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run_profile)
 
@@ -354,10 +359,10 @@ def run_profile(args) -> None:
     if note:
         print(note, flush=True)
     if args.throughput:
-        print(format_throughput_table(throughput(model, processor, images, config)))
+        print(format_throughput_table(throughput(model, processor, images, config), wide=args.wide))
         name = "throughput"
     else:
-        print(format_table(profile(model, processor, images, config)))
+        print(format_table(profile(model, processor, images, config), wide=args.wide))
         name = "profile"
     if config.out:
         print(f"\n{name}.json, {name}.csv and {name}.png in {config.out}")
