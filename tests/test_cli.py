@@ -279,3 +279,87 @@ def test_a_resumed_sweep_says_how_far_it_got(capsys, tmp_path):
     assert "resuming" not in capsys.readouterr().out
     assert main(sweep) == 0
     assert "resuming: 2 of 2 records done" in capsys.readouterr().out
+
+
+# --- issue 27: one set of model flags, the subcommand's usage, user errors apart from bugs ----
+
+
+def test_every_command_that_loads_a_model_takes_the_same_model_flags():
+    subcommands = cli.build_parser()._subparsers._group_actions[0].choices
+    model_flags = set(cli.model_flags()._option_string_actions) - {"-h", "--help"}
+    assert model_flags == {"--dtype", "--device-map", "--attn-implementation", "--load-in-4bit", "--load-in-8bit"}
+    for name in ("demo", "profile", "show", "sweep", "train-router"):
+        assert model_flags <= set(subcommands[name]._option_string_actions), name
+    assert cli.build_parser().parse_args(["demo", "--dtype", "bf16"]).dtype == "bf16"
+
+
+@pytest.mark.parametrize("command", [["demo", "--samples", "1"], ["demo", "--preset", "tiny"]])
+def test_the_demo_loads_its_model_as_the_flags_say(capsys, monkeypatch, tmp_path, command):
+    from tokendrop import loading
+    from tokendrop.checks import UsageError
+
+    asked = []
+
+    def load_model(spec, options=None, **fields):
+        asked.append((spec, options))
+        raise UsageError("loaded")
+
+    monkeypatch.setattr(loading, "load_model", load_model)
+    argv = [*command, "--dtype", "bf16", "--device-map", "cpu", "--out", str(tmp_path), "--no-progress"]
+    assert cli_error(capsys, *argv) == "loaded"
+    ((spec, options),) = asked
+    assert options.dtype == "bf16" and options.device_map == "cpu"
+
+
+def test_an_error_after_parsing_shows_the_subcommands_usage(capsys, no_model):
+    with pytest.raises(SystemExit):
+        main(["profile", "--model", "testbed", "--task", "shapes", "--prompt", "What?"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tokendrop profile ") and "COMMAND" not in err
+    assert err.strip().splitlines()[-1].startswith("tokendrop profile: error: --prompt asks about your image")
+
+
+def test_only_usage_errors_are_usage_errors(capsys, monkeypatch):
+    """A bad input ends with the usage and exit code 2; any other exception, a ValueError from a
+    bug included, keeps its traceback."""
+    import tokendrop
+    from tokendrop.checks import MissingInputError, MissingPackageError, UsageTypeError
+
+    def run_with(error):
+        def run(args):
+            raise error
+
+        monkeypatch.setattr(cli, "run_show", run)
+        return main(["show", "image.png", "--model", "tiny", "--out", "k.png"])
+
+    monkeypatch.setattr(cli, "image_file", str)  # the image is not opened
+    for error in (
+        tokendrop.UsageError("a bad value"),
+        UsageTypeError("a bad type"),
+        MissingInputError("no such file"),
+        MissingPackageError("pip install it"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run_with(error)
+        assert exit_info.value.code == 2 and capsys.readouterr().err.endswith(f"show: error: {error}\n")
+    for error in (ValueError("a bug"), TypeError("a bug"), OSError("disk"), ImportError("a bug"), KeyError("bug")):
+        with pytest.raises(type(error)):
+            run_with(error)
+    # each usage error is still the builtin error its check raised before it existed
+    assert issubclass(UsageTypeError, TypeError) and issubclass(MissingInputError, FileNotFoundError)
+    assert issubclass(MissingPackageError, ImportError) and issubclass(tokendrop.UsageError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["profile", "--model", "tiny", *QUICK, "--option", "hired.select_layer=0.5"], "select_layer must be an int"),
+        (["profile", "--model", "tiny", *QUICK, "--methods", "hird"], "unknown method 'hird'"),
+        (
+            ["sweep", "--model", "tiny", "--tasks", "custom", "--data", "custom=/nowhere.jsonl", "--out", "OUT"],
+            "/nowhere",
+        ),
+    ],
+)
+def test_input_checks_raise_usage_errors(capsys, no_model, tmp_path, argv, message):
+    assert message in cli_error(capsys, *[str(tmp_path / "run") if a == "OUT" else a for a in argv])
