@@ -45,6 +45,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import textwrap
 import warnings
 import weakref
 from collections.abc import Callable
@@ -59,7 +60,7 @@ from .adapters import adapter_for
 from .checks import UsageError, UsageTypeError
 from .family import Adapter, Request
 from .method import Method, build as build_method
-from .method.base import check_fits, check_in_tower, check_signals
+from .method.base import check_budget_given, check_fits, check_in_tower, check_signals, methods_doc
 from .pruning import ImageRecord, Selected, select_images
 
 ATTRIBUTE = "_tokendrop_handle"
@@ -510,11 +511,16 @@ def patch(
     **options,
 ) -> Handle:
     """Make every later `model.generate(...)`/`model(...)` call feed the LLM only the visual
-    tokens `method` keeps within `budget` (a fraction in (0, 1] or a token count per image;
-    default 1.0). `method` is a registered name, or a `Method` object built with its budget
-    and options (one outside the registry, such as an evaluation oracle). `processor`, the
-    model's processor, is needed by the methods that read the prompt (`text`, `router`,
-    `dpp`); any method accepts it.
+    tokens `method` keeps within `budget`, and return the patch's `Handle`.
+
+    `method` is a registered name (listed below) with `budget` and the method's options as
+    keywords, `patch(model, "hired", budget=0.2, alpha=0.5)`, or a method object that carries
+    them, `patch(model, tokendrop.HiRED(budget=0.2, alpha=0.5))` (also one outside the
+    registry, such as an evaluation oracle). `budget` is required: a fraction in (0, 1] of each
+    image's feature tokens, or a token count per image (an int); 1.0 keeps every token and
+    leaves the outputs unchanged. (`text` and `router` with `threshold=` take none.)
+    `processor`, the model's processor, is needed by the methods that read the prompt
+    (`text`, `router`, `dpp`); any method accepts it.
     `vision_prune_layer=K` (a vision layer index, negative from the end, below the feature
     layer) selects inside the vision tower: the method reads layer K (its layer options count
     in a tower that ends at K: -1 is K), and layers K+1 up to the feature layer run on the
@@ -532,17 +538,25 @@ def patch(
     model = _base_model(model)
     adapter = adapter_for(model)
     if isinstance(method, Method):
-        if budget is not None or options or processor is not None:
-            raise TypeError(
-                "a Method object carries its own budget and options: pass it alone, "
-                "e.g. patch(model, Oracle(budget=0.1))"
+        given = [f"{k}=" for k, v in (("budget", budget), ("processor", processor)) if v is not None] + [
+            f"{k}=" for k in options
+        ]
+        if given:
+            cls = type(method).__name__
+            raise UsageTypeError(
+                f"a method object carries its own budget and options, so {', '.join(given)} cannot be given "
+                f"beside it: set them on the object, e.g. patch(model, {cls}(budget=0.2, ...)), or "
+                f"dataclasses.replace(method, budget=0.2)"
             )
     else:
-        method = build_method(method, budget=1.0 if budget is None else budget, processor=processor, **options)
+        method = build_method(method, budget=budget, processor=processor, **options)
     chosen, prune_layer = resolve(method, adapter, vision_prune_layer)
     handle = Handle(model, chosen, adapter, prune_layer)
     handle.install()
     return handle
+
+
+patch.__doc__ += "\n\n" + textwrap.indent(methods_doc(), "    ")
 
 
 def resolve(method: Method, adapter: Adapter, vision_prune_layer: int | None = None) -> tuple[Method, int | None]:
@@ -562,6 +576,7 @@ def resolve(method: Method, adapter: Adapter, vision_prune_layer: int | None = N
             f"only: layers 0 to {layer}, -1 being layer {layer}; set the method's layer options within them"
         ) from None
     check_signals(chosen, adapter)
+    check_budget_given(chosen)
     return chosen, layer
 
 

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from ..checks import UsageError, check_choice
 from ..layout import ImageBatch, ImageLayout
 from ..selection import keep_count, on_host, proportional_counts
-from .base import Method, ProcessorNeeded, register
+from .base import Method, ProcessorNeeded, option, register
 from .globalcom2 import GlobalCom2
 from .hired import HiRED
 from .text import Text
@@ -78,14 +78,24 @@ ALLOCATIONS = ("global", "partition", "hired", "globalcom2")
 ALLOCATORS = {"hired": HiRED, "globalcom2": GlobalCom2}
 
 
-@register("dpp")
+@register(
+    "dpp",
+    "CDPruner (NeurIPS 2025): a conditional DPP keeps tokens relevant to the question and unlike each other",
+)
 @dataclass
 class DPP(Method):
-    # r: "text" (the question), "cls" (CLS attention), "none", or "allocator" (the allocator's own
-    # per-token importance); None: "allocator" with allocation hired/globalcom2, else "text"
-    relevance: str | None = None
-    allocation: str = "global"  # budget split over partitions: global, partition, hired, globalcom2
-    processor: object = field(default=None, repr=False)  # needed by relevance="text" only
+    relevance: str | None = option(
+        None,
+        "each token's relevance r: 'text' (the question), 'cls' (CLS attention), 'none', or 'allocator' (the "
+        "allocator's own per-token importance); None: 'allocator' with allocation 'hired' or 'globalcom2', "
+        "else 'text'",
+    )
+    allocation: str = option(
+        "global",
+        "the budget split over partitions: 'global' (one DPP), 'partition' (by size), 'hired' or 'globalcom2' "
+        "(those methods' counts)",
+    )
+    processor: object = option(None, "the model's processor (or tokenizer); needed by relevance='text'", repr=False)
     # filled at patch time
     question: Text | None = field(init=False, repr=False, default=None)
     allocator: Method | None = field(init=False, repr=False, default=None)

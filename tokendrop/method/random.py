@@ -10,13 +10,13 @@ import torch
 from ..checks import UsageError, check_int
 from ..layout import ImageBatch
 from ..selection import feature_mask, keep_count
-from .base import Method, register
+from .base import Method, option, register
 
 
-@register("random")
+@register("random", "baseline: a uniformly random subset")
 @dataclass
 class Random(Method):
-    seed: int = 0
+    seed: int = option(0, "draws the subset, which depends on it and the image's token count only")
 
     def __post_init__(self):
         super().__post_init__()

@@ -35,7 +35,7 @@ from safetensors.torch import load, save_file
 from torch import nn
 
 from ..checks import MissingInputError, UsageError, UsageTypeError, check_int
-from .base import register
+from .base import option, register
 from .text import Text
 
 FORMAT = "tokendrop-router"
@@ -276,17 +276,21 @@ def router_folder(name: str) -> Path:
     return Path(name)
 
 
-@register("router")
+@register("router", "the learned router: text's score plus a term trained by tokendrop train-router; needs processor=")
 @dataclass
 class Router(Text):
-    """`text` with a learned score. `router`: a folder written by `tokendrop train-router`,
-    or one shipped with tokendrop (`tokendrop:testbed`; see `router_folder`); None: untrained,
-    selects exactly as `text`. `rank`: of an untrained router (a saved one brings its own; giving another is
-    an error)."""
+    """`text` with a learned score: a router trained by `tokendrop train-router`, one shipped
+    with tokendrop (`router_folder`), or untrained (selecting exactly as `text`)."""
 
-    scope: str = "all"  # trained and swept on the same axis as every other method
-    router: str | None = None
-    rank: int | None = None
+    scope: str = option(
+        "all",
+        "'all': every token scored, as it is trained and swept, on the same axis as every other method; "
+        "'crops': the base view kept whole",
+    )
+    router: str | None = option(
+        None, "a folder written by tokendrop train-router, or 'tokendrop:testbed'; None: untrained (as text)"
+    )
+    rank: int | None = option(None, "the rank of an untrained router (8 by default); a saved router brings its own")
     weights: RouterWeights | None = field(init=False, repr=False, default=None)
     saved: dict | None = field(init=False, repr=False, default=None)
 

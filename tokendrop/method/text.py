@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 from ..checks import UsageError, UsageTypeError, check_choice, check_real
 from ..layout import EncodedImage, ImageBatch, ImageLayout
 from ..selection import keep_count, order_key
-from .base import Method, ProcessorNeeded, register
+from .base import Method, ProcessorNeeded, option, register
 
 # stand-ins for a conversation's texts, to find where the chat template puts them
 MARKERS = tuple(f"\u2063{word}\u2063" for word in ("FIRST", "ANSWER", "SECOND"))
@@ -93,12 +93,20 @@ def loose(text: str) -> re.Pattern:
     return re.compile(r"\s*".join(re.escape(word) for word in text.split()))
 
 
-@register("text")
+@register("text", "SliME's training-free text router: the tokens most like the question's embeddings; needs processor=")
 @dataclass
 class Text(Method):
-    threshold: float | None = None  # adaptive mode: cumulative softmax mass to keep
-    scope: str = "crops"  # "crops": base view kept whole; "all": every token scored
-    processor: object = field(default=None, repr=False)  # the model's processor (or tokenizer)
+    threshold: float | None = option(
+        None,
+        "adaptive mode, in place of a budget: keep tokens in descending score while the cumulative softmax "
+        "mass stays <= threshold, plus one",
+    )
+    scope: str = option(
+        "crops", "'crops': the base view kept whole, the budget over the crop tokens; 'all': every token scored"
+    )
+    processor: object = option(
+        None, "the model's processor (or tokenizer), to find and embed each prompt's question; required", repr=False
+    )
     # read from the processor once, at patch time
     template: Template = field(init=False, repr=False, default=Template())
     image_token_id: int = field(init=False, repr=False, default=-1)
@@ -108,8 +116,8 @@ class Text(Method):
         check_choice("scope", self.scope, ("crops", "all"))
         if self.threshold is not None:
             self.threshold = check_real("threshold", self.threshold, 1e-9, 1.0)
-            if self.budget != 1.0:
-                raise ValueError("text takes budget= (top-k) or threshold= (adaptive), not both")
+            if self.budget not in (None, 1.0):
+                raise UsageError("text takes budget= (top-k) or threshold= (adaptive), not both")
         if self.processor is None:
             raise ProcessorNeeded(
                 "text needs processor= (the model's processor or tokenizer) to find and embed the "
@@ -125,6 +133,9 @@ class Text(Method):
         if self.image_token_id in (None, self.tokenizer.unk_token_id):
             raise UsageError(f"processor= has no image token {token!r}: pass the patched model's own processor")
         self.template = Template.of(self.processor)
+
+    def needs_budget(self) -> bool:
+        return self.threshold is None
 
     def resolve(self, adapter) -> Text:
         if self.image_token_id != adapter.image_token_id:

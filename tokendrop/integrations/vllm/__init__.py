@@ -145,6 +145,11 @@ def build_method(options: dict, processor=None) -> Method:
             "threshold= keeps a data-dependent number of tokens, but vLLM fixes each image's placeholder count "
             "while preprocessing, before the vision tower runs: give a budget (a fraction or a count) instead"
         )
+    if method.budget is None:  # it would keep every token: a server that prunes nothing
+        raise UsageError(
+            f"the tokendrop vLLM model needs a budget for method {name!r}, the visual tokens kept per image (a "
+            f'fraction in (0, 1] or a count): e.g. {{"method": {json.dumps(name)}, "budget": 0.25}}'
+        )
     return method
 
 
