@@ -2,6 +2,7 @@
 
 import json
 import time
+from types import SimpleNamespace
 
 import matplotlib
 import pytest
@@ -9,7 +10,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import tokendrop
-from tokendrop import profiler
+from tokendrop import measure, profiler
 from tokendrop.cli import main
 from tokendrop.harness import chat_prompt
 from tokendrop.measure import measure_generate, peak_memory
@@ -395,6 +396,8 @@ def test_throughput_finds_each_cells_largest_batch_with_a_fake_memory_model(tiny
         return real(model, inputs, **settings)
 
     monkeypatch.setattr(profiler, "measure_generate", fake_memory)
+    # a machine with more memory than the limit, which a limit above the memory there is fails
+    monkeypatch.setattr(measure.psutil, "virtual_memory", lambda: SimpleNamespace(total=128 * measure.GIB))
     config = ThroughputConfig(
         ["hired"],
         [0.25],

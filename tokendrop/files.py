@@ -12,7 +12,6 @@ Nothing here imports torch: the command line opens images while it parses its ar
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import stat
@@ -21,6 +20,7 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from PIL import Image
 
 from .checks import MissingInputError, UsageError
@@ -92,14 +92,18 @@ def image_digest(paths: Iterable[str | Path]) -> str:
 
 @contextmanager
 def locked(lock: Path, busy: str):
-    """Hold the lock file `lock` for the block, or fail at once with ValueError(`busy`) when
-    another process holds it. POSIX locks: they go with the process when it dies."""
-    with open(lock, "w") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(busy) from None
+    """Hold the lock file `lock` for the block, or fail at once with UsageError(`busy`) when
+    another process holds it. The operating system's file locks (filelock: flock on POSIX,
+    msvcrt on Windows): they go with the process when it dies."""
+    file_lock = FileLock(lock)
+    try:
+        file_lock.acquire(timeout=0)
+    except Timeout:
+        raise UsageError(busy) from None
+    try:
         yield
+    finally:
+        file_lock.release()
 
 
 def writable_folder(out) -> Path:

@@ -21,6 +21,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -31,7 +32,6 @@ from .patch import adapter_of, handle_of, output_cache
 
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
-PROC_MEMINFO = Path("/proc/meminfo")
 GIB = 2**30
 CPU_ALLOCATOR_FAILED = "DefaultCPUAllocator: can't allocate memory"  # torch's RuntimeError on the CPU
 
@@ -76,7 +76,10 @@ class PeakMemory:
     """Filled in when the `peak_memory` block ends; the byte counts stay None where this
     system cannot tell (CPU memory off Linux)."""
 
-    kind: str  # "<device>_max_allocated" (devices summed), "cpu_peak_rss" (process) or "unavailable"
+    # "<device>_max_allocated" (devices summed), "cpu_peak_rss" (process) or "unavailable": a
+    # peak that can be reset per run is Linux's VmHWM, which psutil does not give (its only peak,
+    # Windows' peak working set, cannot be reset)
+    kind: str
     start_bytes: int | None = None  # in use when the block began
     peak_bytes: int | None = None  # the most in use during the block, start included
 
@@ -146,12 +149,10 @@ def proc_status_bytes(field: str, path: Path = PROC_STATUS) -> int:
 
 
 def check_cpu_limit(limit_bytes: int) -> None:
-    """Refuse a CPU memory limit above the machine's memory: the tool's own cap would never
-    fire, and a batch past the memory there is would fail in the allocator (or be ended by
-    the operating system), not as the limit says."""
-    if not PROC_MEMINFO.exists():
-        return
-    total = proc_status_bytes("MemTotal", PROC_MEMINFO)
+    """Refuse a CPU memory limit above the machine's memory (psutil: any system): the tool's
+    own cap would never fire, and a batch past the memory there is would fail in the
+    allocator (or be ended by the operating system), not as the limit says."""
+    total = psutil.virtual_memory().total
     if limit_bytes > total:
         raise UsageError(
             f"memory limit {limit_bytes / GIB:.1f} GiB is above this machine's memory ({total / GIB:.1f} GiB): "
