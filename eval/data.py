@@ -11,6 +11,11 @@ A source is a local path or a hub dataset id:
   relative to the file's directory;
 - anything else is a hub id, loaded with `datasets.load_dataset` (network or the hub cache).
 
+Local parquet and JSONL files are read directly, not through `datasets.load_dataset("parquet" /
+"json")`: that would copy each file into the datasets cache (a local snapshot can be many GB;
+pyarrow memory-maps it instead), make `datasets` a requirement of a custom JSONL task, and
+report a bad line as a failed "dataset generation" at a row number rather than the file's line.
+
 Images stay undecoded until `open_image`, so that a corrupt one fails its own sample only.
 """
 
