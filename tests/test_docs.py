@@ -1,19 +1,29 @@
 """The documentation runs and follows the code: the README's first snippet runs as written, the
-hub snippet runs with two literals swapped, and the method tables list the registered methods."""
+hub snippet runs with two literals swapped, and the methods, presets and commands the docs list
+are the registered ones, with every relative link pointing at a file (and heading) that exists."""
 
 import math
 import re
 from pathlib import Path
+
+import pytest
 
 import tokendrop
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 DOCS = ROOT / "docs"
+PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 
 
 def python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def prose(text: str) -> str:
+    """The text outside fenced code blocks and inline code spans."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
 
 
 def table_names(text: str) -> list[str]:
@@ -94,3 +104,56 @@ def test_readme_methods_table_is_the_registry():
     from tokendrop.method import METHODS
 
     assert sorted(table_names(README)) == sorted(METHODS.names()), "README's method table and the registry differ"
+
+
+def test_models_page_names_every_preset():
+    from tokendrop.preset_specs import PRESETS
+
+    page = (DOCS / "models.md").read_text()
+    missing = [name for name in PRESETS.names() if f"`{name}`" not in page]
+    assert not missing, f"docs/models.md lacks the presets {missing}"
+    assert sorted(table_names(page.split("## Presets", 1)[1])) == sorted(PRESETS.names())
+
+
+def test_cli_page_names_every_command():
+    from tokendrop.cli import build_parser
+
+    (subcommands,) = build_parser()._subparsers._group_actions
+    page = (DOCS / "cli.md").read_text()
+    missing = [name for name in subcommands.choices if f"`tokendrop {name}`" not in page]
+    assert not missing, f"docs/cli.md lacks the commands {missing}"
+
+
+def slug(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    found, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} (.+)$", prose_keep_code_spans(page.read_text()), re.M):
+        base = slug(heading)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        found.add(base if n == 0 else f"{base}-{n}")
+    return found
+
+
+def prose_keep_code_spans(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_point_to_existing_files(page):
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose(page.read_text())):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(f"{target} (no such heading)")
+    assert not broken, f"{page.relative_to(ROOT)}: broken links: {broken}"
