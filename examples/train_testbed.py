@@ -457,7 +457,7 @@ Greedy answers, exact match, on the first {args.eval_samples} samples of each sp
 | test, `oracle` at 25% / 10% / 5% / 2% (the queried object's tokens first, then CLS attention) | {results["test_oracle_0.25"]:.1f}% / {results["test_oracle_0.1"]:.1f}% / {results["test_oracle_0.05"]:.1f}% / {results["test_oracle_0.02"]:.1f}% |
 | test, best blind guess (the most frequent answer to the same question in train) | {results["chance"]:.1f}% |
 
-The budget sweep of every method is in the README ("The testbed").
+The budget sweep of every method is in docs/results.md ("The testbed").
 """
 
 

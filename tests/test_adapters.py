@@ -84,8 +84,8 @@ def test_kept_counts_reach_the_llm(family_model):
 # --- what methods read -------------------------------------------------------------------------
 
 VARIANTS = [(name, {}) for name in tokendrop.methods()] + [
-    ("dpp", {"relevance": "cls"}),
-    ("dpp", {"relevance": "none"}),
+    ("dpp", {"relevance": "cls", "allocation": "global"}),
+    ("dpp", {"relevance": "none", "allocation": "global"}),
     ("dpp", {"allocation": "hired"}),
     ("text", {"threshold": 0.5, "budget": 1.0}),
 ]

@@ -27,7 +27,7 @@ VARIANTS = [(name, {}) for name in tokendrop.methods()] + [
     ("dpp", {"relevance": "cls", "allocation": "partition"}),
     ("dpp", {"relevance": "text", "allocation": "hired"}),
     ("dpp", {"allocation": "globalcom2"}),
-    ("dpp", {"relevance": "none"}),
+    ("dpp", {"relevance": "none", "allocation": "global"}),
 ]
 
 
@@ -144,7 +144,7 @@ def test_the_partition_table_is_built_without_reading_back():
 NO_SYNC = ["hired", "globalcom2", "cls", "base", "random", "uniform", "pool", "divprune"]
 NO_SYNC_VARIANTS = [(n, {}) for n in NO_SYNC] + [
     ("hired", {"allocation": "count"}),
-    ("dpp", {"relevance": "cls"}),
+    ("dpp", {"relevance": "cls", "allocation": "global"}),
     ("dpp", {"relevance": "cls", "allocation": "partition"}),
     ("dpp", {"allocation": "hired"}),
     ("dpp", {"allocation": "globalcom2"}),

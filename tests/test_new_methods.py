@@ -155,7 +155,7 @@ def test_greedy_map_set_by_set_equals_the_batched_device_path(monkeypatch):
 @pytest.mark.parametrize("relevance", ["text", "cls", "none"])
 def test_dpp_global_equals_reference(tiny, eager, batch, budget, relevance):
     model, processor = tiny
-    handle = tokendrop.patch(model, "dpp", budget=budget, relevance=relevance, processor=processor)
+    handle = tokendrop.patch(model, "dpp", budget=budget, relevance=relevance, allocation="global", processor=processor)
     greedy(model, batch, n=1)
     probs = reference.eager_cls_attention(eager, batch["pixel_values"], batch["image_sizes"], -2)
     table = model.get_input_embeddings().weight.detach().double()

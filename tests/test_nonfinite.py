@@ -18,7 +18,7 @@ VARIANTS = [(name, {}) for name in tokendrop.methods()] + [
     ("dpp", {"allocation": "partition"}),
     ("dpp", {"allocation": "hired"}),
     ("dpp", {"allocation": "globalcom2"}),
-    ("dpp", {"relevance": "cls"}),
+    ("dpp", {"relevance": "cls", "allocation": "global"}),
 ]
 SIZES = [(38, 96), (60, 100)]  # (h, w): a wide 1x2 and a 2x2 grid
 

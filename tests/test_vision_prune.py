@@ -291,7 +291,7 @@ def test_a_layer_that_cannot_be_is_refused(deep, layer, error, match):
     [
         ("text", {}, "question's LLM input embeddings"),
         ("router", {}, "question's LLM input embeddings"),
-        ("dpp", {}, "relevance='cls', 'none' or 'allocator'"),
+        ("dpp", {"allocation": "global"}, "relevance='cls', 'none' or 'allocator'"),
         ("pool", {}, "no vector there to average"),
         ("visionzip", {}, "no vector there to average"),
         ("hired", {"select_layer": 2}, "selection sees the tower up to layer 1 only"),

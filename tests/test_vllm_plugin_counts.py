@@ -56,7 +56,7 @@ def test_refused(options, message):
         ("uniform", {"newlines": "rows"}),
         ("random", {"newlines": "rows"}),
         ("pool", {"newlines": "rows"}),
-        ("dpp", {"relevance": "cls"}),
+        ("dpp", {"relevance": "cls", "allocation": "global"}),
     ],
 )
 def test_count_before_the_tower_is_what_the_patch_keeps(tiny, images, method, options):

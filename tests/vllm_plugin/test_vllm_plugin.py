@@ -136,7 +136,7 @@ def test_vllm_packing_gives_tokendrops_layout(preset):
     [
         ({"method": "text", "budget": 0.25}, "reads the question"),
         ({"method": "router", "budget": 0.25}, "reads the question"),
-        ({"method": "dpp", "budget": 0.25}, "reads the question"),
+        ({"method": "dpp", "budget": 0.25, "allocation": "global"}, "reads the question"),
         ({"method": "hired", "budget": 0.25, "threshold": 0.5}, "threshold"),
         ({"method": "hired", "budget": 0.25, "newlines": "rows"}, "newlines='rows'"),
         ({"method": "hird", "budget": 0.25}, "Did you mean 'hired'"),
