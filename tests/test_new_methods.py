@@ -155,9 +155,7 @@ def test_greedy_map_set_by_set_equals_the_batched_device_path(monkeypatch):
 @pytest.mark.parametrize("relevance", ["text", "cls", "none"])
 def test_dpp_global_equals_reference(tiny, eager, batch, budget, relevance):
     model, processor = tiny
-    handle = tokendrop.patch(
-        model, "dpp", budget=budget, relevance=relevance, allocation="global", processor=processor
-    )
+    handle = tokendrop.patch(model, "dpp", budget=budget, relevance=relevance, allocation="global", processor=processor)
     greedy(model, batch, n=1)
     probs = reference.eager_cls_attention(eager, batch["pixel_values"], batch["image_sizes"], -2)
     table = model.get_input_embeddings().weight.detach().double()
@@ -327,8 +325,8 @@ def test_hired_count_allocation_equals_reference(tiny, eager, batch, budget, alp
         ("dpp", dict(relevance="clip", processor=None), ValueError, "'text', 'cls', 'none', 'allocator'"),
         ("dpp", dict(relevance="allocator", allocation="partition"), ValueError, "needs allocation='hired' or"),
         ("dpp", dict(relevance="cls", allocation="crops"), ValueError, "'global', 'partition', 'hired', 'globalcom2'"),
-        ("dpp", dict(), ValueError, "needs processor="),
-        ("dpp", dict(processor=42), TypeError, "processor="),
+        ("dpp", dict(allocation="global"), ValueError, "needs processor="),
+        ("dpp", dict(allocation="global", processor=42), TypeError, "processor="),
         ("hired", dict(allocation="area"), ValueError, "'mass', 'count'"),
         ("cls", dict(select_layer=7), ValueError, "out of range"),
         ("base", dict(select_layer="last"), TypeError, "select_layer"),
