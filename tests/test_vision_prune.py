@@ -30,7 +30,7 @@ IN_TOWER = [
     ("globalcom2", {}, {"score_layer": "K"}),
     ("base", {}, {"select_layer": "K"}),
     ("divprune", {}, {}),
-    ("dpp", {"relevance": "none"}, {"relevance": "none"}),
+    ("dpp", {"relevance": "none", "allocation": "global"}, {"relevance": "none", "allocation": "global"}),
     ("random", {}, {}),
     ("uniform", {}, {}),
 ]
