@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from tokendrop.registry import Registry
 
+from ..checks import UsageError
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter, Qwen3VLAdapter
@@ -25,7 +26,7 @@ def adapter_for(model):
         if adapter.supports(model):
             return adapter(model)
     supported = ", ".join(f"{name} ({cls.model_class})" for name, cls in ADAPTERS.items())
-    raise ValueError(f"tokendrop cannot patch a {type(model).__name__}; supported models: {supported}")
+    raise UsageError(f"tokendrop cannot patch a {type(model).__name__}; supported models: {supported}")
 
 
 __all__ = [

@@ -41,6 +41,8 @@ from tokendrop.family import Adapter, ModelFacts
 from tokendrop.layout import NEWLINE, EncodedImage, ImageLayout
 from tokendrop.scoring import SIGNAL_KINDS, capture_cls_scores
 
+from ..checks import UsageError
+
 # The one statement of the supported range; setup.cfg and the README say the same.
 SUPPORTED_TRANSFORMERS = (Version("4.56"), Version("6.0"))
 
@@ -53,7 +55,7 @@ def check_transformers() -> None:
     low, high = SUPPORTED_TRANSFORMERS
     found = Version(installed_transformers())
     if not low <= found < high:
-        raise ValueError(
+        raise UsageError(
             f"tokendrop supports transformers >={low},<{high}; found {found}. "
             f"Install a supported release: pip install 'transformers>={low},<{high}'"
         )
@@ -76,7 +78,7 @@ class LlavaNextAdapter(Adapter):
     def check_config(config) -> None:
         """Raise ValueError for a configuration this adapter cannot serve."""
         if config.vision_feature_select_strategy != "default":
-            raise ValueError(
+            raise UsageError(
                 "tokendrop supports LLaVA-NeXT with vision_feature_select_strategy='default'; this model has "
                 f"{config.vision_feature_select_strategy!r}"
             )
@@ -98,7 +100,7 @@ class LlavaNextAdapter(Adapter):
     def __init__(self, model):
         check_transformers()
         if type(model).__name__ != self.model_class:
-            raise ValueError(
+            raise UsageError(
                 f"patch the generating model ({self.model_class}), not its {type(model).__name__} submodule"
             )
         config = model.config
@@ -107,7 +109,7 @@ class LlavaNextAdapter(Adapter):
         self.vlm = model.model
         self.vision_layers = [m for m in self.vlm.vision_tower.modules() if isinstance(m, self.layer_type)]
         if not self.vision_layers:
-            raise ValueError(
+            raise UsageError(
                 f"tokendrop's {self.model_class} adapter scores tokens {self.tower}; this model's tower is a "
                 f"{type(self.vlm.vision_tower).__name__}"
             )
@@ -148,35 +150,35 @@ class LlavaNextAdapter(Adapter):
         except (TypeError, ValueError, RuntimeError):
             sizes = None
         if sizes is None or sizes.dim() != 2 or sizes.shape[1] != 2:
-            raise ValueError(
+            raise UsageError(
                 f"image_sizes must be (n_images, 2), each image's (height, width); got {image_sizes!r:.200}"
             )
         if not torch.equal(sizes.double(), sizes.double().round()) or (sizes < 1).any():
-            raise ValueError(f"image_sizes must hold positive integers (height, width in pixels), got {sizes.tolist()}")
+            raise UsageError(f"image_sizes must hold positive integers (height, width in pixels), got {sizes.tolist()}")
         sizes = sizes.long()
         vision = self.model.config.vision_config
         tile = (vision.num_channels, vision.image_size, vision.image_size)
         is_tiles = isinstance(pixel_values, torch.Tensor) and pixel_values.dim() in (4, 5)
         if not is_tiles or pixel_values.shape[-3:] != tile:
             found = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(
+            raise UsageError(
                 f"pixel_values must be (n_images, tiles, {tile[0]}, {tile[1]}, {tile[2]}), tiles of "
                 f"{tile[0]}x{tile[1]}x{tile[2]}, or 4-D with all tiles stacked; got {found}: {expected}"
             )
         needs = [layout.n_partitions for layout in self.layouts(sizes, **vision_kwargs)]  # the base view plus the crops
         if pixel_values.dim() == 4 and pixel_values.shape[0] != sum(needs):
-            raise ValueError(
+            raise UsageError(
                 f"4-D pixel_values hold {pixel_values.shape[0]} tiles, but images of sizes "
                 f"{sizes.tolist()} need {sum(needs)} ({needs}): {expected}"
             )
         if pixel_values.dim() == 5:
             if pixel_values.shape[0] != len(sizes):
-                raise ValueError(
+                raise UsageError(
                     f"pixel_values has {pixel_values.shape[0]} images but {len(sizes)} image_sizes: {expected}"
                 )
             for size, need in zip(sizes.tolist(), needs):
                 if need > pixel_values.shape[1]:
-                    raise ValueError(
+                    raise UsageError(
                         f"an image of size {size} needs {need} tiles (the base view and its crops), but "
                         f"pixel_values hold {pixel_values.shape[1]} per image: {expected}"
                     )
@@ -299,13 +301,13 @@ class LlavaNextAdapter(Adapter):
     def check_prune_layer(self, layer) -> int:
         layer = super().check_prune_layer(layer)
         if len(feature_layers(self.model.config.vision_feature_layer)) > 1:
-            raise ValueError(
+            raise UsageError(
                 f"vision_prune_layer needs features of one vision layer; this model concatenates hidden states "
                 f"{self.model.config.vision_feature_layer}, some of which the kept tokens alone would not give"
             )
         attention = self.vision_tower.config._attn_implementation
         if attention not in ("sdpa", "eager"):
-            raise ValueError(
+            raise UsageError(
                 f"vision_prune_layer runs the tower's later layers on tiles packed into rows with a block mask, "
                 f"which the vision tower's attention takes as 'sdpa' or 'eager'; it runs {attention!r}: load the "
                 "model with attn_implementation='sdpa'"
@@ -319,7 +321,7 @@ class LlavaNextAdapter(Adapter):
         requested = self.model.config.vision_feature_layer if chosen is None else chosen
         hidden = hidden_state_indices(feature_layers(requested), self.n_vision_layers)
         if len(hidden) > 1 or hidden[0] - 1 <= layer:
-            raise ValueError(
+            raise UsageError(
                 f"this call's vision_feature_layer {requested!r} is not one hidden state past vision layer {layer}, "
                 "where the patch prunes inside the tower (vision_prune_layer): call without it, or patch again"
             )
@@ -333,7 +335,7 @@ class LlavaNextAdapter(Adapter):
         layouts = self.layouts(image_sizes, **vision_kwargs)
         resampled = [tuple(size) for size, layout in zip(image_sizes.tolist(), layouts) if layout.unpadded_box]
         if resampled:
-            raise ValueError(
+            raise UsageError(
                 f"the model resamples the crop canvas of images of size {resampled} (anyres_max): each of its "
                 "packed tokens blends up to four patches, which pruning inside the tower would drop before the "
                 "feature layer. Pass smaller images, or patch without vision_prune_layer"
@@ -488,7 +490,7 @@ def feature_layers(vision_feature_layer) -> list[int]:
     """`vision_feature_layer` (an int or a list of them, as the model takes it) as a list."""
     layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer
     if not isinstance(layers, (list, tuple)) or not layers or not all(is_int(h) for h in layers):
-        raise ValueError(
+        raise UsageError(
             f"vision_feature_layer must be a hidden-state index (an int) or a non-empty list of them, got "
             f"{vision_feature_layer!r}"
         )
@@ -501,7 +503,7 @@ def hidden_state_indices(layers: list[int], n_layers: int) -> list[int]:
     n_hidden = n_layers + 1
     wrong = [h for h in layers if not -n_hidden <= h < n_hidden]
     if wrong:
-        raise ValueError(
+        raise UsageError(
             f"vision_feature_layer {wrong} out of range: the vision tower has {n_hidden} hidden states (the "
             f"embeddings and {n_layers} layers), indexed {-n_hidden} to {n_layers}"
         )

@@ -43,6 +43,7 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer
 from tokendrop.layout import NEWLINE, ImageLayout
 from tokendrop.scoring import SIGNAL_KINDS, capture_siglip_scores
 
+from ..checks import UsageError
 from .llava_next import LlavaNextAdapter
 
 UNCAPPED = "anyres_max_1000000"  # a cap no canvas reaches: the packing without resampling
@@ -60,7 +61,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     @staticmethod
     def check_config(config) -> None:
         if config.vision_feature_select_strategy != "full" or not isinstance(config.vision_feature_layer, int):
-            raise ValueError(
+            raise UsageError(
                 "tokendrop supports LLaVA-OneVision with vision_feature_select_strategy='full' (SigLIP has no CLS "
                 f"token to drop) and a single vision_feature_layer; this model has "
                 f"{config.vision_feature_select_strategy!r} and {config.vision_feature_layer!r}"
@@ -84,7 +85,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return [self.layout(size) for size in sizes]
         counts = [int(n) for n in batch_num_images]
         if sum(counts) != len(sizes) or min(counts, default=1) < 1:
-            raise ValueError(
+            raise UsageError(
                 f"batch_num_images {counts} must count each prompt's images (each >= 1), {len(sizes)} in all: pass "
                 "the batch_num_images that the processor returns with these images"
             )

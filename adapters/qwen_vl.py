@@ -53,6 +53,7 @@ from tokendrop.family import Adapter, ModelFacts, Request
 from tokendrop.layout import EncodedImage, ImageLayout
 from tokendrop.scoring import SIGNAL_KINDS, capture_packed_scores
 
+from ..checks import UsageError
 from .llava_next import check_transformers
 
 VIDEO_INPUTS = ("pixel_values_videos", "video_grid_thw")
@@ -86,12 +87,12 @@ class QwenVLAdapter(Adapter):
     def __init__(self, model):
         check_transformers()
         if Version(transformers.__version__) < Version(self.first_release):
-            raise ValueError(
+            raise UsageError(
                 f"tokendrop patches {self.model_class} from transformers {self.first_release}; found "
                 f"{transformers.__version__}: pip install 'transformers>={self.first_release},<6'"
             )
         if type(model).__name__ != self.model_class:
-            raise ValueError(
+            raise UsageError(
                 f"patch the generating model ({self.model_class}), not its {type(model).__name__} submodule"
             )
         self.model = model
@@ -119,25 +120,25 @@ class QwenVLAdapter(Adapter):
     def check_images(self, pixel_values, image_grid_thw, **options) -> torch.Tensor:
         expected = "pass the pixel_values and image_grid_thw that the model's processor returns"
         if any(options.get(name) is not None for name in VIDEO_INPUTS):
-            raise ValueError(
+            raise UsageError(
                 "tokendrop prunes the images of a Qwen-VL call and passes videos through, but not both in one call: "
                 "send the videos in a call of their own (it runs unpatched), or the images without them"
             )
         grid = torch.as_tensor(image_grid_thw) if not isinstance(image_grid_thw, torch.Tensor) else image_grid_thw
         if grid.dim() != 2 or grid.shape[1] != 3 or grid.is_floating_point() or (grid < 1).any():
-            raise ValueError(
+            raise UsageError(
                 f"image_grid_thw must be (n_images, 3) positive ints (t, h, w); got {image_grid_thw!r:.200}"
             )
         grid = grid.long()
         if (grid[:, 0] != 1).any() or (grid[:, 1:] % self.merge).any():
-            raise ValueError(
+            raise UsageError(
                 f"image_grid_thw {grid.tolist()} is not an image's: t must be 1 and h, w multiples of the merge "
                 f"size {self.merge}: {expected}"
             )
         patches = int(grid.prod(-1).sum())
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 2 or len(pixel_values) != patches:
             found = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(
+            raise UsageError(
                 f"pixel_values must be 2-D, one row per patch: images of grids {grid.tolist()} have {patches}; "
                 f"got {found}: {expected}"
             )
@@ -221,7 +222,7 @@ class QwenVLAdapter(Adapter):
         asked["attention_mask"] = request.attention_mask
         if "mm_token_type_ids" in inspect.signature(self.vlm.get_rope_index).parameters:
             if types is None:
-                raise ValueError(
+                raise UsageError(
                     f"{self.model_class} computes its positions from mm_token_type_ids: pass the "
                     "mm_token_type_ids that the model's processor returns with the prompt"
                 )

@@ -11,6 +11,11 @@ A source is a local path or a hub dataset id:
   relative to the file's directory;
 - anything else is a hub id, loaded with `datasets.load_dataset` (network or the hub cache).
 
+Local parquet and JSONL files are read directly, not through `datasets.load_dataset("parquet" /
+"json")`: that would copy each file into the datasets cache (a local snapshot can be many GB;
+pyarrow memory-maps it instead), make `datasets` a requirement of a custom JSONL task, and
+report a bad line as a failed "dataset generation" at a row number rather than the file's line.
+
 Images stay undecoded until `open_image`, so that a corrupt one fails its own sample only.
 """
 
@@ -26,6 +31,7 @@ from pathlib import Path
 from PIL import Image
 
 from .. import files
+from ..checks import MissingInputError, MissingPackageError, UsageError
 
 INSTALL_DATASETS = "pip install 'tokendrop[sweep]' (or pip install datasets)"
 
@@ -61,7 +67,7 @@ def load_rows(source: str | Path, split: str, config: str | None = None):
     path = Path(source).expanduser()
     if not path.exists():
         if _only_a_path(str(source)):
-            raise FileNotFoundError(f"{source}: no such local file or folder (a hub dataset id is NAME or ORG/NAME)")
+            raise MissingInputError(f"{source}: no such local file or folder (a hub dataset id is NAME or ORG/NAME)")
         return _from_hub(str(source), split, config), None
     if config and (path / config).is_dir():  # a hub snapshot holding several configs
         path = path / config
@@ -90,7 +96,7 @@ def _only_a_path(source: str) -> bool:
 def _split_files(path: Path, split: str) -> list[Path]:
     if path.is_file():
         if path.suffix not in (".parquet", ".jsonl"):
-            raise ValueError(f"{path}: expected a .parquet or .jsonl file, or a directory of them")
+            raise UsageError(f"{path}: expected a .parquet or .jsonl file, or a directory of them")
         return [path]
     for suffix in (".parquet", ".jsonl"):
         files = sorted(path.rglob(f"*{suffix}"))
@@ -98,11 +104,11 @@ def _split_files(path: Path, split: str) -> list[Path]:
         if named or len(files) == 1:
             return named or files
         if files:  # never mix splits silently
-            raise ValueError(
+            raise UsageError(
                 f"{path} holds {len(files)} {suffix} files, none named after split {split!r} "
                 f"({split}-*{suffix} or a {split}/ folder): point at one file, or a folder of that split only"
             )
-    raise ValueError(f"{path} holds no dataset: expected a save_to_disk directory, .parquet files or .jsonl files")
+    raise UsageError(f"{path} holds no dataset: expected a save_to_disk directory, .parquet files or .jsonl files")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -113,9 +119,9 @@ def _read_jsonl(path: Path) -> list[dict]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+                    raise UsageError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
                 if not isinstance(row, dict):
-                    raise ValueError(
+                    raise UsageError(
                         f'{path}, line {number}: expected a JSON object ({{"image": ..., '
                         f'"question": ...}}), got a {type(row).__name__}'
                     )
@@ -128,7 +134,7 @@ def _from_parquet(files: list[Path]) -> ArrowRows:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"reading parquet needs pyarrow: {INSTALL_DATASETS}") from None
+        raise MissingPackageError(f"reading parquet needs pyarrow: {INSTALL_DATASETS}") from None
     return ArrowRows(pa.concat_tables([pq.read_table(f, memory_map=True) for f in files]))
 
 
@@ -136,7 +142,7 @@ def _datasets():
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"this data source needs the `datasets` package: {INSTALL_DATASETS}") from None
+        raise MissingPackageError(f"this data source needs the `datasets` package: {INSTALL_DATASETS}") from None
     return datasets
 
 
@@ -154,7 +160,7 @@ def _from_disk(path: Path, split: str):
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise ValueError(f"{path} has splits {', '.join(loaded)}, not {split!r}")
+            raise UsageError(f"{path} has splits {', '.join(loaded)}, not {split!r}")
         loaded = loaded[split]
     return _undecoded(loaded)
 
@@ -164,7 +170,7 @@ def _from_hub(name: str, split: str, config: str | None):
     try:
         return _undecoded(datasets.load_dataset(name, config, split=split))
     except Exception as error:  # the hub's own errors are many; say what was tried
-        raise ValueError(
+        raise UsageError(
             f"{name!r} is not a local path, and loading it from the hub (config {config!r}, split {split!r}) "
             f"failed: {type(error).__name__}: {error}. Offline, pass a local copy with --data TASK=PATH"
         ) from error
@@ -218,7 +224,7 @@ def open_image(raw, root: Path | None) -> Image.Image:
         return files.decode_image(raw, "from bytes")
     path = image_path(raw, root)
     if path is None:
-        raise ValueError(f"cannot read an image from {type(raw).__name__}: expected a path, bytes or {{bytes, path}}")
+        raise UsageError(f"cannot read an image from {type(raw).__name__}: expected a path, bytes or {{bytes, path}}")
     return files.open_image(path)
 
 

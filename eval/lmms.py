@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 import tokendrop
 
+from ..checks import MissingPackageError, UsageError
 from ..harness import REFERENCE
 from ..loading import LoadOptions, load_model, load_processor
 from ..method import build as build_method
@@ -29,7 +30,7 @@ try:
     from lmms_eval.api.model import lmms
 except ImportError as error:
     if error.name in ("lmms_eval", "lmms_eval.api", "lmms_eval.api.model"):
-        raise ImportError("the lmms-eval model needs lmms-eval: pip install 'tokendrop[lmms]'") from error
+        raise MissingPackageError("the lmms-eval model needs lmms-eval: pip install 'tokendrop[lmms]'") from error
     # lmms-eval is there, but one of its own imports failed: that is the cause to show
     raise ImportError(f"lmms-eval is installed, but importing it failed: {error}") from error
 
@@ -72,13 +73,13 @@ class LlavaHfTokendrop(lmms):
         try:
             self.batch_size = int(batch_size)
         except ValueError:
-            raise ValueError(
+            raise UsageError(
                 f"llava_hf_tokendrop takes a fixed batch size (e.g. --batch_size 4), got {batch_size!r}"
             ) from None
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
         if method == REFERENCE and options:
-            raise ValueError(f"method=none (the unpatched model) takes no method options, got {', '.join(options)}")
+            raise UsageError(f"method=none (the unpatched model) takes no method options, got {', '.join(options)}")
         self.processor = load_processor(pretrained)
         if method != REFERENCE:  # a bad option fails before the model loads
             build_method(method, budget=budget, processor=self.processor, **options)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+from ..checks import UsageError
+
 # --- VQA answer normalisation (the EvalAI processor used by VQAv2's and TextVQA's servers) ---
 
 # `p` is deleted when it touches a space somewhere in the text, else replaced by a space.
@@ -76,7 +78,7 @@ def normalize_answer(text: str) -> str:
 def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     """VQA soft accuracy of one prediction against the annotators' answers."""
     if not answers:
-        raise ValueError("vqa_accuracy needs at least one reference answer")
+        raise UsageError("vqa_accuracy needs at least one reference answer")
     prediction = normalize_answer(prediction)
     answers = [normalize_answer(a) for a in answers]
     total = 0.0
@@ -128,7 +130,7 @@ def pope_metrics(predictions: list[str], references: list[str]) -> dict[str, flo
     """Accuracy, precision, recall, F1 ("yes" positive) and yes-ratio of POPE answers
     ("yes"/"no", as from `pope_answer`)."""
     if len(predictions) != len(references) or not predictions:
-        raise ValueError("pope_metrics needs as many predictions as references, at least one")
+        raise UsageError("pope_metrics needs as many predictions as references, at least one")
     pairs = list(zip(predictions, references))
     tp = sum(p == "yes" and r == "yes" for p, r in pairs)
     fp = sum(p == "yes" and r == "no" for p, r in pairs)
@@ -176,7 +178,7 @@ def mme_scores(results: list[tuple[str, str, bool]]) -> dict[str, float]:
     images: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for category, image, correct in results:
         if category not in MME_PERCEPTION + MME_COGNITION:
-            raise ValueError(
+            raise UsageError(
                 f"unknown MME category {category!r}; expected one of {', '.join(MME_PERCEPTION + MME_COGNITION)}"
             )
         images[category][image].append(bool(correct))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..checks import check_int
+from ..checks import UsageError, UsageTypeError, check_int
 from ..layout import EncodedImage, ImageLayout
 from ..method import Method
 from ..selection import keep_count
@@ -78,12 +78,12 @@ def shapes_samples(split: str, n: int, seed: int = 0) -> Iterator[dict]:
 
 def check_split(split) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        raise UsageError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
 
 
 def check_count(name: str, value) -> None:
     if check_int(name, value) < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+        raise UsageError(f"{name} must be >= 0, got {value}")
 
 
 def questions_about(objects: list[tuple]) -> list[tuple[str, str]]:
@@ -153,7 +153,7 @@ def normalize(text: str) -> str:
 def score(prediction: str, answer: str) -> float:
     """Exact match of the normalised prediction with the one-word answer: 1.0 or 0.0."""
     if not isinstance(prediction, str) or not isinstance(answer, str):
-        raise TypeError(f"score takes two strings, got {type(prediction).__name__} and {type(answer).__name__}")
+        raise UsageTypeError(f"score takes two strings, got {type(prediction).__name__} and {type(answer).__name__}")
     return float(normalize(prediction) == normalize(answer))
 
 

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 import tokendrop
 
 from ..adapters import adapter_for
-from ..checks import is_int
+from ..checks import UsageError, UsageTypeError, is_int
 from ..family import ModelFacts
 from ..files import image_digest, locked
 from ..harness import REFERENCE, differences, jsonable, method_options, provenance, text_table
@@ -101,24 +101,24 @@ class SweepConfig:
 
     def __post_init__(self):
         if not isinstance(self.model, str):
-            raise TypeError(
+            raise UsageTypeError(
                 f"model must be a preset name or a Hugging Face id/path (pass a loaded model to "
                 f"sweep(config, model=...)), got {type(self.model).__name__}"
             )
         if isinstance(self.tasks, str) or not isinstance(self.tasks, (list, tuple)) or not self.tasks:
-            raise TypeError(
+            raise UsageTypeError(
                 f"tasks must be a non-empty list of task names ({', '.join(TASKS.names())}), got {self.tasks!r}"
             )
         self.tasks = [current_task_name(name) for name in self.tasks]  # an old name runs as the task it now is
         for name in self.tasks:
             TASKS.get(name)
         if self.methods is not None and not isinstance(self.methods, (list, tuple)):
-            raise TypeError(
+            raise UsageTypeError(
                 f"methods must be a list of method names ({', '.join(METHODS.names())}), got {self.methods!r}"
             )
         self.methods = list(METHODS.names() if self.methods is None else self.methods)
         if REFERENCE in self.methods:
-            raise ValueError(
+            raise UsageError(
                 f"{REFERENCE!r} is the unpatched reference, evaluated in every sweep: leave it out of methods"
             )
         for name in self.methods:
@@ -126,48 +126,48 @@ class SweepConfig:
             if not owners:
                 METHODS.get(name)
             elif any(t not in owners for t in self.tasks):
-                raise ValueError(
+                raise UsageError(
                     f"method {name!r} is evaluation-only, offered by the {', '.join(owners)} task; "
                     f"this sweep also runs {', '.join(t for t in self.tasks if t not in owners)}: "
                     "sweep it separately"
                 )
         if not isinstance(self.budgets, (list, tuple)):
-            raise TypeError(
+            raise UsageTypeError(
                 f"budgets must be a list of fractions in (0, 1] and/or token counts, e.g. [0.1, 64]; "
                 f"got {self.budgets!r}"
             )
         self.budgets = [check_budget(b) for b in self.budgets]
         if not self.budgets or len(set(map(repr, self.budgets))) != len(self.budgets):
-            raise ValueError(f"budgets must be a non-empty list without repeats, got {self.budgets!r}")
+            raise UsageError(f"budgets must be a non-empty list without repeats, got {self.budgets!r}")
         self.options = method_options(self.options, self.methods, "this sweep", "swept")
         for name, opts in self.options.items():
             try:
                 json.dumps(opts)
             except TypeError:
-                raise TypeError(
+                raise UsageTypeError(
                     f"options for {name!r} must be plain values (numbers, strings, lists): they are "
                     f"recorded in run.json; got {opts!r}"
                 ) from None
         self.data = {current_task_name(name): source for name, source in dict(self.data or {}).items()}
         for name in self.data:
             if name not in self.tasks:
-                raise ValueError(f"--data names task {name!r}, which this sweep does not run ({', '.join(self.tasks)})")
+                raise UsageError(f"--data names task {name!r}, which this sweep does not run ({', '.join(self.tasks)})")
         for value, what in ((self.limit, "limit"), (self.max_new_tokens, "max_new_tokens")):
             if value is not None and (not is_int(value) or value < 1):
-                raise ValueError(f"{what} must be an int >= 1 (or None), got {value!r}")
+                raise UsageError(f"{what} must be an int >= 1 (or None), got {value!r}")
         if not is_int(self.seed):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
+            raise UsageTypeError(f"seed must be an int, got {self.seed!r}")
         if self.vision_prune_layer is not None and not is_int(self.vision_prune_layer):
-            raise TypeError(
+            raise UsageTypeError(
                 f"vision_prune_layer must be an int (a vision layer index) or None, got {self.vision_prune_layer!r}"
             )
         if not is_int(self.batch_size) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+            raise UsageError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         self.load_options()  # raises where they are wrong, before any model loads
         if (self.rank is None) != (self.world_size is None) or (
             self.rank is not None and not 0 <= self.rank < self.world_size
         ):
-            raise ValueError(
+            raise UsageError(
                 f"give both rank and world_size, with 0 <= rank < world_size; got {self.rank!r}, {self.world_size!r}"
             )
         self.out = Path(self.out)
@@ -341,7 +341,7 @@ def claim_run(out: Path, plan: Plan) -> str:
         run = dict(run_id=run_id, identity=identity, provenance=provenance(plan.config))
         scratch.write_text(json.dumps(run, indent=2) + "\n")
     except OSError as error:
-        raise ValueError(f"cannot write to {out}: {error.strerror or error}; pick a folder you can write") from None
+        raise UsageError(f"cannot write to {out}: {error.strerror or error}; pick a folder you can write") from None
     path = out / "run.json"
     try:
         os.link(scratch, path)  # atomic create-if-absent: the first process of a launch wins
@@ -353,7 +353,7 @@ def claim_run(out: Path, plan: Plan) -> str:
         existing = json.loads(path.read_text())
         existing_id, existing_config = existing["run_id"], existing["identity"]
     except (ValueError, TypeError, KeyError):
-        raise ValueError(
+        raise UsageError(
             f"{path} is not a sweep's run file (it is empty or cut short): delete {out} to start "
             "the sweep over, or give it another output directory"
         ) from None
@@ -362,7 +362,7 @@ def claim_run(out: Path, plan: Plan) -> str:
             f"{k}{next((WHY_CHANGED[p] for p in reversed(k.split('.')) if p in WHY_CHANGED), '')}"
             for k in differences(identity, existing_config)
         )
-        raise ValueError(
+        raise UsageError(
             f"{out} holds run {existing_id}, whose configuration differs in: {changed}. "
             "Resume it with the same arguments, or give this sweep another output directory"
         )
@@ -400,7 +400,7 @@ def _parse(path: Path, text: str) -> list[dict]:
         except ValueError:
             record = None
         if not isinstance(record, dict) or not RECORD_KEYS <= record.keys():
-            raise ValueError(
+            raise UsageError(
                 f"{path}, line {number}: not a record. To redo only its sample, delete that line; "
                 "to start the sweep over, delete the directory"
             )
@@ -465,18 +465,20 @@ def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -
     that writes it (rank 0), None on the others. `model`/`processor`: a model already loaded
     (`config.model` then only names it); by default `config.model` is loaded."""
     if not isinstance(config, SweepConfig):
-        raise TypeError(
+        raise UsageTypeError(
             f"sweep takes a SweepConfig, e.g. sweep(SweepConfig('testbed', ['shapes'], 'runs/x')); "
             f"got {type(config).__name__}"
         )
     if model is not None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a loaded model (or None to load config.model), got {type(model).__name__}")
+            raise UsageTypeError(
+                f"model must be a loaded model (or None to load config.model), got {type(model).__name__}"
+            )
         if processor is None:
-            raise TypeError("a loaded model needs its processor: sweep(config, model=model, processor=processor)")
+            raise UsageTypeError("a loaded model needs its processor: sweep(config, model=model, processor=processor)")
         handle = handle_of(model)
         if handle is not None:  # its reference cell would not be the unpatched model
-            raise ValueError(
+            raise UsageError(
                 f"the model is patched ({handle!r}): a sweep patches it itself, cell by cell, and "
                 "runs it unpatched for the reference. Call tokendrop.unpatch(model) first"
             )
@@ -492,7 +494,7 @@ def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -
         source = plan.data[task_name] or task.hub[0]
         rows, image_of = task.load(plan.data[task_name])
         if len(rows) == 0:
-            raise ValueError(f"{task_name}: {source} holds no rows: point --data {task_name}=... at the data")
+            raise UsageError(f"{task_name}: {source} holds no rows: point --data {task_name}=... at the data")
         subsets[task_name] = subset(len(rows), config.limit, config.seed)
         mine = subsets[task_name][rank::world_size]
         samples[task_name] = [_sample(task, source, rows[i], i, image_of) for i in mine]
@@ -503,7 +505,7 @@ def sweep(config: SweepConfig, model: nn.Module | None = None, processor=None) -
         records = read_records(out)
         stale = stale_images(samples, records)
         if stale:
-            raise ValueError(
+            raise UsageError(
                 f"{out} holds answers about images whose files changed since ({len(stale)}, first {stale[0]}): "
                 "their records would be stale. Give this sweep another output directory, or delete "
                 f"{out} to start over"
@@ -568,9 +570,9 @@ def _sample(task: Task, source: str, row: dict, index: int, image_of) -> Sample:
     try:
         return task.sample(row, index, image_of(row, index))
     except KeyError as error:
-        raise ValueError(f"{source}: {task.name} row {index}: no field {error}") from None
+        raise UsageError(f"{source}: {task.name} row {index}: no field {error}") from None
     except ValueError as error:
-        raise ValueError(f"{source}: {error}") from None
+        raise UsageError(f"{source}: {error}") from None
 
 
 def _shard(rank, world_size):

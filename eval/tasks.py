@@ -17,6 +17,7 @@ from typing import ClassVar
 
 from PIL import Image
 
+from ..checks import UsageError
 from ..method import Method
 from ..registry import Registry
 from . import shapes
@@ -147,7 +148,7 @@ class GQA(Task):
             return rows, own_images(rows, root)
         local = Path(source).expanduser()
         if local.exists() and not (local / self.images).is_dir():
-            raise ValueError(
+            raise UsageError(
                 f"gqa: {source} has no `image` column and no {self.images}/ folder beside the questions; "
                 f"pass a folder holding {config}/ and {self.images}/ (the hub layout)"
             )
@@ -159,7 +160,7 @@ class GQA(Task):
                 return StoredImage(images[position[row["imageId"]]]["image"], image_root)
 
             def missing():  # fails this sample only
-                raise ValueError(f"gqa: no image with id {row['imageId']!r} in {source}")
+                raise UsageError(f"gqa: no image with id {row['imageId']!r} in {source}")
 
             return missing
 
@@ -267,20 +268,20 @@ class Custom(Task):
 
     def load(self, source, split=None):
         if not source:
-            raise ValueError("the custom task reads your own file: pass --data custom=PATH.jsonl")
+            raise UsageError("the custom task reads your own file: pass --data custom=PATH.jsonl")
         return super().load(source)
 
     def sample(self, row, index, image):
         if not isinstance(row.get("question"), str):
-            raise ValueError(f"custom row {index}: no `question` (a string), got {row.get('question')!r}")
+            raise UsageError(f"custom row {index}: no `question` (a string), got {row.get('question')!r}")
         if "answers" not in row and "answer" not in row:
-            raise ValueError(f"custom row {index}: has neither `answer` nor `answers`")
+            raise UsageError(f"custom row {index}: has neither `answer` nor `answers`")
         answers = row["answers"] if "answers" in row else row["answer"]
         if "answer" in row and not isinstance(answers, list):
             answers = [answers]
         # an empty answer scores 0 whatever the model says; None would be scored as "None"
         if not isinstance(answers, list) or not answers or not all(_an_answer(a) for a in answers):
-            raise ValueError(
+            raise UsageError(
                 f"custom row {index}: `answer` must be a non-empty string (or a list of the accepted "
                 f"answers), `answers` a list of them; got {answers!r}"
             )
@@ -315,7 +316,7 @@ class Shapes(Task):
             return shapes.Split("train", self.TRAIN_SIZE), lambda row, index: lambda: row["image"]
         split = source or "test"
         if split not in ("validation", "test"):
-            raise ValueError(
+            raise UsageError(
                 f"shapes: --data shapes=SPLIT takes validation or test (the testbed model "
                 f"learnt from train), got {split!r}"
             )

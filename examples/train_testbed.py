@@ -202,6 +202,9 @@ class KeepObjects(Method):
     plans: list = field(default_factory=list)  # per image: (boxes kept, share of the rest)
     generator: torch.Generator = field(default_factory=torch.Generator)
 
+    def needs_budget(self) -> bool:  # its plans set each image's count
+        return False
+
     def select(self, image):
         boxes, share = self.plans.pop(0)
         on_objects = torch.zeros(image.layout.n_features, dtype=torch.bool)

@@ -17,12 +17,17 @@ QUICK = ["--budgets", "0.5", "--max-new-tokens", "1", "--repeats", "1", "--warmu
 
 
 def cli_error(capsys, *argv) -> str:
+    """Run the command, expect a usage error (exit code 2, no traceback) under the subcommand's
+    own usage, and return its message."""
     with pytest.raises(SystemExit) as exit_info:
         main(list(argv))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
+    assert "Traceback" not in err and f"\nusage: tokendrop {argv[0]} " in f"\n{err}", err
+    prefix = f"tokendrop {argv[0]}: error: "
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(prefix), last
+    return last[len(prefix) :]
 
 
 @pytest.fixture
@@ -69,7 +74,7 @@ def test_out_holding_another_configuration(capsys, tmp_path):
     ]
     assert main([*sweep, "--budgets", "0.5"]) == 0
     error = cli_error(capsys, *sweep, "--budgets", "0.25")
-    assert error.startswith(f"tokendrop: error: {tmp_path / 'run'} holds run ") and "differs in: budgets" in error
+    assert error.startswith(f"{tmp_path / 'run'} holds run ") and "differs in: budgets" in error
 
 
 def test_unknown_model(capsys, monkeypatch, no_model):
@@ -80,7 +85,7 @@ def test_unknown_model(capsys, monkeypatch, no_model):
 
     monkeypatch.setattr(loading.AutoProcessor, "from_pretrained", offline)
     error = cli_error(capsys, "profile", "--model", "org/no-such-model", *QUICK)
-    assert error == "tokendrop: error: org/no-such-model is not a local folder and is not a valid model identifier"
+    assert error == "org/no-such-model is not a local folder and is not a valid model identifier"
 
 
 def test_offline_dataset(capsys, monkeypatch, no_model, tmp_path):
@@ -93,14 +98,12 @@ def test_offline_dataset(capsys, monkeypatch, no_model, tmp_path):
     error = cli_error(
         capsys, "sweep", "--model", "tiny", "--tasks", "textvqa", "--methods", "random", "--out", str(tmp_path / "run")
     )
-    assert error.startswith("tokendrop: error: ") and "lmms-lab/textvqa" in error
+    assert "lmms-lab/textvqa" in error
 
 
 def test_prompt_together_with_a_task(capsys, no_model):
     error = cli_error(capsys, "profile", "--model", "testbed", "--task", "shapes", "--prompt", "What?")
-    assert error == (
-        "tokendrop: error: --prompt asks about your image; the shapes task brings its own question: drop one"
-    )
+    assert error == ("--prompt asks about your image; the shapes task brings its own question: drop one")
 
 
 @pytest.mark.parametrize("command", ["profile", "sweep"])
@@ -126,9 +129,7 @@ def test_unwritable_out(capsys, tmp_path, no_model, command):
             "--out",
             str(out),
         )
-    assert error.startswith(f"tokendrop: error: cannot write to {out}: ") and error.endswith(
-        "pick a folder you can write"
-    )
+    assert error.startswith(f"cannot write to {out}: ") and error.endswith("pick a folder you can write")
 
 
 # --- everything is checked before a model loads --------------------------------------------
@@ -136,15 +137,13 @@ def test_unwritable_out(capsys, tmp_path, no_model, command):
 
 def test_a_misspelt_option_fails_before_the_model_loads(capsys, no_model):
     error = cli_error(capsys, "profile", "--model", "tiny", "--methods", "hired", *QUICK, "--option", "hired.alhpa=0.3")
-    assert error.startswith("tokendrop: error: ") and "alhpa" in error and "alpha" in error
+    assert "alhpa" in error and "alpha" in error
 
 
 @pytest.mark.parametrize("command", [["profile", "--model", "tiny", *QUICK], ["demo", "--preset", "tiny"]])
 def test_an_option_for_a_method_not_run_is_refused(capsys, no_model, command, tmp_path):
     error = cli_error(capsys, *command, "--methods", "hired", "--option", "globalcom2.tau=5", "--out", str(tmp_path))
-    assert error == (
-        "tokendrop: error: options given for method 'globalcom2', which this profile does not run (hired)."
-    )
+    assert error == ("options given for method 'globalcom2', which this profile does not run (hired).")
 
 
 def test_show_refuses_an_option_for_another_method(capsys, no_model, tmp_path):
@@ -163,12 +162,12 @@ def test_show_refuses_an_option_for_another_method(capsys, no_model, tmp_path):
         "--out",
         str(tmp_path / "k.png"),
     )
-    assert error == "tokendrop: error: options given for method 'globalcom2', which show does not run (hired)"
+    assert error == "options given for method 'globalcom2', which show does not run (hired)"
 
 
 def test_an_unknown_method_says_what_it_meant(capsys, no_model):
     error = cli_error(capsys, "profile", "--model", "tiny", *QUICK, "--methods", "hird")
-    assert error.startswith("tokendrop: error: unknown method 'hird'. Did you mean 'hired'?")
+    assert error.startswith("unknown method 'hird'. Did you mean 'hired'?")
 
 
 def test_budget_one_among_fractions_warns(capsys, no_model):
@@ -280,3 +279,87 @@ def test_a_resumed_sweep_says_how_far_it_got(capsys, tmp_path):
     assert "resuming" not in capsys.readouterr().out
     assert main(sweep) == 0
     assert "resuming: 2 of 2 records done" in capsys.readouterr().out
+
+
+# --- issue 27: one set of model flags, the subcommand's usage, user errors apart from bugs ----
+
+
+def test_every_command_that_loads_a_model_takes_the_same_model_flags():
+    subcommands = cli.build_parser()._subparsers._group_actions[0].choices
+    model_flags = set(cli.model_flags()._option_string_actions) - {"-h", "--help"}
+    assert model_flags == {"--dtype", "--device-map", "--attn-implementation", "--load-in-4bit", "--load-in-8bit"}
+    for name in ("demo", "profile", "show", "sweep", "train-router"):
+        assert model_flags <= set(subcommands[name]._option_string_actions), name
+    assert cli.build_parser().parse_args(["demo", "--dtype", "bf16"]).dtype == "bf16"
+
+
+@pytest.mark.parametrize("command", [["demo", "--samples", "1"], ["demo", "--preset", "tiny"]])
+def test_the_demo_loads_its_model_as_the_flags_say(capsys, monkeypatch, tmp_path, command):
+    from tokendrop import loading
+    from tokendrop.checks import UsageError
+
+    asked = []
+
+    def load_model(spec, options=None, **fields):
+        asked.append((spec, options))
+        raise UsageError("loaded")
+
+    monkeypatch.setattr(loading, "load_model", load_model)
+    argv = [*command, "--dtype", "bf16", "--device-map", "cpu", "--out", str(tmp_path), "--no-progress"]
+    assert cli_error(capsys, *argv) == "loaded"
+    ((spec, options),) = asked
+    assert options.dtype == "bf16" and options.device_map == "cpu"
+
+
+def test_an_error_after_parsing_shows_the_subcommands_usage(capsys, no_model):
+    with pytest.raises(SystemExit):
+        main(["profile", "--model", "testbed", "--task", "shapes", "--prompt", "What?"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tokendrop profile ") and "COMMAND" not in err
+    assert err.strip().splitlines()[-1].startswith("tokendrop profile: error: --prompt asks about your image")
+
+
+def test_only_usage_errors_are_usage_errors(capsys, monkeypatch):
+    """A bad input ends with the usage and exit code 2; any other exception, a ValueError from a
+    bug included, keeps its traceback."""
+    import tokendrop
+    from tokendrop.checks import MissingInputError, MissingPackageError, UsageTypeError
+
+    def run_with(error):
+        def run(args):
+            raise error
+
+        monkeypatch.setattr(cli, "run_show", run)
+        return main(["show", "image.png", "--model", "tiny", "--out", "k.png"])
+
+    monkeypatch.setattr(cli, "image_file", str)  # the image is not opened
+    for error in (
+        tokendrop.UsageError("a bad value"),
+        UsageTypeError("a bad type"),
+        MissingInputError("no such file"),
+        MissingPackageError("pip install it"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run_with(error)
+        assert exit_info.value.code == 2 and capsys.readouterr().err.endswith(f"show: error: {error}\n")
+    for error in (ValueError("a bug"), TypeError("a bug"), OSError("disk"), ImportError("a bug"), KeyError("bug")):
+        with pytest.raises(type(error)):
+            run_with(error)
+    # each usage error is still the builtin error its check raised before it existed
+    assert issubclass(UsageTypeError, TypeError) and issubclass(MissingInputError, FileNotFoundError)
+    assert issubclass(MissingPackageError, ImportError) and issubclass(tokendrop.UsageError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["profile", "--model", "tiny", *QUICK, "--option", "hired.select_layer=0.5"], "select_layer must be an int"),
+        (["profile", "--model", "tiny", *QUICK, "--methods", "hird"], "unknown method 'hird'"),
+        (
+            ["sweep", "--model", "tiny", "--tasks", "custom", "--data", "custom=/nowhere.jsonl", "--out", "OUT"],
+            "/nowhere",
+        ),
+    ],
+)
+def test_input_checks_raise_usage_errors(capsys, no_model, tmp_path, argv, message):
+    assert message in cli_error(capsys, *[str(tmp_path / "run") if a == "OUT" else a for a in argv])

@@ -1,6 +1,6 @@
 """Issue 13, profile/show/CLI: bad input is refused up front, with a message that says what
 was wrong, before a model loads or a measurement is lost; the command line ends such errors
-with `tokendrop: error: ...` and exit code 2, never a traceback."""
+with `tokendrop COMMAND: error: ...` under the command's usage and exit code 2, never a traceback."""
 
 import os
 
@@ -19,11 +19,17 @@ QUICK = ["--budgets", "0.5", "--max-new-tokens", "1", "--repeats", "1", "--warmu
 
 
 def cli_error(capsys, *argv) -> str:
-    """Run the command, expect argparse's exit code 2, and return its error line."""
+    """Run the command, expect a usage error (exit code 2, no traceback) under the subcommand's
+    own usage, and return its message."""
     with pytest.raises(SystemExit) as exit_info:
         main(list(argv))
     assert exit_info.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"\nusage: tokendrop {argv[0]} " in f"\n{err}", err
+    prefix = f"tokendrop {argv[0]}: error: "
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(prefix), last
+    return last[len(prefix) :]
 
 
 @pytest.fixture
@@ -76,7 +82,7 @@ def photo(tmp_path):
 )
 def test_profile_command_refuses_bad_options(capsys, grid_never_runs, option, message):
     error = cli_error(capsys, "profile", "--model", "tiny", "--methods", "hired", *QUICK, "--option", option)
-    assert error == f"tokendrop: error: {message}"
+    assert error == message
 
 
 @pytest.mark.parametrize(
@@ -179,15 +185,13 @@ def test_show_wants_a_pil_image(tiny, photo):
 
 def test_show_out_is_a_folder(capsys, tmp_path, photo):
     error = cli_error(capsys, "show", str(photo), "--model", "tiny", "--method", "uniform", "--out", str(tmp_path))
-    assert error == (
-        f"tokendrop: error: the figure path {tmp_path} is a folder: name the PNG to write, e.g. {tmp_path / 'kept.png'}"
-    )
+    assert error == (f"the figure path {tmp_path} is a folder: name the PNG to write, e.g. {tmp_path / 'kept.png'}")
 
 
 def test_show_out_in_a_missing_folder(capsys, tmp_path, photo):
     out = tmp_path / "missing" / "kept.png"
     error = cli_error(capsys, "show", str(photo), "--model", "tiny", "--method", "uniform", "--out", str(out))
-    assert error == f"tokendrop: error: cannot write {out}: the folder {out.parent} does not exist; create it first"
+    assert error == f"cannot write {out}: the folder {out.parent} does not exist; create it first"
 
 
 def test_show_checks_out_before_running(tiny, tmp_path, monkeypatch):
@@ -221,7 +225,7 @@ def test_device_map_names_a_missing_gpu(capsys, monkeypatch):
 def test_model_typo_does_not_reach_the_hub(capsys, no_hub):
     error = cli_error(capsys, "profile", "--model", "tinny", *QUICK)
     assert error == (
-        f"tokendrop: error: no preset or local path named 'tinny'; presets: {', '.join(PRESETS.names())}. "
+        f"no preset or local path named 'tinny'; presets: {', '.join(PRESETS.names())}. "
         "Did you mean 'tiny'? A Hugging Face id has the form org/name"
     )
     assert no_hub == []
@@ -237,13 +241,13 @@ def test_profile_out_is_checked_before_the_grid_runs(capsys, tmp_path, grid_neve
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     error = cli_error(capsys, "profile", "--model", "tiny", *QUICK, "--out", str(blocker / "profile"))
-    assert error.startswith(f"tokendrop: error: cannot write to {blocker / 'profile'}: ")
+    assert error.startswith(f"cannot write to {blocker / 'profile'}: ")
     assert error.endswith("; pick a folder you can write")
 
 
 def test_errors_after_parsing_are_usage_errors(capsys):
     error = cli_error(capsys, "profile", "--model", "testbed", "--task", "shapes", "--prompt", "What?")
-    assert error.startswith("tokendrop: error: --prompt asks about your image")
+    assert error.startswith("--prompt asks about your image")
 
 
 # --- issue 26: image files, figure paths and prompts, refused before a model loads -------------
@@ -287,7 +291,7 @@ def test_a_decompression_bomb_is_a_usage_error(capsys, tmp_path, command, size, 
 def test_show_refuses_a_figure_format_matplotlib_cannot_write(capsys, tmp_path, photo, model_never_loads):
     out = tmp_path / "kept.txt"
     error = cli_error(capsys, "show", str(photo), "--model", "tiny", "--out", str(out))
-    assert error.startswith(f"tokendrop: error: cannot write the figure as {out}: ") and "png" in error
+    assert error.startswith(f"cannot write the figure as {out}: ") and "png" in error
 
 
 def test_a_prompt_holding_the_image_token_is_refused_before_the_model_loads(capsys, model_never_loads):
@@ -302,7 +306,7 @@ def test_a_corrupt_checkpoint_is_a_usage_error(capsys, tmp_path, photo):
     weights = tmp_path / "ckpt" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     error = cli_error(capsys, "show", str(photo), "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "k.png"))
-    assert error.startswith(f"tokendrop: error: cannot load the weights of {tmp_path / 'ckpt'}: ")
+    assert error.startswith(f"cannot load the weights of {tmp_path / 'ckpt'}: ")
     assert "damaged or cut short" in error
 
 
@@ -312,4 +316,4 @@ def test_a_corrupt_checkpoint_is_a_usage_error(capsys, tmp_path, photo):
 def test_a_layer_the_tower_lacks_is_refused_before_the_model_loads(capsys, tmp_path, photo, command, model_never_loads):
     argv = [str(photo) if a == "IMAGE" else str(tmp_path / "k.png") if a == "OUT" else a for a in command]
     error = cli_error(capsys, *argv, "--model", "tiny", "--option", "hired.select_layer=99")
-    assert error == "tokendrop: error: select_layer=99 is out of range: the vision tower has 3 layers"
+    assert error == "select_layer=99 is out of range: the vision tower has 3 layers"

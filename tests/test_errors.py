@@ -22,6 +22,7 @@ import tokendrop
         (dict(method="hired", alpha=2.0), ValueError, "alpha must be a number in"),
         (dict(method="hired", select_layer=7), ValueError, "has 3 layers"),
         (dict(method="hired", alloc_layer=1.5), TypeError, "alloc_layer must be an int"),
+        (dict(method="hired"), ValueError, r"needs a budget.*budget=0\.2"),
         (dict(method="random", seed="x"), TypeError, "seed must be an int"),
         (dict(method=3), TypeError, "by name"),
     ],

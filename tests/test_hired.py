@@ -51,7 +51,7 @@ def test_layer_options(tiny, eager, batch):
     expected = reference.hired(eager, batch["pixel_values"], batch["image_sizes"], 0.3, alloc_layer=-1, select_layer=0)
     assert [r.indices for r in handle.last] == expected
     # the default selection layer is the one whose output the model feeds the LLM
-    assert tokendrop.patch(model, "hired").method.select_layer == model.config.vision_feature_layer
+    assert tokendrop.patch(model, "hired", budget=1.0).method.select_layer == model.config.vision_feature_layer
 
 
 def test_region_weights_are_padding_aware(tiny, images):

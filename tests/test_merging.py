@@ -109,6 +109,9 @@ def test_llm_receives_the_mean_of_each_recorded_group(tiny, batch, method, budge
 class WeightedPairs(Method):
     """Test-only merging method: token 2j+1 is merged into token 2j with weights (1, 3)."""
 
+    def needs_budget(self) -> bool:  # it keeps every other token, whatever the budget
+        return False
+
     def select(self, image):
         n = image.layout.n_features
         groups = [torch.arange(i, min(i + 2, n)) for i in range(0, n, 2)]
@@ -139,6 +142,9 @@ def test_subset_methods_record_no_groups(tiny, batch):
 def test_broken_groups_are_refused(tiny, batch):
     @dataclass
     class Overlapping(Method):
+        def needs_budget(self) -> bool:
+            return False
+
         def select(self, image):
             return Merged(indices=torch.tensor([0, 1]), groups=[torch.tensor([0, 1]), torch.tensor([1, 2])])
 

@@ -1,5 +1,7 @@
 """Benchmark metrics against hand-worked examples."""
 
+from pathlib import Path
+
 import pytest
 
 from tokendrop.eval.metrics import (
@@ -156,3 +158,72 @@ def test_mme_scores_by_hand():
     assert scores["cognition"] == 200.0
     with pytest.raises(ValueError, match="unknown MME category 'colour'"):
         mme_scores([("colour", "x.jpg", True)])
+
+
+# --- issue 27: our normalisation runs without lmms-eval, and agrees with lmms-eval's ---------
+
+TRICKY_ANSWERS = [
+    "Two",
+    "none",
+    "The dog",
+    "a red car",
+    "Yes.",
+    "3.5",
+    "a.m.",
+    "1,000",
+    "fish, chips",
+    "Where?",
+    "t-shirt",
+    "left - right",
+    "red (dark)",
+    "(red)",
+    "@home",
+    "dont",
+    "isnt it",
+    "children's book",
+    "  yes\n",
+    "Yes!\tNo",
+    "50%",
+    "It's 10 o'clock.",
+    "the man's hat; a woman's",
+    "An apple, two pears and THREE plums.",
+    "yall'll",
+    "St. Louis",
+    "e.g. 2.5 km/h",
+    "<b>bold</b>",
+    "it's 'quoted'",
+    "",
+    "   ",
+    "ten-year-old",
+    "version 3.10.2.",
+    "u.s.a",
+    "#1 = best",
+    "c++ > java",
+    "don't stop",
+    "Nine.Ten",
+]
+
+
+def lmms_eval_answer_processor():
+    """lmms-eval's EvalAI answer processor (what its VQAv2 and TextVQA tasks score with), loaded
+    from its own file: importing lmms-eval's packages pulls in torchvision, which may not load
+    beside the CPU torch of the test venvs."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lmms_eval")
+    if spec is None:
+        pytest.skip("lmms-eval is not installed (pip install 'tokendrop[lmms]' beside a torch it accepts)")
+    path = Path(spec.submodule_search_locations[0]) / "tasks" / "_task_utils" / "vqa_eval_metric.py"
+    if not path.is_file():
+        pytest.skip(f"this lmms-eval has no {path.name}, where its EvalAI answer processor was")
+    module_spec = importlib.util.spec_from_file_location("lmms_eval_vqa_eval_metric", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.EvalAIAnswerProcessor()
+
+
+def test_normalize_answer_agrees_with_lmms_eval():
+    # one difference is left out: lmms-eval strips at most 32 periods from an answer (it passes
+    # re.UNICODE, 32, as re.sub's count), ours every one
+    theirs = lmms_eval_answer_processor()
+    assert [normalize_answer(a) for a in TRICKY_ANSWERS] == [theirs(a) for a in TRICKY_ANSWERS]

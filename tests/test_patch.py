@@ -1,6 +1,7 @@
 """The patch end to end on the tiny preset, for every registered method."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -314,3 +315,53 @@ def test_forward_reports_the_vectors_the_llm_received(tiny, batch):
         with tokendrop.patched(model, "hired", budget=0.3) as handle:
             kept = vectors(model(**batch))
     assert kept.shape[0] == sum(record.n_kept + record.n_newlines for record in handle.last) < vectors(stock).shape[0]
+
+
+# --- issue 27: the front door: method objects, a budget always given, help that lists methods ---
+
+
+def test_a_patch_without_a_budget_is_refused_not_a_silent_no_op(tiny):
+    model, processor = tiny
+    for method in ("hired", tokendrop.HiRED(alpha=0.3)):
+        with pytest.raises(tokendrop.UsageError, match=r"needs a budget.*budget=0\.2"):
+            tokendrop.patch(model, method)
+        assert tokendrop.handle_of(model) is None  # refused before the model was touched
+    # text and router select by threshold= without one
+    with tokendrop.patched(model, "text", threshold=0.5, processor=processor) as handle:
+        assert handle.method.budget is None
+
+
+def test_a_method_object_patches_as_its_name_and_options_do(tiny, batch):
+    model, processor = tiny
+    with tokendrop.patched(model, "hired", budget=0.3, alpha=0.25) as by_name:
+        expected = greedy(model, batch)
+        kept = [r.indices for r in by_name.last]
+    with tokendrop.patched(model, tokendrop.HiRED(budget=0.3, alpha=0.25)) as by_object:
+        assert torch.equal(greedy(model, batch), expected)
+        assert [r.indices for r in by_object.last] == kept
+    for given in ({"budget": 0.2}, {"alpha": 0.5}, {"processor": processor}):
+        with pytest.raises(TypeError, match=f"{next(iter(given))}= cannot be given beside it"):
+            tokendrop.patch(model, tokendrop.HiRED(budget=0.3), **given)
+
+
+def test_every_method_class_is_exported_and_documents_its_options():
+    for name, cls in METHODS.items():
+        assert getattr(tokendrop, cls.__name__) is cls and cls.__name__ in dir(tokendrop)
+        for field in dataclasses.fields(cls):
+            if field.init:
+                assert f"    {field.name} (default {field.default!r}): " in cls.__doc__, (name, field.name)
+    # patch's docstring lists the registry, each method by name and class
+    for name, cls in METHODS.items():
+        assert f"'{name}' (tokendrop.{cls.__name__}): {cls.summary}"[:60] in " ".join(tokendrop.patch.__doc__.split())
+    assert "help(tokendrop.HiRED)" in tokendrop.patch.__doc__
+
+
+def test_the_package_ships_its_type_annotations():
+    import configparser
+    from pathlib import Path
+
+    root = Path(tokendrop.__file__).parent
+    assert (root / "py.typed").is_file()
+    config = configparser.ConfigParser()
+    config.read(root.parent / "setup.cfg")
+    assert "py.typed" in config["options.package_data"]["tokendrop"]

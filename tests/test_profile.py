@@ -231,12 +231,50 @@ def test_a_cell_whose_spread_exceeds_a_fifth_of_the_median_is_flagged():
     rows = synthetic_rows({("hired", 4): (0.7, 1.4)})  # TTFT spread 70% of the median
     flagged = [(r["method"], r["budget"], r["batch_size"]) for r in rows if r["wide_spread"]]
     assert flagged == [("hired", 0.5, 4), ("hired", 0.2, 4)]
-    table = format_table(rows)
+    table = format_table(rows, wide=True)
     assert "warning: hired 0.5 batch 4: spread (max - min) over 20% of the median: TTFT s 70%" in table
     assert "warning: hired 0.2 batch 4" in table and "warning: hired 0.5 batch 1" not in table
     assert "1.000 (0.700-1.400) !" in table  # median, min-max, flag
     assert "1.000 (0.950-1.050) " in table and "1.000 (0.950-1.050) !" not in table
     assert "warning" not in format_table(synthetic_rows({}))
+
+
+def widest_rows(throughput: bool = False) -> list[dict]:
+    """Rows as wide as a real profile's get: long method names, large figures, every spread
+    flagged, and a failed cell with a long message."""
+    rows = []
+    for method, budget in ((REFERENCE, None), ("globalcom2", 0.05), ("divprune", 1024)):
+        cell = profiler.Cell(method, budget, 64)
+        cell.figures = {key: {"median": 123.4567, "min": 12.345, "max": 999.999} for key in profiler.TIMED}
+        cell.tokens = {
+            "visual_tokens_before": 28800,
+            "visual_tokens_after": 28800 if budget is None else 1440,
+            "llm_prompt_len": 29000,
+            "kv_cache_bytes": 123456 * 2**20,
+            "memory_kind": "cuda_max_allocated",
+        }
+        if throughput:
+            cell.tried = [[1, True], [2, True], [4, True], [8, True], [16, True], [32, True], [64, True], [128, False]]
+        rows.append(cell.row() | {"memory_limit": "80GB"})
+        for key in ("prefill_speedup_ideal", "prefill_speedup_measured", "ttft_speedup", "batch_ratio"):
+            rows[-1][key] = 123.45
+        rows[-1]["throughput_speedup"] = 123.45
+    failed = profiler.Cell("visionzip", 0.05, 64, status="error", error="RuntimeError: " + "x" * 300)
+    return rows + [failed.row()]
+
+
+@pytest.mark.parametrize("throughput", [False, True])
+def test_the_printed_table_fits_120_columns_and_wide_shows_every_figure(throughput):
+    table = profiler.format_throughput_table if throughput else format_table
+    rows = widest_rows(throughput)
+    narrow = table(rows)
+    assert max(map(len, narrow.splitlines())) <= 120, narrow
+    assert "TTFT s" in narrow and "123.457 !" in narrow and "(12.345-" not in narrow
+    assert "visionzip 0.05 batch 64: ERROR: RuntimeError: xxx" in narrow  # the message, below the table
+    wide = table(rows, wide=True)
+    assert max(map(len, wide.splitlines())) > 120 and "123.457 (12.345-999.999) !" in wide
+    columns = profiler.THROUGHPUT_COLUMNS if throughput else profiler.PROFILE_COLUMNS
+    assert all(header in wide for header, _, _ in columns)
 
 
 def test_the_profile_plot_has_error_bars_colours_per_method_and_styles_per_batch():
@@ -278,7 +316,7 @@ def test_peak_cpu_memory_is_unavailable_off_linux_not_an_error(tiny, one_image, 
         ProfileConfig(["hired"], [0.5], max_new_tokens=1, repeats=1, warmup=0, progress=False),
     )
     assert [r["status"] for r in rows] == ["ok", "ok"] and rows[1].get("peak_memory_bytes") is None
-    assert rows[1]["memory_kind"] == "unavailable" and "unavailable" in format_table(rows)
+    assert rows[1]["memory_kind"] == "unavailable" and "unavailable" in format_table(rows, wide=True)
     with pytest.raises(ValueError, match="Linux reports in /proc/self"):
         profile(model, processor, [synthetic_image(90, 60)], ProfileConfig(["hired"], [0.5], memory_limit=8))
 
@@ -384,7 +422,7 @@ def test_throughput_finds_each_cells_largest_batch_with_a_fake_memory_model(tiny
     saved = json.loads((tmp_path / "throughput.json").read_text())
     assert saved["cells"] == json.loads(json.dumps(rows)) and saved["provenance"]["config"]["memory_limit"] == "64GB"
     assert (tmp_path / "throughput.png").stat().st_size > 10_000 and matplotlib.get_backend() == users_backend
-    table = profiler.format_throughput_table(rows)
+    table = profiler.format_throughput_table(rows, wide=True)
     assert "1 2 4 8 16x 12 14x 13x" in table and "memory limit 64GB" in table
 
 
@@ -475,7 +513,7 @@ def test_throughput_flags_are_checked_before_a_model_loads(capsys, monkeypatch, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith(f"tokendrop: error: {message}")
+    assert err.strip().splitlines()[-1].startswith(f"tokendrop profile: error: {message}")
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_batch_size=0), dict(memory_limit=True), dict(memory_limit=[24])])
@@ -500,7 +538,7 @@ def test_demo_times_with_at_least_three_repeats(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--preset", "tiny", "--repeats", "2", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "tokendrop: error: the timing demo runs at least 3 repeats" in capsys.readouterr().err
+    assert "tokendrop demo: error: the timing demo runs at least 3 repeats" in capsys.readouterr().err
 
 
 def test_a_memory_limit_is_asked_for_or_refused_by_device():

@@ -641,7 +641,10 @@ def test_train_router_checks_out_and_answers_before_the_model_loads(tmp_path, ca
     labelled, unlabelled = write_jsonl(tmp_path / "with"), write_jsonl(tmp_path / "without", answers=False)
     for out in (a_file, a_file / "below"):
         error = train_router_error(capsys, "--data", str(labelled), "--out", str(out))
-        assert error.startswith(f"tokendrop: error: cannot write to {out}: ") and "pick a folder you can write" in error
+        assert (
+            error.startswith(f"tokendrop train-router: error: cannot write to {out}: ")
+            and "pick a folder you can write" in error
+        )
     error = train_router_error(capsys, "--data", str(unlabelled), "--out", str(tmp_path / "r"), "--loss", "ce")
     assert "loss 'ce' needs reference answers" in error
     error = train_router_error(

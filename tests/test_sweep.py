@@ -439,7 +439,9 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
         assert (row["n"], row["failed"], row["missing"]) == (1, 3, 0)
     errors = {r["index"]: r["error"] for r in read_records(tmp_path / "run")}
     assert errors[0] is None
-    assert errors[1].startswith(("OSError", "UnidentifiedImageError")) and errors[2].startswith("FileNotFoundError")
+    assert errors[1].startswith(("OSError", "UnidentifiedImageError")) and errors[2].startswith(
+        "MissingInputError: image"
+    )
     assert errors[3] == "OutOfMemoryError: CUDA out of memory (simulated)"
     # the one good sample, answered after its batch failed, is as when it runs alone
     answered = {r["method"]: r["prediction"] for r in read_records(tmp_path / "run") if r["index"] == 0}

@@ -153,7 +153,7 @@ def test_an_image_that_is_not_a_regular_file_fails_its_sample(tmp_path):
     os.mkfifo(fifo)
     done = [without_hanging(lambda: sweep(SweepConfig("tiny", ["custom"], tmp_path / "run", **args)), fifo, 90)]
     errors = {r["index"]: r["error"] for r in read_records(tmp_path / "run")}
-    assert errors[0] is None and errors[1].startswith("ValueError") and "not a regular file" in errors[1]
+    assert errors[0] is None and errors[1].startswith("UsageError") and "not a regular file" in errors[1]
     assert [(c["n"], c["failed"]) for c in done[0]["cells"]] == [(1, 1), (1, 1)]
 
 

@@ -94,6 +94,15 @@ def test_the_demo_answers_on_the_testbed(capsys, tmp_path):
         ("random", "0.5", "20"),
         ("random", "0.1", "20"),
     ]
+    # the best methods at the lowest budget beside hired and random, and what that budget buys
+    assert [row[0] for row in accuracy if row[1:2] == ["0.1"]] == ["router", "divprune", "hired", "random"]
+    assert all(f"{m} 0.1" in answers for m in ("router", "divprune", "hired", "random")) and "0.5" not in answers
+    (buys,) = [line for line in out.splitlines() if line.startswith("What budget 0.1 buys")]
+    figures = dict(part.strip().split(" ", 1) for part in buys.split("median of 3): ")[1].split(", "))
+    assert list(figures) == ["unpatched", "router", "divprune", "hired", "random"]
+    tokens = {name: [int(n) for n in text.split(" / ")[:2]] for name, text in figures.items()}
+    assert tokens["unpatched"] == [192, 202]  # 180 features and 12 newlines of the 96x96 image; the prompt
+    assert all(18 <= kept <= 30 and prompt == kept + 10 for kept, prompt in list(tokens.values())[1:])
     assert (tmp_path / "kept.png").stat().st_size > 5_000
     assert main(demo) == 0  # again: resumed, nothing to redo
     assert "resuming" not in capsys.readouterr().out  # --no-progress: quiet

@@ -310,7 +310,7 @@ def test_layer_options_count_in_the_tower_that_ends_at_k(deep):
     handle = tokendrop.patch(model, "hired", budget=0.2, vision_prune_layer=2, select_layer=-2)
     assert handle.method.signals() == {0: "probs", -2: "probs"}
     assert "inside the vision tower at layer 2" in repr(handle)
-    assert tokendrop.patch(model, "cls", vision_prune_layer=-5).prune_layer == 0  # negative: from the end
+    assert tokendrop.patch(model, "cls", budget=0.2, vision_prune_layer=-5).prune_layer == 0  # negative: from the end
 
 
 def test_a_call_whose_features_are_not_past_k_is_refused(deep, batch):

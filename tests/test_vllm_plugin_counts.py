@@ -39,6 +39,7 @@ def test_server_options_from_hf_overrides_then_environment(monkeypatch):
         ({"method": "text", "threshold": 0.5}, "reads the question"),
         ({"method": "hired", "threshold": 0.5}, "threshold"),
         ({"method": "hired", "newlines": "some"}, "newlines"),
+        ({"method": "hired"}, 'needs a budget .*"budget": 0.25'),  # a server that would keep every token
     ],
 )
 def test_refused(options, message):

@@ -1,6 +1,6 @@
 """tokendrop: fewer visual tokens for Hugging Face LLaVA-NeXT models, in one line.
 
-    handle = tokendrop.patch(model, "hired", budget=0.2)
+    handle = tokendrop.patch(model, "hired", budget=0.2)   # or tokendrop.HiRED(budget=0.2, alpha=0.5)
     model.generate(**processor(images=..., text=..., return_tensors="pt"))
     handle.last        # what was kept, per image
     tokendrop.unpatch(model)
@@ -31,6 +31,21 @@ _EXPORTS = {  # name -> the module that defines it
     "train_router": "training",
     "RouterTraining": "training",
     "Example": "training",
+    "UsageError": "checks",
+    "Method": "method",
+    # the methods' classes, to build a method with its options: patch(model, HiRED(budget=0.2))
+    "BaseView": "method",
+    "CLS": "method",
+    "DivPrune": "method",
+    "DPP": "method",
+    "GlobalCom2": "method",
+    "HiRED": "method",
+    "Pool": "method",
+    "Random": "method",
+    "Router": "method",
+    "Text": "method",
+    "Uniform": "method",
+    "VisionZip": "method",
 }
 _SOURCE_NAMES = {"methods": "describe"}
 

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .harness import positive_int
+from .checks import UsageError
+from .harness import REFERENCE, positive_int
 from .preset_specs import PRESETS
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")  # loading.DTYPES (a test checks)
@@ -118,23 +119,29 @@ def image_file(text: str):
 # --- arguments shared by the subcommands ------------------------------------------------
 
 
-def add_model_arguments(parser, default=None) -> None:
+def model_flags() -> argparse.ArgumentParser:
+    """How the model loads: one parent parser, so that every command that loads a model takes
+    the same flags (`loaded_model` reads them)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
+    flags.add_argument(
+        "--device-map", type=device_map, help="passed to from_pretrained: auto, cpu, cuda:0 (default: auto with a GPU)"
+    )
+    flags.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"])
+    quantize = flags.add_mutually_exclusive_group()
+    quantize.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 weights")
+    quantize.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes LLM.int8 weights")
+    return flags
+
+
+def add_model_argument(parser) -> None:
     parser.add_argument(
         "--model",
-        default=default,
-        required=default is None,
+        required=True,
         help=f"a Hugging Face id or local path of a checkpoint of a supported family (LLaVA-NeXT, LLaVA-OneVision, "
         "Qwen2-VL, Qwen2.5-VL, Qwen3-VL), or an embedded preset "
         f"({', '.join(PRESET_NAMES)}; testbed is trained, the others have random weights)",
     )
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto")
-    parser.add_argument(
-        "--device-map", type=device_map, help="passed to from_pretrained: auto, cpu, cuda:0 (default: auto with a GPU)"
-    )
-    parser.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"])
-    quantize = parser.add_mutually_exclusive_group()
-    quantize.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 weights")
-    quantize.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes LLM.int8 weights")
 
 
 def add_methods(parser, default: list[str], plural: bool = True) -> None:
@@ -176,7 +183,7 @@ def add_vision_prune_layer(parser) -> None:
 
 
 def add_budgets(parser, default) -> None:
-    if isinstance(default, list):
+    if isinstance(default, list) or default is None:
         parser.add_argument("--budgets", nargs="+", type=budget, default=default, help=BUDGET_HELP)
     else:
         parser.add_argument("--budget", type=budget, default=default, help=BUDGET_HELP)
@@ -241,7 +248,7 @@ def profile_inputs(args) -> tuple[list, str]:
     task = args.task or (None if getattr(args, "images", None) or args.image_size else trained_for)
     if current_task_name(task) == "shapes":
         if args.prompt is not None:
-            raise ValueError("--prompt asks about your image; the shapes task brings its own question: drop one")
+            raise UsageError("--prompt asks about your image; the shapes task brings its own question: drop one")
         from .eval.shapes import shapes_sample
 
         sample = shapes_sample("test", 0)
@@ -250,9 +257,10 @@ def profile_inputs(args) -> tuple[list, str]:
     return images, args.prompt or "Describe the image."
 
 
-def add_profile(subcommands) -> None:
+def add_profile(subcommands, flags: argparse.ArgumentParser) -> None:
     parser = subcommands.add_parser(
         "profile",
+        parents=[flags],
         help="time and meter methods x budgets x batch sizes: TTFT, decode speed, memory; or, with --throughput, "
         "the largest batch that fits and its throughput",
         description="Profile a model over methods x budgets x batch sizes, with the unpatched model as reference. "
@@ -260,7 +268,7 @@ def add_profile(subcommands) -> None:
         "memory (doubling, then bisecting) and the requests/s and tokens/s at that batch.",
         formatter_class=Formatter,
     )
-    add_model_arguments(parser)
+    add_model_argument(parser)
     add_methods(parser, ["hired"])
     add_budgets(parser, [1.0, 0.4, 0.2, 0.1])
     add_vision_prune_layer(parser)
@@ -286,6 +294,11 @@ def add_profile(subcommands) -> None:
         "--max-batch-size", type=positive_int, help="--throughput searches batches up to this (default 64)"
     )
     parser.add_argument("--out", type=Path, help="write profile (or throughput) .json, .csv and .png here")
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help="print every figure, each with its min-max (wider than 120 columns); the default table has the main ones",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run_profile)
 
@@ -325,10 +338,10 @@ def profile_config(args, prompt: str, out: Path | None):
         common["warmup"] = args.warmup
     if throughput:
         if args.batch_sizes:
-            raise ValueError("--throughput searches the batch size: drop --batch-sizes (cap it with --max-batch-size)")
+            raise UsageError("--throughput searches the batch size: drop --batch-sizes (cap it with --max-batch-size)")
         return ThroughputConfig(**common, max_batch_size=args.max_batch_size or 64)
     if getattr(args, "max_batch_size", None) is not None:
-        raise ValueError("--max-batch-size bounds the search of --throughput: add --throughput, or drop it")
+        raise UsageError("--max-batch-size bounds the search of --throughput: add --throughput, or drop it")
     return ProfileConfig(**common, batch_sizes=getattr(args, "batch_sizes", None) or [1])
 
 
@@ -353,10 +366,10 @@ def run_profile(args) -> None:
     if note:
         print(note, flush=True)
     if args.throughput:
-        print(format_throughput_table(throughput(model, processor, images, config)))
+        print(format_throughput_table(throughput(model, processor, images, config), wide=args.wide))
         name = "throughput"
     else:
-        print(format_table(profile(model, processor, images, config)))
+        print(format_table(profile(model, processor, images, config), wide=args.wide))
         name = "profile"
     if config.out:
         print(f"\n{name}.json, {name}.csv and {name}.png in {config.out}")
@@ -365,13 +378,15 @@ def run_profile(args) -> None:
 # --- demo ---------------------------------------------------------------------------------
 
 
-def add_demo(subcommands) -> None:
+def add_demo(subcommands, flags: argparse.ArgumentParser) -> None:
     parser = subcommands.add_parser(
         "demo",
+        parents=[flags],
         help="see tokendrop work offline: real answers and accuracy on the trained testbed model",
-        description="With the trained testbed model (the default): each method's answers at each budget next to the "
-        "truth for a few test images, the accuracy on --samples test samples, and a picture of the kept "
-        "tokens (seconds on a CPU). With a random-weight preset (--preset llava-next-shape: a "
+        description="With the trained testbed model (the default): each method's answers at the lowest budget next "
+        "to the truth for a few test images, the accuracy at each budget on --samples test samples, what the lowest "
+        "budget buys (visual tokens and prompt length into the LLM, and LLM prefill time, for one test image), and "
+        "a picture of the kept tokens (seconds on a CPU). With a random-weight preset (--preset llava-next-shape: a "
         "LLaVA-NeXT-sized model, a few minutes on 2 CPU cores): the timing profile instead.",
         formatter_class=Formatter,
     )
@@ -384,10 +399,15 @@ def add_demo(subcommands) -> None:
         help=f"an embedded model: {', '.join(PRESET_NAMES)}",
     )
     add_methods(parser, None)
-    parser._option_string_actions[
-        "--methods"
-    ].help = "registered methods (default: hired and random on the testbed; hired alone for the timing demo)"
-    add_budgets(parser, [0.4, 0.2, 0.1])
+    parser._option_string_actions["--methods"].help = (
+        f"registered methods (default: {' '.join(TESTBED_DEMO['methods'])} on the testbed; "
+        f"{' '.join(TIMING_DEMO['methods'])} for the timing demo)"
+    )
+    add_budgets(parser, None)
+    parser._option_string_actions["--budgets"].help = (
+        f"{BUDGET_HELP} (default: {' '.join(map(str, TESTBED_DEMO['budgets']))} on the testbed; "
+        f"{' '.join(map(str, TIMING_DEMO['budgets']))} for the timing demo)"
+    )
     parser.add_argument("--samples", type=positive_int, default=200, help="test samples scored per method and budget")
     parser.add_argument("--examples", type=positive_int, default=3, help="test images whose answers are printed")
     parser.add_argument(
@@ -396,20 +416,39 @@ def add_demo(subcommands) -> None:
         default=Path("tokendrop-demo"),
         help="the run's records and summary, and kept.png; rerun into it to resume",
     )
-    add_timing_arguments(parser, repeats=3, warmup=0)
+    add_timing_arguments(parser, repeats=3, warmup=None)
     parser.set_defaults(max_new_tokens=None)
+    parser._option_string_actions[
+        "--warmup"
+    ].help = "unmeasured runs per timed cell first (default: 1 on the testbed, 0 for the timing demo)"
     add_input_arguments(parser.add_mutually_exclusive_group())
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run_demo)
 
 
-def run_demo(args) -> None:
+# the demos' defaults. The testbed's: the best methods at 5% on its sweep (README: router
+# 98.2%, divprune 96.2%) beside hired and random, at a moderate and an aggressive budget
+TESTBED_DEMO = {"methods": ["router", "divprune", "hired", "random"], "budgets": [0.2, 0.05], "warmup": 1}
+TIMING_DEMO = {"methods": ["hired"], "budgets": [0.4, 0.2, 0.1], "warmup": 0}
 
+
+def run_demo(args) -> None:
     trained = PRESETS.get(args.model).get("task") == "shapes"  # an unknown preset fails here
-    if trained and args.image_size is None:
-        args.methods = args.methods or ["hired", "random"]
-        return run_testbed_demo(args)
-    args.methods = args.methods or ["hired"]
+    demo = TESTBED_DEMO if trained and args.image_size is None else TIMING_DEMO
+    args.methods = args.methods or demo["methods"]
+    args.budgets = args.budgets or demo["budgets"]
+    args.warmup = demo["warmup"] if args.warmup is None else args.warmup
+    if demo is TESTBED_DEMO:
+        import torch
+
+        # the testbed's ops are too small to split over threads: on 2 CPU cores one thread
+        # ran the demo in 23 s, two in 142 s beside other work (their waits for each other)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return run_testbed_demo(args)
+        finally:
+            torch.set_num_threads(threads)
     args.prompt, args.images = None, None
     args.max_new_tokens = args.max_new_tokens or 8
     return run_timing_demo(args)
@@ -418,11 +457,10 @@ def run_demo(args) -> None:
 def run_timing_demo(args) -> None:
     """A random-weight preset: the profile of one image, batch 1."""
     from .loading import load_processor
-    from .presets import build_preset
     from .profiler import format_table, profile
 
     if args.repeats < 3:
-        raise ValueError(
+        raise UsageError(
             f"the timing demo runs at least 3 repeats, so that its table shows the spread; got --repeats "
             f"{args.repeats} (tokendrop profile runs fewer)"
         )
@@ -430,7 +468,7 @@ def run_timing_demo(args) -> None:
     config = profile_config(args, prompt, args.out / "profile")
     processor = load_processor(args.model)
     config.check(processor)
-    model, _ = build_preset(args.model)
+    model = loaded_model(args)
     note = random_weights_note(args.model)
     if note:
         print(note, flush=True)
@@ -439,12 +477,13 @@ def run_timing_demo(args) -> None:
 
 
 def run_testbed_demo(args) -> None:
-    """The trained testbed: answers, accuracy, and what was kept."""
+    """The trained testbed: answers, accuracy, what the lowest budget buys, and what was kept."""
     from .eval.shapes import MAX_NEW_TOKENS, shapes_sample
     from .eval.sweep import SweepConfig, format_summary, read_records, sweep
-    from .harness import REFERENCE, text_table
+    from .harness import text_table
+    from .loading import load_processor
     from .preset_specs import with_preset_defaults
-    from .presets import build_preset
+    from .profiler import ProfileConfig, profile
     from .visualize import show
 
     check_methods(args.methods)
@@ -458,13 +497,32 @@ def run_testbed_demo(args) -> None:
         limit=args.samples,
         batch_size=50,
         max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        load_in_4bit=args.load_in_4bit,
+        load_in_8bit=args.load_in_8bit,
+        attn_implementation=args.attn_implementation,
         progress=not args.no_progress,
     )
-    model, processor = build_preset(args.model)
+    lowest = config.budgets[-1]  # the last listed: the lowest, as the defaults list them
+    options = with_preset_defaults(config.model, config.methods, config.options)
+    sample = shapes_sample("test", 0)
+    buys = ProfileConfig(
+        methods=config.methods,
+        budgets=[lowest],
+        options=options,
+        prompt=sample["question"],
+        max_new_tokens=1,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        progress=False,
+    )
+    processor = load_processor(args.model)
+    model = loaded_model(args)
     summary = sweep(config, model=model, processor=processor)
 
-    # a few test images: each cell's answer next to the truth
-    cells = [(REFERENCE, None)] + [(m, b) for m in config.methods for b in config.budgets]
+    # a few test images: each method's answer at the lowest budget next to the truth
+    cells = [(REFERENCE, None)] + [(m, lowest) for m in config.methods]
     records = {(r["method"], repr(r["budget"]), r["index"]): r for r in read_records(config.out)}
     indices = sorted({r["index"] for r in records.values()})[: args.examples]
     header = ["sample", "question", "truth"] + [m if b is None else f"{m} {b}" for m, b in cells]
@@ -474,18 +532,37 @@ def run_testbed_demo(args) -> None:
         answers = [_answer(records.get((m, repr(b), index))) for m, b in cells]
         rows.append([index, first["question"], first["reference"], *answers])
     print()
-    print(text_table(header, rows, title="Answers on test images (* = wrong)"))
+    print(text_table(header, rows, title=f"Answers on test images at budget {lowest} (* = wrong)"))
     print()
     print(format_summary(summary))
+    print()
+    print(budget_buys(profile(model, processor, [sample["image"]], buys), lowest, args.repeats))
 
-    # the kept tokens of the first example, at the last budget (the lowest, as listed), by the first method
-    sample = shapes_sample("test", indices[0]) if indices else shapes_sample("test", 0)
-    method, last = config.methods[0], config.budgets[-1]
+    # the kept tokens of the first example at the lowest budget, by the first method
+    sample = shapes_sample("test", indices[0]) if indices else sample
+    method = config.methods[0]
     out = args.out / "kept.png"
-    options = with_preset_defaults(config.model, [method], config.options).get(method, {})
-    show(model, processor, sample["image"], method, last, sample["question"], out=out, **options)
-    print(f"\n{method} at budget {last} on test sample {sample['id']}: {out}")
+    show(model, processor, sample["image"], method, lowest, sample["question"], out=out, **options.get(method, {}))
+    print(f"\n{method} at budget {lowest} on test sample {sample['id']}: {out}")
     print(f"records, summary.json and plots in {config.out}. The same on any model: tokendrop sweep --help")
+
+
+def budget_buys(rows: list[dict], budget, repeats: int) -> str:
+    """One line from a profile of one image: what each method feeds the LLM at `budget`, and
+    its LLM prefill time, beside the unpatched model's."""
+    parts = []
+    for row in rows:
+        name = "unpatched" if row["method"] == REFERENCE else row["method"]
+        if row["status"] != "ok":
+            parts.append(f"{name} {row['status']}")
+            continue
+        parts.append(
+            f"{name} {row['visual_tokens_after']} / {row['llm_prompt_len']} / {row['llm_prefill_s'] * 1000:.1f} ms"
+        )
+    return (
+        f"What budget {budget} buys (one test image; visual tokens / prompt tokens into the LLM / LLM prefill, "
+        f"median of {repeats}): " + ", ".join(parts)
+    )
 
 
 def _answer(record) -> str:
@@ -501,16 +578,17 @@ def _answer(record) -> str:
 # --- show ---------------------------------------------------------------------------------
 
 
-def add_show(subcommands) -> None:
+def add_show(subcommands, flags: argparse.ArgumentParser) -> None:
     parser = subcommands.add_parser(
         "show",
+        parents=[flags],
         help="draw an image with the patches a method keeps highlighted",
         description="Draw IMAGE with the patches a method keeps bright and the dropped ones dimmed: the base view "
         "and the crop canvas of an AnyRes model, the image itself of a native-resolution one (Qwen-VL).",
         formatter_class=Formatter,
     )
     parser.add_argument("image", type=image_file)
-    add_model_arguments(parser)
+    add_model_argument(parser)
     add_methods(parser, ["hired"], plural=False)
     add_budgets(parser, 0.2)
     add_vision_prune_layer(parser)
@@ -532,7 +610,7 @@ def run_show(args) -> None:
     options = grouped(args.options)
     for name in options:
         if name != args.method:
-            raise ValueError(f"options given for method {name!r}, which show does not run ({args.method})")
+            raise UsageError(f"options given for method {name!r}, which show does not run ({args.method})")
     options = with_preset_defaults(args.model, [args.method], options).get(args.method, {})
     check_figure_path(args.out)
     processor = load_processor(args.model)
@@ -557,10 +635,10 @@ def run_show(args) -> None:
 # --- sweep --------------------------------------------------------------------------------
 
 
-def add_sweep(subcommands) -> None:
+def add_sweep(subcommands, flags: argparse.ArgumentParser) -> None:
     help = "evaluate methods x budgets x tasks on a model: records, summary table and plots"
-    parser = subcommands.add_parser("sweep", help=help, description=help, formatter_class=Formatter)
-    add_model_arguments(parser)
+    parser = subcommands.add_parser("sweep", parents=[flags], help=help, description=help, formatter_class=Formatter)
+    add_model_argument(parser)
     parser.add_argument(
         "--tasks",
         nargs="+",
@@ -655,15 +733,16 @@ TRAINING_DEFAULTS = dict(
 )
 
 
-def add_train_router(subcommands) -> None:
+def add_train_router(subcommands, flags: argparse.ArgumentParser) -> None:
     parser = subcommands.add_parser(
         "train-router",
+        parents=[flags],
         help="train the learned router (method router) for a model, the model frozen",
         description="Train a router for --model on --data and write router.safetensors and router.json to "
         "--out. Rerun the same command to resume from the last checkpoint.",
         formatter_class=Formatter,
     )
-    add_model_arguments(parser)
+    add_model_argument(parser)
     parser.add_argument(
         "--data",
         required=True,
@@ -738,7 +817,7 @@ def task_examples(spec: str, split: str | None) -> TaskExamples:
     name, equals, source = spec.partition("=")
     name = current_task_name(name)
     if name not in TASKS.names():
-        raise ValueError(f"--data/--validation {spec!r} is neither a file nor a task ({', '.join(TASKS.names())})")
+        raise UsageError(f"--data/--validation {spec!r} is neither a file nor a task ({', '.join(TASKS.names())})")
     task = build_task(name)
     rows, image_of = task.load(source or None, split)
     # the name now, so that `--data testbed` and `--data shapes` are one run (and resume each
@@ -786,8 +865,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokendrop", description="Drop visual tokens before the LLM.")
     parser.add_argument("--version", action="version", version=f"tokendrop {__version__}")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    flags = model_flags()
     for add in (add_demo, add_profile, add_show, add_sweep, add_train_router):
-        add(subcommands)
+        add(subcommands, flags)
     return parser
 
 
@@ -797,8 +877,14 @@ def main(argv: list[str] | None = None) -> int:
     check_budgets(getattr(args, "budgets", None) or [])
     try:
         args.run(args)
-    except (ValueError, TypeError, OSError, ImportError) as error:
+    except UsageError as error:
         # bad input found after parsing (a name, a path, a missing package, data or model that
-        # cannot be read): a usage error, exit 2, not a traceback
-        parser.error(str(error))
+        # cannot be read): the subcommand's usage and the message, exit 2. Anything else is a
+        # bug or a failure of the run, and keeps its traceback
+        subcommand_parser(parser, args.command).error(str(error))
     return 0
+
+
+def subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    (subcommands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subcommands.choices[command]

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checks import UsageError
+
 IGNORE_INDEX = -100  # labels of padding added by compaction
 
 
@@ -187,14 +189,14 @@ def assign_rows(per_row: list[int], image_lengths: list[int]) -> list[int]:
             need += length
             rows.append(row)
         if need != count:
-            raise ValueError(
+            raise UsageError(
                 f"row {row} of input_ids has {count} image placeholder tokens, which does not match its "
                 f"images' feature counts (images need {image_lengths} in order). Build the inputs with the "
                 "model's own processor (the one loaded with it, e.g. AutoProcessor.from_pretrained) and one image "
                 "per <image> in the text"
             )
     if next(images, None) is not None:
-        raise ValueError(
+        raise UsageError(
             f"more images ({len(image_lengths)}) than <image> placeholders in the prompts; pass one image per <image>"
         )
     return rows

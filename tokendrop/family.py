@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .checks import check_layer
+from .checks import UsageError, check_layer
 from .compaction import Compacted, assign_rows, compact
 from .layout import EncodedImage, ImageLayout
 
@@ -196,7 +196,7 @@ class Adapter(ABC):
         the kept tokens: that is pruning after the tower). ValueError naming the valid ones,
         or why the family cannot (`in_tower_refusal`)."""
         if self.in_tower_refusal is not None:
-            raise ValueError(
+            raise UsageError(
                 f"vision_prune_layer is not available for a {self.model_class}: {self.in_tower_refusal}. "
                 "Patch it without vision_prune_layer: selection after the vision tower"
             )
@@ -204,7 +204,7 @@ class Adapter(ABC):
         layer = check_layer("vision_prune_layer", layer, n)
         feature = self.feature_layer % n
         if layer % n >= feature:
-            raise ValueError(
+            raise UsageError(
                 f"vision_prune_layer={layer} is vision layer {layer % n}, not below the feature layer {feature} "
                 f"(whose output the LLM receives): take 0 to {feature - 1} (or {-n} to {feature - 1 - n}). "
                 "Selection at the feature layer is what patching without vision_prune_layer does"

@@ -12,7 +12,6 @@ Nothing here imports torch: the command line opens images while it parses its ar
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import stat
@@ -21,7 +20,10 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from PIL import Image
+
+from .checks import MissingInputError, UsageError
 
 
 def regular_file(path: str | Path) -> Path:
@@ -31,9 +33,9 @@ def regular_file(path: str | Path) -> Path:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise FileNotFoundError(f"image {path} does not exist") from None
+        raise MissingInputError(f"image {path} does not exist") from None
     if not stat.S_ISREG(mode):
-        raise ValueError(f"{path} is not a regular file (a folder, FIFO or device): an image must be a file")
+        raise UsageError(f"{path} is not a regular file (a folder, FIFO or device): an image must be a file")
     return path
 
 
@@ -56,10 +58,10 @@ def decode_image(source, name: str) -> Image.Image:
     try:
         with Image.open(source) as image:
             if Image.MAX_IMAGE_PIXELS is not None and image.width * image.height > Image.MAX_IMAGE_PIXELS:
-                raise ValueError(bomb)
+                raise UsageError(bomb)
             return image.convert("RGB")
     except Image.DecompressionBombError:
-        raise ValueError(bomb) from None
+        raise UsageError(bomb) from None
     except (OSError, SyntaxError) as error:  # PIL's errors for unknown, damaged or truncated files
         raise OSError(f"cannot read image {name}: {error}") from None
 
@@ -90,14 +92,18 @@ def image_digest(paths: Iterable[str | Path]) -> str:
 
 @contextmanager
 def locked(lock: Path, busy: str):
-    """Hold the lock file `lock` for the block, or fail at once with ValueError(`busy`) when
-    another process holds it. POSIX locks: they go with the process when it dies."""
-    with open(lock, "w") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(busy) from None
+    """Hold the lock file `lock` for the block, or fail at once with UsageError(`busy`) when
+    another process holds it. The operating system's file locks (filelock: flock on POSIX,
+    msvcrt on Windows): they go with the process when it dies."""
+    file_lock = FileLock(lock)
+    try:
+        file_lock.acquire(timeout=0)
+    except Timeout:
+        raise UsageError(busy) from None
+    try:
         yield
+    finally:
+        file_lock.release()
 
 
 def writable_folder(out) -> Path:
@@ -108,5 +114,5 @@ def writable_folder(out) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as error:
-        raise ValueError(f"cannot write to {out}: {error.strerror or error}; pick a folder you can write") from None
+        raise UsageError(f"cannot write to {out}: {error.strerror or error}; pick a folder you can write") from None
     return out

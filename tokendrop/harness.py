@@ -26,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .checks import UsageError
 from .registry import did_you_mean
 
 REFERENCE = "none"  # the unpatched model, a row of every profile and every sweep
@@ -48,7 +49,7 @@ def chat_prompt(processor, question: str, n_images: int = 1, answer: str | None 
 
     token = image_token(processor)
     if token in question:
-        raise ValueError(
+        raise UsageError(
             f"the question {question!r:.80} holds the image token {token!r}: the prompt places the image "
             "itself; write the question without it"
         )
@@ -67,12 +68,12 @@ def method_options(options, methods: list[str], harness: str, varied: str) -> di
     options = {name: dict(opts) for name, opts in (options or {}).items()}
     for name, opts in options.items():
         if name not in methods:
-            raise ValueError(
+            raise UsageError(
                 f"options given for method {name!r}, which {harness} does not run "
                 f"({', '.join(methods)}).{did_you_mean(name, methods)}"
             )
         if "budget" in opts:
-            raise ValueError(
+            raise UsageError(
                 f"options for {name!r}: the budget is {varied}; set it with budgets (--budgets), not as an option"
             )
     return options

@@ -5,6 +5,7 @@ Shared by the command-line tools and the evaluation code."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, BitsAndBytesConfig
 
 from .adapters import ADAPTERS
+from .checks import MissingInputError, MissingPackageError, UsageError, UsageTypeError
 from .family import ModelFacts
 from .preset_specs import PRESETS
 from .presets import QWEN_FAMILIES, QwenPilImageProcessor, build_preset, build_processor, preset_config
@@ -35,7 +37,7 @@ def check_model_name(spec: str) -> None:
     (LLaVA-NeXT checkpoints are all org/name): say so instead of asking the hub."""
     if spec in PRESETS.names() or "/" in spec or Path(spec).exists():
         return
-    raise ValueError(
+    raise UsageError(
         f"no preset or local path named {spec!r}; presets: {', '.join(PRESETS.names())}."
         f"{did_you_mean(spec, PRESETS.names())} A Hugging Face id has the form org/name"
     )
@@ -48,7 +50,7 @@ def check_device_map(device_map) -> None:
     try:
         device = torch.device("cuda", device_map) if isinstance(device_map, int) else torch.device(device_map)
     except (RuntimeError, TypeError):
-        raise ValueError(
+        raise UsageError(
             f"device_map must be {', '.join(STRATEGIES)}, cpu, cuda, cuda:N or a dict of module -> "
             f"device; got {device_map!r}"
         ) from None
@@ -56,10 +58,23 @@ def check_device_map(device_map) -> None:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
             seen = f"cuda:0 to cuda:{count - 1}" if count else "none"
-            raise ValueError(
+            raise UsageError(
                 f"device_map {device_map!r} needs a GPU that torch does not see (it sees {seen}): "
                 "use cpu, or leave it out"
             )
+
+
+@contextmanager
+def reading(spec: str):
+    """transformers' errors for a checkpoint it cannot find, reach or complete (a wrong id, no
+    network, a folder without its files, a quantization package not installed) as the
+    caller's to fix, with transformers' own message."""
+    try:
+        yield
+    except ImportError as error:
+        raise MissingPackageError(str(error)) from error
+    except OSError as error:
+        raise MissingInputError(str(error)) from error
 
 
 def load_processor(spec: str):
@@ -69,10 +84,11 @@ def load_processor(spec: str):
     if spec in PRESETS.names():
         processor = build_processor(spec)
     else:
-        try:
-            processor = AutoProcessor.from_pretrained(spec)
-        except ImportError as error:  # a Qwen-VL video processor needs torchvision, which a CPU torch may lack
-            processor = images_only_processor(spec, error)
+        with reading(spec):
+            try:
+                processor = AutoProcessor.from_pretrained(spec)
+            except ImportError as error:  # a Qwen-VL video processor needs torchvision, which a CPU torch may lack
+                processor = images_only_processor(spec, error)
     processor.tokenizer.padding_side = "left"
     return processor
 
@@ -101,14 +117,18 @@ def model_facts(spec: str) -> ModelFacts:
     token), from its configuration alone: harnesses check every method against it before the
     weights load (`tokendrop.method.base.check_fits`)."""
     check_model_name(spec)
-    config = preset_config(spec) if spec in PRESETS.names() else AutoConfig.from_pretrained(spec)
+    if spec in PRESETS.names():
+        config = preset_config(spec)
+    else:
+        with reading(spec):
+            config = AutoConfig.from_pretrained(spec)
     return adapter_class(spec, config).facts(config)
 
 
 def adapter_class(spec: str, config):
     """The adapter class of a model's `config`; another family fails here, before its weights load."""
     if config.model_type not in ADAPTERS.names():
-        raise ValueError(
+        raise UsageError(
             f"{spec} is a {config.model_type!r} model; tokendrop has adapters for {', '.join(ADAPTERS.names())}"
         )
     return ADAPTERS.get(config.model_type)
@@ -128,9 +148,9 @@ class LoadOptions:
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("pick one of load_in_4bit and load_in_8bit")
+            raise UsageError("pick one of load_in_4bit and load_in_8bit")
         check_device_map(self.device_map)
 
     @property
@@ -143,14 +163,14 @@ def load_model(spec: str, options: LoadOptions | None = None, **fields):
     Face id or local path), loaded as `options` say (or `LoadOptions(**fields)`: e.g.
     `load_model(spec, dtype="bf16")`); another family fails before its weights load."""
     if options is not None and fields:
-        raise TypeError("load_model takes a LoadOptions or its fields as keywords, not both")
+        raise UsageTypeError("load_model takes a LoadOptions or its fields as keywords, not both")
     options = LoadOptions(**fields) if options is None else options
     check_model_name(spec)
     dtype = options.dtype
     attention = {"attn_implementation": options.attn_implementation} if options.attn_implementation else {}
     if spec in PRESETS.names():
         if options.quantization:
-            raise ValueError(f"preset {spec!r} is built in memory: quantize a checkpoint instead")
+            raise UsageError(f"preset {spec!r} is built in memory: quantize a checkpoint instead")
         model, _ = build_preset(spec, dtype=torch.float32 if dtype == "auto" else DTYPES[dtype], **attention)
         return model.to(_preset_device(options.device_map))
     quantization = None
@@ -162,19 +182,21 @@ def load_model(spec: str, options: LoadOptions | None = None, **fields):
     device_map = options.device_map
     if device_map is None:
         device_map = "auto" if torch.cuda.is_available() else "cpu"
-    config = AutoConfig.from_pretrained(spec)
+    with reading(spec):
+        config = AutoConfig.from_pretrained(spec)
     adapter_class(spec, config)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            spec,
-            config=config,
-            dtype=DTYPES[dtype],
-            device_map=device_map,
-            quantization_config=quantization,
-            **attention,
-        )
+        with reading(spec):
+            model = AutoModelForImageTextToText.from_pretrained(
+                spec,
+                config=config,
+                dtype=DTYPES[dtype],
+                device_map=device_map,
+                quantization_config=quantization,
+                **attention,
+            )
     except SafetensorError as error:
-        raise ValueError(
+        raise UsageError(
             f"cannot load the weights of {spec}: {error}. The checkpoint is damaged or cut short: download or "
             "save it again"
         ) from None

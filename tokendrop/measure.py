@@ -21,16 +21,17 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .checks import UsageError, UsageTypeError
 from .harness import device_name
 from .patch import adapter_of, handle_of, output_cache
 
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
-PROC_MEMINFO = Path("/proc/meminfo")
 GIB = 2**30
 CPU_ALLOCATOR_FAILED = "DefaultCPUAllocator: can't allocate memory"  # torch's RuntimeError on the CPU
 
@@ -75,7 +76,10 @@ class PeakMemory:
     """Filled in when the `peak_memory` block ends; the byte counts stay None where this
     system cannot tell (CPU memory off Linux)."""
 
-    kind: str  # "<device>_max_allocated" (devices summed), "cpu_peak_rss" (process) or "unavailable"
+    # "<device>_max_allocated" (devices summed), "cpu_peak_rss" (process) or "unavailable": a
+    # peak that can be reset per run is Linux's VmHWM, which psutil does not give (its only peak,
+    # Windows' peak working set, cannot be reset)
+    kind: str
     start_bytes: int | None = None  # in use when the block began
     peak_bytes: int | None = None  # the most in use during the block, start included
 
@@ -145,14 +149,12 @@ def proc_status_bytes(field: str, path: Path = PROC_STATUS) -> int:
 
 
 def check_cpu_limit(limit_bytes: int) -> None:
-    """Refuse a CPU memory limit above the machine's memory: the tool's own cap would never
-    fire, and a batch past the memory there is would fail in the allocator (or be ended by
-    the operating system), not as the limit says."""
-    if not PROC_MEMINFO.exists():
-        return
-    total = proc_status_bytes("MemTotal", PROC_MEMINFO)
+    """Refuse a CPU memory limit above the machine's memory (psutil: any system): the tool's
+    own cap would never fire, and a batch past the memory there is would fail in the
+    allocator (or be ended by the operating system), not as the limit says."""
+    total = psutil.virtual_memory().total
     if limit_bytes > total:
-        raise ValueError(
+        raise UsageError(
             f"memory limit {limit_bytes / GIB:.1f} GiB is above this machine's memory ({total / GIB:.1f} GiB): "
             "pick a smaller --memory-limit"
         )
@@ -184,7 +186,7 @@ def memory_cap(model: nn.Module, limit_bytes: int | None):
         with _cuda_cap([d for d in devices if d.type == "cuda"], limit_bytes):
             yield
     else:
-        raise ValueError(
+        raise UsageError(
             f"a memory limit caps CUDA's allocator or, on CPU, the process's RSS; this model is on "
             f"{', '.join(sorted(kinds))}: profile without --memory-limit"
         )
@@ -197,7 +199,7 @@ def _cuda_cap(devices: list[torch.device], limit_bytes: int):
         for device in devices:
             total = torch.cuda.get_device_properties(device).total_memory
             if limit_bytes > total:
-                raise ValueError(
+                raise UsageError(
                     f"memory limit {limit_bytes / GIB:.1f} GiB exceeds {device_name(device)}'s "
                     f"{total / GIB:.1f} GiB: pick a smaller --memory-limit"
                 )
@@ -214,7 +216,7 @@ def _cuda_cap(devices: list[torch.device], limit_bytes: int):
 @contextmanager
 def _cpu_cap(model: nn.Module, limit_bytes: int):
     if not cpu_peak_available():
-        raise ValueError(
+        raise UsageError(
             "a CPU memory limit is enforced on the peak RSS that Linux reports in /proc/self; "
             "this system has no /proc/self/clear_refs: profile without --memory-limit"
         )
@@ -250,7 +252,7 @@ def parse_memory_size(value) -> int:
     units = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib": 2**20}
     example = 'e.g. 24 or "24GB" (GiB) or "512MB" (MiB)'
     if isinstance(value, bool):
-        raise TypeError(f"memory limit must be a size, {example}; got {value!r}")
+        raise UsageTypeError(f"memory limit must be a size, {example}; got {value!r}")
     if isinstance(value, (int, float)):
         number, unit = float(value), ""
     elif isinstance(value, str):
@@ -260,13 +262,13 @@ def parse_memory_size(value) -> int:
         try:
             number = float(number)
         except ValueError:
-            raise ValueError(f"memory limit must be a number with an optional unit, {example}; got {value!r}") from None
+            raise UsageError(f"memory limit must be a number with an optional unit, {example}; got {value!r}") from None
         if unit not in units:
-            raise ValueError(f"memory limit {value!r}: unknown unit {unit!r}; use GB or MB ({example})")
+            raise UsageError(f"memory limit {value!r}: unknown unit {unit!r}; use GB or MB ({example})")
     else:
-        raise TypeError(f"memory limit must be a size, {example}; got {type(value).__name__}")
+        raise UsageTypeError(f"memory limit must be a size, {example}; got {type(value).__name__}")
     if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"memory limit must be a positive size, {example}; got {value!r}")
+        raise UsageError(f"memory limit must be a positive size, {example}; got {value!r}")
     return int(number * units[unit])
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import textwrap
 import warnings
 import weakref
 from collections.abc import Callable
@@ -56,9 +57,10 @@ from torch import nn
 from transformers import Cache, GenerationConfig
 
 from .adapters import adapter_for
+from .checks import UsageError, UsageTypeError
 from .family import Adapter, Request
 from .method import Method, build as build_method
-from .method.base import check_fits, check_in_tower, check_signals
+from .method.base import check_budget_given, check_fits, check_in_tower, check_signals, methods_doc
 from .pruning import ImageRecord, Selected, select_images
 
 ATTRIBUTE = "_tokendrop_handle"
@@ -171,12 +173,12 @@ class Handle:
         self.last = []  # a failing call leaves no earlier call's records behind
         pixels, geometry = self.adapter.image_inputs
         if input_ids is None:
-            raise ValueError(
+            raise UsageError(
                 f"a patched model needs input_ids with its {pixels} (it removes the placeholders of "
                 "dropped tokens); inputs_embeds cannot be shortened"
             )
         if images.get(geometry) is None:
-            raise ValueError(f"{pixels} come with {geometry} (the processor returns both): pass them together")
+            raise UsageError(f"{pixels} come with {geometry} (the processor returns both): pass them together")
         _check_prompt(input_ids, attention_mask, labels)
         _check_questions(questions, input_ids.shape[0])
         pad_side = padding_side(attention_mask, default=pad_default)  # read before the vision pass is queued
@@ -279,7 +281,7 @@ class Handle:
             if call.get(pixels) is None:
                 return forward(**_with_cache_mask(call))
             if call.get("position_ids") is not None:
-                raise ValueError(
+                raise UsageError(
                     f"position_ids cannot be passed with {pixels} to a patched model: the prompt it "
                     "describes is shortened before the LLM. Leave position_ids out"
                 )
@@ -324,13 +326,13 @@ def _wraps(value, handle: Handle, name: str) -> bool:
 def _check_prompt(input_ids, attention_mask, labels) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         found = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(
+        raise UsageError(
             f"input_ids must be 2-D (batch, sequence), as the processor returns them; got {found}. "
             "For one prompt add the batch dimension: input_ids[None]"
         )
     for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
         if tensor is not None and tensor.shape != input_ids.shape:
-            raise ValueError(
+            raise UsageError(
                 f"{name} has shape {tuple(tensor.shape)}, input_ids {tuple(input_ids.shape)}: they must match"
             )
 
@@ -339,15 +341,17 @@ def _check_questions(questions, rows: int) -> None:
     if questions is None:
         return
     if not isinstance(questions, (list, tuple)):
-        raise TypeError(
+        raise UsageTypeError(
             f"questions= takes a list of question strings, one per prompt row ({rows} rows); got a "
             f"{type(questions).__name__}: pass a list, e.g. [question] for one prompt"
         )
     for i, question in enumerate(questions):
         if not isinstance(question, str):
-            raise TypeError(f"questions[{i}] is {type(question).__name__} ({question!r:.60}); questions= takes strings")
+            raise UsageTypeError(
+                f"questions[{i}] is {type(question).__name__} ({question!r:.60}); questions= takes strings"
+            )
     if len(questions) != rows:
-        raise ValueError(f"questions= takes one question string per prompt row ({rows} rows), got {questions!r}")
+        raise UsageError(f"questions= takes one question string per prompt row ({rows} rows), got {questions!r}")
 
 
 def _count_lengths_from_callers_prompt(call: dict, model_config, shift: int) -> None:
@@ -400,7 +404,7 @@ class _Shortened:
             and input_ids.shape[1] >= n
             and torch.equal(input_ids[:, :n], self.original.to(input_ids.device))
         ):
-            raise ValueError(
+            raise UsageError(
                 "this cache was filled by a tokendrop-patched generate, whose LLM saw a shortened prompt: continue "
                 "with input_ids that start with the sequences that call returned (prompt included), or "
                 "generate again without the cache"
@@ -420,7 +424,7 @@ class _Shortened:
         if width == cached + new:
             return attention_mask
         if width != cached + new + n - self.compact.shape[1] or attention_mask.shape[0] != len(self.compact):
-            raise ValueError(
+            raise UsageError(
                 f"this cache holds a prompt a patched call shortened to {self.compact.shape[1]} tokens (yours has "
                 f"{n}), and attention_mask has {width} columns for {cached} cached and {new} new tokens: pass "
                 "your prompt's mask extended by one column per token since (it is swapped for the shortened "
@@ -507,11 +511,16 @@ def patch(
     **options,
 ) -> Handle:
     """Make every later `model.generate(...)`/`model(...)` call feed the LLM only the visual
-    tokens `method` keeps within `budget` (a fraction in (0, 1] or a token count per image;
-    default 1.0). `method` is a registered name, or a `Method` object built with its budget
-    and options (one outside the registry, such as an evaluation oracle). `processor`, the
-    model's processor, is needed by the methods that read the prompt (`text`, `router`,
-    `dpp`); any method accepts it.
+    tokens `method` keeps within `budget`, and return the patch's `Handle`.
+
+    `method` is a registered name (listed below) with `budget` and the method's options as
+    keywords, `patch(model, "hired", budget=0.2, alpha=0.5)`, or a method object that carries
+    them, `patch(model, tokendrop.HiRED(budget=0.2, alpha=0.5))` (also one outside the
+    registry, such as an evaluation oracle). `budget` is required: a fraction in (0, 1] of each
+    image's feature tokens, or a token count per image (an int); 1.0 keeps every token and
+    leaves the outputs unchanged. (`text` and `router` with `threshold=` take none.)
+    `processor`, the model's processor, is needed by the methods that read the prompt
+    (`text`, `router`, `dpp`); any method accepts it.
     `vision_prune_layer=K` (a vision layer index, negative from the end, below the feature
     layer) selects inside the vision tower: the method reads layer K (its layer options count
     in a tower that ends at K: -1 is K), and layers K+1 up to the feature layer run on the
@@ -529,17 +538,25 @@ def patch(
     model = _base_model(model)
     adapter = adapter_for(model)
     if isinstance(method, Method):
-        if budget is not None or options or processor is not None:
-            raise TypeError(
-                "a Method object carries its own budget and options: pass it alone, "
-                "e.g. patch(model, Oracle(budget=0.1))"
+        given = [f"{k}=" for k, v in (("budget", budget), ("processor", processor)) if v is not None] + [
+            f"{k}=" for k in options
+        ]
+        if given:
+            cls = type(method).__name__
+            raise UsageTypeError(
+                f"a method object carries its own budget and options, so {', '.join(given)} cannot be given "
+                f"beside it: set them on the object, e.g. patch(model, {cls}(budget=0.2, ...)), or "
+                f"dataclasses.replace(method, budget=0.2)"
             )
     else:
-        method = build_method(method, budget=1.0 if budget is None else budget, processor=processor, **options)
+        method = build_method(method, budget=budget, processor=processor, **options)
     chosen, prune_layer = resolve(method, adapter, vision_prune_layer)
     handle = Handle(model, chosen, adapter, prune_layer)
     handle.install()
     return handle
+
+
+patch.__doc__ += "\n\n" + textwrap.indent(methods_doc(), "    ")
 
 
 def resolve(method: Method, adapter: Adapter, vision_prune_layer: int | None = None) -> tuple[Method, int | None]:
@@ -554,11 +571,12 @@ def resolve(method: Method, adapter: Adapter, vision_prune_layer: int | None = N
     try:
         chosen = method.resolve(adapter.selection_facts(layer))
     except ValueError as error:
-        raise ValueError(
+        raise UsageError(
             f"{error}. With vision_prune_layer={vision_prune_layer}, selection sees the tower up to layer {layer} "
             f"only: layers 0 to {layer}, -1 being layer {layer}; set the method's layer options within them"
         ) from None
     check_signals(chosen, adapter)
+    check_budget_given(chosen)
     return chosen, layer
 
 
@@ -566,9 +584,9 @@ def _base_model(model) -> nn.Module:
     """The model to patch: a loaded HF model itself, or the one under a PEFT wrapper (whose
     forward and generate end in the base model's, so patching that patches the wrapper too)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"patch() takes a loaded Hugging Face model, got {type(model).__name__}")
+        raise UsageTypeError(f"patch() takes a loaded Hugging Face model, got {type(model).__name__}")
     if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        raise TypeError(
+        raise UsageTypeError(
             "patch() takes the model, not its torch.compile wrapper: patch model._orig_mod (the compiled "
             "module then runs the patched model), or patch before compiling"
         )

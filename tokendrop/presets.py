@@ -45,6 +45,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from .checks import UsageError
 from .preset_specs import PRESETS, family
 from .testbed import load_testbed_model, testbed_config
 
@@ -204,7 +205,7 @@ if hasattr(transformers, "Qwen3VLProcessor"):
 def qwen_family(name: str) -> tuple:
     """(config class, model class, processor class) of a Qwen-VL preset, or why it cannot be built."""
     if family(name) not in QWEN_FAMILIES:
-        raise ValueError(
+        raise UsageError(
             f"preset {name!r} is a {family(name)} model, which transformers {transformers.__version__} does not "
             "have: pip install 'transformers>=5,<6'"
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import numbers
+import textwrap
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import KW_ONLY, dataclass, field
@@ -28,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
-from .checks import check_int, is_int
+from .checks import UsageError, UsageTypeError, check_int, is_int
 from .family import Adapter
 from .files import writable_folder
 from .harness import (
@@ -94,13 +95,13 @@ class _Measurement:
             METHODS.get(name)
         self.budgets = [check_budget(b) for b in as_list(self.budgets, "budgets", "[1.0, 0.2]")]
         if not self.methods or not self.budgets:
-            raise ValueError("methods and budgets must each name at least one")
+            raise UsageError("methods and budgets must each name at least one")
         for name, least in (("repeats", 1), ("max_new_tokens", 1), ("warmup", 0)):
             value = getattr(self, name)
             if not is_int(value) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+                raise UsageError(f"{name} must be an int >= {least}, got {value!r}")
         if not isinstance(self.prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
+            raise UsageTypeError(f"prompt must be a str, got {type(self.prompt).__name__}")
         self.options = method_options(self.options, self.methods, "this profile", "profiled")
         if self.memory_limit is not None:
             parse_memory_size(self.memory_limit)
@@ -132,9 +133,9 @@ class _Measurement:
         if self.memory_limit is None or kind == "cuda":
             return
         if kind != "cpu":
-            raise ValueError(f"a memory limit caps CUDA's allocator or the CPU's RSS, not {kind}'s: drop the limit")
+            raise UsageError(f"a memory limit caps CUDA's allocator or the CPU's RSS, not {kind}'s: drop the limit")
         if not cpu_peak_available():
-            raise ValueError(
+            raise UsageError(
                 "a CPU memory limit is enforced on the peak RSS that Linux reports in /proc/self, which this "
                 "system lacks: drop the memory limit"
             )
@@ -152,7 +153,7 @@ class ProfileConfig(_Measurement):
         super().__post_init__()
         self.batch_sizes = as_list(self.batch_sizes, "batch_sizes", "[1, 4]")
         if any(not is_int(b) or b < 1 for b in self.batch_sizes):
-            raise ValueError(f"batch sizes must be ints >= 1, got {self.batch_sizes}")
+            raise UsageError(f"batch sizes must be ints >= 1, got {self.batch_sizes}")
 
 
 @dataclass
@@ -171,12 +172,12 @@ class ThroughputConfig(_Measurement):
         super().__post_init__()
         value = self.max_batch_size
         if not is_int(value) or value < 1:
-            raise ValueError(f"max_batch_size must be an int >= 1, got {value!r}")
+            raise UsageError(f"max_batch_size must be an int >= 1, got {value!r}")
 
     def check_device(self, device: torch.device | str) -> None:
         super().check_device(device)
         if torch.device(device).type == "cpu" and self.memory_limit is None:
-            raise ValueError(
+            raise UsageError(
                 "the throughput search on a CPU needs a memory limit (--memory-limit, e.g. 8GB): without one, a "
                 "batch too big for the machine is ended by the operating system, not caught"
             )
@@ -222,7 +223,7 @@ def profile(model, processor, images, config: ProfileConfig | None = None) -> li
     """
     config = ProfileConfig() if config is None else config
     if not isinstance(config, ProfileConfig):
-        raise TypeError(f"config must be a tokendrop.ProfileConfig, got {type(config).__name__}")
+        raise UsageTypeError(f"config must be a tokendrop.ProfileConfig, got {type(config).__name__}")
     adapter, images = _prepare(model, processor, images, config)
     grid = [Cell(REFERENCE, None, b) for b in config.batch_sizes]
     grid += [Cell(m, v, b) for b in config.batch_sizes for m in config.methods for v in config.budgets]
@@ -252,7 +253,7 @@ def throughput(model, processor, images, config: ThroughputConfig | None = None)
     """
     config = ThroughputConfig() if config is None else config
     if not isinstance(config, ThroughputConfig):
-        raise TypeError(f"config must be a tokendrop.ThroughputConfig, got {type(config).__name__}")
+        raise UsageTypeError(f"config must be a tokendrop.ThroughputConfig, got {type(config).__name__}")
     adapter, images = _prepare(model, processor, images, config)
     grid = [Cell(REFERENCE, None, 0)] + [Cell(m, v, 0) for m in config.methods for v in config.budgets]
 
@@ -319,19 +320,19 @@ def _images_seen(adapter, processor, images) -> list[dict]:
 def as_list(value, name: str, example: str) -> list:
     """`value` as a list; a lone string or number, a common slip, is refused."""
     if isinstance(value, (str, numbers.Number)) or not isinstance(value, Iterable):
-        raise TypeError(f"{name} must be a list, e.g. {name}={example}; got {value!r}")
+        raise UsageTypeError(f"{name} must be a list, e.g. {name}={example}; got {value!r}")
     return list(value)
 
 
 def check_images(images) -> list:
     if not images:
-        raise ValueError("profile needs at least one image")
+        raise UsageError("profile needs at least one image")
     expected = "images must be a list of PIL images (open files with PIL.Image.open)"
     if not isinstance(images, (list, tuple)):
-        raise TypeError(f"{expected}, got {images!r}")
+        raise UsageTypeError(f"{expected}, got {images!r}")
     for image in images:
         if not isinstance(image, Image.Image):
-            raise TypeError(f"{expected}, got a {type(image).__name__} in it")
+            raise UsageTypeError(f"{expected}, got a {type(image).__name__} in it")
     return list(images)
 
 
@@ -545,28 +546,56 @@ THROUGHPUT_COLUMNS = [
 ]
 
 
-def _cell_text(row: dict, key: str, fmt: str) -> str:
+# the narrow tables (the default), which fit 120 columns: the main figures, medians only
+NARROW_PROFILE_COLUMNS = [
+    ("method", "method", "{}"),
+    ("budget", "budget", "{}"),
+    ("batch", "batch_size", "{}"),
+    ("tokens", None, None),
+    ("prompt", "llm_prompt_len", "{}"),
+    ("vision s", "vision_s", "{:.3f}"),
+    ("prefill s", "llm_prefill_s", "{:.3f}"),
+    ("TTFT s", "ttft_s", "{:.3f}"),
+    ("tok/s", "decode_tok_per_s", "{:.2f}"),
+    ("KV MB", "kv_cache_bytes", "{:.0f}"),
+    ("TTFT x", "ttft_speedup", "{:.2f}"),
+]
+NARROW_THROUGHPUT_KEYS = (
+    "method", "budget", "batch_size", "requests_per_s", "tokens_per_s", "ttft_s", "peak_memory_bytes",
+    "kv_cache_bytes", "batch_ratio", "throughput_speedup",
+)  # fmt: skip
+WIDTH = 120  # what a narrow table and the text around it fit in
+
+
+def _cell_text(row: dict, key: str, fmt: str, ranges: bool = True) -> str:
     """A figure as the tables show it: MB for bytes; median (min-max) for repeated
-    measurements, marked ! where the spread exceeds the tolerance."""
+    measurements (the median alone without `ranges`), marked ! where the spread exceeds the
+    tolerance."""
     if row.get(key) is None:
         return "-"
     scaled = (lambda value: value / MB) if key.endswith("_bytes") else (lambda value: value)
     text = fmt.format(scaled(row[key]))
     if key in TIMED and f"{key}_min" in row:
         low, high = (fmt.format(scaled(row[f"{key}_{end}"])) for end in ("min", "max"))
-        if low != high:
+        if low != high and ranges:
             text += f" ({low}-{high})"
         if key in row.get("wide_spread", ()):
             text += " !"
     return text
 
 
-def _table(rows: list[dict], columns, failed_from: int) -> list[list[str]]:
+def _cell_name(row: dict) -> str:
+    return row["method"] + ("" if row["budget"] is None else f" {row['budget']}") + f" batch {row['batch_size']}"
+
+
+def _table(rows: list[dict], columns, failed_from: int, wide: bool) -> list[list[str]]:
+    """The rows' cells; a failed cell shows its status and, in the wide table, its message
+    (the narrow one lists the messages below, `_failures`)."""
     lines = []
     for row in rows:
         if row["status"] != "ok":
             lead = [_cell_text(row, key, fmt) for _, key, fmt in columns[:failed_from]]
-            message = f"{row['status'].upper()}: {row['error']}"
+            message = f"{row['status'].upper()}: {row['error']}" if wide else row["status"].upper()
             lines.append(lead + [message] + [""] * (len(columns) - failed_from - 1))
             continue
         cells = []
@@ -574,9 +603,20 @@ def _table(rows: list[dict], columns, failed_from: int) -> list[list[str]]:
             if key is None:
                 cells.append(f"{row['visual_tokens_before']}->{row['visual_tokens_after']}")
             else:
-                cells.append(_cell_text(row, key, fmt))
+                cells.append(_cell_text(row, key, fmt, ranges=wide))
         lines.append(cells)
     return lines
+
+
+def _failures(rows: list[dict]) -> list[str]:
+    return [f"{_cell_name(row)}: {row['status'].upper()}: {row['error']}" for row in rows if row["status"] != "ok"]
+
+
+def _text(table: str, caption: str, notes: list[str], wide: bool) -> str:
+    """A table with its caption and notes; the narrow form wraps them to `WIDTH` columns."""
+    if wide:
+        return "\n".join([table, caption, *notes])
+    return "\n".join([table, *(textwrap.fill(line, WIDTH, subsequent_indent="  ") for line in [caption, *notes])])
 
 
 def spread_warnings(rows: list[dict], columns) -> list[str]:
@@ -588,7 +628,7 @@ def spread_warnings(rows: list[dict], columns) -> list[str]:
         wide = [key for key in row.get("wide_spread", ()) if key in headers and row.get(key)]
         if not wide:
             continue
-        name = row["method"] + ("" if row["budget"] is None else f" {row['budget']}") + f" batch {row['batch_size']}"
+        name = _cell_name(row)
         figures = ", ".join(
             f"{headers[key]} {(row[f'{key}_max'] - row[f'{key}_min']) / abs(row[key]):.0%}" for key in wide
         )
@@ -598,9 +638,10 @@ def spread_warnings(rows: list[dict], columns) -> list[str]:
     return lines
 
 
-def format_table(rows: list[dict]) -> str:
-    """The profile as a text table, each measured figure as median (min-max), and warnings
-    for cells whose spread is wide."""
+def format_table(rows: list[dict], wide: bool = False) -> str:
+    """The profile as a text table that fits 120 columns: the main figures, medians of the
+    repeats; `wide`: every figure, each as median (min-max). Then warnings for cells whose
+    spread is wide."""
     memory = next((r["memory_kind"] for r in rows if r["status"] == "ok"), "-")
     layer = next((r["vision_prune_layer"] for r in rows if r.get("vision_prune_layer") is not None), None)
     where = (
@@ -608,29 +649,43 @@ def format_table(rows: list[dict]) -> str:
         if layer is None
         else f" Methods select inside the vision tower at layer {layer}; vision s covers the whole tower."
     )
-    caption = (
-        "Medians of the repeats (min-max in brackets; ! marks a spread over 20% of the median). TTFT includes the "
-        f"vision pass and selection; decode tok/s excludes prefill; added MB: peak memory ({memory}) over what "
-        "was in use before the run (the loaded model). prefill x: LLM prefill speedup over the unpatched model, "
-        f"ideal (FLOP ratio) and measured.{where}"
-    )
-    table = text_table([h for h, _, _ in PROFILE_COLUMNS], _table(rows, PROFILE_COLUMNS, failed_from=3))
-    return "\n".join([table, caption, *spread_warnings(rows, PROFILE_COLUMNS)])
+    if wide:
+        caption = (
+            "Medians of the repeats (min-max in brackets; ! marks a spread over 20% of the median). TTFT includes the "
+            f"vision pass and selection; decode tok/s excludes prefill; added MB: peak memory ({memory}) over what "
+            "was in use before the run (the loaded model). prefill x: LLM prefill speedup over the unpatched model, "
+            f"ideal (FLOP ratio) and measured.{where}"
+        )
+    else:
+        caption = (
+            "Medians of the repeats (! marks a spread over 20% of the median). tokens: visual tokens before and "
+            "after pruning; prompt: the LLM's prompt length; TTFT includes the vision pass and selection; tok/s: "
+            f"decoding, prefill excluded; TTFT x: speedup over the unpatched model.{where} --wide shows every "
+            "figure (selection time, memory, prefill speedups) with its min-max."
+        )
+    columns = PROFILE_COLUMNS if wide else NARROW_PROFILE_COLUMNS
+    table = text_table([h for h, _, _ in columns], _table(rows, columns, failed_from=3, wide=wide))
+    notes = ([] if wide else _failures(rows)) + spread_warnings(rows, columns)
+    return _text(table, caption, notes, wide)
 
 
-def format_throughput_table(rows: list[dict]) -> str:
-    """The throughput search's results as a text table, with warnings for wide spreads."""
+def format_throughput_table(rows: list[dict], wide: bool = False) -> str:
+    """The throughput search's results as a text table that fits 120 columns (`wide`: every
+    figure, each as median (min-max)), with warnings for wide spreads."""
     memory = next((r["memory_kind"] for r in rows if r["status"] == "ok"), "-")
     limit = rows[0]["memory_limit"] if rows else None
     cap = "no memory limit (the device's own)" if limit is None else f"memory limit {limit}"
     caption = (
-        f"The largest batch that fits ({cap}; memory: {memory}), found by doubling then bisecting (an x in "
-        "batches tried: out of memory), and at that batch: medians of the repeats (min-max; ! marks a spread over "
-        "20% of the median). tokens/s: generated tokens of the whole batch per second of generate; x: against "
-        "the unpatched model."
+        f"The largest batch that fits ({cap}; memory: {memory}), found by doubling then bisecting"
+        f"{' (an x in batches tried: out of memory)' if wide else ''}, and at that batch: medians of the repeats "
+        f"({'min-max; ' if wide else ''}! marks a spread over 20% of the median). tokens/s: generated tokens of "
+        "the whole batch per second of generate; x: against the unpatched model."
+        + ("" if wide else " --wide shows every figure with its min-max.")
     )
-    table = text_table([h for h, _, _ in THROUGHPUT_COLUMNS], _table(rows, THROUGHPUT_COLUMNS, failed_from=4))
-    return "\n".join([table, caption, *spread_warnings(rows, THROUGHPUT_COLUMNS)])
+    columns = THROUGHPUT_COLUMNS if wide else [c for c in THROUGHPUT_COLUMNS if c[1] in NARROW_THROUGHPUT_KEYS]
+    table = text_table([h for h, _, _ in columns], _table(rows, columns, failed_from=4 if wide else 3, wide=wide))
+    notes = ([] if wide else _failures(rows)) + spread_warnings(rows, columns)
+    return _text(table, caption, notes, wide)
 
 
 # --- files and plots -----------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 from typing import Generic, TypeVar
 
+from .checks import UsageError, UsageTypeError
+
 T = TypeVar("T")
 
 
@@ -30,9 +32,9 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if not isinstance(name, str):
-            raise TypeError(f"{self.kind} must be given by name (a str), got {type(name).__name__}")
+            raise UsageTypeError(f"{self.kind} must be given by name (a str), got {type(name).__name__}")
         if name not in self._entries:
-            raise ValueError(
+            raise UsageError(
                 f"unknown {self.kind} {name!r}.{did_you_mean(name, self._entries)} "
                 f"Valid choices: {', '.join(self.names())}"
             )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import is_number
+from .checks import UsageError, UsageTypeError, is_number
 from .layout import ImageLayout
 
 NEWLINE_POLICIES = ("rows", "all", "drop")
@@ -36,14 +36,16 @@ def on_host(tensor: torch.Tensor) -> bool:
 def check_budget(budget) -> float | int:
     """A float in (0, 1] is a fraction of the image's feature tokens, an int >= 1 a count."""
     if not is_number(budget):
-        raise TypeError(f"budget must be a float in (0, 1] (a fraction) or an int >= 1 (a token count), got {budget!r}")
+        raise UsageTypeError(
+            f"budget must be a float in (0, 1] (a fraction) or an int >= 1 (a token count), got {budget!r}"
+        )
     if isinstance(budget, numbers.Integral):
         if budget < 1:
-            raise ValueError(f"budget as an int is a token count and must be >= 1, got {budget}")
+            raise UsageError(f"budget as an int is a token count and must be >= 1, got {budget}")
         return int(budget)
     budget = float(budget)
     if math.isnan(budget) or not 0.0 < budget <= 1.0:
-        raise ValueError(
+        raise UsageError(
             f"budget as a float is a fraction and must be in (0, 1], got {budget}; "
             "pass an int for an absolute token count"
         )

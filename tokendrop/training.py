@@ -50,7 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import adapter_for
-from .checks import is_int, is_number
+from .checks import MissingInputError, UsageError, is_int, is_number
 from .family import Request
 from .files import image_digest, locked, open_image, regular_file, writable_folder
 from .harness import chat_prompt, differences
@@ -104,19 +104,19 @@ class RouterTraining:
     def __post_init__(self):
         self.budget = check_budget(self.budget)
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+            raise UsageError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not is_int(self.samples) or self.samples < 2:
-            raise ValueError(
+            raise UsageError(
                 f"samples must be an int >= 2 (each sample's baseline is the others' mean), got {self.samples!r}"
             )
         for name in ("steps", "batch_size", "accumulate", "rank", "checkpoint_every", "validate_every"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+                raise UsageError(f"{name} must be an int >= 1, got {value!r}")
         if not is_number(self.lr) or not math.isfinite(self.lr) or not self.lr > 0:
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+            raise UsageError(f"lr must be a finite number > 0, got {self.lr!r}")
         if self.scope not in ("all", "crops"):
-            raise ValueError(f"scope must be 'all' or 'crops', got {self.scope!r}")
+            raise UsageError(f"scope must be 'all' or 'crops', got {self.scope!r}")
         if self.prompt_template is not None:
             check_template(self.prompt_template)
         self.out = Path(self.out)
@@ -135,12 +135,12 @@ def check_template(template: str) -> None:
     except ValueError:  # a lone { or }
         fields = {None}
     if fields - {"question"}:
-        raise ValueError(
+        raise UsageError(
             "prompt_template may hold {question} and nothing else in braces (write {{ or }} for a brace), "
             f"got {template!r}"
         )
     if not fields:
-        raise ValueError(f"prompt_template must contain {{question}}, got {template!r}")
+        raise UsageError(f"prompt_template must contain {{question}}, got {template!r}")
 
 
 def read_jsonl(path: str | Path) -> list[Example]:
@@ -149,19 +149,19 @@ def read_jsonl(path: str | Path) -> list[Example]:
     to be a regular file (never read here: a FIFO would wait for ever)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"training data {path} does not exist")
+        raise MissingInputError(f"training data {path} does not exist")
     rows = [
         (number, json_row(path, number, line)) for number, line in enumerate(path.read_text("utf-8").splitlines(), 1)
     ]
     rows = [(number, row) for number, row in rows if row is not None]
     if not rows:
-        raise ValueError(f"training data {path} holds no examples")
+        raise UsageError(f"training data {path} holds no examples")
     examples = []
     for number, row in rows:
         try:
             image = regular_file(path.parent / row["image"])
         except (OSError, ValueError) as error:
-            raise ValueError(f"{path}, line {number}: {error}") from None
+            raise UsageError(f"{path}, line {number}: {error}") from None
         examples.append(Example(image, row["question"], row.get("answer")))
     return examples
 
@@ -173,16 +173,16 @@ def json_row(path: Path, number: int, line: str) -> dict | None:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+        raise UsageError(f"{path}, line {number}: not JSON ({error})") from None
     if not isinstance(row, dict):
-        raise ValueError(f"{path}, line {number}: expected an object with image, question and answer")
+        raise UsageError(f"{path}, line {number}: expected an object with image, question and answer")
     for name in ("image", "question"):
         if not isinstance(row.get(name), str) or not row[name]:
-            raise ValueError(f"{path}, line {number}: `{name}` must be a non-empty string")
+            raise UsageError(f"{path}, line {number}: `{name}` must be a non-empty string")
     answer = row.get("answer")
     if answer is not None and not (isinstance(answer, str) and answer.strip()):
         # an empty answer scores 0 whatever the model says
-        raise ValueError(f"{path}, line {number}: `answer` must be a non-empty string (or left out), got {answer!r}")
+        raise UsageError(f"{path}, line {number}: `answer` must be a non-empty string (or left out), got {answer!r}")
     return row
 
 
@@ -191,7 +191,7 @@ def prompt_for(processor, question: str, template: str | None) -> str:
     if template is not None:
         return template.format(question=question)
     if getattr(processor, "chat_template", None) is None:
-        raise ValueError(
+        raise UsageError(
             "the processor has no chat template: give a prompt template with {question} in it "
             "(--prompt-template 'USER: <image>\\n{question} ASSISTANT:')"
         )
@@ -205,7 +205,7 @@ def answer_text(processor, question: str, answer: str, template: str | None) -> 
     prompt = prompt_for(processor, question, None)
     full = chat_prompt(processor, question, answer=answer)
     if not full.startswith(prompt):
-        raise ValueError(
+        raise UsageError(
             "the chat template renders an answered turn that does not start with the generation "
             "prompt; give --prompt-template to train with answers"
         )
@@ -238,7 +238,7 @@ class SelectionTrainer:
             return inputs, None, 0
         missing = [i for i, e in enumerate(examples) if e.answer is None]
         if missing:
-            raise ValueError(
+            raise UsageError(
                 f"loss {self.config.loss!r} needs reference answers; example {missing[0]} of the batch "
                 "has none (use loss='kl', which needs no labels)"
             )
@@ -419,7 +419,7 @@ def check_run(config: RouterTraining, examples: Sequence[Example], validation: S
     folder that can be written, and no checkpoint of a run with other settings in it. Returns
     the run's identity without the model's fingerprint (`train_router` adds it)."""
     if not len(examples):
-        raise ValueError("train_router needs at least one training example")
+        raise UsageError("train_router needs at least one training example")
     if validation is not None:
         missing_answers(validation, "validation examples need answers (validation scores them)")
     if config.loss != "kl" and getattr(examples, "identity", None) is None:  # a task's rows always have them
@@ -437,7 +437,7 @@ def check_run(config: RouterTraining, examples: Sequence[Example], validation: S
 def missing_answers(examples: Sequence[Example], message: str) -> None:
     for index, example in enumerate(examples):
         if not (isinstance(example.answer, str) and example.answer.strip()):
-            raise ValueError(f"{message}; example {index} has {example.answer!r}")
+            raise UsageError(f"{message}; example {index} has {example.answer!r}")
 
 
 def train_router(
@@ -527,7 +527,7 @@ def check_finite(step: int, what: str, tensors: list[torch.Tensor], lr: float) -
     """Stop a diverged run before it writes anything: a non-finite loss or router would be
     checkpointed, and its selections arbitrary."""
     if not all(bool(t.isfinite().all()) for t in tensors):
-        raise ValueError(
+        raise UsageError(
             f"training diverged: the {what} became non-finite at step {step} (NaN or inf); nothing of this "
             f"step was saved. Train again with a lower learning rate than {lr}"
         )
@@ -631,7 +631,7 @@ def check_same_run(out: Path, meta: dict, identity: dict, ignored=()) -> None:
     that budget 1, one token, and 1.0, every token, differ), the keys `ignored` aside."""
     changed = [k for k in differences(identity, meta["identity"]) if k.split(".")[0] not in ignored]
     if changed:
-        raise ValueError(
+        raise UsageError(
             f"{out / CHECKPOINT} belongs to a run with other settings ({', '.join(changed)}): resume with the "
             "same arguments, or train into another --out"
         )

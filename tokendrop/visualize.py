@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checks import UsageError, UsageTypeError
 from .harness import chat_prompt
 from .patch import patched
 
@@ -32,7 +33,7 @@ def show(
     `vision_prune_layer`: select inside the vision tower at that layer (as `patch`).
     Returns the matplotlib figure (and saves it to `out` if given)."""
     if not isinstance(image, Image.Image):
-        raise TypeError(
+        raise UsageTypeError(
             f"image must be a PIL image (open a file with PIL.Image.open(path)), got a {type(image).__name__}"
         )
     if out is not None:
@@ -84,14 +85,14 @@ def check_figure_path(out) -> None:
     out = Path(out)
     formats = FigureCanvasBase.get_supported_filetypes()
     if out.suffix and out.suffix[1:].lower() not in formats:
-        raise ValueError(
+        raise UsageError(
             f"cannot write the figure as {out}: matplotlib writes {', '.join(sorted(formats))}; "
             f"name it e.g. {out.with_suffix('.png')}"
         )
     if out.is_dir():
-        raise ValueError(f"the figure path {out} is a folder: name the PNG to write, e.g. {out / 'kept.png'}")
+        raise UsageError(f"the figure path {out} is a folder: name the PNG to write, e.g. {out / 'kept.png'}")
     if not out.parent.is_dir():
-        raise ValueError(f"cannot write {out}: the folder {out.parent} does not exist; create it first")
+        raise UsageError(f"cannot write {out}: the folder {out.parent} does not exist; create it first")
 
 
 def kept_grids(layout, indices) -> tuple[np.ndarray, np.ndarray]:

@@ -14,12 +14,14 @@ A method implements one of two entry points; the base class derives the other:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import inspect
+import textwrap
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
-from ..checks import check_choice
+from ..checks import UsageError, check_choice
 from ..layout import EncodedImage, ImageBatch, ImageLayout
 from ..registry import Registry, did_you_mean
 from ..selection import NEWLINE_POLICIES, Grouping, check_budget, feature_mask, keep_count
@@ -70,7 +72,7 @@ class Merged:
         return Grouping(owner, torch.zeros(n_features).index_copy_(0, members, w))
 
 
-class ProcessorNeeded(ValueError):
+class ProcessorNeeded(UsageError):
     """The method reads the question (`Method.reads`) and was given no processor to find it with."""
 
 
@@ -78,24 +80,68 @@ METHODS: Registry[type[Method]] = Registry("method")
 READS = ("scores", "features", "question")  # what a selection can read of an image (`Method.reads`)
 
 
-def register(name: str):
+def option(default, doc: str, **kwargs):
+    """A method option: a dataclass field whose `doc` the class's docstring lists (`register`
+    writes it), so that help(tokendrop.HiRED) shows what each option does."""
+    return field(default=default, metadata={"doc": doc}, **kwargs)
+
+
+def register(name: str, summary: str):
+    """Add the method class to `METHODS` as `name`, with its one-line `summary` (`patch`'s
+    docstring lists them), and give it the docstring help() shows: its own (else its
+    module's, which describes the method) and its options."""
+
     def add(cls):
-        cls.name = name
+        cls.name, cls.summary = name, summary
+        cls.__doc__ = f"{description(cls)}\n\n{options_doc(cls)}"
         return METHODS.register(name)(cls)
 
     return add
 
 
+def description(cls) -> str:
+    """What the method does: the class's own docstring, else its module's; `dataclass` writes
+    a class without one its signature, which help() shows anyway."""
+    own = cls.__doc__ or ""
+    if own.startswith(f"{cls.__name__}("):
+        own = inspect.getmodule(cls).__doc__ or ""
+    return inspect.cleandoc(own)
+
+
+def options_doc(cls) -> str:
+    lines = [f"Attributes (tokendrop.patch(model, {cls.name!r}, budget=..., OPTION=...) or {cls.__name__}(...)):"]
+    for f in dataclasses.fields(cls):
+        if f.init and "doc" in f.metadata:
+            text = f"{f.name} (default {f.default!r}): {f.metadata['doc']}"
+            lines.append(textwrap.fill(text, 96, initial_indent="    ", subsequent_indent="        "))
+    return "\n".join(lines)
+
+
 @dataclass
 class Method:
+    """Options every method takes."""
+
     name: ClassVar[str]
+    summary: ClassVar[str]
     merges: ClassVar[bool] = False  # selects by merging (returns a `Merged` or `Grouping`): pool, visionzip
-    budget: float | int = 1.0
-    newlines: str = "rows"
+    budget: float | int | None = option(
+        None,
+        "the visual tokens kept per image: a fraction in (0, 1] of its feature tokens (0.2) or a token count "
+        "(an int, 64). Required to patch: 1.0 keeps every token",
+    )
+    newlines: str = option(
+        "rows",
+        "the AnyRes row-end newline tokens: 'rows' keeps those of rows with a kept token, 'all' every one, 'drop' none",
+    )
 
     def __post_init__(self):
-        self.budget = check_budget(self.budget)
+        if self.budget is not None:  # checked when the model is patched: `check_budget_given`
+            self.budget = check_budget(self.budget)
         check_choice("newlines", self.newlines, NEWLINE_POLICIES)
+
+    def needs_budget(self) -> bool:
+        """Whether selecting needs `budget` (text and router with threshold= do without)."""
+        return True
 
     @classmethod
     def needs_processor(cls) -> bool:
@@ -170,11 +216,22 @@ def check_signals(method: Method, adapter) -> None:
     for layer, kind in method.signals().items():
         if kind not in adapter.signal_kinds:
             name = getattr(method, "name", type(method).__name__)
-            raise ValueError(
+            raise UsageError(
                 f"method {name!r} needs the {kind!r} signal of vision layer {layer}, which tokendrop cannot "
                 f"supply for a {adapter.model_class} (it supplies {', '.join(map(repr, adapter.signal_kinds))}): "
                 "pick a method that uses only those"
             )
+
+
+def check_budget_given(method: Method) -> None:
+    """Refuse a method without a budget: it would keep every token, a patch that changes nothing."""
+    if method.budget is None and method.needs_budget():
+        name, cls = getattr(method, "name", "METHOD"), type(method).__name__
+        raise UsageError(
+            f"method {name!r} needs a budget, the visual tokens to keep per image: a fraction in (0, 1] or a "
+            f"token count, e.g. tokendrop.patch(model, {name!r}, budget=0.2) or {cls}(budget=0.2) "
+            "(budget=1.0 keeps every token)"
+        )
 
 
 def check_fits(method: Method, adapter) -> Method:
@@ -184,6 +241,7 @@ def check_fits(method: Method, adapter) -> Method:
     by the model's sizes only."""
     resolved = method.resolve(adapter)
     check_signals(resolved, adapter)
+    check_budget_given(resolved)
     return resolved
 
 
@@ -195,14 +253,14 @@ def check_in_tower(method: Method, layer: int) -> None:
     name = getattr(method, "name", type(method).__name__)
     if "question" in method.reads():
         hint = " (dpp: relevance='cls', 'none' or 'allocator' reads no question)" if name == "dpp" else ""
-        raise ValueError(
+        raise UsageError(
             f"method {name!r} cannot select inside the vision tower (vision_prune_layer={layer}): it scores the "
             "image's tokens against the question's LLM input embeddings, a comparison that means something only "
             "for the vectors the projector was trained to map into that space, the feature layer's; layer "
             f"{layer}'s output through the projector is not in it. Patch without vision_prune_layer{hint}"
         )
     if method.merges:
-        raise ValueError(
+        raise UsageError(
             f"method {name!r} cannot select inside the vision tower (vision_prune_layer={layer}): it gives the "
             "LLM means of groups of feature-layer vectors, and inside the tower only the kept tokens reach the "
             "feature layer, so the tokens merged into them have no vector there to average. Patch without "
@@ -218,7 +276,7 @@ def build(name: str, processor=None, **options) -> Method:
     fields = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "processor"]
     for key in options:
         if key not in fields:
-            raise ValueError(
+            raise UsageError(
                 f"method {name!r} has no option {key!r}.{did_you_mean(key, fields)} Its options: {', '.join(fields)}"
             )
     if cls.needs_processor():
@@ -226,6 +284,21 @@ def build(name: str, processor=None, **options) -> Method:
     return cls(**options)
 
 
+def methods_doc() -> str:
+    """The registered methods, one paragraph each, for `patch`'s docstring."""
+    lines = [
+        textwrap.fill(
+            "Methods (help(tokendrop.HiRED), or another method's class, lists its options and what they do; "
+            "tokendrop.methods() gives every method's options with their defaults):",
+            96,
+        )
+    ]
+    for name, cls in METHODS.items():
+        lines.append(textwrap.fill(f"{name!r} (tokendrop.{cls.__name__}): {cls.summary}", 96, subsequent_indent="    "))
+    return "\n".join(lines)
+
+
 def describe() -> dict[str, dict[str, object]]:
-    """Every registered method with its options and their defaults."""
+    """Every registered method with its options and their defaults; help(tokendrop.HiRED)
+    (each method's class) says what each option does."""
     return {name: {f.name: f.default for f in dataclasses.fields(cls) if f.init} for name, cls in METHODS.items()}

@@ -19,11 +19,9 @@ from .base import register
 from .cls import CLS
 
 
-@register("base")
+@register("base", "baseline: the base view only, every crop dropped")
 @dataclass
-class BaseView(CLS):
-    """`cls` restricted to the base view: the same option and signal, another candidate set."""
-
+class BaseView(CLS):  # `cls` restricted to the base view: the same option and signal, another candidate set
     def kept_count(self, layout: ImageLayout) -> int:
         k = keep_count(self.budget, layout.n_features)
         return k if k >= layout.n_features else min(k, layout.sizes[0])

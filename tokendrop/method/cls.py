@@ -11,13 +11,15 @@ import torch
 from ..checks import check_layer
 from ..layout import ImageBatch
 from ..selection import keep_count, top_k
-from .base import Method, register
+from .base import Method, option, register
 
 
-@register("cls")
+@register("cls", "FasterVLM: the top tokens by CLS attention, ranked over all partitions at once")
 @dataclass
 class CLS(Method):
-    select_layer: int | None = None  # CLS attention ranks tokens; None: the model's feature layer
+    select_layer: int | None = option(
+        None, "the vision layer whose CLS attention ranks the tokens; None: the model's feature layer"
+    )
 
     def resolve(self, adapter) -> CLS:
         layer = adapter.feature_layer if self.select_layer is None else self.select_layer

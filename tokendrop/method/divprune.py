@@ -22,7 +22,10 @@ from ..selection import keep_count
 from .base import Method, register
 
 
-@register("divprune")
+@register(
+    "divprune",
+    "DivPrune (CVPR 2025): the most mutually different tokens (greedy max-min diversity); no attention, no question",
+)
 @dataclass
 class DivPrune(Method):
     def reads(self) -> frozenset[str]:

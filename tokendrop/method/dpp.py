@@ -71,10 +71,10 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_choice
+from ..checks import UsageError, check_choice
 from ..layout import ImageBatch, ImageLayout
 from ..selection import keep_count, on_host, proportional_counts
-from .base import Method, ProcessorNeeded, register
+from .base import Method, ProcessorNeeded, option, register
 from .globalcom2 import GlobalCom2
 from .hired import HiRED
 from .text import Text
@@ -84,16 +84,25 @@ ALLOCATIONS = ("global", "partition", "hired", "globalcom2")
 ALLOCATORS = {"hired": HiRED, "globalcom2": GlobalCom2}
 
 
-@register("dpp")
+@register(
+    "dpp",
+    "CDPruner (NeurIPS 2025): a conditional DPP keeps tokens relevant to the question and unlike each other",
+)
 @dataclass
 class DPP(Method):
-    # r: "text" (the question), "cls" (CLS attention), "none", or "allocator" (the allocator's own
-    # per-token importance); None: "allocator" with allocation hired/globalcom2, else "text"
-    relevance: str | None = None
-    # budget split over partitions: global, partition, hired, globalcom2 (the default: the best
-    # measured on the testbeds; the paper's setting is allocation="global", relevance="text")
-    allocation: str = "globalcom2"
-    processor: object = field(default=None, repr=False)  # needed by relevance="text" only
+    relevance: str | None = option(
+        None,
+        "each token's relevance r: 'text' (the question), 'cls' (CLS attention), 'none', or 'allocator' (the "
+        "allocator's own per-token importance); None: 'allocator' with allocation 'hired' or 'globalcom2', "
+        "else 'text'",
+    )
+    allocation: str = option(
+        "globalcom2",
+        "the budget split over partitions: 'global' (one DPP; the paper's setting, with relevance='text'), "
+        "'partition' (by size), 'hired' or 'globalcom2' (those methods' counts; globalcom2, the default, "
+        "measured best on the testbeds)",
+    )
+    processor: object = option(None, "the model's processor (or tokenizer); needed by relevance='text'", repr=False)
     # filled at patch time
     question: Text | None = field(init=False, repr=False, default=None)
     allocator: Method | None = field(init=False, repr=False, default=None)
@@ -106,7 +115,7 @@ class DPP(Method):
             self.relevance = "allocator" if self.allocation in ALLOCATORS else "text"
         check_choice("relevance", self.relevance, RELEVANCES)
         if self.relevance == "allocator" and self.allocation not in ALLOCATORS:
-            raise ValueError(
+            raise UsageError(
                 f"dpp: relevance='allocator' needs allocation='hired' or 'globalcom2' (the method whose "
                 f"token importance it uses), got allocation={self.allocation!r}"
             )
@@ -131,7 +140,7 @@ class DPP(Method):
         wanted = dict(self.allocator.signals()) if self.allocator is not None else {}
         if self.relevance == "cls":
             if wanted.get(self.feature_layer, "probs") != "probs":
-                raise ValueError(
+                raise UsageError(
                     f"dpp: relevance='cls' and allocation={self.allocation!r} need layer "
                     f"{self.feature_layer} as both probabilities and logits"
                 )

@@ -23,14 +23,17 @@ import torch.nn.functional as F
 from ..checks import check_layer, check_real
 from ..layout import ImageBatch, ImageLayout
 from ..selection import allocate, floor_fraction, keep_count, region_sums, top_k_per_partition
-from .base import Method, register
+from .base import Method, option, register
 
 
-@register("globalcom2")
+@register(
+    "globalcom2",
+    "GlobalCom2 (AAAI-26): the thumbnail's scores set each crop's share; the top tokens by CLS logits within each",
+)
 @dataclass
 class GlobalCom2(Method):
-    tau: float = 10.0  # temperature of the crop-share softmax
-    score_layer: int = -1  # CLS logits of this vision layer score every token
+    tau: float = option(10.0, "the temperature of the softmax over the crops' scores that sets their shares")
+    score_layer: int = option(-1, "the vision layer whose CLS-query logits score every token")
 
     def __post_init__(self):
         super().__post_init__()

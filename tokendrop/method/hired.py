@@ -20,18 +20,28 @@ import torch
 from ..checks import check_choice, check_layer, check_real
 from ..layout import ImageBatch
 from ..selection import allocate, floor_fraction, keep_count, region_sums, top_k_per_tile
-from .base import Method, register
+from .base import Method, option, register
 
 ALLOCATIONS = ("mass", "count")
 
 
-@register("hired")
+@register(
+    "hired",
+    "HiRED (AAAI-25): the budget split between base view and crops by the base's CLS attention; the top "
+    "tokens by CLS attention within each",
+)
 @dataclass
 class HiRED(Method):
-    alpha: float = 0.5  # share of the budget for the base view
-    alloc_layer: int = 0  # CLS attention on the base decides the crop shares
-    select_layer: int | None = None  # CLS attention ranks tokens; None: the model's feature layer
-    allocation: str = "mass"  # crop weights: "mass" (paper Eq. 1) or "count" (the reference code)
+    alpha: float = option(0.5, "the share of the budget for the base view, in [0, 1]")
+    alloc_layer: int = option(0, "the vision layer whose CLS attention on the base view decides the crop shares")
+    select_layer: int | None = option(
+        None, "the vision layer whose CLS attention ranks each partition's tokens; None: the model's feature layer"
+    )
+    allocation: str = option(
+        "mass",
+        "crop weights: 'mass', the base's CLS attention summed over each crop's region (paper Eq. 1); 'count', "
+        "how many of the base's top patches fall in it (the reference code)",
+    )
 
     def __post_init__(self):
         super().__post_init__()

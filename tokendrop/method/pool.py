@@ -29,7 +29,7 @@ from ..selection import Grouping, allocate, keep_count, proportional_counts
 from .base import Method, register
 
 
-@register("pool")
+@register("pool", "baseline: spatial average pooling of each partition (merged tokens)")
 @dataclass
 class Pool(Method):
     merges = True

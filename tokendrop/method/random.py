@@ -7,22 +7,22 @@ from functools import lru_cache
 
 import torch
 
-from ..checks import check_int
+from ..checks import UsageError, check_int
 from ..layout import ImageBatch
 from ..selection import feature_mask, keep_count
-from .base import Method, register
+from .base import Method, option, register
 
 
-@register("random")
+@register("random", "baseline: a uniformly random subset")
 @dataclass
 class Random(Method):
-    seed: int = 0
+    seed: int = option(0, "draws the subset, which depends on it and the image's token count only")
 
     def __post_init__(self):
         super().__post_init__()
         self.seed = check_int("seed", self.seed)
         if not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed accepts
-            raise ValueError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+            raise UsageError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
 
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:
         n = batch.layout.n_features

@@ -34,8 +34,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 from torch import nn
 
-from ..checks import check_int
-from .base import register
+from ..checks import MissingInputError, UsageError, UsageTypeError, check_int
+from .base import option, register
 from .text import Text
 
 FORMAT = "tokendrop-router"
@@ -166,7 +166,7 @@ def save_router(weights: RouterWeights, folder: str | Path, base_model: dict, tr
 
     tensors = {name: p.detach().float().cpu().contiguous() for name, p in weights.named_parameters()}
     if not all(bool(t.isfinite().all()) for t in tensors.values()):
-        raise ValueError(
+        raise UsageError(
             "router: the weights are not finite (NaN or inf: training diverged), so nothing was written; "
             "train again with a lower learning rate"
         )
@@ -193,7 +193,7 @@ def read_router(folder: str | Path) -> tuple[dict, RouterWeights]:
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"router: {path} is missing; a router folder holds {CONFIG_FILE} and "
                 f"{WEIGHTS_FILE} (written by tokendrop train-router)"
             )
@@ -202,12 +202,12 @@ def read_router(folder: str | Path) -> tuple[dict, RouterWeights]:
     try:
         tensors = load(data)
     except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(
+        raise UsageError(
             f"router: {weights_path} cannot be read ({error}); the file is damaged or "
             "truncated: copy it again or retrain"
         ) from None
     if hashlib.sha256(data).hexdigest() != config["weights_sha256"]:  # damage that still parses
-        raise ValueError(
+        raise UsageError(
             f"router: {weights_path} does not match the checksum in {config_path}: the file is damaged "
             "(or was replaced): copy the router folder again or retrain"
         )
@@ -215,12 +215,12 @@ def read_router(folder: str | Path) -> tuple[dict, RouterWeights]:
     expected = {"visual": (hidden, rank), "question": (hidden, rank), "salience": (hidden,)}
     found = {name: tuple(t.shape) for name, t in tensors.items()}
     if found != expected:
-        raise ValueError(
+        raise UsageError(
             f"router: {weights_path} holds tensors {found}, but {config_path} (rank {rank}, hidden "
             f"size {hidden}) needs {expected}: the two files do not belong together"
         )
     if not all(bool(t.isfinite().all()) for t in tensors.values()):
-        raise ValueError(
+        raise UsageError(
             f"router: {weights_path} holds weights that are not finite (NaN or inf): it would keep "
             "arbitrary tokens; retrain it with a lower learning rate"
         )
@@ -236,9 +236,9 @@ def read_config(path: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"router: {path} is not valid JSON ({error}); the file is damaged") from None
+        raise UsageError(f"router: {path} is not valid JSON ({error}); the file is damaged") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"router: {path} is not a tokendrop router config (format {FORMAT!r} expected)")
+        raise UsageError(f"router: {path} is not a tokendrop router config (format {FORMAT!r} expected)")
     base_model = config.get("base_model")
     missing = [key for key in REQUIRED if key not in config]
     if isinstance(base_model, dict):
@@ -246,7 +246,7 @@ def read_config(path: Path) -> dict:
     elif "base_model" not in missing:
         missing.append("base_model")
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"router: {path} lacks {', '.join(missing)}, which loading checks: the file is damaged, or "
             f"was written before tokendrop {__version__} checked them; retrain the router with tokendrop "
             "train-router"
@@ -261,14 +261,14 @@ def router_folder(name: str) -> Path:
     if name.startswith(SHIPPED_PREFIX):
         shipped = name.removeprefix(SHIPPED_PREFIX)
         if shipped not in SHIPPED:
-            raise ValueError(
+            raise UsageError(
                 f"router={name!r}: tokendrop ships no router {shipped!r}; it ships "
                 f"{', '.join(SHIPPED_PREFIX + n for n in SHIPPED)}"
             )
         return SHIPPED[shipped]
     if name in SHIPPED:
         if Path(name).exists():
-            raise ValueError(
+            raise UsageError(
                 f"router={name!r} names both the router shipped with tokendrop and the folder ./{name}: "
                 f"write router='./{name}' for the folder, or router='{SHIPPED_PREFIX}{name}' for the shipped one"
             )
@@ -276,31 +276,35 @@ def router_folder(name: str) -> Path:
     return Path(name)
 
 
-@register("router")
+@register("router", "the learned router: text's score plus a term trained by tokendrop train-router; needs processor=")
 @dataclass
 class Router(Text):
-    """`text` with a learned score. `router`: a folder written by `tokendrop train-router`,
-    or one shipped with tokendrop (`tokendrop:testbed`; see `router_folder`); None: untrained,
-    selects exactly as `text`. `rank`: of an untrained router (a saved one brings its own; giving another is
-    an error)."""
+    """`text` with a learned score: a router trained by `tokendrop train-router`, one shipped
+    with tokendrop (`router_folder`), or untrained (selecting exactly as `text`)."""
 
-    scope: str = "all"  # trained and swept on the same axis as every other method
-    router: str | None = None
-    rank: int | None = None
+    scope: str = option(
+        "all",
+        "'all': every token scored, as it is trained and swept, on the same axis as every other method; "
+        "'crops': the base view kept whole",
+    )
+    router: str | None = option(
+        None, "a folder written by tokendrop train-router, or 'tokendrop:testbed'; None: untrained (as text)"
+    )
+    rank: int | None = option(None, "the rank of an untrained router (8 by default); a saved router brings its own")
     weights: RouterWeights | None = field(init=False, repr=False, default=None)
     saved: dict | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self):
         super().__post_init__()
         if self.rank is not None and check_int("rank", self.rank) < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+            raise UsageError(f"rank must be >= 1, got {self.rank}")
         if self.router is not None:
             if not isinstance(self.router, (str, Path)):
-                raise TypeError(f"router must be the path of a saved router folder, got {self.router!r}")
+                raise UsageTypeError(f"router must be the path of a saved router folder, got {self.router!r}")
             self.router = str(self.router)
             self.saved, self.weights = read_router(router_folder(self.router))
             if self.rank is not None and self.rank != self.weights.rank:
-                raise ValueError(
+                raise UsageError(
                     f"rank={self.rank} was given, but the router in {self.router} has rank "
                     f"{self.weights.rank}: leave rank out to use the saved one"
                 )
@@ -316,7 +320,7 @@ class Router(Text):
             else:
                 mismatch = fingerprint_mismatch(self.saved["base_model"], adapter)
             if mismatch:
-                raise ValueError(
+                raise UsageError(
                     f"router {self.router} was trained on another model: {mismatch}. Train one for "
                     "this model with tokendrop train-router"
                 )

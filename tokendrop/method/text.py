@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from ..checks import check_choice, check_real
+from ..checks import UsageError, UsageTypeError, check_choice, check_real
 from ..layout import EncodedImage, ImageBatch, ImageLayout
 from ..selection import keep_count, order_key
-from .base import Method, ProcessorNeeded, register
+from .base import Method, ProcessorNeeded, option, register
 
 # stand-ins for a conversation's texts, to find where the chat template puts them
 MARKERS = tuple(f"\u2063{word}\u2063" for word in ("FIRST", "ANSWER", "SECOND"))
@@ -93,12 +93,20 @@ def loose(text: str) -> re.Pattern:
     return re.compile(r"\s*".join(re.escape(word) for word in text.split()))
 
 
-@register("text")
+@register("text", "SliME's training-free text router: the tokens most like the question's embeddings; needs processor=")
 @dataclass
 class Text(Method):
-    threshold: float | None = None  # adaptive mode: cumulative softmax mass to keep
-    scope: str = "crops"  # "crops": base view kept whole; "all": every token scored
-    processor: object = field(default=None, repr=False)  # the model's processor (or tokenizer)
+    threshold: float | None = option(
+        None,
+        "adaptive mode, in place of a budget: keep tokens in descending score while the cumulative softmax "
+        "mass stays <= threshold, plus one",
+    )
+    scope: str = option(
+        "crops", "'crops': the base view kept whole, the budget over the crop tokens; 'all': every token scored"
+    )
+    processor: object = option(
+        None, "the model's processor (or tokenizer), to find and embed each prompt's question; required", repr=False
+    )
     # read from the processor once, at patch time
     template: Template = field(init=False, repr=False, default=Template())
     image_token_id: int = field(init=False, repr=False, default=-1)
@@ -108,27 +116,30 @@ class Text(Method):
         check_choice("scope", self.scope, ("crops", "all"))
         if self.threshold is not None:
             self.threshold = check_real("threshold", self.threshold, 1e-9, 1.0)
-            if self.budget != 1.0:
-                raise ValueError("text takes budget= (top-k) or threshold= (adaptive), not both")
+            if self.budget not in (None, 1.0):
+                raise UsageError("text takes budget= (top-k) or threshold= (adaptive), not both")
         if self.processor is None:
             raise ProcessorNeeded(
                 "text needs processor= (the model's processor or tokenizer) to find and embed the "
                 "question: tokendrop.patch(model, 'text', budget=0.3, processor=processor)"
             )
         if not isinstance(self.tokenizer, PreTrainedTokenizerBase):
-            raise TypeError(
+            raise UsageTypeError(
                 "processor= must be the model's processor (as loaded with it, e.g. AutoProcessor.from_pretrained) "
                 f"or its tokenizer, got {type(self.processor).__name__} {self.processor!r:.80}"
             )
         token = image_token(self.processor)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(token)
         if self.image_token_id in (None, self.tokenizer.unk_token_id):
-            raise ValueError(f"processor= has no image token {token!r}: pass the patched model's own processor")
+            raise UsageError(f"processor= has no image token {token!r}: pass the patched model's own processor")
         self.template = Template.of(self.processor)
+
+    def needs_budget(self) -> bool:
+        return self.threshold is None
 
     def resolve(self, adapter) -> Text:
         if self.image_token_id != adapter.image_token_id:
-            raise ValueError(
+            raise UsageError(
                 f"processor= is another model's processor: its image token has id {self.image_token_id}, the "
                 f"model's has id {adapter.image_token_id}. Pass the processor loaded with this model"
             )
@@ -140,7 +151,7 @@ class Text(Method):
     def kept_count(self, layout: ImageLayout) -> int:
         """Under `threshold=` the count follows the scores: a ValueError."""
         if self.threshold is not None:
-            raise ValueError(f"{self.name} with threshold= keeps a number of tokens that depends on the scores")
+            raise UsageError(f"{self.name} with threshold= keeps a number of tokens that depends on the scores")
         if self.scope == "all" or layout.n_partitions == 1:
             return keep_count(self.budget, layout.n_features)
         return layout.sizes[0] + keep_count(self.budget, sum(layout.sizes[1:]))
@@ -205,7 +216,7 @@ class Text(Method):
         for text, ids in zip(distinct, tokenizer(distinct, add_special_tokens=False).input_ids):
             tokens[text] = [i for i in ids if i not in special]
             if not tokens[text]:
-                raise ValueError(
+                raise UsageError(
                     f"text found no question tokens in the prompt (text after the last image: {text!r}); "
                     "pass questions=[...] to generate/forward, one per prompt row"
                 )
@@ -219,7 +230,7 @@ def read_questions(images: list[EncodedImage], image_token_id: int) -> list[list
     if not images:
         return []
     if any(image.prompt_row is None for image in images):
-        raise ValueError(
+        raise UsageError(
             "text reads each image's question from its prompt row, and these images carry none: "
             "pass questions=[...] to generate/forward, one per prompt row"
         )

@@ -12,7 +12,7 @@ from ..selection import feature_mask, keep_count, proportional_counts
 from .base import Method, register
 
 
-@register("uniform")
+@register("uniform", "baseline: an evenly strided subset of each partition")
 @dataclass
 class Uniform(Method):
     def select_batch(self, batch: ImageBatch) -> torch.Tensor:

@@ -30,16 +30,23 @@ import torch.nn.functional as F
 from ..checks import check_layer, check_real
 from ..layout import EncodedImage
 from ..selection import floor_fraction, keep_count, proportional_counts
-from .base import Merged, Method, register
+from .base import Merged, Method, option, register
 
 
-@register("visionzip")
+@register(
+    "visionzip",
+    "VisionZip (CVPR 2025): dominant tokens by CLS attention plus contextual tokens merged from the rest",
+)
 @dataclass
 class VisionZip(Method):
     merges = True
 
-    contextual: float = 0.15625  # share of each partition's kept tokens made by merging (paper 10 of 64)
-    select_layer: int | None = None  # CLS attention picks the dominant tokens; None: the feature layer
+    contextual: float = option(
+        0.15625, "the share of each partition's kept tokens made by merging the rest (the paper's 10 of 64)"
+    )
+    select_layer: int | None = option(
+        None, "the vision layer whose CLS attention picks the dominant tokens; None: the model's feature layer"
+    )
 
     def __post_init__(self):
         super().__post_init__()

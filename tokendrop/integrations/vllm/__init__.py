@@ -47,6 +47,8 @@ from tokendrop.method import Method, build
 from tokendrop.method.base import ProcessorNeeded
 from tokendrop.pruning import select_images
 
+from ...checks import UsageError
+
 # the stock architectures the plugin serves -> the module of this package holding its model
 # of each, named `architecture(stock)`
 SERVED = {
@@ -62,7 +64,7 @@ DEFAULT_NEWLINES = "all"
 def architecture(stock: str) -> str:
     """The plugin's architecture name for a stock one it serves, for `hf_overrides`."""
     if stock not in SERVED:
-        raise ValueError(f"the tokendrop vLLM plugin serves {', '.join(SERVED)}; not {stock}")
+        raise UsageError(f"the tokendrop vLLM plugin serves {', '.join(SERVED)}; not {stock}")
     return f"Tokendrop{stock}"
 
 
@@ -88,7 +90,7 @@ def server_options(hf_config) -> dict:
     if raw is None:
         raw, source = os.environ.get(ENV), f"${ENV}"
     if raw is None or raw == "":
-        raise ValueError(
+        raise UsageError(
             f"the tokendrop vLLM model needs a method: pass hf_overrides={{'{CONFIG_KEY}': {{'method': 'hired', "
             f'\'budget\': 0.25}}}} or set {ENV}=\'{{"method": "hired", "budget": 0.25}}\''
         )
@@ -96,11 +98,11 @@ def server_options(hf_config) -> dict:
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as error:
-            raise ValueError(
+            raise UsageError(
                 f'{source} must be a JSON object such as {{"method": "hired", "budget": 0.25}}: {error}'
             ) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("method"), str):
-        raise ValueError(
+        raise UsageError(
             f'{source} must be an object with a \'method\' name, e.g. {{"method": "hired", '
             f'"budget": 0.25}}; got {raw!r}'
         )
@@ -116,9 +118,9 @@ def request_options(server: dict, request) -> dict:
         try:
             request = json.loads(request)
         except json.JSONDecodeError as error:
-            raise ValueError(f"mm_processor_kwargs['{CONFIG_KEY}'] must be a JSON object: {error}") from None
+            raise UsageError(f"mm_processor_kwargs['{CONFIG_KEY}'] must be a JSON object: {error}") from None
     if not isinstance(request, dict) or not isinstance(request.get("method", ""), str):
-        raise ValueError(
+        raise UsageError(
             f"mm_processor_kwargs['{CONFIG_KEY}'] must be an object of method options, e.g. {{\"budget\": 0.1}} "
             f'or {{"method": "text", "budget": 0.1}}; got {request!r}'
         )
@@ -135,13 +137,18 @@ def build_method(options: dict, processor=None) -> Method:
     try:
         method = build(name, processor=processor, **options)
     except ProcessorNeeded:
-        raise ValueError(
+        raise UsageError(
             f"method {name!r} reads the question, which needs the model's tokenizer: build it with processor="
         ) from None
     if getattr(method, "threshold", None) is not None:
-        raise ValueError(
+        raise UsageError(
             "threshold= keeps a data-dependent number of tokens, but vLLM fixes each image's placeholder count "
             "while preprocessing, before the vision tower runs: give a budget (a fraction or a count) instead"
+        )
+    if method.budget is None:  # it would keep every token: a server that prunes nothing
+        raise UsageError(
+            f"the tokendrop vLLM model needs a budget for method {name!r}, the visual tokens kept per image (a "
+            f'fraction in (0, 1] or a count): e.g. {{"method": {json.dumps(name)}, "budget": 0.25}}'
         )
     return method
 
@@ -150,7 +157,7 @@ def check_countable(method: Method, layout: ImageLayout) -> None:
     """Refuse newlines="rows" where the newlines an image of `layout` keeps depend on the
     selected tokens: a method that reads the image's data, and a layout with newlines."""
     if method.newlines == "rows" and method.reads() and layout.newline_positions.numel():
-        raise ValueError(
+        raise UsageError(
             f"newlines='rows' with method {method.name!r} keeps a number of newline tokens that depends on which "
             "tokens the scores select, but vLLM fixes each image's placeholder count before the vision tower runs: "
             "use newlines='all' (the plugin's default) or 'drop'"

@@ -49,6 +49,7 @@ from tokendrop.method.base import check_signals
 from tokendrop.method.text import Template
 from tokendrop.pruning import select_images
 
+from ...checks import UsageError
 from .. import vllm as vllm_plugin
 
 REQUEST_FIELD = "tokendrop_request"  # each image's options and question, as JSON bytes
@@ -74,12 +75,12 @@ class Family:
         for the methods that read the question."""
         name = self.adapter.model_class
         if not isinstance(hf_config.vision_feature_layer, int):
-            raise ValueError(
+            raise UsageError(
                 f"the tokendrop vLLM plugin supports {name} with a single vision_feature_layer; this model has "
                 f"{hf_config.vision_feature_layer!r}"
             )
         if self.tower_type not in hf_config.vision_config.model_type:
-            raise ValueError(
+            raise UsageError(
                 f"tokendrop scores the tokens of a {name} {self.adapter.tower}; this model's tower is "
                 f"{hf_config.vision_config.model_type!r}"
             )
@@ -270,7 +271,7 @@ class TokendropModel:
         for index, layer in self._layers.items():
             attention = layer.self_attn
             if attention.num_heads_per_partition != attention.num_heads:
-                raise ValueError(
+                raise UsageError(
                     "the tokendrop vLLM plugin needs the vision tower unsharded (tensor_parallel_size=1, "
                     "or mm_encoder_tp_mode='data'): its scores sum over all heads"
                 )
@@ -289,16 +290,16 @@ class TokendropModel:
         """Each image's kept vectors, selected by its request's method (and question);
         `requests`: the images' `tokendrop_request` tensors."""
         if image_input["type"] == "image_embeds":
-            raise ValueError(
+            raise UsageError(
                 "the tokendrop vLLM model prunes images from their pixels; precomputed image_embeds "
                 "carry no scores to select by: send the image itself"
             )
         if requests is None:
-            raise ValueError(f"the tokendrop vLLM model's images come with {REQUEST_FIELD} from its own processor")
+            raise UsageError(f"the tokendrop vLLM model's images come with {REQUEST_FIELD} from its own processor")
         requests = [json.loads(bytes(r.tolist())) for r in requests]
         image_sizes = image_input.get("image_sizes")
         if image_sizes is None:
-            raise ValueError("the tokendrop vLLM model needs each image's size (the processor gives image_sizes)")
+            raise UsageError("the tokendrop vLLM model needs each image's size (the processor gives image_sizes)")
         keys = [json.dumps(r["options"], sort_keys=True) for r in requests]
         methods = {key: self.tokendrop_methods[key] for key in dict.fromkeys(keys)}
         kinds = {}
@@ -306,13 +307,13 @@ class TokendropModel:
             for layer, kind in method.signals().items():
                 layer %= self.n_vision_layers
                 if layer not in self._kernels:
-                    raise ValueError(
+                    raise UsageError(
                         f"method {method.name!r} scores vision layer {layer}, deeper than this server's tower "
                         f"(built to layer {len(self._kernels) - 1} for its own method): make a method that scores "
                         "that deep the server's, or choose another"
                     )
                 if kinds.setdefault(layer, kind) != kind:
-                    raise ValueError(f"the methods of one batch need layer {layer} as both {kind} and {kinds[layer]}")
+                    raise UsageError(f"the methods of one batch need layer {layer} as both {kind} and {kinds[layer]}")
         with self._score_hooks(kinds) as captured:
             patch_embeddings = self._process_image_pixels(image_input)
         tiles = [int(embeddings.shape[0]) for embeddings in patch_embeddings]

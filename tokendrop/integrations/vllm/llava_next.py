@@ -25,6 +25,7 @@ from tokendrop.adapters.llava_next import LlavaNextAdapter, packed_layout
 from tokendrop.layout import ImageLayout
 from tokendrop.scoring import capture_cls_scores_of_inputs
 
+from ...checks import UsageError
 from . import anyres
 from .anyres import REQUEST_FIELD
 
@@ -55,7 +56,7 @@ class TokendropLlavaNextForConditionalGeneration(anyres.TokendropModel, LlavaNex
         from vllm.model_executor.models.utils import maybe_prefix
 
         if type(self.vision_tower) is not CLIPVisionModel:
-            raise ValueError(f"tokendrop scores with a CLIP tower; this model's is {type(self.vision_tower).__name__}")
+            raise UsageError(f"tokendrop scores with a CLIP tower; this model's is {type(self.vision_tower).__name__}")
         with self._mark_tower_model(vllm_config, "image"):
             self.vision_tower = CLIPVisionModel(
                 self.config.vision_config,

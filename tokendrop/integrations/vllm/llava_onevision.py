@@ -34,6 +34,7 @@ from tokendrop.adapters.llava_onevision import UNCAPPED, LlavaOnevisionAdapter, 
 from tokendrop.layout import NEWLINE, ImageLayout
 from tokendrop.scoring import capture_siglip_scores
 
+from ...checks import UsageError
 from . import anyres
 from .anyres import REQUEST_FIELD
 
@@ -64,7 +65,7 @@ class TokendropLlavaOnevisionForConditionalGeneration(anyres.TokendropModel, Lla
         builds (to the feature layer), for images and videos alike, so a tower built deeper
         for scores would change what the LLM gets. OneVision checkpoints take the last layer
         (vision_feature_layer=-1), whose tower has every layer a method can score."""
-        raise ValueError(
+        raise UsageError(
             f"the server's method scores vision layer {n_layers - 1}, deeper than this model's feature layer "
             f"(vision_feature_layer={self.config.vision_feature_layer}), to which vLLM builds LLaVA-OneVision's "
             "tower and from whose output it takes images' and videos' features: choose scored layers at or above "
