@@ -355,6 +355,7 @@ def test_only_usage_errors_are_usage_errors(capsys, monkeypatch):
     [
         (["profile", "--model", "tiny", *QUICK, "--option", "hired.select_layer=0.5"], "select_layer must be an int"),
         (["profile", "--model", "tiny", *QUICK, "--methods", "hird"], "unknown method 'hird'"),
+        (["demo", "--warmup", "-1", "--out", "OUT"], "--warmup must be >= 0, got -1"),
         (
             ["sweep", "--model", "tiny", "--tasks", "custom", "--data", "custom=/nowhere.jsonl", "--out", "OUT"],
             "/nowhere",

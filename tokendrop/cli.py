@@ -483,10 +483,11 @@ def run_testbed_demo(args) -> None:
     from .harness import text_table
     from .loading import load_processor
     from .preset_specs import with_preset_defaults
-    from .profiler import ProfileConfig, profile
     from .visualize import show
 
     check_methods(args.methods)
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     config = SweepConfig(
         model=args.model,
         tasks=["shapes"],
@@ -507,16 +508,6 @@ def run_testbed_demo(args) -> None:
     lowest = config.budgets[-1]  # the last listed: the lowest, as the defaults list them
     options = with_preset_defaults(config.model, config.methods, config.options)
     sample = shapes_sample("test", 0)
-    buys = ProfileConfig(
-        methods=config.methods,
-        budgets=[lowest],
-        options=options,
-        prompt=sample["question"],
-        max_new_tokens=1,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        progress=False,
-    )
     processor = load_processor(args.model)
     model = loaded_model(args)
     summary = sweep(config, model=model, processor=processor)
@@ -536,7 +527,7 @@ def run_testbed_demo(args) -> None:
     print()
     print(format_summary(summary))
     print()
-    print(budget_buys(profile(model, processor, [sample["image"]], buys), lowest, args.repeats))
+    print(budget_buys(model, processor, sample, config.methods, lowest, options, args.repeats, args.warmup))
 
     # the kept tokens of the first example at the lowest budget, by the first method
     sample = shapes_sample("test", indices[0]) if indices else sample
@@ -547,18 +538,38 @@ def run_testbed_demo(args) -> None:
     print(f"records, summary.json and plots in {config.out}. The same on any model: tokendrop sweep --help")
 
 
-def budget_buys(rows: list[dict], budget, repeats: int) -> str:
-    """One line from a profile of one image: what each method feeds the LLM at `budget`, and
-    its LLM prefill time, beside the unpatched model's."""
+def budget_buys(model, processor, sample, methods, budget, options, repeats: int, warmup: int) -> str:
+    """One line: what each method feeds the LLM at `budget` for `sample`'s image and question,
+    and its LLM prefill time (median of `repeats` runs after `warmup`), beside the unpatched
+    model's. Timed by stage (`tokendrop.measure.stages`) without `profile`'s memory figures,
+    whose garbage collection before every run took longer than the runs themselves here."""
+    import statistics
+    from contextlib import nullcontext
+
+    import torch
+
+    from .measure import stages
+    from .patch import patched
+    from .profiler import batch_inputs
+
+    inputs = batch_inputs(processor, [sample["image"]], sample["question"], 1, model)
     parts = []
-    for row in rows:
-        name = "unpatched" if row["method"] == REFERENCE else row["method"]
-        if row["status"] != "ok":
-            parts.append(f"{name} {row['status']}")
-            continue
-        parts.append(
-            f"{name} {row['visual_tokens_after']} / {row['llm_prompt_len']} / {row['llm_prefill_s'] * 1000:.1f} ms"
-        )
+    for method in [REFERENCE, *methods]:
+        unpatched = method == REFERENCE
+        chosen = options.get(method, {})
+        patch = nullcontext() if unpatched else patched(model, method, budget, processor=processor, **chosen)
+        with patch as handle, torch.no_grad():
+            runs = []
+            for _ in range(warmup + repeats):
+                with stages(model) as stage:
+                    model.generate(**inputs, max_new_tokens=1, do_sample=False)
+                runs.append(stage)
+            visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+            if not unpatched:
+                visual = sum(r.n_kept + r.n_newlines for r in handle.last)
+        prefill = statistics.median(run["llm_prefill_s"] for run in runs[warmup:])
+        name = "unpatched" if unpatched else method
+        parts.append(f"{name} {visual} / {runs[-1]['llm_prompt_len']} / {prefill * 1000:.1f} ms")
     return (
         f"What budget {budget} buys (one test image; visual tokens / prompt tokens into the LLM / LLM prefill, "
         f"median of {repeats}): " + ", ".join(parts)
