@@ -395,7 +395,9 @@ def test_dpp_per_partition_on_thin_and_portrait_images(preset, width, height, al
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
         add_generation_prompt=True,
     )
-    inputs = processor(images=[synthetic_image(width, height)], text=[text], return_tensors="pt")
+    # channels stated: transformers 4.56 reads a 1-pixel-high image as channels-first
+    image = synthetic_image(width, height)
+    inputs = processor(images=[image], text=[text], return_tensors="pt", input_data_format="channels_last")
     relevance = "cls" if allocation == "partition" else "allocator"
     with tokendrop.patched(model, "dpp", budget=0.2, allocation=allocation, relevance=relevance) as handle:
         greedy(model, inputs, n=1)
